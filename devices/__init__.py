@@ -1,0 +1,1 @@
+"""Board and link profiles, the update agent, and constrained-link measurement."""

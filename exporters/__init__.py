@@ -1,0 +1,1 @@
+"""Export stage: ONNX/TFLite graph, per-layer singular bases and a manifest, once per device."""

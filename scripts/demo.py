@@ -1,0 +1,1 @@
+"""End-to-end demo (grows with each capability): see README."""

@@ -1,0 +1,79 @@
+"""The ``solar-edge`` command: a click group whose subcommands live beside the code they drive.
+
+Subcommands are imported lazily so that ``solar-edge run`` on a board never imports the
+export stage (torch) and a missing optional extra only disables its own commands.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from solar_edge.errors import SolarEdgeError
+
+# name -> "module:attribute" of a click.Command
+COMMANDS: dict[str, str] = {
+    "keygen": "solar_edge.cli_keys:keygen",
+    "inspect": "solar_edge.cli_inspect:inspect",
+    "compress": "solar_edge.cli_compress:compress",
+    "export": "solar_edge.exporters.cli:export",
+    "run": "solar_edge.runtime.cli:run",
+    "publish": "solar_edge.devices.cli:publish",
+    "serve": "solar_edge.devices.cli:serve",
+    "agent": "solar_edge.devices.cli:agent",
+    "linkbench": "solar_edge.devices.cli:linkbench",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module_name, attr = target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            missing = exc.name or module_name
+
+            @click.command(cmd_name, help=f"(unavailable: cannot import {missing})")
+            def unavailable() -> None:
+                raise click.ClickException(
+                    f"'{cmd_name}' needs {missing}, which is not installed here "
+                    f"({exc}). Install the matching extra, e.g. pip install 'solar-edge[export]'."
+                )
+
+            return unavailable
+        command = getattr(module, attr)
+        assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(cls=LazyGroup)
+@click.version_option(package_name="solar-edge")
+def cli() -> None:
+    """Ship fine-tuned adapters to edge boards as signed coefficient-only packets."""
+
+
+def main() -> None:
+    """Console entry point: typed solar-edge errors become one clear line and exit code 2."""
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except SolarEdgeError as exc:
+        click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
