@@ -1,0 +1,1 @@
+"""Fixtures: bundles exported from real MiniLM weights."""
