@@ -113,3 +113,27 @@ class DownloadError(SolarEdgeError):
 
 class RepositoryError(SolarEdgeError):
     """Signed repository metadata is invalid, expired, or rolled back."""
+
+
+class KeyFileError(SolarEdgeError):
+    """A signing or public key file is missing, unreadable or not an Ed25519 key."""
+
+
+class MetadataSignatureError(RepositoryError):
+    """Repository metadata is not signed by enough trusted keys (tampered or forged)."""
+
+
+class MetadataExpiredError(RepositoryError):
+    """Repository metadata has passed its expiry date (freeze attack or stale mirror)."""
+
+
+class MetadataRollbackError(RepositoryError):
+    """Repository metadata is older than metadata the device already trusts."""
+
+
+class IntegrityError(RepositoryError):
+    """A downloaded file's length or SHA-256 differs from the signed metadata."""
+
+
+class StateError(SolarEdgeError):
+    """The device agent's saved state is unreadable or inconsistent."""
