@@ -1,0 +1,551 @@
+"""SOLAR codec: LoRA updates -> per-layer records under one global byte budget, and back.
+
+Encoding works on the LoRA factors only (``dW = B @ A`` is never formed). Per layer and PRNG
+variant it builds candidate operating points (bytes, predicted squared error) for each
+representation (see :mod:`solar_edge.records`):
+
+* ``sparse_core``: least-squares core ``C = U~^+ dW V~^+T`` (from QR of the perturbed bases),
+  keep the K coefficients of largest ``c_ij^2 |u~_i|^2 |v~_j|^2``;
+* ``factored_core``: best rank-k approximation of ``dW`` inside ``span(U~) x span(V~)``,
+  written as core factors in basis coordinates;
+* ``dense_factors``: rank-k truncation of ``dW`` as plain factors.
+
+A global greedy on each layer's lower convex hull (largest error reduction per byte first),
+then a fill pass, picks one point per layer with ``overhead + sum(record bytes) <= budget``.
+The chosen records are quantised, and each layer's reconstruction is produced by
+:func:`decode_factors` on the quantised record, so the device decodes the same bits.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from solar_edge.basis import LayerBasis, perturbed_columns, u_stream, v_stream
+from solar_edge.errors import BudgetError, CodecError
+from solar_edge.quant import positions_nbytes, quantize, quantized_nbytes, values_nbytes
+from solar_edge.records import (
+    CodecHeader,
+    LayerRecord,
+    PerturbationKind,
+    QuantizedValues,
+    RecordKind,
+    ValueFormat,
+)
+
+LAYER_ENTRY_BYTES = 24
+"""Fixed size of one layer-table entry in a packet (docs/architecture.md, Codec contract)."""
+
+DEFAULT_PACKET_OVERHEAD = 256
+"""Default bytes reserved for the packet header, metadata and signature."""
+
+REPRESENTATIONS = ("sparse_core", "factored_core", "dense_factors", "auto")
+_KIND_OF = {
+    "sparse_core": (RecordKind.SPARSE_CORE,),
+    "factored_core": (RecordKind.FACTORED_CORE,),
+    "dense_factors": (RecordKind.DENSE_FACTORS,),
+    "auto": (RecordKind.SPARSE_CORE, RecordKind.FACTORED_CORE, RecordKind.DENSE_FACTORS),
+}
+
+
+@dataclass(frozen=True)
+class LayerUpdate:
+    """One layer's update ``dW = B @ A`` (``B``: out x r, ``A``: r x in), scaling folded in."""
+
+    name: str
+    B: np.ndarray
+    A: np.ndarray
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """Encoder parameters. ``budget_bytes=None`` keeps everything (lowest error)."""
+
+    seed: int = 0                     # u64 PRNG seed shared by all layers
+    epsilon: float = 0.0              # perturbation scale (stored as float32)
+    perturbation: PerturbationKind = PerturbationKind.RADEMACHER
+    value_format: ValueFormat = ValueFormat.INT8
+    group_size: int = 64              # values per float16 scale (integer formats)
+    budget_bytes: int | None = None   # whole packet, including overhead_bytes
+    representation: str = "auto"      # one of REPRESENTATIONS
+    max_rank: int | None = None       # cap on k for factored_core / dense_factors
+    variants: int = 1                 # PRNG variants tried per layer (seed search)
+    overhead_bytes: int = DEFAULT_PACKET_OVERHEAD  # header + metadata + signature
+    refit_limit: int = 1024           # re-solve sparse coefficients jointly up to this K
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.seed < 2**64:
+            raise CodecError(f"seed must fit in 64 bits, got {self.seed}")
+        if not (np.isfinite(self.epsilon) and self.epsilon >= 0):
+            raise CodecError(f"epsilon must be finite and >= 0, got {self.epsilon}")
+        if self.representation not in REPRESENTATIONS:
+            raise CodecError(f"representation must be one of {REPRESENTATIONS}")
+        if not 1 <= self.group_size <= 0xFFFF:
+            raise CodecError(f"group_size must be in 1..65535, got {self.group_size}")
+        if not 1 <= self.variants <= 256:
+            raise CodecError(f"variants must be in 1..256, got {self.variants}")
+        if self.max_rank is not None and self.max_rank < 1:
+            raise CodecError(f"max_rank must be >= 1, got {self.max_rank}")
+        if self.budget_bytes is not None and self.budget_bytes < 1:
+            raise CodecError(f"budget_bytes must be positive, got {self.budget_bytes}")
+        if self.overhead_bytes < 0:
+            raise CodecError("overhead_bytes must be >= 0")
+        object.__setattr__(self, "value_format", ValueFormat(self.value_format))
+        object.__setattr__(self, "perturbation", PerturbationKind(self.perturbation))
+
+
+@dataclass(frozen=True)
+class EncodeResult:
+    header: CodecHeader
+    records: list[LayerRecord]
+    reconstructions: dict[int, tuple[np.ndarray, np.ndarray]]  # exactly what decode gives
+    predicted_error: dict[int, float]  # relative Frobenius error of each reconstruction
+    layer_bytes: dict[int, int] = field(default_factory=dict)
+    payload_bytes: int = 0             # sum of record sizes
+    total_bytes: int = 0               # payload + overhead_bytes
+
+
+def record_nbytes(record: LayerRecord) -> int:
+    """Bytes one record takes in a packet: table entry + positions + values."""
+    return LAYER_ENTRY_BYTES + positions_nbytes(record.positions) + quantized_nbytes(record.values)
+
+
+# --- decoding ------------------------------------------------------------------------------
+
+
+def decode_factors(
+    record: LayerRecord, basis: LayerBasis | None, header: CodecHeader
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(L, Rt)`` float32 with ``dW = L @ Rt.T``; work proportional to what the record keeps."""
+    values = record.values.dequantize()
+    if values.size != record.expected_value_count():
+        raise CodecError(f"layer {record.layer_id}: {values.size} values, "
+                         f"expected {record.expected_value_count()}")
+    if record.kind == RecordKind.DENSE_FACTORS:
+        if basis is not None and (record.rows, record.cols) != (basis.out_features,
+                                                               basis.in_features):
+            raise CodecError(f"layer {record.layer_id}: dense factors {record.rows}x{record.cols}"
+                             f" do not match weight {basis.out_features}x{basis.in_features}")
+        split = record.rows * record.rank
+        return (values[:split].reshape(record.rows, record.rank),
+                values[split:].reshape(record.cols, record.rank))
+    if basis is None:
+        raise CodecError(f"layer {record.layer_id}: a basis is needed for {record.kind.name}")
+    if basis.layer_id != record.layer_id:
+        raise CodecError(f"record for layer {record.layer_id} given basis of {basis.layer_id}")
+    if record.rows > basis.U.shape[1] or record.cols > basis.V.shape[1]:
+        raise CodecError(f"layer {record.layer_id}: core {record.rows}x{record.cols} exceeds "
+                         f"basis ranks {basis.U.shape[1]}x{basis.V.shape[1]}")
+    if not 0 <= record.variant < 2**31:
+        raise CodecError(f"layer {record.layer_id}: variant {record.variant} out of range")
+
+    def cols_of(side: str, idx: np.ndarray) -> np.ndarray:
+        mat, stream = (basis.U, u_stream) if side == "U" else (basis.V, v_stream)
+        return perturbed_columns(mat, record.layer_id, stream(record.variant), idx,
+                                 header.seed, record.epsilon, header.perturbation)
+
+    if record.kind == RecordKind.FACTORED_CORE:
+        split = record.rows * record.rank
+        a = values[:split].reshape(record.rows, record.rank)
+        b = values[split:].reshape(record.cols, record.rank)
+        return (cols_of("U", np.arange(record.rows)) @ a, cols_of("V", np.arange(record.cols)) @ b)
+    if record.kind != RecordKind.SPARSE_CORE:
+        raise CodecError(f"layer {record.layer_id}: unknown record kind {record.kind}")
+    return _decode_sparse(record, values, cols_of)
+
+
+def _decode_sparse(record: LayerRecord, values: np.ndarray, cols_of) -> tuple:
+    pos = np.asarray(record.positions, dtype=np.int64).reshape(-1)
+    if pos.size == 0:
+        return (np.zeros((cols_of("U", pos[:0]).shape[0], 0), np.float32),
+                np.zeros((cols_of("V", pos[:0]).shape[0], 0), np.float32))
+    if pos[0] < 0 or pos[-1] >= record.rows * record.cols or np.any(np.diff(pos) <= 0):
+        raise CodecError(f"layer {record.layer_id}: positions must be strictly increasing "
+                         f"and < {record.rows * record.cols}")
+    i, j = np.divmod(pos, record.cols)
+    ui, inv_i = np.unique(i, return_inverse=True)
+    uj, inv_j = np.unique(j, return_inverse=True)
+    u_cols, v_cols = cols_of("U", ui), cols_of("V", uj)
+    # dW = sum_k v_k u_{i_k} v_{j_k}^T: keep the side with fewer distinct columns as a factor
+    if ui.size <= uj.size:
+        return u_cols, _grouped_sum(v_cols, inv_j, inv_i, ui.size, values)
+    return _grouped_sum(u_cols, inv_i, inv_j, uj.size, values), v_cols
+
+
+def _grouped_sum(cols: np.ndarray, member: np.ndarray, group: np.ndarray, n_groups: int,
+                 values: np.ndarray) -> np.ndarray:
+    """Column g of the result = sum over k with group[k] == g of values[k] * cols[:, member[k]]."""
+    k = values.size
+    if n_groups * cols.shape[1] <= 8 * k:  # dense enough: one small matmul
+        s = np.zeros((n_groups, cols.shape[1]), np.float32)
+        s[group, member] = values
+        return cols @ s.T
+    order = np.argsort(group, kind="stable")
+    contrib = cols[:, member[order]] * values[order]
+    starts = np.flatnonzero(np.r_[True, np.diff(group[order]) != 0])
+    return np.add.reduceat(contrib, starts, axis=1).astype(np.float32, copy=False)
+
+
+# --- fitting ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Option:
+    """One operating point of one layer."""
+
+    layer_id: int
+    kind: RecordKind | None  # None: layer left out
+    variant: int
+    size: int  # K coefficients or rank k
+    nbytes: int
+    err: float  # predicted squared Frobenius error
+
+
+@dataclass
+class _CoreFit:
+    """Least-squares core of one layer in one PRNG variant (float64)."""
+
+    variant: int
+    u_t: np.ndarray  # perturbed U~ (out x Ru), exactly the decoder's float32 values
+    v_t: np.ndarray
+    core: np.ndarray  # C (Ru x Rv)
+    gains: np.ndarray  # flat, per coefficient
+    order: np.ndarray  # flat indices by decreasing gain
+    comp_a: np.ndarray  # factored-core components (Ru x k), decreasing energy
+    comp_b: np.ndarray  # (Rv x k)
+    comp_energy: np.ndarray  # s_k^2
+    in_span: float  # |P_U dW P_V|^2
+    v_pinv: np.ndarray  # pseudo-inverse of V~ (Rv x in)
+
+
+def _energy(b: np.ndarray, a: np.ndarray) -> float:
+    """``|B @ A|_F^2`` from the factors."""
+    return float(np.einsum("ij,ji->", b.T @ b, a @ a.T))
+
+
+def _low_rank_svd(left: np.ndarray, right_t: np.ndarray):
+    """SVD of ``left @ right_t.T`` (both tall) via QR: returns (Lvecs, s, Rvecs)."""
+    q1, r1 = np.linalg.qr(left)
+    q2, r2 = np.linalg.qr(right_t)
+    p, s, qt = np.linalg.svd(r1 @ r2.T)
+    return q1 @ p, s, q2 @ qt.T
+
+
+def _core_fit(upd: LayerUpdate, basis: LayerBasis, cfg: CodecConfig, variant: int) -> _CoreFit:
+    lid = basis.layer_id
+    ru, rv = basis.U.shape[1], basis.V.shape[1]
+    u_t = perturbed_columns(basis.U, lid, u_stream(variant), np.arange(ru), cfg.seed,
+                            cfg.epsilon, cfg.perturbation).astype(np.float64)
+    v_t = perturbed_columns(basis.V, lid, v_stream(variant), np.arange(rv), cfg.seed,
+                            cfg.epsilon, cfg.perturbation).astype(np.float64)
+    qu, tri_u = np.linalg.qr(u_t)
+    qv, tri_v = np.linalg.qr(v_t)
+    inv_u, inv_v = np.linalg.pinv(tri_u), np.linalg.pinv(tri_v)
+    gb = qu.T @ upd.B  # Ru x r: dW in orthonormal coordinates is gb @ ga
+    ga = upd.A @ qv    # r x Rv
+    core = (inv_u @ gb) @ (ga @ inv_v.T)
+    gains = (core**2 * (u_t**2).sum(0)[:, None] * (v_t**2).sum(0)[None, :]).reshape(-1)
+    order = np.argsort(-gains, kind="stable")
+    left, s, right = _low_rank_svd(gb, ga.T)
+    root = np.sqrt(s)
+    return _CoreFit(variant, u_t, v_t, core, gains, order, inv_u @ (left * root),
+                    inv_v @ (right * root), s**2, _energy(gb, ga), inv_v @ qv.T)
+
+
+def _k_grid(n: int) -> list[int]:
+    """1..16, then steps of ~8%, then n."""
+    ks, k = [], 1
+    while k < n:
+        ks.append(k)
+        k = k + 1 if k < 16 else max(k + 1, int(k * 1.08))
+    return [*ks, n] if n > 0 else []
+
+
+def _sparse_positions(fit: _CoreFit, k: int) -> tuple[np.ndarray, int, int, np.ndarray]:
+    """Top-k coefficients as (sorted flat positions, rows, cols, (i, j) in that order)."""
+    idx = fit.order[:k]
+    i, j = np.divmod(idx, fit.core.shape[1])
+    rows, cols = int(i.max()) + 1, int(j.max()) + 1
+    flat = i * cols + j
+    srt = np.argsort(flat)
+    return flat[srt], rows, cols, np.stack([i[srt], j[srt]])
+
+
+def _sparse_options(fit: _CoreFit, lid: int, e0: float, cfg: CodecConfig,
+                    avail: float) -> list[_Option]:
+    n = int(np.count_nonzero(fit.gains))
+    cum = np.cumsum(fit.gains[fit.order[:n]])
+    floor = max(e0 - fit.in_span, 0.0)
+    # gains add up to the in-span energy only for orthonormal bases: rescale so that keeping
+    # everything predicts exactly the out-of-span residual
+    share = fit.in_span / float(cum[-1]) if n else 0.0
+    opts = []
+    for k in _k_grid(n):
+        pos = _sparse_positions(fit, k)[0]
+        nb = LAYER_ENTRY_BYTES + positions_nbytes(pos) + values_nbytes(
+            cfg.value_format, k, cfg.group_size)
+        if nb > avail:
+            break
+        err = floor + max(fit.in_span - share * float(cum[k - 1]), 0.0)
+        opts.append(_Option(lid, RecordKind.SPARSE_CORE, fit.variant, k, nb, err))
+    return opts
+
+
+def _rank_options(kind: RecordKind, energy: np.ndarray, rows: int, cols: int, lid: int,
+                  variant: int, e0: float, cfg: CodecConfig, avail: float) -> list[_Option]:
+    kmax = int(np.count_nonzero(energy > energy[0] * 1e-14)) if energy.size else 0
+    if cfg.max_rank is not None:
+        kmax = min(kmax, cfg.max_rank)
+    cum = np.cumsum(energy)
+    opts = []
+    for k in range(1, kmax + 1):
+        nb = LAYER_ENTRY_BYTES + values_nbytes(cfg.value_format, (rows + cols) * k,
+                                               cfg.group_size)
+        if nb > avail:
+            break
+        opts.append(_Option(lid, kind, variant, k, nb, max(e0 - float(cum[k - 1]), 0.0)))
+    return opts
+
+
+def _check_inputs(updates: dict[int, LayerUpdate], bases: dict[int, LayerBasis]) -> None:
+    for lid, upd in updates.items():
+        if lid not in bases:
+            raise CodecError(f"layer {lid} ({upd.name}): no basis")
+        basis = bases[lid]
+        b, a = np.asarray(upd.B), np.asarray(upd.A)
+        if basis.layer_id != lid:
+            raise CodecError(f"layer {lid}: basis is for layer {basis.layer_id}")
+        if b.ndim != 2 or a.ndim != 2 or b.shape[1] != a.shape[0]:
+            raise CodecError(f"layer {lid} ({upd.name}): B {b.shape} and A {a.shape} "
+                             "are not factors of one product")
+        if b.shape[0] != basis.out_features or a.shape[1] != basis.in_features:
+            raise CodecError(f"layer {lid} ({upd.name}): update {b.shape[0]}x{a.shape[1]} does "
+                             f"not match basis {basis.out_features}x{basis.in_features}")
+        if not (np.all(np.isfinite(b)) and np.all(np.isfinite(a))):
+            raise CodecError(f"layer {lid} ({upd.name}): non-finite factors")
+
+
+# --- allocation ------------------------------------------------------------------------------
+
+
+def _lower_hull(opts: list[_Option]) -> list[_Option]:
+    """Lower convex hull in (bytes, err) starting at the 'left out' point."""
+    pts = sorted(opts, key=lambda o: (o.nbytes, o.err))
+    hull: list[_Option] = []
+    for o in pts:
+        if hull and o.err >= hull[-1].err:
+            continue
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # drop b if it lies on or above segment a -> o
+            if (b.err - a.err) * (o.nbytes - a.nbytes) >= (o.err - a.err) * (b.nbytes - a.nbytes):
+                hull.pop()
+            else:
+                break
+        hull.append(o)
+    return hull
+
+
+def _allocate(pools: dict[int, list[_Option]], avail: int | None) -> dict[int, _Option]:
+    """One option per layer: min error if no budget, else greedy by error drop per byte."""
+    if avail is None:
+        chosen = {}
+        for lid, opts in pools.items():
+            best = min(o.err for o in opts)
+            tol = 1e-12 * max(opts[0].err, 1e-300)
+            chosen[lid] = min((o for o in opts if o.err <= best + tol), key=lambda o: o.nbytes)
+        return chosen
+    chosen = {lid: opts[0] for lid, opts in pools.items()}  # opts[0] is 'left out'
+    hulls = {lid: _lower_hull(opts) for lid, opts in pools.items()}
+    left = avail
+    heap = []
+
+    def push(lid: int, pos: int) -> None:
+        hull = hulls[lid]
+        if pos + 1 < len(hull):
+            cur, nxt = hull[pos], hull[pos + 1]
+            slope = (cur.err - nxt.err) / max(nxt.nbytes - cur.nbytes, 1)
+            heapq.heappush(heap, (-slope, lid, pos + 1))
+
+    for lid in hulls:
+        push(lid, 0)
+    while heap:
+        _, lid, pos = heapq.heappop(heap)
+        step = hulls[lid][pos]
+        extra = step.nbytes - chosen[lid].nbytes
+        if extra <= left:
+            left -= extra
+            chosen[lid] = step
+            push(lid, pos)
+    improved = True
+    while improved:  # fill: any single-layer upgrade that still fits, best first
+        improved = False
+        best = None
+        for lid, opts in pools.items():
+            cur = chosen[lid]
+            for o in opts:
+                extra = o.nbytes - cur.nbytes
+                if o.err < cur.err and extra <= left:
+                    gain = cur.err - o.err
+                    if best is None or gain > best[0]:
+                        best = (gain, lid, o)
+        if best is not None:
+            _, lid, o = best
+            left -= o.nbytes - chosen[lid].nbytes
+            chosen[lid] = o
+            improved = True
+    return chosen
+
+
+# --- building records ------------------------------------------------------------------------
+
+
+def _refit_sparse(fit: _CoreFit, ij: np.ndarray, upd: LayerUpdate) -> np.ndarray:
+    """Jointly least-squares coefficients for a fixed support (non-orthogonal bases)."""
+    ui, vj = fit.u_t[:, ij[0]], fit.v_t[:, ij[1]]
+    gram = (ui.T @ ui) * (vj.T @ vj)
+    rhs = np.einsum("kr,rk->k", ui.T @ upd.B, upd.A @ vj)
+    try:
+        return np.linalg.solve(gram, rhs)
+    except np.linalg.LinAlgError:
+        return np.linalg.lstsq(gram, rhs, rcond=None)[0]
+
+
+def _build_records(opt: _Option, upd: LayerUpdate, fit: _CoreFit | None, cfg: CodecConfig,
+                   out_in: tuple[int, int]) -> list[LayerRecord]:
+    """Candidate records of the same size for one chosen option (the caller keeps the best)."""
+    eps = float(np.float32(cfg.epsilon))
+
+    def q(v: np.ndarray) -> QuantizedValues:
+        return quantize(v, cfg.value_format, cfg.group_size)
+
+    if opt.kind == RecordKind.SPARSE_CORE:
+        assert fit is not None
+        pos, rows, cols, ij = _sparse_positions(fit, opt.size)
+        vals = fit.core[ij[0], ij[1]]
+        if eps != 0 and opt.size <= cfg.refit_limit:
+            vals = _refit_sparse(fit, ij, upd)
+        return [LayerRecord(opt.layer_id, RecordKind.SPARSE_CORE, rows, cols, 0, q(vals),
+                            positions=pos.astype(np.uint32), variant=opt.variant, epsilon=eps)]
+    k = opt.size
+    if opt.kind == RecordKind.FACTORED_CORE:
+        assert fit is not None
+        a, b = fit.comp_a[:, :k], fit.comp_b[:, :k]
+        rows, cols = a.shape[0], b.shape[0]
+        left_basis, right_pinv = fit.u_t, fit.v_pinv
+    else:
+        left, s, right = _low_rank_svd(upd.B, upd.A.T)
+        a, b = left[:, :k] * np.sqrt(s[:k]), right[:, :k] * np.sqrt(s[:k])
+        rows, cols = out_in
+        left_basis, right_pinv = None, None
+        eps = 0.0
+
+    def record(a: np.ndarray, b: np.ndarray) -> LayerRecord:
+        values = q(np.concatenate([a.reshape(-1), b.reshape(-1)]))
+        return LayerRecord(opt.layer_id, opt.kind, rows, cols, k, values,
+                           variant=opt.variant, epsilon=eps)
+
+    plain = record(a, b)
+    if cfg.value_format == ValueFormat.FLOAT32:
+        return [plain]
+    # quantisation-aware: keep the quantised left factor, re-solve the right one for it
+    a_q = plain.values.dequantize()[: rows * k].reshape(rows, k).astype(np.float64)
+    l_q = a_q if left_basis is None else left_basis @ a_q
+    target = upd.A.T @ (np.linalg.pinv(l_q) @ upd.B).T  # in x k: argmin |dW - l_q T^T|
+    b_new = target if right_pinv is None else right_pinv @ target
+    return [plain, record(a, b_new)]
+
+
+def _rel_error(upd: LayerUpdate, lf: np.ndarray, rt: np.ndarray, e0: float) -> float:
+    """``|B A - L Rt^T|_F / |B A|_F`` from factors only."""
+    if e0 == 0:
+        return 0.0
+    lf, rt = lf.astype(np.float64), rt.astype(np.float64)
+    cross = float(np.einsum("ij,ji->", upd.B.T @ lf, rt.T @ upd.A.T))
+    err = e0 - 2 * cross + _energy(lf, rt.T)
+    return float(np.sqrt(max(err, 0.0) / e0))
+
+
+def encode(
+    updates: dict[int, LayerUpdate],
+    bases: dict[int, LayerBasis],
+    config: CodecConfig,
+) -> EncodeResult:
+    """Fit, budget and quantise every layer; see the module docstring."""
+    _check_inputs(updates, bases)
+    header = CodecHeader(seed=config.seed, perturbation=config.perturbation)
+    avail = None
+    if config.budget_bytes is not None:
+        avail = config.budget_bytes - config.overhead_bytes
+    kinds = _KIND_OF[config.representation]
+    n_variants = config.variants if config.epsilon != 0 else 1
+    f64 = {lid: LayerUpdate(u.name, np.asarray(u.B, np.float64), np.asarray(u.A, np.float64))
+           for lid, u in updates.items()}
+    cap = float("inf") if avail is None else max(avail, 0)
+    pools: dict[int, list[_Option]] = {}
+    fits: dict[tuple[int, int], _CoreFit] = {}
+    e0s: dict[int, float] = {}
+    for lid, upd in sorted(f64.items()):
+        basis = bases[lid]
+        e0 = e0s[lid] = _energy(upd.B, upd.A)
+        pool = [_Option(lid, None, 0, 0, 0, e0)]
+        if e0 > 0:
+            if RecordKind.SPARSE_CORE in kinds or RecordKind.FACTORED_CORE in kinds:
+                for v in range(n_variants):
+                    fit = fits[(lid, v)] = _core_fit(upd, basis, config, v)
+                    if RecordKind.SPARSE_CORE in kinds:
+                        pool += _sparse_options(fit, lid, e0, config, cap)
+                    if RecordKind.FACTORED_CORE in kinds:
+                        pool += _rank_options(RecordKind.FACTORED_CORE, fit.comp_energy,
+                                              *fit.core.shape, lid, v, e0, config, cap)
+            if RecordKind.DENSE_FACTORS in kinds:
+                s = _low_rank_svd(upd.B, upd.A.T)[1]
+                pool += _rank_options(RecordKind.DENSE_FACTORS, s**2, basis.out_features,
+                                      basis.in_features, lid, 0, e0, config, cap)
+        pools[lid] = pool
+    if avail is not None:
+        cheapest = min((o.nbytes for p in pools.values() for o in p if o.kind), default=None)
+        if cheapest is None or cheapest > avail:
+            raise BudgetError(
+                f"budget {config.budget_bytes} B cannot hold the {config.overhead_bytes} B "
+                f"overhead plus one smallest record ({cheapest} B)")
+    chosen = _allocate(pools, avail)
+
+    records, recon, errors, layer_bytes = [], {}, {}, {}
+    for lid in sorted(chosen):
+        opt, upd, basis = chosen[lid], f64[lid], bases[lid]
+        if opt.kind is None:
+            recon[lid] = (np.zeros((basis.out_features, 0), np.float32),
+                          np.zeros((basis.in_features, 0), np.float32))
+            errors[lid] = 1.0 if e0s[lid] > 0 else 0.0
+            continue
+        best = None
+        for cand in _build_records(opt, upd, fits.get((lid, opt.variant)), config,
+                                   (basis.out_features, basis.in_features)):
+            factors = decode_factors(cand, basis, header)
+            err = _rel_error(upd, *factors, e0s[lid])
+            if best is None or err < best[0]:
+                best = (err, cand, factors)
+        assert best is not None
+        errors[lid], rec, recon[lid] = best
+        layer_bytes[lid] = record_nbytes(rec)
+        if layer_bytes[lid] != opt.nbytes:
+            raise AssertionError("record size differs from the size it was budgeted at")
+        records.append(rec)
+    payload = sum(layer_bytes.values())
+    return EncodeResult(header, records, recon, errors, layer_bytes, payload,
+                        payload + config.overhead_bytes)
+
+
+__all__ = [
+    "DEFAULT_PACKET_OVERHEAD",
+    "LAYER_ENTRY_BYTES",
+    "CodecConfig",
+    "EncodeResult",
+    "LayerUpdate",
+    "decode_factors",
+    "encode",
+    "record_nbytes",
+]
