@@ -73,7 +73,7 @@ class CodecConfig:
     max_rank: int | None = None       # cap on k for factored_core / dense_factors
     variants: int = 1                 # PRNG variants tried per layer (seed search)
     overhead_bytes: int = DEFAULT_PACKET_OVERHEAD  # header + metadata + signature
-    refit_limit: int = 1024           # re-solve sparse coefficients jointly up to this K
+    refit_limit: int = 512            # re-solve sparse coefficients jointly up to this K
 
     def __post_init__(self) -> None:
         if not 0 <= self.seed < 2**64:

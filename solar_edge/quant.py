@@ -108,7 +108,7 @@ def pack_codes(codes: np.ndarray, bits: int) -> bytes:
 
 
 def unpack_codes(data: bytes, bits: int, count: int) -> np.ndarray:
-    """Inverse of :func:`pack_codes`: ``count`` signed int8 codes (offset 0 is not rejected here)."""
+    """Inverse of :func:`pack_codes`: ``count`` signed int8 codes (offset 0 not rejected here)."""
     if not 2 <= bits <= 8:
         raise CodecError(f"bits must be in 2..8, got {bits}")
     if len(data) != -(-count * bits // 8):
