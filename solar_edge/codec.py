@@ -229,7 +229,7 @@ def _low_rank_svd(left: np.ndarray, right_t: np.ndarray):
     """SVD of ``left @ right_t.T`` (both tall) via QR: returns (Lvecs, s, Rvecs)."""
     q1, r1 = np.linalg.qr(left)
     q2, r2 = np.linalg.qr(right_t)
-    p, s, qt = np.linalg.svd(r1 @ r2.T)
+    p, s, qt = np.linalg.svd(r1 @ r2.T, full_matrices=False)
     return q1 @ p, s, q2 @ qt.T
 
 

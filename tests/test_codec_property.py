@@ -1,0 +1,113 @@
+"""Property test: for random shapes, ranks, budgets, seeds, epsilons and formats the codec
+stays within budget, decodes bit-identically, and reports the error it really makes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from solar_edge.basis import LayerBasis
+from solar_edge.codec import (
+    LAYER_ENTRY_BYTES,
+    REPRESENTATIONS,
+    CodecConfig,
+    LayerUpdate,
+    decode_factors,
+    encode,
+    record_nbytes,
+)
+from solar_edge.errors import BudgetError
+from solar_edge.quant import values_nbytes
+from solar_edge.records import PerturbationKind, RecordKind, ValueFormat
+
+
+@st.composite
+def problems(draw):
+    n_layers = draw(st.integers(1, 3))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    ups, bases = {}, {}
+    for lid in range(n_layers):
+        out, inn = draw(st.integers(2, 20)), draw(st.integers(2, 20))
+        r = draw(st.integers(1, 5))
+        u, _, vt = np.linalg.svd(rng.normal(size=(out, inn)), full_matrices=draw(st.booleans()))
+        keep_u, keep_v = draw(st.integers(1, u.shape[1])), draw(st.integers(1, vt.shape[0]))
+        scale = 10.0 ** draw(st.integers(-3, 1))
+        ups[lid] = LayerUpdate(f"l{lid}", (rng.normal(size=(out, r)) * scale).astype(np.float32),
+                               rng.normal(size=(r, inn)).astype(np.float32))
+        bases[lid] = LayerBasis(lid, u[:, :keep_u].astype(np.float32),
+                                vt[:keep_v].T.astype(np.float32))
+    cfg = CodecConfig(
+        seed=draw(st.integers(0, 2**64 - 1)),
+        epsilon=draw(st.sampled_from([0.0, 0.01, 0.3])),
+        perturbation=draw(st.sampled_from(list(PerturbationKind))),
+        value_format=draw(st.sampled_from(list(ValueFormat))),
+        group_size=draw(st.sampled_from([1, 7, 64])),
+        budget_bytes=draw(st.one_of(st.none(), st.integers(40, 3000))),
+        representation=draw(st.sampled_from(REPRESENTATIONS)),
+        max_rank=draw(st.one_of(st.none(), st.integers(1, 4))),
+        variants=draw(st.integers(1, 3)),
+        overhead_bytes=draw(st.integers(0, 200)),
+    )
+    return ups, bases, cfg
+
+
+def _smallest_record(upd: LayerUpdate, basis: LayerBasis, cfg: CodecConfig) -> int:
+    """A lower bound on the bytes of any non-empty record for this layer."""
+    fmt, gs = cfg.value_format, cfg.group_size
+    sizes = {
+        "sparse_core": values_nbytes(fmt, 1, gs) + 1,
+        "factored_core": values_nbytes(fmt, basis.U.shape[1] + basis.V.shape[1], gs),
+        "dense_factors": values_nbytes(fmt, upd.B.shape[0] + upd.A.shape[1], gs),
+    }
+    reps = list(sizes) if cfg.representation == "auto" else [cfg.representation]
+    return LAYER_ENTRY_BYTES + min(sizes[r] for r in reps)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_codec_properties(problem):
+    ups, bases, cfg = problem
+    try:
+        res = encode(ups, bases, cfg)
+    except BudgetError:
+        assert cfg.budget_bytes is not None
+        floor = min(_smallest_record(ups[k], bases[k], cfg) for k in ups)
+        assert cfg.budget_bytes - cfg.overhead_bytes < floor
+        return
+    # budget: exact accounting, never exceeded
+    assert res.total_bytes == cfg.overhead_bytes + sum(record_nbytes(r) for r in res.records)
+    if cfg.budget_bytes is not None:
+        assert res.total_bytes <= cfg.budget_bytes
+    else:
+        assert len(res.records) == len(ups)  # nothing dropped without a budget
+    assert set(res.reconstructions) == set(res.predicted_error) == set(ups)
+    for rec in res.records:
+        assert rec.values.count == rec.expected_value_count()
+        if cfg.representation != "auto":
+            assert rec.kind == RecordKind[cfg.representation.upper()]
+        if cfg.max_rank is not None and rec.kind != RecordKind.SPARSE_CORE:
+            assert rec.rank <= cfg.max_rank
+        # the device's decode is the encoder's reconstruction, bit for bit
+        lf, rt = decode_factors(rec, bases[rec.layer_id], res.header)
+        elf, ert = res.reconstructions[rec.layer_id]
+        assert np.array_equal(lf, elf) and np.array_equal(rt, ert)
+    for lid, upd in ups.items():
+        dw = upd.B.astype(np.float64) @ upd.A.astype(np.float64)
+        lf, rt = res.reconstructions[lid]
+        assert lf.shape[0] == dw.shape[0] and rt.shape[0] == dw.shape[1]
+        assert np.all(np.isfinite(lf)) and np.all(np.isfinite(rt))
+        err = np.linalg.norm(dw - lf.astype(np.float64) @ rt.astype(np.float64).T)
+        rel = err / np.linalg.norm(dw)
+        assert abs(res.predicted_error[lid] - rel) < 1e-3 * max(1.0, rel)
+        # the basis side: with float32 values and no budget nothing beyond the projection is lost
+        if (cfg.budget_bytes is None and cfg.value_format == ValueFormat.FLOAT32
+                and cfg.max_rank is None and cfg.representation != "auto" and cfg.epsilon == 0):
+            if cfg.representation == "dense_factors":
+                assert rel < 1e-5
+            else:
+                u, v = bases[lid].U.astype(np.float64), bases[lid].V.astype(np.float64)
+                proj = u @ (u.T @ dw @ v) @ v.T
+                lost = np.linalg.norm(dw - proj) / np.linalg.norm(dw)
+                assert lost == pytest.approx(rel, abs=1e-5)
