@@ -25,6 +25,7 @@ import numpy as np
 
 from solar_edge.basis import LayerBasis, perturbed_columns, u_stream, v_stream
 from solar_edge.errors import BudgetError, CodecError
+from solar_edge.packet import LAYER_ENTRY_BYTES
 from solar_edge.quant import positions_nbytes, quantize, quantized_nbytes, values_nbytes
 from solar_edge.records import (
     CodecHeader,
@@ -35,11 +36,11 @@ from solar_edge.records import (
     ValueFormat,
 )
 
-LAYER_ENTRY_BYTES = 24
-"""Fixed size of one layer-table entry in a packet (docs/architecture.md, Codec contract)."""
-
 DEFAULT_PACKET_OVERHEAD = 256
-"""Default bytes reserved for the packet header, metadata and signature."""
+"""Default bytes reserved for header, metadata and signature when the caller gives none
+(the exact figure is ``packet.fixed_overhead_bytes(adapter_id, metadata)``)."""
+
+MAX_LAYER_ID = 0xFFFF  # what a packet's layer table can carry
 
 REPRESENTATIONS = ("sparse_core", "factored_core", "dense_factors", "auto")
 _KIND_OF = {
@@ -108,7 +109,8 @@ class EncodeResult:
 
 
 def record_nbytes(record: LayerRecord) -> int:
-    """Bytes one record takes in a packet: table entry + positions + values."""
+    """Bytes one record takes in an uncompressed packet: table entry + positions + values
+    (equal to ``solar_edge.packet.record_nbytes``, which is the reference)."""
     return LAYER_ENTRY_BYTES + positions_nbytes(record.positions) + quantized_nbytes(record.values)
 
 
@@ -311,6 +313,8 @@ def _rank_options(kind: RecordKind, energy: np.ndarray, rows: int, cols: int, li
 
 def _check_inputs(updates: dict[int, LayerUpdate], bases: dict[int, LayerBasis]) -> None:
     for lid, upd in updates.items():
+        if not 0 <= lid <= MAX_LAYER_ID:
+            raise CodecError(f"layer id {lid} out of the packet's range 0..{MAX_LAYER_ID}")
         if lid not in bases:
             raise CodecError(f"layer {lid} ({upd.name}): no basis")
         basis = bases[lid]

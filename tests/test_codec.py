@@ -423,3 +423,39 @@ def test_positions_nbytes_matches_leb128():
     assert positions_nbytes(np.array([0, 127, 128, 16384 + 128])) == 1 + 1 + 1 + 3
     with pytest.raises(CodecError):
         positions_nbytes(np.array([3, 3]))
+
+
+# --- with the real packet format -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("rep", REPS)
+def test_packet_round_trip_is_bit_identical_and_within_budget(rep):
+    from solar_edge import packet, signing
+
+    ups, bases = make_model(seed=21, full=True)
+    header = packet.PacketHeader(fingerprint=bytes(range(32)), adapter_id="codec-test",
+                                 adapter_version=3, metadata={"task": "unit"})
+    overhead = packet.fixed_overhead_bytes(header.adapter_id, header.metadata)
+    budget = overhead + 1700
+    cfg = CodecConfig(seed=2**40 + 1, epsilon=0.05, perturbation=PerturbationKind.UNIFORM,
+                      value_format=ValueFormat.INT5, group_size=32, representation=rep,
+                      budget_bytes=budget, overhead_bytes=overhead, variants=2)
+    res = encode(ups, bases, cfg)
+    key = signing.generate_private_key()
+    data = packet.encode_packet(header, res.header, res.records, key, compress=False)
+    assert len(data) == res.total_bytes <= budget
+    assert [packet.record_nbytes(r) for r in res.records] == [record_nbytes(r)
+                                                              for r in res.records]
+    back = packet.decode_packet(data, trusted_keys=[key.public_key()])
+    assert back.codec == res.header
+    for rec in back.records:
+        lf, rt = decode_factors(rec, bases[rec.layer_id], back.codec)
+        elf, ert = res.reconstructions[rec.layer_id]
+        assert np.array_equal(lf, elf) and np.array_equal(rt, ert)
+
+
+def test_layer_ids_beyond_the_packet_table_are_rejected():
+    ups, bases = make_model(shapes=((8, 8),))
+    b = bases[0]
+    with pytest.raises(CodecError, match="layer id"):
+        encode({70000: ups[0]}, {70000: LayerBasis(70000, b.U, b.V)}, CodecConfig())
