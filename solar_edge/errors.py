@@ -85,6 +85,10 @@ class ProfileError(SolarEdgeError):
     """An unknown or malformed device or link profile."""
 
 
+class ExportError(SolarEdgeError):
+    """The export stage cannot produce a bundle as asked (model, targets, graph, converter)."""
+
+
 class CodecError(SolarEdgeError):
     """The codec was given inconsistent inputs (shapes, budget, parameters)."""
 
