@@ -17,6 +17,7 @@ import http.server
 import os
 import re
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -127,6 +128,12 @@ class RepoServer(http.server.ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self.slots.release()
+
+    def handle_error(self, request, client_address):  # type: ignore[no-untyped-def]
+        """A client that hangs up mid-body is normal on a flaky link: no traceback."""
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
 
     def start(self) -> RepoServer:
         """Serve from a daemon thread; returns self (use ``stop`` or a ``with`` block)."""

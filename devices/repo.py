@@ -1,0 +1,162 @@
+"""Publish packets as a TUF repository (python-tuf Metadata API).
+
+Layout of ``REPO`` (consistent snapshots, so every file is immutable and can sit on any
+HTTP server, object store or CDN)::
+
+    metadata/1.root.json  N.targets.json  N.snapshot.json  timestamp.json
+    targets/adapters/<adapter_id>/<sha256>.v<version>.slr
+
+A target's name is ``adapters/<adapter_id>/v<version>.slr``; its ``custom`` info carries
+``adapter_id``, ``version``, ``size`` and ``fingerprint`` (base bundle), read from the
+packet itself. Packets keep their own Ed25519 signature, so the same file can also travel
+by USB or MQTT and still be checked on the device.
+
+Keys: the four roles (root, targets, snapshot, timestamp) may share one Ed25519 key (the
+demo does); production splits them and keeps root offline (docs/security.md).
+Publishing again adds targets (or replaces them all with ``replace=True``) and re-signs
+targets, snapshot and timestamp with higher versions; root stays version 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from securesystemslib.signer import CryptoSigner, Signer, SSlibKey
+from tuf.api.metadata import (
+    Metadata,
+    MetaFile,
+    Root,
+    Snapshot,
+    TargetFile,
+    Targets,
+    Timestamp,
+)
+from tuf.api.serialization.json import JSONSerializer
+
+from solar_edge.devices.packetinfo import FactsReader, PacketFacts, read_facts
+from solar_edge.devices.state import atomic_write
+from solar_edge.errors import RepositoryError
+
+ROLES = ("root", "targets", "snapshot", "timestamp")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Expiry:
+    """Lifetime of each role's metadata; short for timestamp (freeze attacks)."""
+
+    root: timedelta = timedelta(days=365)
+    targets: timedelta = timedelta(days=30)
+    snapshot: timedelta = timedelta(days=7)
+    timestamp: timedelta = timedelta(days=1)
+
+    @classmethod
+    def uniform(cls, lifetime: timedelta) -> Expiry:
+        return cls(lifetime, lifetime, lifetime, lifetime)
+
+
+def target_name(facts: PacketFacts) -> str:
+    if not _SAFE_ID.match(facts.adapter_id):
+        raise RepositoryError(f"adapter id {facts.adapter_id!r} is not a safe path component")
+    return f"adapters/{facts.adapter_id}/v{facts.version}.slr"
+
+
+def signer_from_key(key: Ed25519PrivateKey) -> CryptoSigner:
+    return CryptoSigner(key, SSlibKey.from_crypto(key.public_key()))
+
+
+class Repository:
+    """A TUF repository folder that one signer maintains (single key for all roles)."""
+
+    def __init__(self, root_dir: str | Path, signer: Signer) -> None:
+        self.dir = Path(root_dir)
+        self.meta_dir = self.dir / "metadata"
+        self.targets_dir = self.dir / "targets"
+        self.signer = signer
+        self.serializer = JSONSerializer(compact=False)
+
+    def _now(self) -> datetime:
+        return datetime.now(timezone.utc).replace(microsecond=0)
+
+    def _write(self, md: Metadata, name: str) -> None:
+        md.signatures.clear()
+        md.sign(self.signer)
+        atomic_write(self.meta_dir / name, md.to_bytes(self.serializer))
+
+    def _latest(self, role: str) -> Metadata | None:
+        versions = [int(p.name.split(".", 1)[0]) for p in self.meta_dir.glob(f"*.{role}.json")
+                    if p.name.split(".", 1)[0].isdigit()]
+        if not versions:
+            return None
+        return Metadata.from_file(str(self.meta_dir / f"{max(versions)}.{role}.json"))
+
+    def init(self, expiry: Expiry) -> None:
+        """Create root v1 trusting the signer's key for every role."""
+        self.meta_dir.mkdir(parents=True, exist_ok=True)
+        self.targets_dir.mkdir(parents=True, exist_ok=True)
+        root = Root(expires=self._now() + expiry.root, consistent_snapshot=True)
+        public = self.signer.public_key
+        for role in ROLES:
+            root.add_key(public, role)
+        self._write(Metadata(root), "1.root.json")
+
+    def publish(self, packets: Iterable[bytes], expiry: Expiry = Expiry(),
+                facts_reader: FactsReader = read_facts, replace: bool = False) -> list[str]:
+        """Add packets as targets and re-sign targets, snapshot, timestamp. Returns names."""
+        if self._latest("root") is None:
+            self.init(expiry)
+        now = self._now()
+        previous = self._latest("targets")
+        targets = previous.signed if previous is not None else Targets()
+        if replace:
+            targets.targets.clear()
+        names = []
+        for data in packets:
+            facts = facts_reader(data)
+            name = target_name(facts)
+            digest = hashlib.sha256(data).hexdigest()
+            store = self.targets_dir / Path(name).parent / f"{digest}.{Path(name).name}"
+            store.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(store, data)
+            info = TargetFile.from_data(name, data, ["sha256"])
+            info.unrecognized_fields["custom"] = {
+                "adapter_id": facts.adapter_id, "version": facts.version,
+                "size": facts.size, "fingerprint": facts.fingerprint,
+            }
+            targets.targets[name] = info
+            names.append(name)
+        targets.version = (previous.signed.version + 1) if previous is not None else 1
+        targets.expires = now + expiry.targets
+        self._write(Metadata(targets), f"{targets.version}.targets.json")
+
+        prev_snap = self._latest("snapshot")
+        snapshot = Snapshot(version=(prev_snap.signed.version + 1) if prev_snap else 1,
+                            expires=now + expiry.snapshot)
+        snapshot.meta["targets.json"] = MetaFile(version=targets.version)
+        self._write(Metadata(snapshot), f"{snapshot.version}.snapshot.json")
+
+        ts_path = self.meta_dir / "timestamp.json"
+        ts_version = Metadata.from_file(str(ts_path)).signed.version + 1 if ts_path.exists() else 1
+        timestamp = Timestamp(version=ts_version, expires=now + expiry.timestamp,
+                              snapshot_meta=MetaFile(version=snapshot.version))
+        self._write(Metadata(timestamp), "timestamp.json")
+        return names
+
+
+def publish(packet_paths: Sequence[str | Path], key: Ed25519PrivateKey, out: str | Path,
+            expiry: Expiry = Expiry(), replace: bool = False,
+            facts_reader: FactsReader = read_facts) -> list[str]:
+    """Publish packet files into the repository folder ``out`` (created if needed)."""
+    data = [Path(p).read_bytes() for p in packet_paths]
+    return Repository(out, signer_from_key(key)).publish(data, expiry, facts_reader, replace)
+
+
+def root_path(repo_dir: str | Path) -> Path:
+    """The initial trusted root a device is provisioned with."""
+    return Path(repo_dir) / "metadata" / "1.root.json"

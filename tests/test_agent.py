@@ -1,0 +1,288 @@
+"""The update agent on loopback: real server, real HTTP client, TUF metadata, and the
+in-memory runtime double (tests/ota_doubles.py). Real runtime: test_agent_runtime.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from ota_doubles import BASE, InMemoryApplier, double_facts, make_test_packet
+
+from solar_edge.devices.agent import Agent, AgentConfig, RetryPolicy
+from solar_edge.devices.fetcher import DownloadPolicy, HttpTransport, MemoryTransport
+from solar_edge.devices.links import LinkProfile
+from solar_edge.devices.repo import Expiry, Repository, root_path, signer_from_key
+from solar_edge.devices.server import RepoServer
+from solar_edge.errors import (
+    BaseMismatchError,
+    DownloadError,
+    HealthCheckError,
+    IntegrityError,
+    MetadataExpiredError,
+    MetadataRollbackError,
+    MetadataSignatureError,
+    RollbackError,
+    SignatureError,
+)
+
+
+class Rig:
+    """A repository folder, its publisher, a loopback server and agents for one device."""
+
+    def __init__(self, tmp: Path, link: LinkProfile | None = None) -> None:
+        self.tmp = tmp
+        self.key = Ed25519PrivateKey.generate()
+        self.repo_dir = tmp / "repo"
+        self.repo = Repository(self.repo_dir, signer_from_key(self.key))
+        self.link = link
+        self.server: RepoServer | None = None
+        self.sleeps: list[float] = []
+
+    def publish(self, *packets: bytes, **kw) -> None:
+        self.repo.publish(list(packets), facts_reader=double_facts, **kw)
+
+    def packet(self, adapter_id: str, version: int, **kw) -> bytes:
+        return make_test_packet(self.key, adapter_id, version, **kw)
+
+    def start(self, port: int = 0) -> RepoServer:
+        self.server = RepoServer(self.repo_dir, port=port, link=self.link).start()
+        return self.server
+
+    def agent(self, applier=None, transport=None, url=None, sleep=None, **cfg) -> Agent:
+        applier = applier or InMemoryApplier(self.key.public_key())
+        config = AgentConfig(url or self.server.url, self.tmp / "device",
+                             trusted_root=root_path(self.repo_dir).read_bytes(),
+                             download=cfg.pop("download", DownloadPolicy(backoff_s=0.01)),
+                             retry=cfg.pop("retry", RetryPolicy(base_s=0.01)), **cfg)
+        agent = Agent(config, applier, transport or HttpTransport(timeout_s=5),
+                      sleep=sleep or self.sleeps.append)
+        agent.start()
+        return agent
+
+    def target_file(self, data: bytes, adapter_id: str, version: int) -> Path:
+        sha = hashlib.sha256(data).hexdigest()
+        return self.repo_dir / "targets" / "adapters" / adapter_id / f"{sha}.v{version}.slr"
+
+
+@pytest.fixture()
+def rig(tmp_path):
+    rig = Rig(tmp_path)
+    yield rig
+    if rig.server is not None:
+        rig.server.stop()
+
+
+def _state(agent: Agent) -> dict:
+    return json.loads(agent.store.path.read_text())
+
+
+def test_installs_newest_version_per_adapter_and_keeps_first_active(rig):
+    rig.publish(rig.packet("a", 1, scale=2.0), rig.packet("a", 2, scale=3.0),
+                rig.packet("b", 1, scale=5.0))
+    rig.start()
+    agent = rig.agent()
+    outcomes = agent.run()
+    assert [(o.adapter_id, o.version, o.action) for o in outcomes] == [
+        ("a", 2, "installed"), ("b", 1, "installed")]
+    assert agent.applier.active == "a" and agent.applier.active_version == 2
+    assert list(agent.applier.infer([1.0])) == [3.0]
+    state = _state(agent)
+    assert state["active"] == "a"
+    assert state["adapters"]["a"]["version"] == 2 and state["adapters"]["b"]["version"] == 1
+    assert [o.action for o in agent.run()] == ["current", "current"]
+    agent.switch("b")
+    restarted = rig.agent()
+    assert restarted.applier.active == "b" and list(restarted.applier.infer([1.0])) == [5.0]
+
+
+def test_interrupted_download_resumes_with_range_and_completes(rig):
+    packet = rig.packet("a", 1, pad=300_000)
+    rig.publish(packet)
+    server = rig.start()
+    path = "/" + rig.target_file(packet, "a", 1).relative_to(rig.repo_dir).as_posix()
+    server.faults.drop(path, 100_000, times=2)
+    agent = rig.agent()
+    [outcome] = agent.run()
+    assert outcome.action == "installed", outcome
+    ranges = [r for p, r in server.requests if p == path]
+    assert ranges == [None, "bytes=100000-", "bytes=200000-"]
+    assert agent.applier.applied == [hashlib.sha256(packet).hexdigest()]
+    assert not list(agent.store.partial.iterdir())
+
+
+def test_partial_file_survives_a_failed_cycle_and_is_resumed_next_time(rig):
+    packet = rig.packet("a", 1, pad=200_000)
+    rig.publish(packet)
+    server = rig.start()
+    path = "/" + rig.target_file(packet, "a", 1).relative_to(rig.repo_dir).as_posix()
+    server.faults.drop(path, 150_000)
+    agent = rig.agent(download=DownloadPolicy(attempts=1),
+                      retry=RetryPolicy(attempts=1))
+    with pytest.raises(DownloadError, match="150000"):
+        agent.run()
+    [part] = agent.store.partial.iterdir()
+    assert part.stat().st_size == 150_000
+    assert agent.store.load().adapters == {}
+    assert [o.action for o in rig.agent().run()] == ["installed"]
+    assert [r for p, r in server.requests if p == path][-1] == "bytes=150000-"
+
+
+def test_corrupted_bytes_are_rejected_with_integrity_error(rig):
+    good = rig.packet("a", 1, scale=2.0)
+    rig.publish(rig.packet("a", 0), good)
+    rig.start()
+    target = rig.target_file(good, "a", 1)
+    flipped = bytearray(good)
+    flipped[40] ^= 0x01
+    target.write_bytes(bytes(flipped))
+    agent = rig.agent()
+    [outcome] = agent.run()
+    assert outcome.action == "rejected" and isinstance(outcome.error, IntegrityError)
+    assert agent.applier.active is None and agent.store.load().adapters == {}
+    assert not list(agent.store.partial.iterdir())
+    target.write_bytes(good + b"more and more")   # endless data: longer than signed
+    [outcome] = agent.run()
+    assert isinstance(outcome.error, IntegrityError)
+    target.write_bytes(good)   # the mirror is repaired: the same target now installs
+    assert [o.action for o in agent.run()] == ["installed"]
+
+
+def test_bad_packet_signature_is_rejected_even_with_valid_metadata(rig):
+    forged = make_test_packet(Ed25519PrivateKey.generate(), "a", 1)
+    rig.publish(forged)
+    rig.start()
+    agent = rig.agent()
+    [outcome] = agent.run()
+    assert isinstance(outcome.error, SignatureError)
+    assert hashlib.sha256(forged).hexdigest() in _state(agent)["rejected"]
+    assert agent.applier.applied == []
+
+
+def test_wrong_base_model_is_rejected(rig):
+    rig.publish(rig.packet("a", 1, fingerprint="c" * 64))
+    rig.start()
+    agent = rig.agent()
+    [outcome] = agent.run()
+    assert isinstance(outcome.error, BaseMismatchError) and agent.applier.active is None
+    assert agent.applier.fingerprint == BASE
+
+
+def test_older_version_is_rejected_after_a_newer_one(rig):
+    rig.publish(rig.packet("a", 2, scale=7.0))
+    rig.start()
+    agent = rig.agent()
+    agent.run()
+    rig.publish(rig.packet("a", 1, scale=1.0), replace=True)
+    [outcome] = agent.run()
+    assert outcome.action == "rejected" and isinstance(outcome.error, RollbackError)
+    assert agent.applier.active_version == 2 and list(agent.applier.infer([1.0])) == [7.0]
+
+
+def test_expired_metadata_is_rejected(rig):
+    rig.publish(rig.packet("a", 1), expiry=Expiry(targets=timedelta(seconds=-1)))
+    rig.start()
+    agent = rig.agent()
+    with pytest.raises(MetadataExpiredError):
+        agent.run()
+    assert agent.applier.applied == []
+
+
+def test_tampered_metadata_is_rejected(rig):
+    rig.publish(rig.packet("a", 1))
+    rig.start()
+    meta = rig.repo_dir / "metadata" / "1.targets.json"
+    doc = json.loads(meta.read_text())
+    info = doc["signed"]["targets"]["adapters/a/v1.slr"]
+    info["custom"]["version"] = 9
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(MetadataSignatureError):
+        rig.agent().run()
+
+
+def test_metadata_rollback_is_rejected(rig):
+    rig.publish(rig.packet("a", 1))
+    old_timestamp = (rig.repo_dir / "metadata/timestamp.json").read_bytes()
+    rig.publish(rig.packet("a", 2))
+    rig.start()
+    agent = rig.agent()
+    agent.run()
+    (rig.repo_dir / "metadata/timestamp.json").write_bytes(old_timestamp)
+    with pytest.raises(MetadataRollbackError):
+        agent.run()
+    assert agent.applier.active_version == 2
+
+
+def test_failed_health_check_rolls_back_to_the_previous_adapter(rig):
+    rig.publish(rig.packet("a", 1, scale=2.0))
+    rig.start()
+    agent = rig.agent()
+    agent.run()
+    rig.publish(rig.packet("a", 2, scale=float("nan")))
+    [outcome] = agent.run()
+    assert isinstance(outcome.error, HealthCheckError)
+    assert agent.applier.active_version == 1 and list(agent.applier.infer([1.0])) == [2.0]
+    assert _state(agent)["adapters"]["a"]["version"] == 1
+    assert [o.action for o in agent.run()] == ["rejected"]   # not retried forever
+
+
+def test_server_down_then_up_agent_backs_off_and_recovers(rig):
+    rig.publish(rig.packet("a", 1, scale=4.0))
+    probe = rig.start()
+    port = probe.server_address[1]
+    probe.stop()
+    rig.server = None
+    served_during_outage = []
+
+    def sleep(delay):
+        rig.sleeps.append(delay)
+        served_during_outage.append(list(agent.applier.infer([1.0])))
+        if len(rig.sleeps) == 3:
+            rig.start(port=port)
+
+    agent = rig.agent(url=f"http://127.0.0.1:{port}", sleep=sleep,
+                      retry=RetryPolicy(attempts=6, base_s=0.5, max_s=1.5))
+    [outcome] = agent.run()
+    assert outcome.action == "installed"
+    assert rig.sleeps == [0.5, 1.0, 1.5]
+    assert served_during_outage == [[1.0]] * 3   # the base model kept answering
+
+
+def test_backoff_is_bounded_when_the_server_never_returns(rig):
+    rig.publish(rig.packet("a", 1))
+    agent = rig.agent(url="http://127.0.0.1:9", retry=RetryPolicy(attempts=4, base_s=1, max_s=3))
+    with pytest.raises(DownloadError):
+        agent.run()
+    assert rig.sleeps == [1, 2, 3]
+
+
+def test_slow_retrieval_is_cut_off(tmp_path):
+    rig = Rig(tmp_path, link=LinkProfile("slow", "tcp", rate_bps=20_000, latency_s=0.0,
+                                         loss=0.0, mtu=1500))
+    rig.publish(rig.packet("a", 1, pad=20_000))
+    rig.start()
+    try:
+        agent = rig.agent(download=DownloadPolicy(attempts=1, min_rate_bps=400_000, grace_s=0.5),
+                          retry=RetryPolicy(attempts=1))
+        with pytest.raises(DownloadError, match="too slow"):
+            agent.run(cycles=1)
+    finally:
+        rig.server.stop()
+
+
+def test_agent_runs_against_the_in_memory_transport(tmp_path):
+    """The same agent over MemoryTransport: no sockets, drops injected by the double."""
+    rig = Rig(tmp_path)
+    packet = rig.packet("a", 1, pad=50_000)
+    rig.publish(packet)
+    files = {"/" + p.relative_to(rig.repo_dir).as_posix(): p.read_bytes()
+             for p in rig.repo_dir.rglob("*") if p.is_file()}
+    transport = MemoryTransport(files)
+    target = "/" + rig.target_file(packet, "a", 1).relative_to(rig.repo_dir).as_posix()
+    transport.drops[target] = [20_000]
+    agent = rig.agent(transport=transport, url="http://repo.invalid")
+    assert [o.action for o in agent.run()] == ["installed"]
+    assert (target, 20_000) in transport.requests

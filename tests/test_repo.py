@@ -1,0 +1,97 @@
+"""Publishing packets as a TUF repository, verified by python-tuf's own client."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import timedelta
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from ota_doubles import double_facts, make_test_packet
+from tuf.api import exceptions as tuf_exc
+from tuf.api.metadata import Metadata
+from tuf.ngclient import Updater
+
+from solar_edge.devices.packetinfo import PacketFacts
+from solar_edge.devices.repo import Expiry, Repository, root_path, signer_from_key, target_name
+from solar_edge.devices.server import RepoServer
+from solar_edge.errors import RepositoryError
+
+
+@pytest.fixture()
+def key():
+    return Ed25519PrivateKey.generate()
+
+
+def _updater(tmp_path, server, repo_dir):
+    meta = tmp_path / "client"
+    meta.mkdir(exist_ok=True)
+    return Updater(str(meta), server.url + "/metadata/", str(tmp_path), server.url + "/targets/",
+                   bootstrap=root_path(repo_dir).read_bytes())
+
+
+def test_publish_writes_content_addressed_targets_and_signed_roles(tmp_path, key):
+    repo_dir = tmp_path / "repo"
+    repo = Repository(repo_dir, signer_from_key(key))
+    p1 = make_test_packet(key, "sentiment", 1)
+    p2 = make_test_packet(key, "sentiment", 2, pad=1000)
+    names = repo.publish([p1, p2], facts_reader=double_facts)
+    assert names == ["adapters/sentiment/v1.slr", "adapters/sentiment/v2.slr"]
+    for data, name in ((p1, "v1.slr"), (p2, "v2.slr")):
+        sha = hashlib.sha256(data).hexdigest()
+        assert (repo_dir / "targets/adapters/sentiment" / f"{sha}.{name}").read_bytes() == data
+    targets = Metadata.from_file(str(repo_dir / "metadata/1.targets.json"))
+    info = targets.signed.targets["adapters/sentiment/v2.slr"]
+    assert info.custom == {"adapter_id": "sentiment", "version": 2, "size": len(p2),
+                           "fingerprint": "b" * 64}
+    assert info.length == len(p2)
+    root = Metadata.from_file(str(repo_dir / "metadata/1.root.json"))
+    assert root.signed.consistent_snapshot
+    for role in ("root", "targets", "snapshot", "timestamp"):
+        assert root.signed.roles[role].threshold == 1
+
+
+def test_ngclient_verifies_what_publish_wrote_and_sees_republish(tmp_path, key):
+    repo_dir = tmp_path / "repo"
+    repo = Repository(repo_dir, signer_from_key(key))
+    repo.publish([make_test_packet(key, "a", 1)], facts_reader=double_facts)
+    with RepoServer(repo_dir) as server:
+        up = _updater(tmp_path, server, repo_dir)
+        up.refresh()
+        info = up.get_targetinfo("adapters/a/v1.slr")
+        assert info is not None and up.get_targetinfo("adapters/a/v2.slr") is None
+        path = up.download_target(info)
+        assert open(path, "rb").read().startswith(b"TESTPKT1")
+        repo.publish([make_test_packet(key, "a", 2)], facts_reader=double_facts)
+        up2 = _updater(tmp_path, server, repo_dir)
+        up2.refresh()
+        assert up2.get_targetinfo("adapters/a/v2.slr").custom["version"] == 2
+        assert up2.get_targetinfo("adapters/a/v1.slr") is not None   # added, not replaced
+    ts = json.loads((repo_dir / "metadata/timestamp.json").read_text())
+    assert ts["signed"]["version"] == 2
+
+
+def test_replace_drops_previous_targets(tmp_path, key):
+    repo = Repository(tmp_path / "repo", signer_from_key(key))
+    repo.publish([make_test_packet(key, "a", 1), make_test_packet(key, "b", 1)],
+                 facts_reader=double_facts)
+    repo.publish([make_test_packet(key, "a", 3)], facts_reader=double_facts, replace=True)
+    latest = Metadata.from_file(str(tmp_path / "repo/metadata/2.targets.json"))
+    assert sorted(latest.signed.targets) == ["adapters/a/v3.slr"]
+
+
+def test_expired_metadata_is_refused_by_the_client(tmp_path, key):
+    repo_dir = tmp_path / "repo"
+    Repository(repo_dir, signer_from_key(key)).publish(
+        [make_test_packet(key, "a", 1)], facts_reader=double_facts,
+        expiry=Expiry(timestamp=timedelta(seconds=-5)))
+    with RepoServer(repo_dir) as server:
+        with pytest.raises(tuf_exc.ExpiredMetadataError):
+            _updater(tmp_path, server, repo_dir).refresh()
+
+
+@pytest.mark.parametrize("adapter_id", ["../etc", "a/b", "", ".hidden", "x" * 65])
+def test_unsafe_adapter_ids_are_refused(adapter_id):
+    with pytest.raises(RepositoryError, match="safe path"):
+        target_name(PacketFacts(adapter_id, 1, "b" * 64, 10, "0" * 64))
