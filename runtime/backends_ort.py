@@ -1,0 +1,304 @@
+"""onnxruntime backend: one class per patching mechanism, all with the same four steps.
+
+``prepare(factors)`` computes everything an adapter needs into new buffers (nothing the
+serving session sees changes); ``probe(staged, feeds)`` runs the staged adapter before it
+serves where the mechanism can (returns None where it cannot); ``commit(staged)`` makes it
+serve; ``run(feeds)`` infers. Mechanisms and the graph variant each needs
+(``docs/runtime.md``):
+
+* ``initializer``: base graph; patched weights live in our numpy buffers handed to ORT with
+  ``SessionOptions.add_initializer`` (prepacking off, so ORT reads them in place); commit
+  copies the staged weights into those buffers.
+* ``iobinding``: graph with the weights also listed as inputs; staged weights are bound with
+  IOBinding (``OrtValue`` sharing numpy memory); commit swaps the bound set.
+* ``lora`` / ``lora-native``: graph with ``y += (x @ A) @ B`` slots; the update is served
+  unmerged as plain feeds or as an ORT ``LoraAdapter`` activated per run.
+* ``recreate``: base graph; a new session with merged initializers replaces the old one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from solar_edge.errors import ProfileError, RuntimeApplyError
+from solar_edge.runtime.patching import Factors, WeightSlot, lora_feeds, patched_weight_t
+
+MECHANISMS = ("initializer", "iobinding", "lora", "lora-native", "recreate")
+# Graph variant (manifest ``onnx.variants`` key) each mechanism needs; None: the base graph.
+GRAPH_VARIANT: dict[str, str | None] = {
+    "initializer": None,
+    "recreate": None,
+    "iobinding": "inputs",
+    "lora": "lora",
+    "lora-native": "lora",
+}
+
+Feeds = Mapping[str, np.ndarray]
+
+
+def session_options(*, prepacking: bool = True, threads: int = 0) -> ort.SessionOptions:
+    """ORT_ENABLE_ALL keeps the weight link on these graphs (measured: docs/runtime.md)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    if not prepacking:
+        so.add_session_config_entry("session.disable_prepacking", "1")
+    return so
+
+
+class OrtMechanism:
+    """Shared state: graph path, adaptable slots, pristine base weights, providers."""
+
+    name = ""
+
+    def __init__(
+        self,
+        model_path: str,
+        slots: Sequence[WeightSlot],
+        base_weights: Mapping[int, np.ndarray],
+        providers: Sequence[str],
+        *,
+        threads: int = 0,
+    ) -> None:
+        self.model_path = model_path
+        self.slots = {s.layer_id: s for s in slots}
+        self.base = base_weights
+        self.providers = list(providers)
+        self.threads = threads
+        self.encoder: Callable[[Sequence[str], Sequence[str]], dict[str, np.ndarray]] | None = None
+        self.session = self._create()
+
+    def _create(self) -> ort.InferenceSession:
+        return ort.InferenceSession(
+            self.model_path, session_options(threads=self.threads), providers=self.providers
+        )
+
+    def _merged(self, factors: Mapping[int, Factors]) -> dict[int, np.ndarray]:
+        return {lid: patched_weight_t(self.base[lid], f) for lid, f in factors.items()}
+
+    def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        if self.encoder is None:
+            raise RuntimeApplyError("this bundle has no tokenizer: feed arrays, not texts")
+        return self.encoder(texts, self.text_inputs())
+
+    def text_inputs(self) -> list[str]:
+        """Graph inputs that are not weights or LoRA slots (input_ids, attention_mask, ...)."""
+        names = {s.init_name for s in self.slots.values()}
+        return [n for n in self.input_names() if n not in names and not n.startswith(
+            tuple(names))]
+
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.session.get_outputs()]
+
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.session.get_inputs()]
+
+    # the four steps -----------------------------------------------------------------------
+    def prepare(self, factors: Mapping[int, Factors]) -> Any:
+        raise NotImplementedError
+
+    def probe(self, staged: Any, feeds: Feeds) -> list[np.ndarray] | None:
+        return None
+
+    def commit(self, staged: Any) -> None:
+        raise NotImplementedError
+
+    def run(self, feeds: Feeds) -> list[np.ndarray]:
+        return self.session.run(None, dict(feeds))
+
+    def check_link(self, feeds: Feeds) -> None:
+        """Raise ProfileError if patching is not seen by the session (e.g. a device EP)."""
+
+
+class InitializerMechanism(OrtMechanism):
+    """Weights in our buffers via ``add_initializer``; commit copies staged -> live in place."""
+
+    name = "initializer"
+
+    def _create(self) -> ort.InferenceSession:
+        self.live = {lid: patched_weight_t(self.base[lid], None) for lid in self.slots}
+        self._values = {lid: ort.OrtValue.ortvalue_from_numpy(b) for lid, b in self.live.items()}
+        so = session_options(prepacking=False, threads=self.threads)
+        for lid, value in self._values.items():
+            so.add_initializer(self.slots[lid].init_name, value)
+        self.adapted: set[int] = set()
+        return ort.InferenceSession(self.model_path, so, providers=self.providers)
+
+    def prepare(self, factors: Mapping[int, Factors]) -> tuple[dict[int, np.ndarray], set[int]]:
+        """New buffers for every weight the new or the serving adapter touches."""
+        touched = sorted(set(factors) | self.adapted)
+        bufs = {lid: patched_weight_t(self.base[lid], factors.get(lid)) for lid in touched}
+        return bufs, set(factors)
+
+    def commit(self, staged: tuple[dict[int, np.ndarray], set[int]]) -> None:
+        bufs, adapted = staged
+        self.adapted = self.adapted | adapted  # until the copies are done, both may differ
+        for lid, buf in bufs.items():
+            np.copyto(self.live[lid], buf)
+        self.adapted = adapted
+
+    def check_link(self, feeds: Feeds) -> None:
+        before = self.run(feeds)[0]
+        for buf in self.live.values():
+            buf.fill(0.0)
+        try:
+            zeroed = self.run(feeds)[0]
+        finally:
+            for lid, buf in self.live.items():
+                patched_weight_t(self.base[lid], None, out=buf)
+            self.adapted = set()
+        if np.array_equal(before, zeroed):
+            raise ProfileError(
+                "mechanism 'initializer': the session does not read the patched buffers "
+                f"(providers {self.providers}); use 'lora' or 'recreate' on this device"
+            )
+
+
+class IOBindingMechanism(OrtMechanism):
+    """Weights as overridable graph inputs; staged buffers bound with IOBinding, then swapped."""
+
+    name = "iobinding"
+
+    def _create(self) -> ort.InferenceSession:
+        self.current: dict[str, ort.OrtValue] = {}
+        return super()._create()
+
+    def prepare(self, factors: Mapping[int, Factors]) -> dict[str, Any]:
+        merged = self._merged(factors)
+        return {
+            self.slots[lid].init_name: (buf, ort.OrtValue.ortvalue_from_numpy(buf))
+            for lid, buf in merged.items()
+        }
+
+    def _run_bound(self, weights: Mapping[str, Any], feeds: Feeds) -> list[np.ndarray]:
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name, (_, value) in weights.items():
+            binding.bind_ortvalue_input(name, value)
+        for name in self.output_names():
+            binding.bind_output(name)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+    def probe(self, staged: dict[str, Any], feeds: Feeds) -> list[np.ndarray]:
+        return self._run_bound(staged, feeds)
+
+    def commit(self, staged: dict[str, Any]) -> None:
+        self.current = staged
+
+    def run(self, feeds: Feeds) -> list[np.ndarray]:
+        return self._run_bound(self.current, feeds)
+
+
+class LoraMechanism(OrtMechanism):
+    """The low-rank update served unmerged through the graph's slots, as plain feeds."""
+
+    name = "lora"
+
+    def _create(self) -> ort.InferenceSession:
+        self.current: dict[str, np.ndarray] = {}
+        return super()._create()
+
+    def prepare(self, factors: Mapping[int, Factors]) -> dict[str, np.ndarray]:
+        feeds: dict[str, np.ndarray] = {}
+        for lid, f in factors.items():
+            feeds.update(lora_feeds(self.slots[lid].init_name, f))
+        return feeds
+
+    def probe(self, staged: dict[str, np.ndarray], feeds: Feeds) -> list[np.ndarray]:
+        return self.session.run(None, {**feeds, **staged})
+
+    def commit(self, staged: dict[str, np.ndarray]) -> None:
+        self.current = staged
+
+    def run(self, feeds: Feeds) -> list[np.ndarray]:
+        return self.session.run(None, {**feeds, **self.current})
+
+
+class LoraNativeMechanism(LoraMechanism):
+    """Like ``lora`` but through ORT's own adapters (``.onnx_adapter`` + add_active_adapter)."""
+
+    name = "lora-native"
+
+    def _create(self) -> ort.InferenceSession:
+        self._dir = tempfile.TemporaryDirectory(prefix="solar-edge-ort-adapters-")
+        self._count = 0
+        self.current_options: tuple[ort.RunOptions, Any] = (ort.RunOptions(), None)
+        return super()._create()
+
+    def prepare(self, factors: Mapping[int, Factors]) -> tuple[ort.RunOptions, Any]:
+        feeds = super().prepare(factors)
+        options, adapter = ort.RunOptions(), None
+        if feeds:
+            fmt = ort.AdapterFormat()
+            fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()})
+            self._count += 1
+            path = os.path.join(self._dir.name, f"{self._count}.onnx_adapter")
+            fmt.export_adapter(path)
+            adapter = ort.LoraAdapter()
+            adapter.Load(path)
+            options.add_active_adapter(adapter)
+            os.unlink(path)  # memory-mapped already; POSIX keeps the pages
+        return options, adapter  # the adapter must outlive the options that name it
+
+    def probe(self, staged: tuple[ort.RunOptions, Any], feeds: Feeds) -> list[np.ndarray]:
+        return self.session.run(None, dict(feeds), staged[0])
+
+    def commit(self, staged: tuple[ort.RunOptions, Any]) -> None:
+        self.current_options = staged
+
+    def run(self, feeds: Feeds) -> list[np.ndarray]:
+        return self.session.run(None, dict(feeds), self.current_options[0])
+
+
+class RecreateMechanism(OrtMechanism):
+    """A new session with the merged weights as initializers replaces the serving one."""
+
+    name = "recreate"
+
+    def prepare(self, factors: Mapping[int, Factors]) -> tuple[ort.InferenceSession, list]:
+        merged = self._merged(factors)
+        so = session_options(threads=self.threads)
+        keep = []
+        for lid, buf in merged.items():
+            value = ort.OrtValue.ortvalue_from_numpy(buf)
+            keep.append((buf, value))
+            so.add_initializer(self.slots[lid].init_name, value)
+        return ort.InferenceSession(self.model_path, so, providers=self.providers), keep
+
+    def probe(self, staged: tuple, feeds: Feeds) -> list[np.ndarray]:
+        return staged[0].run(None, dict(feeds))
+
+    def commit(self, staged: tuple) -> None:
+        self.session, self._keep = staged
+
+
+_CLASSES: dict[str, type[OrtMechanism]] = {
+    c.name: c
+    for c in (InitializerMechanism, IOBindingMechanism, LoraMechanism, LoraNativeMechanism,
+              RecreateMechanism)
+}
+
+
+def create_mechanism(
+    name: str,
+    model_path: str,
+    slots: Sequence[WeightSlot],
+    base_weights: Mapping[int, np.ndarray],
+    providers: Sequence[str],
+    *,
+    threads: int = 0,
+) -> OrtMechanism:
+    """Build mechanism ``name`` on the graph at ``model_path`` (the variant it needs)."""
+    if name not in _CLASSES:
+        raise ProfileError(f"unknown patching mechanism {name!r}; known: {', '.join(MECHANISMS)}")
+    return _CLASSES[name](model_path, slots, base_weights, providers, threads=threads)

@@ -1,0 +1,98 @@
+"""What the runtime takes from a verified bundle (``solar_edge.bundle``), in one place.
+
+Adaptable weights become :class:`WeightSlot` entries (layer id, ONNX initializer, shape);
+base weights stay the bundle's read-only memory maps; bases are read per layer only when a
+packet needs them. Graph variants for the patching mechanisms are listed in the manifest
+under ``onnx.variants`` (``docs/architecture.md``) and hashed like every other file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from solar_edge.basis import LayerBasis
+from solar_edge.bundle import Bundle, load_bundle
+from solar_edge.errors import BundleError
+from solar_edge.runtime.patching import WeightSlot
+
+SUPPORTED_LAYOUT = "in_out"
+
+
+class _BaseWeights(Mapping[int, np.ndarray]):
+    """Lazy ``{layer id: W0 memmap}``; nothing is read until a weight is used."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        self._bundle = bundle
+        self._cache: dict[int, np.ndarray] = {}
+
+    def __getitem__(self, layer_id: int) -> np.ndarray:
+        if layer_id not in self._cache:
+            self._cache[layer_id] = self._bundle.base_weight(layer_id)
+        return self._cache[layer_id]
+
+    def __iter__(self):
+        return iter(range(len(self._bundle.layers)))
+
+    def __len__(self) -> int:
+        return len(self._bundle.layers)
+
+
+@dataclass
+class BundleParts:
+    bundle: Bundle
+    profile: dict[str, Any]
+    slots: dict[int, WeightSlot]
+    base: _BaseWeights
+
+    @property
+    def fingerprint(self) -> bytes:
+        return self.bundle.fingerprint
+
+    @property
+    def root(self) -> Path:
+        return self.bundle.root
+
+    def basis(self, layer_id: int) -> LayerBasis:
+        return self.bundle.layer_basis(layer_id)
+
+    def graph_path(self, variant: str | None) -> Path:
+        """The ONNX file of a graph variant (None: the base graph); must be hash-listed."""
+        onnx_entry = self.bundle.manifest["onnx"]
+        if variant is None:
+            return self.bundle.onnx_path
+        rel = (onnx_entry.get("variants") or {}).get(variant)
+        if rel is None:
+            raise BundleError(
+                f"the bundle has no {variant!r} graph variant (manifest onnx.variants); "
+                "export it with solar_edge.exporters.graph_variants or pick another mechanism"
+            )
+        if rel not in self.bundle.manifest["files"]:
+            raise BundleError("graph variant not listed with a hash", path=rel)
+        return self.bundle.file_path(rel)
+
+    def tokenizer_json(self) -> Path | None:
+        tok = self.bundle.tokenizer_dir
+        for cand in ([tok / "tokenizer.json"] if tok else []) + [self.root / "tokenizer.json"]:
+            if cand.is_file():
+                return cand
+        return None
+
+
+def open_bundle(bundle_dir: str | Path, profile: Mapping[str, Any] | None = None) -> BundleParts:
+    """Load and verify the bundle; ``profile`` overrides the one recorded in its manifest."""
+    bundle = load_bundle(bundle_dir)
+    slots = {}
+    for layer in bundle.layers:
+        if layer.onnx_layout != SUPPORTED_LAYOUT:
+            raise BundleError(
+                f"layer {layer.name}: ONNX layout {layer.onnx_layout!r}, the runtime patches "
+                f"{SUPPORTED_LAYOUT!r} (W0.T as the right operand of MatMul)", path="manifest.json"
+            )
+        slots[layer.id] = WeightSlot(layer.id, layer.onnx_initializer, layer.shape)
+    chosen = dict(profile) if profile is not None else bundle.profile
+    return BundleParts(bundle, chosen, slots, _BaseWeights(bundle))
