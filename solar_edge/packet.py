@@ -217,9 +217,12 @@ def _check_entry(i: int, e: _Entry, limits: PacketLimits) -> tuple[int, int]:
     _range(e.cols, 1, limits.max_cols, f"{f}.cols")
     if not (math.isfinite(e.epsilon) and e.epsilon >= 0):
         raise InvalidFieldError(f"{e.epsilon} is not finite and >= 0", field=f"{f}.epsilon")
-    if kind == RecordKind.DENSE_FACTORS and (e.epsilon != 0 or e.variant != 0):
-        raise InvalidFieldError("DENSE_FACTORS takes no basis: epsilon and variant must be 0",
+    if kind == RecordKind.DENSE_FACTORS and e.epsilon != 0:
+        raise InvalidFieldError("DENSE_FACTORS has no basis: epsilon must be 0",
                                 field=f"{f}.epsilon")
+    if kind == RecordKind.DENSE_FACTORS and e.variant != 0:
+        raise InvalidFieldError("DENSE_FACTORS has no basis: variant must be 0",
+                                field=f"{f}.variant")
     if kind == RecordKind.SPARSE_CORE:
         if e.rank != 0:
             raise InvalidFieldError("SPARSE_CORE must have rank 0", field=f"{f}.rank")
@@ -320,7 +323,8 @@ def encode_packet(
     """
     _check_header(header, codec)
     metadata = canonical_metadata(header.metadata)
-    _range(len(metadata), 2, limits.max_metadata_bytes, "header.metadata")
+    _range(len(metadata), 2, min(limits.max_metadata_bytes, MAX_METADATA_BYTES),
+           "header.metadata")
     ordered = sorted(records, key=lambda r: r.layer_id)
     _range(len(ordered), 0, min(limits.max_layers, 0xFFFF), "header.layer_count")
     table, payload = [], []
@@ -407,7 +411,7 @@ def _read_header(r: _Reader, limits: PacketLimits) -> tuple[PacketHeader, CodecH
                          "codec.perturbation")
     seed = r.unpack(_U64, "codec.seed")
     meta_len = r.unpack(_U16, "header.metadata")
-    _range(meta_len, 2, limits.max_metadata_bytes, "header.metadata")
+    _range(meta_len, 2, min(limits.max_metadata_bytes, MAX_METADATA_BYTES), "header.metadata")
     metadata = _parse_metadata(r.take(meta_len, "header.metadata"))
     layer_count = r.unpack(_U16, "header.layer_count")
     _range(layer_count, 0, limits.max_layers, "header.layer_count")
@@ -422,10 +426,13 @@ def _verify(signed: bytes, kid: bytes, signature: bytes, trusted: signing.Truste
     signing.verify(key, signature, signed)
 
 
-def _decompress(body: bytes, limits: PacketLimits) -> bytes:
+def _decompress(body: bytes, layer_count: int, limits: PacketLimits) -> bytes:
     r = _Reader(body)
     raw_len = r.unpack(_U32, "body.raw_length")
     _range(raw_len, 0, limits.max_body_bytes, "body.raw_length")
+    if raw_len < layer_count * LAYER_ENTRY_BYTES:
+        raise TruncatedPacketError(f"raw body of {raw_len} bytes cannot hold {layer_count} "
+                                   "table entries", field="layer_table")
     frame = body[r.pos :]
     try:
         dctx = zstandard.ZstdDecompressor(max_window_size=1 << ZSTD_MAX_WINDOW_LOG)
@@ -518,7 +525,7 @@ def decode_packet(
     With ``None`` the signature is not checked (inspection only: never apply such a packet).
     """
     try:
-        data = bytes(data)
+        data = memoryview(data).tobytes()  # not bytes(data): bytes(2**40) would allocate
     except TypeError as exc:
         raise PacketError("packet must be bytes-like", field="packet") from exc
     _range(len(data), 0, limits.max_packet_bytes, "packet")
@@ -532,6 +539,6 @@ def decode_packet(
         raise TrailingDataError(f"{len(data) - r.pos} bytes after the signature", field="packet")
     if trusted_keys is not None:
         _verify(data[: -signing.SIGNATURE_BYTES], kid, signature, trusted_keys)
-    raw = _decompress(body, limits) if flags & FLAG_ZSTD else body
+    raw = _decompress(body, layer_count, limits) if flags & FLAG_ZSTD else body
     records = _read_body(raw, layer_count, limits)
     return Packet(header, codec, records, kid, signature, compressed=bool(flags & FLAG_ZSTD))

@@ -1,0 +1,89 @@
+"""`solar-edge keygen` and `solar-edge inspect`, through the real click group and entry point."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+from importlib import resources
+
+from click.testing import CliRunner
+
+from solar_edge import signing
+from solar_edge.cli import cli
+
+GOLDEN = resources.files("solar_edge") / "golden"
+GOLDEN_PACKET = str(GOLDEN / "golden.slr")
+GOLDEN_PUB = str(GOLDEN / "TEST-ONLY-golden-signing.pub")
+
+
+def test_keygen_writes_a_usable_key_pair(tmp_path):
+    result = CliRunner().invoke(cli, ["keygen", "--out", str(tmp_path / "keys"), "--name", "ops"])
+    assert result.exit_code == 0, result.output
+    private, public = tmp_path / "keys" / "ops.key", tmp_path / "keys" / "ops.pub"
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    key = signing.load_private_key(private)
+    assert signing.key_id(signing.load_public_key(public)) == signing.key_id(key)
+    assert f"key id:      {signing.key_id(key).hex()}" in result.output
+
+
+def test_keygen_refuses_to_overwrite_unless_forced(tmp_path):
+    runner = CliRunner()
+    assert runner.invoke(cli, ["keygen", "--out", str(tmp_path)]).exit_code == 0
+    first = (tmp_path / "signing.pub").read_text()
+    again = runner.invoke(cli, ["keygen", "--out", str(tmp_path)])
+    assert again.exit_code != 0 and "refusing to overwrite" in str(again.exception)
+    assert (tmp_path / "signing.pub").read_text() == first
+    assert runner.invoke(cli, ["keygen", "--out", str(tmp_path), "--force"]).exit_code == 0
+    assert (tmp_path / "signing.pub").read_text() != first
+
+
+def test_keygen_rejects_path_like_names(tmp_path):
+    result = CliRunner().invoke(cli, ["keygen", "--out", str(tmp_path), "--name", "../evil"])
+    assert result.exit_code == 2 and "--name" in result.output
+    assert not (tmp_path.parent / "evil.key").exists()
+
+
+def test_inspect_text_with_verified_signature():
+    result = CliRunner().invoke(cli, ["inspect", GOLDEN_PACKET, "--key", GOLDEN_PUB])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "golden-task.v1 v7" in out and "PHILOX4X32_10 UNIFORM seed=0x123456789abcdef" in out
+    assert "signature key 5174136432bda28c: verified" in out
+    assert "total 340 = header 136 + body 132 + key id/signature 72" in out
+    assert "layer table 90 + positions 6 + values 36" in out
+    rows = [line.split() for line in out.splitlines()[-3:]]
+    assert rows[0] == ["1", "SPARSE_CORE", "INT4", "16x16", "0", "5", "5", "4", "3", "0.25", "43"]
+    assert rows[2][:5] == ["9", "DENSE_FACTORS", "INT3", "4x3", "1"]
+
+
+def test_inspect_json_parts_add_up():
+    result = CliRunner().invoke(cli, ["inspect", GOLDEN_PACKET, "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["signature"].startswith("not checked")
+    b = info["bytes"]
+    assert b["header"] + b["body_stored"] + b["key_id_and_signature"] == b["total"] == 340
+    assert b["layer_table"] + b["positions"] + b["values"] == b["body_stored"]
+    assert [lay["layer_id"] for lay in info["layers"]] == [1, 4, 9]
+    assert info["metadata"]["labels"] == ["neg", "pos"]
+
+
+def _entry_point(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "solar_edge.cli", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_inspect_untrusted_key_exits_2_with_the_error(tmp_path):
+    signing.save_public_key(signing.generate_private_key(), tmp_path / "other.pub")
+    proc = _entry_point("inspect", GOLDEN_PACKET, "--key", str(tmp_path / "other.pub"))
+    assert proc.returncode == 2
+    assert "SignatureError: key_id: key id 5174136432bda28c is not trusted" in proc.stderr
+
+
+def test_inspect_corrupt_packet_exits_2_naming_the_field(tmp_path):
+    bad = tmp_path / "bad.slr"
+    bad.write_bytes((GOLDEN / "golden.slr").read_bytes()[:200])
+    proc = _entry_point("inspect", str(bad))
+    assert proc.returncode == 2 and "TruncatedPacketError: body:" in proc.stderr
