@@ -478,7 +478,8 @@ def _read_values(r: _Reader, f: str, fmt: ValueFormat, count: int, group: int) -
 def _read_body(raw: bytes, layer_count: int, limits: PacketLimits) -> list[LayerRecord]:
     r = _Reader(raw)
     table = r.take(layer_count * LAYER_ENTRY_BYTES, "layer_table")
-    entries, payload = [], 0
+    entries: list[tuple[_Entry, int]] = []
+    payload = 0
     for i, fields in enumerate(_ENTRY.iter_unpack(table)):
         e = _Entry(*fields)
         if i and e.layer_id <= entries[-1][0].layer_id:
