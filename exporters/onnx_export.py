@@ -1,0 +1,223 @@
+"""ONNX graph whose adaptable weights the runtime can patch in place (see docs/export.md).
+
+Each target module is replaced by :class:`PatchableLinear`, which computes
+``x @ weight_t + bias`` with a parameter ``weight_t = W0.T`` (``in x out``). Both torch
+exporters then emit one ``MatMul`` whose right operand is a plain named initializer: no
+``Transpose`` node that ONNX Runtime could constant-fold into a new, unlinked tensor.
+After export the initializer is renamed ``<module>.weight_t`` and checked to feed exactly
+one ``MatMul`` as its right operand. Its data is then moved out of ``model.onnx`` into
+``weights/NNNN.npy`` as ONNX external data: the ``.npy`` holds ``W0`` (``out x in``) in
+Fortran order, whose bytes are exactly ``W0.T`` row-major, so the base weights are stored
+once and serve both the graph and the runtime's memory map.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from onnx.external_data_helper import set_external_data
+from torch import nn
+from torch.nn import functional as F
+
+from solar_edge.errors import ExportError
+
+from .models import LoadedModel, is_conv1d, weight_out_in
+
+OPSET = 18
+EXPORTERS = ("torchscript", "dynamo")
+WEIGHT_SUFFIX = ".weight_t"
+ONNX_LAYOUT = "in_out"  # the initializer holds W.T, row-major
+
+
+def initializer_name(module_name: str) -> str:
+    """Stable initializer name of an adaptable weight (shared with the runtime's variants)."""
+    return module_name + WEIGHT_SUFFIX
+
+
+class PatchableLinear(nn.Module):
+    """``y = x @ weight_t + bias`` with ``weight_t = W0.T`` as a named parameter.
+
+    ``fully_connected=True`` switches the forward to ``linear`` on 2-D rows, which
+    TFLite converters map onto ``FULLY_CONNECTED`` with an ``(out, in)`` weight.
+    """
+
+    def __init__(self, w_out_in: np.ndarray, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight_t = nn.Parameter(torch.from_numpy(np.ascontiguousarray(w_out_in.T)),
+                                     requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(
+            bias.detach().to(torch.float32).clone(), requires_grad=False)
+        self.fully_connected = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fully_connected:
+            rows = x.reshape(-1, x.shape[-1])
+            y = F.linear(rows, self.weight_t.t(), self.bias)
+            return y.reshape(*x.shape[:-1], self.weight_t.shape[1])
+        y = torch.matmul(x, self.weight_t)
+        return y if self.bias is None else y + self.bias
+
+
+def make_patchable(model: nn.Module, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Swap each named Linear/Conv1D for a :class:`PatchableLinear`; returns name -> W0."""
+    weights: dict[str, np.ndarray] = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
+        w0 = weight_out_in(old)
+        bias = getattr(old, "bias", None)
+        if is_conv1d(old) and bias is not None and bias.dim() != 1:
+            raise ExportError(f"{name}: unexpected Conv1D bias shape {tuple(bias.shape)}")
+        setattr(parent, child, PatchableLinear(w0, bias))
+        weights[name] = w0
+    return weights
+
+
+def set_fully_connected(model: nn.Module, on: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, PatchableLinear):
+            m.fully_connected = on
+
+
+def torch_export(loaded: LoadedModel, path: Path, exporter: str = "torchscript") -> None:
+    """Trace ``loaded`` to ONNX at ``path`` (weights inline) with dynamic batch/seq axes."""
+    if exporter not in EXPORTERS:
+        raise ExportError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    wrapper = loaded.wrapper()
+    args = tuple(loaded.example_inputs.values())
+    axes = loaded.dynamic_axes()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            if exporter == "dynamo":
+                dyn = torch.export.Dim.DYNAMIC
+                shapes = tuple({ax: dyn for ax in axes[n]} for n in loaded.input_names)
+                torch.onnx.export(
+                    wrapper, args, str(path), input_names=loaded.input_names,
+                    output_names=[loaded.output_name], dynamic_shapes=shapes,
+                    opset_version=OPSET, dynamo=True, external_data=False, verbose=False,
+                )
+            else:
+                torch.onnx.export(
+                    wrapper, args, str(path), input_names=loaded.input_names,
+                    output_names=[loaded.output_name], dynamic_axes=axes,
+                    opset_version=OPSET, dynamo=False,
+                )
+        except Exception as exc:  # exporters raise many unrelated types
+            raise ExportError(f"torch.onnx.export ({exporter}) failed: {exc}") from exc
+
+
+def _consumers(graph: onnx.GraphProto, name: str) -> list[tuple[onnx.NodeProto, int]]:
+    return [(n, i) for n in graph.node for i, x in enumerate(n.input) if x == name]
+
+
+def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for node in graph.node:
+        for i, x in enumerate(node.input):
+            if x == old:
+                node.input[i] = new
+    for vi in graph.input:
+        if vi.name == old:
+            vi.name = new
+
+
+def link_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray],
+                 prefix: str = "model.") -> dict[str, str]:
+    """Rename each weight's initializer to ``<module>.weight_t`` and check it is patchable.
+
+    The initializer is found by its traced name (``prefix + module + '.weight_t'``), or
+    else by exact value ``W0.T``. Raises :class:`ExportError` if it is missing, shared,
+    or not the right operand of exactly one ``MatMul``.
+    """
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    result: dict[str, str] = {}
+    for module, w0 in weights.items():
+        init = inits.get(prefix + initializer_name(module))
+        if init is None:
+            wt = np.ascontiguousarray(w0.T)
+            hits = [i for i in graph.initializer if tuple(i.dims) == wt.shape
+                    and np.array_equal(numpy_helper.to_array(i), wt)]
+            if len(hits) != 1:
+                raise ExportError(f"{module}: {len(hits)} initializers hold W0.T after export")
+            init = hits[0]
+        new = initializer_name(module)
+        old = init.name
+        init.name = new
+        _rename(graph, old, new)
+        uses = _consumers(graph, new)
+        if len(uses) != 1 or uses[0][0].op_type != "MatMul" or uses[0][1] != 1:
+            ops = [(n.op_type, i) for n, i in uses]
+            raise ExportError(f"{new}: feeds {ops}, not exactly one MatMul as right operand; "
+                              "the runtime could not patch it in place")
+        result[module] = new
+    return result
+
+
+def npy_data_offset(path: Path) -> int:
+    """Byte offset of the array data in a ``.npy`` file."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            np.lib.format.read_array_header_1_0(f)
+        else:
+            np.lib.format.read_array_header_2_0(f)
+        return f.tell()
+
+
+def write_base_weight(w0: np.ndarray, path: Path) -> int:
+    """Write ``W0`` (``out x in``) float32 in Fortran order; returns the data offset."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, np.asfortranarray(w0, dtype=np.float32), allow_pickle=False)
+    return npy_data_offset(path)
+
+
+def externalize(model: onnx.ModelProto, init_name: str, rel_path: str, offset: int,
+                nbytes: int) -> None:
+    """Point initializer ``init_name`` at ``rel_path[offset:offset+nbytes]``."""
+    init = next(i for i in model.graph.initializer if i.name == init_name)
+    if init.data_type != onnx.TensorProto.FLOAT:
+        raise ExportError(f"{init_name}: only float32 weights are supported")
+    if not init.HasField("raw_data"):
+        init.raw_data = numpy_helper.to_array(init).astype("<f4").tobytes()
+        init.ClearField("float_data")
+    set_external_data(init, location=rel_path, offset=offset, length=nbytes)
+    init.data_location = onnx.TensorProto.EXTERNAL
+    init.ClearField("raw_data")
+
+
+def export_onnx(
+    loaded: LoadedModel,
+    weights: dict[str, np.ndarray],
+    layer_files: dict[str, str],
+    out_dir: Path,
+    exporter: str = "torchscript",
+    on_step: Callable[[str], None] | None = None,
+) -> dict[str, str]:
+    """Export ``model.onnx`` into ``out_dir`` with each weight external in its ``.npy``.
+
+    ``weights``: module -> W0 (after :func:`make_patchable`); ``layer_files``: module ->
+    relative path of its base-weight file. Returns module -> initializer name.
+    """
+    raw_path = out_dir / "model.raw.onnx"
+    torch_export(loaded, raw_path, exporter)
+    if on_step:
+        on_step("traced")
+    model = onnx.load(str(raw_path))
+    raw_path.unlink()
+    if not any(o.domain in ("", "ai.onnx") and o.version >= 17 for o in model.opset_import):
+        raise ExportError("exported graph has no default-domain opset >= 17")
+    names = link_weights(model, weights)
+    for module, w0 in weights.items():
+        rel = layer_files[module]
+        offset = write_base_weight(w0, out_dir / rel)
+        externalize(model, names[module], rel, offset, w0.size * 4)
+    onnx.save(model, str(out_dir / "model.onnx"))
+    return names

@@ -1,0 +1,221 @@
+"""TFLite graph for TFLite profiles (optional ``convert`` extra: ``litert-torch``).
+
+The runtime patches TFLite weights by rewriting their bytes in a ``bytearray`` of the
+flatbuffer and re-creating the interpreter (DESIGN.md), so for every adaptable weight the
+manifest records where its bytes are. The converter is free to fold neighbouring affine
+ops into a ``FULLY_CONNECTED`` weight: it folds a preceding LayerNorm's ``gamma`` and
+``beta`` into ``W * gamma`` (per input column) and ``b + W @ beta``. :func:`locate_weights`
+finds each weight by value, recovers that affine map from the stored tensors, and records
+
+* ``weight``: tensor index, buffer index, file ``offset``/``nbytes``, ``shape`` (out, in),
+  ``layout`` ``"out_in"`` float32 row-major;
+* ``bias``: the same for the bias tensor (or ``None``);
+* ``input_scale`` / ``input_shift``: ``.npy`` files of ``gamma`` / ``beta`` (or ``None``).
+
+Patch rule for an update ``dW``: ``W_tfl = W_tfl0 + dW * input_scale[None, :]`` and
+``b_tfl = b_tfl0 + dW @ input_shift`` (terms dropped where ``None``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from solar_edge.errors import ExportError
+
+from .models import LoadedModel
+from .onnx_export import set_fully_connected
+
+REL_TOL = 1e-6  # exactness of a recovered fold, relative to the weight's magnitude
+
+
+def converter_available() -> bool:
+    """Whether the optional TFLite converter (``litert-torch``) is installed."""
+    return importlib.util.find_spec("litert_torch") is not None
+
+
+def static_inputs(loaded: LoadedModel, seq_len: int) -> tuple[torch.Tensor, ...]:
+    """Batch-1 sample inputs, token inputs padded/truncated to ``seq_len`` (TFLite is static)."""
+    out = []
+    for t in loaded.example_inputs.values():
+        row = t[:1]
+        if not t.is_floating_point() and t.dim() >= 2:
+            n = row.shape[1]
+            if n >= seq_len:
+                row = row[:, :seq_len]
+            else:
+                pad = torch.zeros((1, seq_len - n, *row.shape[2:]), dtype=row.dtype)
+                row = torch.cat([row, pad], dim=1)
+        out.append(row.contiguous())
+    return tuple(out)
+
+
+def convert(loaded: LoadedModel, seq_len: int, path: Path) -> None:
+    """Convert the (patchable) model to ``path`` with static batch 1 and ``seq_len``."""
+    if not converter_available():
+        raise ExportError(
+            "this profile's backend is tflite but the TFLite converter is not installed: "
+            "pip install 'solar-edge[convert]' (litert-torch)"
+        )
+    import litert_torch
+
+    wrapper = loaded.wrapper()
+    set_fully_connected(wrapper, True)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            edge = litert_torch.convert(wrapper, static_inputs(loaded, seq_len))
+            edge.export(str(path))
+    except Exception as exc:  # the converter raises many unrelated types
+        raise ExportError(f"TFLite conversion failed: {exc}") from exc
+    finally:
+        set_fully_connected(wrapper, False)
+
+
+# --- finding the weights in the flatbuffer ------------------------------------------------
+
+@dataclass(frozen=True)
+class _Tensor:
+    index: int
+    buffer: int
+    offset: int
+    shape: tuple[int, ...]
+    array: np.ndarray  # float32 view of the file bytes
+
+    def record(self, layout: str | None = None) -> dict[str, Any]:
+        rec = {"tensor": self.index, "buffer": self.buffer, "offset": self.offset,
+               "nbytes": int(self.array.nbytes), "shape": list(self.shape), "dtype": "float32"}
+        if layout:
+            rec["layout"] = layout
+        return rec
+
+
+def _fully_connected(data: bytes) -> list[tuple[_Tensor, _Tensor | None]]:
+    """(weight, bias) tensors of every FULLY_CONNECTED op with constant float32 weights."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.Model.GetRootAs(data, 0)
+    if model.SubgraphsLength() < 1:
+        raise ExportError("TFLite model has no subgraph")
+    graph = model.Subgraphs(0)
+
+    def tensor(index: int) -> _Tensor | None:
+        if index < 0:
+            return None
+        t = graph.Tensors(index)
+        if t.Type() != schema.TensorType.FLOAT32:
+            return None
+        shape = tuple(int(d) for d in t.ShapeAsNumpy()) if t.ShapeLength() else ()
+        buf = model.Buffers(t.Buffer())
+        count = int(np.prod(shape)) if shape else 1
+        if buf.DataLength():
+            offset = buf._tab.Vector(buf._tab.Offset(4))
+        elif buf.Offset() > 1:
+            offset = int(buf.Offset())
+        else:
+            return None  # not a constant
+        arr = np.frombuffer(data, dtype="<f4", count=count, offset=offset).reshape(shape)
+        return _Tensor(index, int(t.Buffer()), int(offset), shape, arr)
+
+    fc = schema.BuiltinOperator.FULLY_CONNECTED
+    result = []
+    for i in range(graph.OperatorsLength()):
+        op = graph.Operators(i)
+        code = model.OperatorCodes(op.OpcodeIndex())
+        if max(code.BuiltinCode(), code.DeprecatedBuiltinCode()) != fc:
+            continue
+        ins = [int(x) for x in op.InputsAsNumpy()]
+        w = tensor(ins[1]) if len(ins) > 1 else None
+        if w is not None and len(w.shape) == 2:
+            result.append((w, tensor(ins[2]) if len(ins) > 2 else None))
+    return result
+
+
+def column_scale(stored: np.ndarray, w0: np.ndarray) -> np.ndarray | None:
+    """``s`` with ``stored == w0 * s[None, :]`` to float round-off, or ``None`` if none exists."""
+    w = w0.astype(np.float64)
+    st = stored.astype(np.float64)
+    norms = (w * w).sum(axis=0)
+    if np.any(norms == 0):
+        return None
+    s = (st * w).sum(axis=0) / norms
+    err = np.abs(w * s[None, :] - st).max()
+    return s if err <= REL_TOL * max(np.abs(st).max(), 1e-30) else None
+
+
+def input_shift(w0: np.ndarray, delta: np.ndarray) -> np.ndarray | None:
+    """``t`` with ``w0 @ t == delta`` to round-off (needs full column rank), else ``None``."""
+    w = w0.astype(np.float64)
+    if w.shape[0] < w.shape[1]:
+        return None
+    t, *_ = np.linalg.lstsq(w, delta.astype(np.float64), rcond=None)
+    err = np.abs(w @ t - delta).max()
+    return t if err <= 1e-5 * max(np.abs(delta).max(), 1e-30) + 1e-6 else None
+
+
+def locate_weights(
+    data: bytes, layers: dict[str, tuple[np.ndarray, np.ndarray | None]]
+) -> dict[str, dict[str, Any]]:
+    """module -> placement record (see module doc), for ``layers`` module -> (W0, bias0).
+
+    Scale and shift arrays are returned under ``"input_scale"``/``"input_shift"`` as float32
+    arrays (the caller writes them to files). Raises :class:`ExportError` if a weight cannot
+    be found or its folded form cannot be undone.
+    """
+    fcs = _fully_connected(data)
+    used: set[int] = set()
+    found: dict[str, dict[str, Any]] = {}
+    for module, (w0, b0) in layers.items():
+        hit = None
+        for w, b in fcs:
+            if w.index in used or w.shape != w0.shape:
+                continue
+            if np.array_equal(w.array[0, :16], w0[0, :16]) and np.array_equal(w.array, w0):
+                hit = (w, b, None)
+                break
+            probe = column_scale(w.array[:4], w0[:4])
+            if probe is not None:
+                scale = column_scale(w.array, w0)
+                if scale is not None:
+                    hit = (w, b, scale)
+                    break
+        if hit is None:
+            raise ExportError(f"{module}: its weight is not a FULLY_CONNECTED tensor in the "
+                              "TFLite graph (fused or quantised); TFLite patching impossible")
+        w, b, scale = hit
+        used.add(w.index)
+        shift = None
+        if b is not None:
+            bias0 = np.zeros(w0.shape[0]) if b0 is None else b0.astype(np.float64)
+            delta = b.array.astype(np.float64) - bias0
+            if np.abs(delta).max() > 1e-6 * max(np.abs(bias0).max(), 1.0):
+                shift = input_shift(w0, delta)
+                if shift is None:
+                    raise ExportError(f"{module}: TFLite bias folds an unrecoverable term")
+        found[module] = {
+            "weight": w.record("out_in"),
+            "bias": None if b is None else b.record(),
+            "input_scale": None if scale is None else scale.astype(np.float32),
+            "input_shift": None if shift is None else shift.astype(np.float32),
+        }
+    return found
+
+
+def io_details(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """Input/output names, static shapes and dtypes, read with the LiteRT interpreter."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(path))
+
+    def rows(details: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{"name": d["name"], "shape": [int(x) for x in d["shape"]],
+                 "dtype": np.dtype(d["dtype"]).name} for d in details]
+
+    return {"inputs": rows(interp.get_input_details()),
+            "outputs": rows(interp.get_output_details())}
