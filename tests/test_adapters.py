@@ -1,0 +1,222 @@
+"""Reading PEFT adapters: dW from solar_edge.adapters equals what PEFT itself merges."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from solar_edge.adapters import (
+    Adapter,
+    bert_module_order,
+    match_to_bundle,
+    normalise_name,
+    read_adapter,
+    updates_from_tensors,
+)
+from solar_edge.codec import LayerUpdate
+from solar_edge.errors import AdapterError
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+from solar_edge.exporters.train import KINDS, adapted_modules  # noqa: E402
+
+
+def peft_deltas(base, adapter_dir: Path) -> dict[str, np.ndarray]:
+    """merge_and_unload(weight) - base weight for every adapted module, via PEFT itself."""
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_dir))
+    modules = [normalise_name(n) for n, m in model.named_modules()
+               if isinstance(m, BaseTunerLayer)]
+    merged = model.merge_and_unload()
+    before = dict(base.named_parameters())
+    after = dict(merged.named_parameters())
+    return {m: (after[m + ".weight"] - before[m + ".weight"]).detach().numpy().astype(np.float64)
+            for m in modules if m + ".weight" in after}
+
+
+def assert_matches_peft(adapter: Adapter, deltas: dict[str, np.ndarray]) -> None:
+    assert set(adapter.updates) == set(deltas)
+    for name, expected in deltas.items():
+        got = adapter.dense(name).astype(np.float64)
+        assert got.shape == expected.shape, name
+        assert np.abs(expected).max() > 1e-4, f"{name}: PEFT delta is zero, test is vacuous"
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0, err_msg=name)
+
+
+def _random_batch(tokenizer, n: int = 2):
+    return tokenizer(["Return the square root of x.", "Open a file and return a stream."][:n],
+                     return_tensors="pt", padding=True)
+
+
+def make_adapter(kind: str, base, tokenizer, out: Path, config=None) -> Path:
+    """A PEFT adapter of ``kind`` with random (non-zero) trained values, saved as PEFT does.
+
+    AdaLoRA runs a few real optimiser steps with rank allocation so that the saved adapter
+    carries a pruned ``rank_pattern``.
+    """
+    from peft import get_peft_model
+
+    torch.manual_seed(7)
+    spec = KINDS[kind]
+    model = get_peft_model(copy.deepcopy(base), config or spec.make_config(8))
+    if spec.post_init is not None:
+        spec.post_init(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn_like(p) * 0.05)
+    if kind == "adalora":
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        batch = _random_batch(tokenizer)
+        for step in range(8):
+            model.train()
+            model(**batch).last_hidden_state.pow(2).mean().backward()
+            opt.step()
+            model.base_model.update_and_allocate(step)
+            opt.zero_grad()
+    model.save_pretrained(str(out))
+    (out / "task.json").write_text(json.dumps({"adapter_kind": kind, **adapted_modules(model)}))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_dense_update_equals_peft_merge(kind, minilm_base, tmp_path):
+    tokenizer, base = minilm_base
+    adapter_dir = make_adapter(kind, base, tokenizer, tmp_path / kind)
+    adapter = read_adapter(adapter_dir)
+    assert adapter.label == kind
+    assert_matches_peft(adapter, peft_deltas(base, adapter_dir))
+    if kind == "adalora":
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+        assert config["rank_pattern"], "AdaLoRA did not prune: rank_pattern path untested"
+
+
+@pytest.mark.slow
+def test_lora_rslora_and_patterns_equal_peft_merge(minilm_base, tmp_path):
+    from peft import LoraConfig
+
+    tokenizer, base = minilm_base
+    config = LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["query", "value"],
+                        rank_pattern={"layer.1.attention.self.query": 2},
+                        alpha_pattern={"value": 3})
+    adapter_dir = make_adapter("lora-qv-r8", base, tokenizer, tmp_path / "rs", config)
+    adapter = read_adapter(adapter_dir)
+    assert adapter.updates["encoder.layer.1.attention.self.query"].A.shape[0] == 2
+    assert_matches_peft(adapter, peft_deltas(base, adapter_dir))
+
+
+@pytest.mark.slow
+def test_tinylora_order_is_inferred_without_task_json(minilm_base, tmp_path):
+    tokenizer, base = minilm_base
+    adapter_dir = make_adapter("tinylora", base, tokenizer, tmp_path / "tiny")
+    meta = json.loads((adapter_dir / "task.json").read_text())
+    assert bert_module_order(meta["module_order"][::-1]) == meta["module_order"]
+    (adapter_dir / "task.json").unlink()
+    assert_matches_peft(read_adapter(adapter_dir), peft_deltas(base, adapter_dir))
+
+
+@pytest.mark.slow
+def test_trained_fixture_adapter(lora_adapter_dir, minilm_base):
+    adapter = read_adapter(lora_adapter_dir)
+    assert adapter.kind == "lora"
+    assert adapter.task_meta["task"] == "stdlib-docs"
+    assert len(adapter.task_meta["labels"]) == 6
+    metrics = adapter.task_meta["metrics"]
+    lo, hi = metrics["ci95"]
+    assert lo <= metrics["accuracy"] <= hi and metrics["n"] == 256
+    assert sorted(adapter.updates) == sorted(
+        f"encoder.layer.{i}.attention.self.{m}" for i in range(6) for m in ("query", "value"))
+    assert all(u.B.shape == (384, 8) and u.A.shape == (8, 384) for u in adapter.updates.values())
+    assert_matches_peft(adapter, peft_deltas(minilm_base[1], lora_adapter_dir))
+
+
+# --- pure parsing and errors ----------------------------------------------------------
+
+def _lora_tensors(prefix: str = "base_model.model.bert.", r: int = 2) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    name = prefix + "encoder.layer.0.attention.self.query"
+    return {f"{name}.lora_A.weight": rng.standard_normal((r, 6)).astype(np.float32),
+            f"{name}.lora_B.weight": rng.standard_normal((5, r)).astype(np.float32)}
+
+
+def test_names_are_normalised_and_scaling_folded():
+    tensors = _lora_tensors()
+    updates = updates_from_tensors("LORA", {"r": 2, "lora_alpha": 6}, tensors)
+    (name, update), = updates.items()
+    assert name == "encoder.layer.0.attention.self.query"
+    B = tensors["base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight"]
+    np.testing.assert_allclose(update.B, B * 3.0, rtol=1e-6)
+    assert normalise_name("base_model.model.model.layers.0.q_proj") == "layers.0.q_proj"
+
+
+@pytest.mark.parametrize("peft_type, config, tensors, message", [
+    ("LOHA", {}, _lora_tensors(), "unsupported adapter type"),
+    ("LORA", {"r": 3, "lora_alpha": 6}, _lora_tensors(), "rank 2 in tensors, 3 in config"),
+    ("LORA", {"lora_alpha": 6}, _lora_tensors(), "lacks 'r'"),
+    ("LORA", {"r": 2, "lora_alpha": 2, "use_dora": True}, _lora_tensors(), "DoRA"),
+    ("LORA", {"r": 2, "lora_alpha": 2},
+     {k: v for k, v in _lora_tensors().items() if "lora_A" in k}, "missing tensors"),
+    ("LORA", {"r": 2, "lora_alpha": 2},
+     {**_lora_tensors(), "base_model.model.classifier.weight": np.zeros((2, 2), np.float32)},
+     "cannot carry"),
+    ("LORA", {"r": 2, "lora_alpha": 2}, {}, "no layer updates"),
+    ("VERA", {"r": 2}, _lora_tensors(), "vera_A"),
+])
+def test_bad_adapters_raise_adapter_error(peft_type, config, tensors, message):
+    with pytest.raises(AdapterError, match=message):
+        updates_from_tensors(peft_type, config, tensors)
+
+
+def test_shape_mismatch_raises():
+    tensors = _lora_tensors()
+    key = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight"
+    tensors[key] = np.zeros((5, 3), np.float32)
+    with pytest.raises(AdapterError, match="rank|shape"):
+        updates_from_tensors("LORA", {"r": 2, "lora_alpha": 2}, tensors)
+
+
+def test_read_adapter_file_errors(tmp_path):
+    from safetensors.numpy import save_file
+
+    with pytest.raises(AdapterError, match="not a directory"):
+        read_adapter(tmp_path / "nope")
+    with pytest.raises(AdapterError, match="adapter_config.json"):
+        read_adapter(tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterError, match="adapter_model.safetensors"):
+        read_adapter(tmp_path)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(AdapterError, match="not valid JSON"):
+        read_adapter(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2,
+                                                              "lora_alpha": 2}))
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\xff" * 8)
+    with pytest.raises(AdapterError, match="safetensors"):
+        read_adapter(tmp_path)
+    save_file(_lora_tensors(), str(tmp_path / "adapter_model.safetensors"))
+    assert set(read_adapter(tmp_path).updates) == {"encoder.layer.0.attention.self.query"}
+
+
+def test_match_to_bundle_maps_ids_checks_shapes_and_lists_unmatched():
+    rng = np.random.default_rng(1)
+    names = ("encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.value")
+    upd = {n: LayerUpdate(n, rng.standard_normal((4, 1)), rng.standard_normal((1, 3)))
+           for n in names}
+    layers = [{"name": "encoder.layer.0.attention.self.key", "shape": [4, 3]},
+              {"name": "encoder.layer.0.attention.self.query", "shape": [4, 3]},
+              {"name": "encoder.layer.0.attention.self.value.weight", "shape": [4, 3]}]
+    by_id = match_to_bundle(upd, layers)
+    assert sorted(by_id) == [1, 2]
+    assert by_id[1].name == "encoder.layer.0.attention.self.query"
+    with pytest.raises(AdapterError, match="does not fit"):
+        match_to_bundle(upd, [dict(d, shape=[4, 5]) for d in layers])
+    with pytest.raises(AdapterError, match=r"1 adapter modules.*self\.value'\]"):
+        match_to_bundle(upd, [d["name"] for d in layers[:2]])
