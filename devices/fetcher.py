@@ -102,7 +102,7 @@ class HttpTransport:
             got = 0
             try:
                 while True:
-                    block = resp.read(CHUNK)
+                    block = resp.read1(CHUNK)  # whatever has arrived: steady progress
                     if not block:
                         break
                     got += len(block)

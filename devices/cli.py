@@ -1,0 +1,153 @@
+"""``solar-edge publish | serve | agent | linkbench``: thin click shells over devices/*.
+
+Each command's work lives in a function that Python callers (``make demo``) can use
+directly: :func:`~solar_edge.devices.repo.publish`, :class:`RepoServer`,
+:func:`build_runtime_agent`, :func:`~solar_edge.devices.linkbench.run_linkbench`.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import click
+
+from solar_edge import signing
+from solar_edge.devices.agent import Agent, AgentConfig, RetryPolicy
+from solar_edge.devices.links import get_link, load_links
+from solar_edge.devices.repo import Expiry, root_path
+from solar_edge.devices.repo import publish as publish_packets
+from solar_edge.devices.server import RepoServer
+
+
+@click.command("publish")
+@click.argument("packets", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--key", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Ed25519 private key (PEM) signing all four TUF roles (demo: one key).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Repository folder.")
+@click.option("--expires-days", default=30.0, show_default=True,
+              help="Lifetime of targets metadata (root: 12x, snapshot: 1/4, timestamp: 1/30).")
+@click.option("--timestamp-hours", type=float, default=None,
+              help="Lifetime of timestamp metadata (overrides the default 1/30 of targets).")
+@click.option("--replace", is_flag=True, help="List only these packets (drop earlier targets).")
+def publish(packets: tuple[str, ...], key: str, out: str, expires_days: float,
+            timestamp_hours: float | None, replace: bool) -> None:
+    """Publish signed packets as content-addressed targets of a TUF repository."""
+    life = timedelta(days=expires_days)
+    expiry = Expiry(root=life * 12, targets=life, snapshot=life / 4,
+                    timestamp=timedelta(hours=timestamp_hours) if timestamp_hours is not None
+                    else life / 30)
+    names = publish_packets(list(packets), signing.load_private_key(key), out, expiry, replace)
+    for name in names:
+        click.echo(name)
+    click.echo(f"trusted root for devices: {root_path(out)}")
+
+
+@click.command("serve")
+@click.argument("repo", type=click.Path(exists=True, file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--link", default=None, help="Throttle each connection like this link profile.")
+@click.option("--links-file", type=click.Path(exists=True, dir_okay=False), default=None)
+def serve(repo: str, host: str, port: int, link: str | None, links_file: str | None) -> None:
+    """Serve a repository folder over HTTP (Range requests; optional link throttle)."""
+    profile = get_link(link, links_file) if link else None
+    server = RepoServer(repo, host, port, link=profile)
+    click.echo(f"serving {repo} at {server.url}" + (f" as {link}" if link else ""), err=True)
+    click.echo(server.url)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+def _profile_mapping(device: str) -> dict[str, Any]:
+    """The device profile as the runtime takes it (the TOML as a dict)."""
+    from solar_edge.devices.links import tomllib
+    from solar_edge.devices.profiles import PROFILES_DIR, load_profile
+
+    load_profile(device)  # validates, raises ProfileError for unknown names
+    return tomllib.loads((PROFILES_DIR / f"{device}.toml").read_text(encoding="utf-8"))
+
+
+def build_runtime_agent(server_url: str, bundle_dir: str | Path, device: str | None,
+                        state_dir: str | Path, trusted_keys: list[Any],
+                        root: bytes | None = None, retry: RetryPolicy | None = None) -> Agent:
+    """An :class:`Agent` driving a real ``EdgeRuntime`` on ``bundle_dir`` (not yet started)."""
+    from solar_edge.devices.applier import RuntimeApplier
+    from solar_edge.runtime.engine import EdgeRuntime
+
+    profile = _profile_mapping(device) if device else None
+    applier = RuntimeApplier(lambda: EdgeRuntime(str(bundle_dir), trusted_keys, profile),
+                             trusted_keys)
+    config = AgentConfig(server_url, Path(state_dir), trusted_root=root,
+                         retry=retry or RetryPolicy())
+    return Agent(config, applier)
+
+
+@click.command("agent")
+@click.option("--server", "server_url", required=True, help="Repository base URL.")
+@click.option("--bundle", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--device", default=None, help="Device profile name (default: the bundle's).")
+@click.option("--trusted-key", "trusted", multiple=True, required=True,
+              type=click.Path(exists=True, dir_okay=False), help="Packet public key (repeatable).")
+@click.option("--root", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Provisioned TUF root.json (needed on first run).")
+@click.option("--state", "state_dir", type=click.Path(file_okay=False), default=None,
+              help="Agent state folder [default: BUNDLE.agent].")
+@click.option("--once", is_flag=True, help="One update cycle, then exit.")
+@click.option("--cycles", default=1440, show_default=True, type=click.IntRange(1, 10**6))
+@click.option("--interval", default=60.0, show_default=True, help="Seconds between cycles.")
+@click.option("--attempts", default=6, show_default=True, type=click.IntRange(1, 100),
+              help="Tries per cycle while the server is unreachable (exponential backoff).")
+def agent(server_url: str, bundle: str, device: str | None, trusted: tuple[str, ...],
+          root: str | None, state_dir: str | None, once: bool, cycles: int, interval: float,
+          attempts: int) -> None:
+    """Fetch, verify and apply adapter updates; roll back on failure; state is crash-safe."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    keys = [signing.load_public_key(p) for p in trusted]
+    runner = build_runtime_agent(server_url, bundle, device,
+                                 state_dir or f"{bundle.rstrip('/')}.agent", keys,
+                                 Path(root).read_bytes() if root else None,
+                                 RetryPolicy(attempts=attempts))
+    state = runner.start()
+    click.echo(f"restored: active={state.active} "
+               f"installed={ {k: v.version for k, v in state.adapters.items()} }")
+    for outcome in runner.run(cycles=1 if once else cycles, interval_s=interval):
+        click.echo(str(outcome))
+
+
+ARTIFACT_OPTIONS = {"full model": "full_model", "LoRA fp16": "lora", "SOLAR packet": "packet"}
+
+
+@click.command("linkbench")
+@click.option("--full-model", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--lora", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="adapter_model.safetensors (fp16); its zstd form is computed here.")
+@click.option("--packet", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--links", "link_names", default=None,
+              help="Comma-separated link names [default: all in links.toml].")
+@click.option("--links-file", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--budget-s", default=3.0, show_default=True,
+              help="Longest real download per cell; beyond it a prefix is measured.")
+@click.option("--out", default="linkbench-out", show_default=True, type=click.Path())
+def linkbench(full_model: str, lora: str, packet: str, link_names: str | None,
+              links_file: str | None, budget_s: float, out: str) -> None:
+    """Bytes and download time per link for model, LoRA, LoRA+zstd and SOLAR packet."""
+    from solar_edge.devices.linkbench import run_linkbench, table, write_outputs, zstd_file
+
+    links = load_links(links_file)
+    chosen = [links[n] for n in link_names.split(",")] if link_names else list(links.values())
+    with tempfile.TemporaryDirectory(prefix="linkbench-zstd-") as tmp:
+        files = {"full model": Path(full_model), "LoRA fp16": Path(lora),
+                 "LoRA zstd": zstd_file(Path(lora), Path(tmp) / "lora.safetensors.zst"),
+                 "SOLAR packet": Path(packet)}
+        rows = run_linkbench(files, chosen, budget_s)
+    paths = write_outputs(rows, Path(out))
+    click.echo(table(rows))
+    click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
