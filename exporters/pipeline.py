@@ -109,7 +109,7 @@ def _tflite(loaded: LoadedModel, work: Path, names: Sequence[str],
                 rec[key] = rel
         per_layer.append(rec)
     section = {"file": "model.tflite", "seq_len": profile.tflite_seq_len,
-               **tflite_export.io_details(path)}
+               **tflite_export.io_details(path, loaded.input_names)}
     return section, per_layer
 
 
@@ -121,8 +121,13 @@ def export_bundle(
     exporter: str = "torchscript",
     overwrite: bool = False,
     progress: Progress | None = None,
+    graph_variants: Sequence[str] | None = None,
 ) -> ExportResult:
-    """Export ``model`` (spec as in :func:`~.models.load_model`) for ``profile`` to ``out_dir``."""
+    """Export ``model`` (spec as in :func:`~.models.load_model`) for ``profile`` to ``out_dir``.
+
+    ``graph_variants``: extra ONNX graphs for runtime patching mechanisms
+    (:mod:`.graph_variants`); ``None`` takes the profile's ``graph_variants`` list.
+    """
     progress = progress or Progress(enabled=False)
     prof = load_profile(profile) if isinstance(profile, str) else profile
     out = Path(out_dir)
@@ -186,6 +191,13 @@ def export_bundle(
         with progress.step("hashing files"):
             manifest = manifest_mod.finalize(body, work)
             manifest_mod.write_manifest(work, manifest)
+        variants = list(prof.extra.get("graph_variants", []) if graph_variants is None
+                        else graph_variants)
+        if variants:
+            from .graph_variants import add_variants_to_bundle
+
+            with progress.step(f"graph variants {variants}"):
+                add_variants_to_bundle(str(work), variants)
         seconds["manifest"] = time.perf_counter() - t
         if out.exists():
             shutil.rmtree(out)

@@ -19,6 +19,7 @@ Patch rule for an update ``dW``: ``W_tfl = W_tfl0 + dW * input_scale[None, :]`` 
 from __future__ import annotations
 
 import importlib.util
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,8 +208,12 @@ def locate_weights(
     return found
 
 
-def io_details(path: Path) -> dict[str, list[dict[str, Any]]]:
-    """Input/output names, static shapes and dtypes, read with the LiteRT interpreter."""
+def io_details(path: Path, input_names: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Input/output names, static shapes and dtypes, read with the LiteRT interpreter.
+
+    Each input also names the ONNX/torch input it stands for (``graph_input``): the
+    converter calls positional inputs ``..._args_<i>``.
+    """
     from ai_edge_litert.interpreter import Interpreter
 
     interp = Interpreter(model_path=str(path))
@@ -217,5 +222,11 @@ def io_details(path: Path) -> dict[str, list[dict[str, Any]]]:
         return [{"name": d["name"], "shape": [int(x) for x in d["shape"]],
                  "dtype": np.dtype(d["dtype"]).name} for d in details]
 
-    return {"inputs": rows(interp.get_input_details()),
-            "outputs": rows(interp.get_output_details())}
+    inputs = rows(interp.get_input_details())
+    for position, row in enumerate(inputs):
+        match = re.search(r"args_(\d+)$", row["name"])
+        index = int(match.group(1)) if match else position
+        if not 0 <= index < len(input_names):
+            raise ExportError(f"TFLite input {row['name']!r} does not map to a graph input")
+        row["graph_input"] = input_names[index]
+    return {"inputs": inputs, "outputs": rows(interp.get_output_details())}

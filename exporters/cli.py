@@ -1,0 +1,58 @@
+"""``solar-edge export``: write a bundle (graph, bases, manifest) for one device profile."""
+
+from __future__ import annotations
+
+import click
+
+from solar_edge.devices.profiles import known_profiles
+
+from .onnx_export import EXPORTERS
+from .pipeline import export_bundle
+from .progress import Progress
+
+
+def _targets(value: str | None) -> str | list[str] | None:
+    """``query,value`` -> names (suffix-matched); ``re:<pattern>`` -> a regex (full match)."""
+    if value is None:
+        return None
+    if value.startswith("re:"):
+        return value[3:]
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise click.BadParameter("empty list", param_hint="--target-modules")
+    return names
+
+
+@click.command("export")
+@click.argument("model", required=False)
+@click.option("--device", "device", required=True,
+              help=f"Device profile name (shipped: {', '.join(known_profiles())}).")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False),
+              help="Bundle directory to create.")
+@click.option("--target-modules", default=None,
+              help="Comma-separated module names matched as dotted suffixes (PEFT style), "
+                   "or 're:<regex>' matched against full names. Default: every Linear "
+                   "layer outside heads (pooler, lm_head, classifier, score).")
+@click.option("--exporter", type=click.Choice(EXPORTERS), default="torchscript",
+              show_default=True, help="torch ONNX exporter.")
+@click.option("--graph-variants", default=None,
+              help="Comma-separated extra ONNX graphs for runtime patching mechanisms "
+                   "(inputs, lora). Default: the profile's graph_variants.")
+@click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--quiet", is_flag=True, help="No progress display on stderr.")
+def export(model: str | None, device: str, out: str, target_modules: str | None,
+           exporter: str, graph_variants: str | None, force: bool, quiet: bool) -> None:
+    """Export MODEL for a device: ONNX (and TFLite) graph, SVD bases, manifest.
+
+    MODEL is a Hugging Face transformers directory or 'module:function' returning
+    (nn.Module, dict of example inputs); omitted, the embedded all-MiniLM-L6-v2.
+    """
+    result = export_bundle(model, device, out, target_modules=_targets(target_modules),
+                           exporter=exporter, overwrite=force,
+                           graph_variants=None if graph_variants is None
+                           else [v.strip() for v in graph_variants.split(",") if v.strip()],
+                           progress=Progress(enabled=not quiet))
+    bundle = result.bundle
+    ranks = sorted({layer.rank for layer in bundle.layers})
+    click.echo(f"bundle {out}: {len(bundle.layers)} layers, ranks {ranks}, "
+               f"fingerprint {bundle.fingerprint.hex()}")
