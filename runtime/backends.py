@@ -26,8 +26,6 @@ def open_backend(parts: BundleParts, mechanism: str | None, threads: int = 0) ->
     """``(backend, mechanism name)``; ``tflite`` when asked for or the profile says so."""
     profile = parts.profile
     tok = parts.tokenizer_json()
-    max_len = int(profile.get("tflite_seq_len", DEFAULT_MAX_LEN))
-    encoder = TextEncoder(tok, max_len) if tok else None
     wants_tflite = mechanism == "tflite" or (
         mechanism is None and profile.get("backend") == "tflite"
     )
@@ -35,7 +33,8 @@ def open_backend(parts: BundleParts, mechanism: str | None, threads: int = 0) ->
         from solar_edge.runtime.backends_tflite import TfliteBackend
 
         backend = TfliteBackend(parts, threads=threads)
-        backend.encoder = encoder
+        seq_len = backend.seq_len or int(profile.get("tflite_seq_len", DEFAULT_MAX_LEN))
+        backend.encoder = TextEncoder(tok, seq_len, fixed=True) if tok else None
         return backend, "tflite"
     if mechanism == "tflite":
         raise ProfileError("mechanism 'tflite' needs a .tflite graph in the bundle")
@@ -49,5 +48,5 @@ def open_backend(parts: BundleParts, mechanism: str | None, threads: int = 0) ->
     path = parts.graph_path(GRAPH_VARIANT[name])
     mech = create_mechanism(name, str(path), list(parts.slots.values()), parts.base, providers,
                             threads=threads)
-    mech.encoder = encoder
+    mech.encoder = TextEncoder(tok, DEFAULT_MAX_LEN) if tok else None
     return mech, name

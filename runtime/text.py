@@ -15,7 +15,10 @@ DEFAULT_MAX_LEN = 128
 class TextEncoder:
     """Encodes a batch of texts into the int64 feeds a BERT-style graph takes."""
 
-    def __init__(self, tokenizer_json: str | Path, max_len: int = DEFAULT_MAX_LEN) -> None:
+    def __init__(
+        self, tokenizer_json: str | Path, max_len: int = DEFAULT_MAX_LEN, *, fixed: bool = False
+    ) -> None:
+        """``fixed`` pads every text to ``max_len`` (static-shape graphs such as TFLite)."""
         try:
             from tokenizers import Tokenizer
         except ImportError as exc:  # base dependency; a broken install is a clear error
@@ -25,7 +28,10 @@ class TextEncoder:
             raise BundleError("no tokenizer.json in the bundle", path=str(path))
         self.tokenizer = Tokenizer.from_file(str(path))
         self.tokenizer.enable_truncation(max_len)
-        self.tokenizer.enable_padding()
+        if fixed:
+            self.tokenizer.enable_padding(length=max_len)
+        else:
+            self.tokenizer.enable_padding()
         self.max_len = max_len
 
     def __call__(self, texts: Sequence[str], input_names: Sequence[str]) -> dict[str, np.ndarray]:

@@ -1,0 +1,158 @@
+"""LiteRT backend: patch weight bytes in a ``bytearray`` of the flatbuffer, re-create.
+
+With LiteRT's default XNNPACK delegate, writes to constant tensors are ignored and a
+read-only memory-mapped model segfaults on write (DESIGN.md), so an adapter is staged as a
+new copy of the flatbuffer with the patched weights written at the offsets the export
+stage recorded, and a new interpreter built from it; the serving interpreter is swapped
+only after the staged one passed the health check. The pristine file stays untouched.
+
+The converter may fold a preceding LayerNorm into a FULLY_CONNECTED weight; the manifest
+then carries ``input_scale`` / ``input_shift`` and the patch rule is
+``W_tfl = W_tfl0 + dW * input_scale[None, :]``, ``b_tfl = b_tfl0 + dW @ input_shift``.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from solar_edge.errors import BundleError, ProfileError, RuntimeApplyError
+from solar_edge.runtime.patching import Factors
+
+
+def interpreter_class() -> type:
+    """``ai_edge_litert.interpreter.Interpreter``, else ``tflite_runtime``'s."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        try:
+            from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+        except ImportError as exc:
+            raise ProfileError(
+                "no LiteRT interpreter: pip install 'solar-edge[tflite]' (ai-edge-litert)"
+            ) from exc
+    return Interpreter
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one adaptable weight lives in the flatbuffer (float32, row-major ``out x in``)."""
+
+    weight_offset: int
+    shape: tuple[int, int]
+    bias_offset: int | None = None
+    input_scale: np.ndarray | None = None  # (in,)
+    input_shift: np.ndarray | None = None  # (in,)
+
+    def check(self, size: int) -> None:
+        end = self.weight_offset + 4 * self.shape[0] * self.shape[1]
+        if self.weight_offset < 0 or end > size or self.weight_offset % 4:
+            raise BundleError(f"TFLite weight at {self.weight_offset} outside the model")
+        if self.bias_offset is not None and (
+            self.bias_offset < 0 or self.bias_offset + 4 * self.shape[0] > size
+        ):
+            raise BundleError(f"TFLite bias at {self.bias_offset} outside the model")
+
+
+def patch_flatbuffer(
+    pristine: Any, placements: Mapping[int, Placement], factors: Mapping[int, Factors]
+) -> bytearray:
+    """A new ``bytearray`` of the model with ``factors`` applied; ``pristine`` is only read."""
+    buf = bytearray(pristine)
+    for lid, (left, right_t) in factors.items():
+        p = placements[lid]
+        out_f, in_f = p.shape
+        dw = left @ right_t.T
+        w0 = np.frombuffer(pristine, "<f4", out_f * in_f, p.weight_offset).reshape(p.shape)
+        scaled = dw * p.input_scale[None, :] if p.input_scale is not None else dw
+        dst = np.frombuffer(buf, "<f4", out_f * in_f, p.weight_offset).reshape(p.shape)
+        np.add(w0, scaled, out=dst)
+        if p.input_shift is not None:
+            if p.bias_offset is None:
+                raise RuntimeApplyError(f"layer {lid}: folded shift without a bias tensor")
+            b0 = np.frombuffer(pristine, "<f4", out_f, p.bias_offset)
+            np.add(b0, dw @ p.input_shift, out=np.frombuffer(buf, "<f4", out_f, p.bias_offset))
+    return buf
+
+
+class TfliteBackend:
+    """Same four steps as the ORT mechanisms (prepare, probe, commit, run)."""
+
+    name = "tflite"
+
+    def __init__(self, parts: Any, *, threads: int = 0) -> None:
+        bundle = parts.bundle
+        section = bundle.manifest["tflite"]
+        self.interpreter_cls = interpreter_class()
+        self.threads = threads or None
+        with open(bundle.tflite_path, "rb") as f:
+            self.pristine = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.placements = {
+            layer.id: self._placement(bundle, layer.tflite, layer.shape)
+            for layer in bundle.layers
+        }
+        for p in self.placements.values():
+            p.check(len(self.pristine))
+        self.inputs = list(section.get("inputs", []))
+        self.seq_len = int(section.get("seq_len", 0)) or None
+        self.encoder: Callable[[Sequence[str], Sequence[str]], dict[str, np.ndarray]] | None = None
+        self.interpreter = self._interpreter(bytes(self.pristine))
+
+    @staticmethod
+    def _placement(bundle: Any, rec: Mapping[str, Any] | None, shape: tuple[int, int]) -> Placement:
+        if not rec:
+            raise BundleError("a layer has no TFLite placement", path="manifest.json")
+        w = rec["weight"]
+        if tuple(w["shape"]) != tuple(shape) or w.get("layout", "out_in") != "out_in":
+            raise BundleError(f"TFLite weight {w['shape']} does not match {shape}")
+
+        def arr(key: str) -> np.ndarray | None:
+            rel = rec.get(key)
+            return None if not rel else np.load(bundle.file_path(rel)).astype(np.float32)
+
+        bias = rec.get("bias")
+        return Placement(int(w["offset"]), tuple(shape), None if not bias else int(bias["offset"]),
+                         arr("input_scale"), arr("input_shift"))
+
+    def _interpreter(self, content: bytes) -> Any:
+        interp = self.interpreter_cls(model_content=content, num_threads=self.threads)
+        interp.allocate_tensors()
+        return interp
+
+    def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        if self.encoder is None:
+            raise RuntimeApplyError("this bundle has no tokenizer: feed arrays, not texts")
+        names = [row.get("graph_input", row["name"]) for row in self.inputs]
+        return self.encoder(texts, names)
+
+    def _run_with(self, interp: Any, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        details = interp.get_input_details()
+        by_graph = {row["name"]: row.get("graph_input", row["name"]) for row in self.inputs}
+        batch = len(next(iter(feeds.values())))
+        rows = []
+        for b in range(batch):  # the converted graph is static, batch 1
+            for d in details:
+                x = np.asarray(feeds[by_graph.get(d["name"], d["name"])][b : b + 1])
+                interp.set_tensor(d["index"], x.astype(d["dtype"]))
+            interp.invoke()
+            rows.append(interp.get_tensor(interp.get_output_details()[0]["index"]).copy())
+        return [np.concatenate(rows, axis=0)]
+
+    def check_link(self, feeds: Mapping[str, np.ndarray]) -> None:
+        """Nothing to check: every adapter gets a freshly built interpreter."""
+
+    def prepare(self, factors: Mapping[int, Factors]) -> Any:
+        return self._interpreter(bytes(patch_flatbuffer(self.pristine, self.placements, factors)))
+
+    def probe(self, staged: Any, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return self._run_with(staged, feeds)
+
+    def commit(self, staged: Any) -> None:
+        self.interpreter = staged
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return self._run_with(self.interpreter, feeds)

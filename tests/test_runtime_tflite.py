@@ -1,0 +1,180 @@
+"""LiteRT backend on a real interpreter with a small hand-built TFLite graph.
+
+The MiniLM ``.tflite`` needs the optional converter (``litert-torch``), not installed here;
+so a two-layer FULLY_CONNECTED graph is written with LiteRT's own flatbuffer schema, with
+the first layer carrying a folded LayerNorm affine (``W * gamma``, ``b + W @ beta``) as the
+converter produces, and located by the export stage's ``locate_weights``. The bundle object
+handed to ``TfliteBackend`` is a stand-in (named ``_StandInBundle``) for the same reason.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ai_edge_litert")
+flatbuffers = pytest.importorskip("flatbuffers")
+
+from ai_edge_litert import schema_py_generated as schema  # noqa: E402
+
+from solar_edge.runtime.backends_tflite import (  # noqa: E402
+    Placement,
+    TfliteBackend,
+    interpreter_class,
+    patch_flatbuffer,
+)
+
+IN, HID, OUT = 8, 12, 5
+
+
+def _build_model(w1, b1, w2, b2) -> bytes:
+    """x (1, IN) -> FC(w1, b1) -> FC(w2, b2) -> y (1, OUT), float32."""
+    model = schema.ModelT()
+    model.version = 3
+    code = schema.OperatorCodeT()
+    code.builtinCode = schema.BuiltinOperator.FULLY_CONNECTED
+    code.deprecatedBuiltinCode = schema.BuiltinOperator.FULLY_CONNECTED
+    code.version = 1
+    model.operatorCodes = [code]
+    buffers = [schema.BufferT()]  # buffer 0: empty (activations)
+
+    def tensor(name, shape, data=None):
+        t = schema.TensorT()
+        t.name, t.shape, t.type = name, list(shape), schema.TensorType.FLOAT32
+        if data is None:
+            t.buffer = 0
+        else:
+            b = schema.BufferT()
+            b.data = np.ascontiguousarray(data, "<f4").view(np.uint8).reshape(-1).tolist()
+            buffers.append(b)
+            t.buffer = len(buffers) - 1
+        return t
+
+    tensors = [tensor("x", (1, IN)), tensor("w1", w1.shape, w1), tensor("b1", b1.shape, b1),
+               tensor("h", (1, HID)), tensor("w2", w2.shape, w2), tensor("b2", b2.shape, b2),
+               tensor("y", (1, OUT))]
+
+    def fc(inputs, output):
+        op = schema.OperatorT()
+        op.opcodeIndex, op.inputs, op.outputs = 0, inputs, [output]
+        op.builtinOptionsType = schema.BuiltinOptions.FullyConnectedOptions
+        op.builtinOptions = schema.FullyConnectedOptionsT()
+        return op
+
+    graph = schema.SubGraphT()
+    graph.tensors, graph.inputs, graph.outputs = tensors, [0], [6]
+    graph.operators = [fc([0, 1, 2], 3), fc([3, 4, 5], 6)]
+    model.subgraphs, model.buffers = [graph], buffers
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+@pytest.fixture(scope="module")
+def folded_model():
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((HID, IN)).astype(np.float32) * 0.3
+    b1 = rng.standard_normal(HID).astype(np.float32) * 0.1
+    w2 = rng.standard_normal((OUT, HID)).astype(np.float32) * 0.3
+    b2 = rng.standard_normal(OUT).astype(np.float32) * 0.1
+    gamma = (1.0 + 0.2 * rng.standard_normal(IN)).astype(np.float32)
+    beta = (0.1 * rng.standard_normal(IN)).astype(np.float32)
+    data = _build_model(w1 * gamma[None, :], b1 + w1 @ beta, w2, b2)
+    return SimpleNamespace(data=data, w1=w1, b1=b1, w2=w2, b2=b2, gamma=gamma, beta=beta)
+
+
+def _placements(m):
+    tflite_export = pytest.importorskip("solar_edge.exporters.tflite_export")
+    found = tflite_export.locate_weights(m.data, {"fc1": (m.w1, m.b1), "fc2": (m.w2, m.b2)})
+    out = {}
+    for lid, name in enumerate(["fc1", "fc2"]):
+        rec = found[name]
+        out[lid] = Placement(rec["weight"]["offset"], tuple(rec["weight"]["shape"]),
+                             rec["bias"]["offset"] if rec["bias"] else None,
+                             rec["input_scale"], rec["input_shift"])
+    return out, found
+
+
+def _reference(m, x, dw1, dw2):
+    h = (x * m.gamma + m.beta) @ (m.w1 + dw1).T + m.b1
+    return h @ (m.w2 + dw2).T + m.b2
+
+
+def _run(data: bytes, x: np.ndarray) -> np.ndarray:
+    interp = interpreter_class()(model_content=data)
+    interp.allocate_tensors()
+    interp.set_tensor(interp.get_input_details()[0]["index"], x)
+    interp.invoke()
+    return interp.get_tensor(interp.get_output_details()[0]["index"]).copy()
+
+
+def _factors(seed):
+    rng = np.random.default_rng(seed)
+    return {0: (rng.standard_normal((HID, 2)).astype(np.float32) * 0.2,
+                rng.standard_normal((IN, 2)).astype(np.float32) * 0.2),
+            1: (rng.standard_normal((OUT, 3)).astype(np.float32) * 0.2,
+                rng.standard_normal((HID, 3)).astype(np.float32) * 0.2)}
+
+
+def test_patched_flatbuffer_matches_numpy_with_folded_layernorm(folded_model):
+    m = folded_model
+    placements, found = _placements(m)
+    assert found["fc1"]["input_scale"] is not None and found["fc1"]["input_shift"] is not None
+    x = np.random.default_rng(1).standard_normal((1, IN)).astype(np.float32)
+    zero = np.zeros((HID, IN), np.float32), np.zeros((OUT, HID), np.float32)
+    assert np.allclose(_run(m.data, x), _reference(m, x, *zero), atol=1e-5)
+    factors = _factors(2)
+    pristine = bytes(m.data)
+    patched = patch_flatbuffer(pristine, placements, factors)
+    dws = [factors[i][0] @ factors[i][1].T for i in (0, 1)]
+    got = _run(bytes(patched), x)
+    assert np.allclose(got, _reference(m, x, *dws), atol=1e-5)
+    assert np.abs(got - _run(m.data, x)).max() > 1e-2
+    assert pristine == m.data  # the pristine model was only read
+
+
+class _StandInBundle:
+    """Stands in for a converted MiniLM bundle (converter not installed here)."""
+
+    def __init__(self, path, m, found):
+        self.tflite_path = path
+        self.manifest = {"tflite": {"file": path.name, "seq_len": 0,
+                                    "inputs": [{"name": "x", "graph_input": "x"}]}}
+        self.arrays = {}
+        layers = []
+        for lid, (name, shape) in enumerate([("fc1", (HID, IN)), ("fc2", (OUT, HID))]):
+            rec = dict(found[name])
+            for key in ("input_scale", "input_shift"):
+                if rec[key] is not None:
+                    file = path.parent / f"{lid}.{key}.npy"
+                    np.save(file, rec[key])
+                    rec[key] = file.name
+            layers.append(SimpleNamespace(id=lid, shape=shape, tflite=rec))
+        self.layers = layers
+
+    def file_path(self, rel):
+        return self.tflite_path.parent / rel
+
+
+def test_backend_stages_probes_and_swaps(folded_model, tmp_path):
+    m = folded_model
+    _, found = _placements(m)
+    path = tmp_path / "model.tflite"
+    path.write_bytes(m.data)
+    backend = TfliteBackend(SimpleNamespace(bundle=_StandInBundle(path, m, found)))
+    x = np.random.default_rng(3).standard_normal((4, IN)).astype(np.float32)
+    base = backend.run({"x": x})[0]
+    factors = _factors(4)
+    staged = backend.prepare(factors)
+    assert np.array_equal(backend.run({"x": x})[0], base)  # staging changes nothing served
+    probe = backend.probe(staged, {"x": x})[0]
+    backend.commit(staged)
+    dws = [factors[i][0] @ factors[i][1].T for i in (0, 1)]
+    assert np.array_equal(backend.run({"x": x})[0], probe)
+    assert np.allclose(probe, _reference(m, x, *dws), atol=1e-5)
+    backend.commit(backend.prepare({}))
+    assert np.array_equal(backend.run({"x": x})[0], base)  # back to base bit for bit
+    assert path.read_bytes() == m.data
+
