@@ -207,19 +207,36 @@ class _Option:
 
 @dataclass
 class _CoreFit:
-    """Least-squares core of one layer in one PRNG variant (float64)."""
+    """Least-squares fit of one layer in one PRNG variant (float64).
+
+    ``w_u`` (Ru x m) maps coordinates so that ``U~ @ w_u`` is orthonormal with the span of U~;
+    then ``U~^+ = w_u @ w_u.T @ U~.T`` and ``dW`` projected on the spans is
+    ``(U~ w_u) M (V~ w_v)^T`` with ``M = gb @ ga``.
+    """
 
     variant: int
     u_t: np.ndarray  # perturbed U~ (out x Ru), exactly the decoder's float32 values
     v_t: np.ndarray
-    core: np.ndarray  # C (Ru x Rv)
-    gains: np.ndarray  # flat, per coefficient
-    order: np.ndarray  # flat indices by decreasing gain
+    w_u: np.ndarray
+    w_v: np.ndarray
+    gb: np.ndarray  # m_u x r
+    ga: np.ndarray  # r x m_v
     comp_a: np.ndarray  # factored-core components (Ru x k), decreasing energy
     comp_b: np.ndarray  # (Rv x k)
     comp_energy: np.ndarray  # s_k^2
     in_span: float  # |P_U dW P_V|^2
-    v_pinv: np.ndarray  # pseudo-inverse of V~ (Rv x in)
+    core: np.ndarray | None = None  # C (Ru x Rv), only when sparse options are wanted
+    gains: np.ndarray | None = None  # flat, per coefficient
+    order: np.ndarray | None = None  # flat indices by decreasing gain
+
+    def sparse_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.core is None or self.gains is None or self.order is None:
+            raise AssertionError("fit made without sparse arrays")
+        return self.core, self.gains, self.order
+
+    def v_pinv_apply(self, x: np.ndarray) -> np.ndarray:
+        """``V~^+ @ x`` for ``x`` of shape (in, k)."""
+        return self.w_v @ (self.w_v.T @ (self.v_t.T @ x))
 
 
 def _energy(b: np.ndarray, a: np.ndarray) -> float:
@@ -235,25 +252,44 @@ def _low_rank_svd(left: np.ndarray, right_t: np.ndarray):
     return q1 @ p, s, q2 @ qt.T
 
 
-def _core_fit(upd: LayerUpdate, basis: LayerBasis, cfg: CodecConfig, variant: int) -> _CoreFit:
+def _orthonormalizer(t: np.ndarray) -> np.ndarray:
+    """``W`` with ``t @ W`` orthonormal spanning ``range(t)``: inverse Cholesky factor of the
+    Gram matrix (cheap), or its pseudo-inverse square root when ``t`` is (nearly) rank-deficient.
+    """
+    gram = t.T @ t
+    try:
+        chol = np.linalg.cholesky(gram)
+        diag = np.abs(np.diag(chol))
+        if diag.min() > 1e-6 * diag.max():
+            return np.linalg.inv(chol).T
+    except np.linalg.LinAlgError:
+        pass
+    lam, vecs = np.linalg.eigh(gram)
+    keep = lam > lam.max() * 1e-12
+    return vecs[:, keep] / np.sqrt(lam[keep])
+
+
+def _core_fit(upd: LayerUpdate, basis: LayerBasis, cfg: CodecConfig, variant: int,
+              sparse: bool) -> _CoreFit:
     lid = basis.layer_id
     ru, rv = basis.U.shape[1], basis.V.shape[1]
     u_t = perturbed_columns(basis.U, lid, u_stream(variant), np.arange(ru), cfg.seed,
                             cfg.epsilon, cfg.perturbation).astype(np.float64)
     v_t = perturbed_columns(basis.V, lid, v_stream(variant), np.arange(rv), cfg.seed,
                             cfg.epsilon, cfg.perturbation).astype(np.float64)
-    qu, tri_u = np.linalg.qr(u_t)
-    qv, tri_v = np.linalg.qr(v_t)
-    inv_u, inv_v = np.linalg.pinv(tri_u), np.linalg.pinv(tri_v)
-    gb = qu.T @ upd.B  # Ru x r: dW in orthonormal coordinates is gb @ ga
-    ga = upd.A @ qv    # r x Rv
-    core = (inv_u @ gb) @ (ga @ inv_v.T)
-    gains = (core**2 * (u_t**2).sum(0)[:, None] * (v_t**2).sum(0)[None, :]).reshape(-1)
-    order = np.argsort(-gains, kind="stable")
+    w_u, w_v = _orthonormalizer(u_t), _orthonormalizer(v_t)
+    gb = w_u.T @ (u_t.T @ upd.B)  # m_u x r: dW in orthonormal coordinates is gb @ ga
+    ga = (upd.A @ v_t) @ w_v      # r x m_v
     left, s, right = _low_rank_svd(gb, ga.T)
     root = np.sqrt(s)
-    return _CoreFit(variant, u_t, v_t, core, gains, order, inv_u @ (left * root),
-                    inv_v @ (right * root), s**2, _energy(gb, ga), inv_v @ qv.T)
+    fit = _CoreFit(variant, u_t, v_t, w_u, w_v, gb, ga, w_u @ (left * root),
+                   w_v @ (right * root), s**2, _energy(gb, ga))
+    if sparse:
+        fit.core = (w_u @ gb) @ (ga @ w_v.T)  # U~^+ dW V~^+T
+        fit.gains = (fit.core**2 * (u_t**2).sum(0)[:, None]
+                     * (v_t**2).sum(0)[None, :]).reshape(-1)
+        fit.order = np.argsort(-fit.gains, kind="stable")
+    return fit
 
 
 def _k_grid(n: int) -> list[int]:
@@ -267,8 +303,8 @@ def _k_grid(n: int) -> list[int]:
 
 def _sparse_positions(fit: _CoreFit, k: int) -> tuple[np.ndarray, int, int, np.ndarray]:
     """Top-k coefficients as (sorted flat positions, rows, cols, (i, j) in that order)."""
-    idx = fit.order[:k]
-    i, j = np.divmod(idx, fit.core.shape[1])
+    core, _, order = fit.sparse_arrays()
+    i, j = np.divmod(order[:k], core.shape[1])
     rows, cols = int(i.max()) + 1, int(j.max()) + 1
     flat = i * cols + j
     srt = np.argsort(flat)
@@ -277,8 +313,9 @@ def _sparse_positions(fit: _CoreFit, k: int) -> tuple[np.ndarray, int, int, np.n
 
 def _sparse_options(fit: _CoreFit, lid: int, e0: float, cfg: CodecConfig,
                     avail: float) -> list[_Option]:
-    n = int(np.count_nonzero(fit.gains))
-    cum = np.cumsum(fit.gains[fit.order[:n]])
+    _, gains, order = fit.sparse_arrays()
+    n = int(np.count_nonzero(gains))
+    cum = np.cumsum(gains[order[:n]])
     floor = max(e0 - fit.in_span, 0.0)
     # gains add up to the in-span energy only for orthonormal bases: rescale so that keeping
     # everything predicts exactly the out-of-span residual
@@ -428,7 +465,7 @@ def _build_records(opt: _Option, upd: LayerUpdate, fit: _CoreFit | None, cfg: Co
     if opt.kind == RecordKind.SPARSE_CORE:
         assert fit is not None
         pos, rows, cols, ij = _sparse_positions(fit, opt.size)
-        vals = fit.core[ij[0], ij[1]]
+        vals = fit.sparse_arrays()[0][ij[0], ij[1]]
         if eps != 0 and opt.size <= cfg.refit_limit:
             vals = _refit_sparse(fit, ij, upd)
         return [LayerRecord(opt.layer_id, RecordKind.SPARSE_CORE, rows, cols, 0, q(vals),
@@ -438,7 +475,7 @@ def _build_records(opt: _Option, upd: LayerUpdate, fit: _CoreFit | None, cfg: Co
         assert fit is not None
         a, b = fit.comp_a[:, :k], fit.comp_b[:, :k]
         rows, cols = a.shape[0], b.shape[0]
-        left_basis, right_pinv = fit.u_t, fit.v_pinv
+        left_basis, right_pinv = fit.u_t, fit.v_pinv_apply
     else:
         left, s, right = _low_rank_svd(upd.B, upd.A.T)
         a, b = left[:, :k] * np.sqrt(s[:k]), right[:, :k] * np.sqrt(s[:k])
@@ -458,7 +495,7 @@ def _build_records(opt: _Option, upd: LayerUpdate, fit: _CoreFit | None, cfg: Co
     a_q = plain.values.dequantize()[: rows * k].reshape(rows, k).astype(np.float64)
     l_q = a_q if left_basis is None else left_basis @ a_q
     target = upd.A.T @ (np.linalg.pinv(l_q) @ upd.B).T  # in x k: argmin |dW - l_q T^T|
-    b_new = target if right_pinv is None else right_pinv @ target
+    b_new = target if right_pinv is None else right_pinv(target)
     return [plain, record(a, b_new)]
 
 
@@ -498,12 +535,14 @@ def encode(
         if e0 > 0:
             if RecordKind.SPARSE_CORE in kinds or RecordKind.FACTORED_CORE in kinds:
                 for v in range(n_variants):
-                    fit = fits[(lid, v)] = _core_fit(upd, basis, config, v)
+                    fit = fits[(lid, v)] = _core_fit(upd, basis, config, v,
+                                                     RecordKind.SPARSE_CORE in kinds)
                     if RecordKind.SPARSE_CORE in kinds:
                         pool += _sparse_options(fit, lid, e0, config, cap)
                     if RecordKind.FACTORED_CORE in kinds:
                         pool += _rank_options(RecordKind.FACTORED_CORE, fit.comp_energy,
-                                              *fit.core.shape, lid, v, e0, config, cap)
+                                              fit.u_t.shape[1], fit.v_t.shape[1], lid, v, e0,
+                                              config, cap)
             if RecordKind.DENSE_FACTORS in kinds:
                 s = _low_rank_svd(upd.B, upd.A.T)[1]
                 pool += _rank_options(RecordKind.DENSE_FACTORS, s**2, basis.out_features,
