@@ -144,7 +144,7 @@ class TrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def load_base(path: str | None = None) -> tuple[Any, nn.Module]:
+def load_base(path: str | None = None) -> tuple[Any, Any]:
     from transformers import AutoModel, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -212,7 +212,7 @@ def count_trainable(model: nn.Module) -> int:
 
 
 def train_adapter(task: Task, out_dir: str | Path, config: TrainConfig,
-                  base: tuple[Any, nn.Module] | None = None,
+                  base: tuple[Any, Any] | None = None,
                   base_metrics: dict[str, Any] | None = None) -> TrainResult:
     """Train one adapter kind on ``task`` and save it (PEFT files + task.json) in ``out_dir``."""
     from peft import get_peft_model
@@ -296,13 +296,13 @@ def adapted_modules(peft_model: nn.Module) -> dict[str, Any]:
         if isinstance(module, BaseTunerLayer):
             key = normalise_name(name)
             order.append(key)
-            weight = module.get_base_layer().weight
+            weight: Any = module.get_base_layer().weight
             shapes[key] = [int(weight.shape[0]), int(weight.shape[1])]
     return {"module_order": order, "module_shapes": shapes}
 
 
 def evaluate_base(task: Task, config: TrainConfig,
-                  base: tuple[Any, nn.Module] | None = None) -> dict[str, Any]:
+                  base: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """Accuracy of the pretrained encoder with the frozen head only (no adapter)."""
     torch.set_num_threads(config.threads)
     tokenizer, model = base if base is not None else load_base()

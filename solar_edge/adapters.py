@@ -332,6 +332,8 @@ def _layer_name(entry: Any) -> str:
         name = entry
     elif isinstance(entry, Mapping) and isinstance(entry.get("name"), str):
         name = entry["name"]
+    elif isinstance(getattr(entry, "name", None), str):  # solar_edge.bundle.BundleLayer
+        name = entry.name
     else:
         raise AdapterError(f"manifest layer entry without a name: {entry!r}")
     return normalise_name(name.removesuffix(".weight"))
@@ -341,9 +343,9 @@ def match_to_bundle(updates: Mapping[str, LayerUpdate],
                     manifest_layers: Sequence[Any]) -> dict[int, LayerUpdate]:
     """Map updates to bundle layer ids (positions in ``manifest["layers"]``).
 
-    Entries are module names or objects with ``name`` (and optionally ``shape`` =
-    ``[out, in]``, checked against the update). VeRA factors wider than the layer are sliced
-    to its input size. Every update must find its layer.
+    Entries are module names, manifest dicts or ``BundleLayer`` objects with ``name`` (and
+    optionally ``shape`` = ``[out, in]``, checked against the update). VeRA factors wider
+    than the layer are sliced to its input size. Every update must find its layer.
     """
     ids = {_layer_name(entry): i for i, entry in enumerate(manifest_layers)}
     unmatched = sorted(name for name in updates if normalise_name(name) not in ids)
@@ -353,7 +355,7 @@ def match_to_bundle(updates: Mapping[str, LayerUpdate],
     for name, update in updates.items():
         layer_id = ids[normalise_name(name)]
         entry = manifest_layers[layer_id]
-        shape = entry.get("shape") if isinstance(entry, Mapping) else None
+        shape = entry.get("shape") if isinstance(entry, Mapping) else getattr(entry, "shape", None)
         if shape is not None:
             update = fit_shapes({name: update}, {name: shape})[name]
         result[layer_id] = update
