@@ -98,7 +98,8 @@ def torch_export(loaded: LoadedModel, path: Path, exporter: str = "torchscript")
         try:
             if exporter == "dynamo":
                 dyn = torch.export.Dim.DYNAMIC
-                shapes = tuple({ax: dyn for ax in axes[n]} for n in loaded.input_names)
+                # forward(*args): the whole positional tuple is one (variadic) argument
+                shapes = (tuple({ax: dyn for ax in axes[n]} for n in loaded.input_names),)
                 torch.onnx.export(
                     wrapper, args, str(path), input_names=loaded.input_names,
                     output_names=[loaded.output_name], dynamic_shapes=shapes,
