@@ -1,7 +1,8 @@
 """Subprocess body for the kill -9 tests: one agent cycle that SIGKILLs itself at a phase.
 
-Usage: python ota_agent_proc.py STATE_DIR SERVER_URL ROOT_FILE PUBKEY_HEX PHASE NTH
-Runs the agent with the in-memory runtime double; when the agent reaches ``PHASE`` for the
+Usage: python ota_agent_proc.py STATE_DIR SERVER_URL ROOT_FILE PUBKEY_HEX PHASE NTH [BUNDLE]
+Runs the agent with the in-memory runtime double, or with the real EdgeRuntime on BUNDLE
+when given; when the agent reaches ``PHASE`` for the
 ``NTH`` time, the process sends itself SIGKILL (no cleanup, no finally blocks, no flush).
 PHASE ``none`` runs to the end. Each phase reached is appended to STATE_DIR/../phases.
 """
@@ -34,7 +35,15 @@ def main() -> None:
             if seen["n"] == int(nth):
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    applier = InMemoryApplier(Ed25519PublicKey.from_public_bytes(bytes.fromhex(pub_hex)))
+    public = Ed25519PublicKey.from_public_bytes(bytes.fromhex(pub_hex))
+    if len(sys.argv) > 7:
+        from solar_edge.devices.applier import RuntimeApplier
+        from solar_edge.runtime.engine import EdgeRuntime
+
+        bundle = sys.argv[7]
+        applier = RuntimeApplier(lambda: EdgeRuntime(bundle, [public]), [public])
+    else:
+        applier = InMemoryApplier(public)
     config = AgentConfig(url, Path(state_dir), trusted_root=Path(root).read_bytes(),
                          download=DownloadPolicy(backoff_s=0.05),
                          retry=RetryPolicy(attempts=3, base_s=0.05))

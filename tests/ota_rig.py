@@ -14,6 +14,7 @@ from ota_doubles import InMemoryApplier, double_facts, make_test_packet
 from solar_edge.devices.agent import Agent, AgentConfig, RetryPolicy
 from solar_edge.devices.fetcher import DownloadPolicy, HttpTransport
 from solar_edge.devices.links import LinkProfile
+from solar_edge.devices.packetinfo import FactsReader
 from solar_edge.devices.repo import Repository, root_path, signer_from_key
 from solar_edge.devices.server import RepoServer
 
@@ -21,9 +22,12 @@ from solar_edge.devices.server import RepoServer
 class Rig:
     """A repository folder, its publisher, a loopback server and agents for one device."""
 
-    def __init__(self, tmp: Path, link: LinkProfile | None = None) -> None:
+    def __init__(self, tmp: Path, link: LinkProfile | None = None,
+                 facts: FactsReader = double_facts,
+                 key: Ed25519PrivateKey | None = None) -> None:
+        self.facts = facts
         self.tmp = tmp
-        self.key = Ed25519PrivateKey.generate()
+        self.key = key or Ed25519PrivateKey.generate()
         self.repo_dir = tmp / "repo"
         self.repo = Repository(self.repo_dir, signer_from_key(self.key))
         self.link = link
@@ -31,7 +35,7 @@ class Rig:
         self.sleeps: list[float] = []
 
     def publish(self, *packets: bytes, **kw) -> None:
-        self.repo.publish(list(packets), facts_reader=double_facts, **kw)
+        self.repo.publish(list(packets), facts_reader=self.facts, **kw)
 
     def packet(self, adapter_id: str, version: int, **kw) -> bytes:
         return make_test_packet(self.key, adapter_id, version, **kw)
