@@ -14,6 +14,7 @@ are only read, so switching never accumulates error.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -99,6 +100,7 @@ class EdgeRuntime:
         self._floor = dict(min_versions or {})
         self._installed: dict[str, int] = {}
         self._active: _Cached | None = None
+        self.last_timings: dict[str, float] = {}  # of the last apply/switch/reset, by step
         self._health_feeds = self.backend.encode([HEALTH_TEXT])
         self.backend.check_link(self._health_feeds)
         self._check(self.backend.run(self._health_feeds))
@@ -125,6 +127,7 @@ class EdgeRuntime:
     # --- apply / switch / reset ----------------------------------------------------------
     def apply(self, packet_bytes: bytes) -> AdapterInfo:
         """Verify, decode, cache and activate a packet; atomic (see module docstring)."""
+        t0 = time.perf_counter()
         packet = decode_packet(packet_bytes, self.keys, self.limits)
         header = packet.header
         if header.fingerprint != self.bundle.fingerprint:
@@ -132,9 +135,13 @@ class EdgeRuntime:
                 f"packet is for bundle {header.fingerprint.hex()[:16]}..., this runtime serves "
                 f"{self.bundle.fingerprint.hex()[:16]}...", field="header.fingerprint")
         self._check_version(header.adapter_id, header.adapter_version)
+        t1 = time.perf_counter()
         cached = self._decode(packet)
+        t2 = time.perf_counter()
         with self._lock:
             self._activate(cached)
+            self.last_timings = {"verify_ms": (t1 - t0) * 1e3, "decode_ms": (t2 - t1) * 1e3,
+                                 **self.last_timings}
             self._installed[header.adapter_id] = header.adapter_version
             self._cache[header.adapter_id] = cached
             self._cache.move_to_end(header.adapter_id)
@@ -153,14 +160,14 @@ class EdgeRuntime:
             if cached is None:
                 raise UnknownAdapterError(
                     f"adapter {adapter_id!r} is not cached; cached: {list(self._cache)}")
-            self._activate(cached)
+            self._activate(cached, check=False)
             self._cache.move_to_end(adapter_id)
             return cached.info
 
     def reset(self) -> None:
         """Serve the base model."""
         with self._lock:
-            self._activate(None)
+            self._activate(None, check=False)
 
     # --- inference -----------------------------------------------------------------------
     def infer(self, inputs: Sequence[str] | str | Mapping[str, np.ndarray]) -> np.ndarray:
@@ -233,12 +240,18 @@ class EdgeRuntime:
         if not outputs or any(not np.isfinite(o).all() for o in outputs):
             raise HealthCheckError("health check: the model produced non-finite outputs")
 
-    def _activate(self, new: _Cached | None) -> None:
-        """Stage, check, commit; on any failure restore what served before and re-raise."""
+    def _activate(self, new: _Cached | None, check: bool = True) -> None:
+        """Stage, check, commit; on any failure restore what served before and re-raise.
+
+        ``check=False`` (switch, reset) skips the health check: a cached adapter passed it
+        when applied and the base is the bundle's own model.
+        """
         factors = new.factors if new else {}
+        t0 = time.perf_counter()
         try:
             staged = self.backend.prepare(factors)
-            probe = self.backend.probe(staged, self._health_feeds)
+            t1 = time.perf_counter()
+            probe = self.backend.probe(staged, self._health_feeds) if check else None
         except SolarEdgeError:
             raise
         except Exception as exc:
@@ -247,7 +260,7 @@ class EdgeRuntime:
             self._check(probe)  # nothing committed yet
         try:
             self.backend.commit(staged)
-            if probe is None:
+            if check and probe is None:
                 self._check(self.backend.run(self._health_feeds))
         except Exception as exc:
             previous = self._active.factors if self._active else {}
@@ -256,3 +269,5 @@ class EdgeRuntime:
                 raise
             raise RuntimeApplyError(f"activating the adapter failed: {exc}") from exc
         self._active = new
+        t2 = time.perf_counter()
+        self.last_timings = {"stage_ms": (t1 - t0) * 1e3, "check_and_commit_ms": (t2 - t1) * 1e3}

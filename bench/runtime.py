@@ -1,0 +1,319 @@
+"""Patching mechanisms side by side on real MiniLM: apply, switch, inference, peak RSS.
+
+    python bench/runtime.py --bundle BUNDLE_DIR [--out runtime-bench.json] [--threads 1]
+
+For every ORT mechanism (``initializer``, ``iobinding``, ``lora``, ``lora-native``,
+``recreate``): apply latency (verify + decode + stage + health check + commit) and switch
+latency between two cached adapters; inference latency of the graph it serves vs the baked
+graph (plain session, prepacking on); peak RSS during apply (a fresh subprocess per
+mechanism, RSS sampled every millisecond) vs model size. Baselines in the same run: PEFT
+``from_pretrained`` + ``merge_and_unload`` in torch, PEFT switch (unmerge, set_adapter,
+merge), and re-creating an ORT session with merged weights. Adapters are real PEFT LoRA
+r=8 on query/value of MiniLM (random-initialised, saved by PEFT), compressed by the codec
+(INT8, auto representation). Medians over ``--repeat`` runs; a shared machine is noisy, so
+the minimum is printed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SENTENCES = [
+    "Return the absolute value of the argument.",
+    "Open a file and return a stream.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Edge boards receive signed adapter packets over slow links.",
+    "Compute the greatest common divisor of two integers.",
+    "Parse a URL into six components.",
+    "Sort a list in place using only less-than comparisons.",
+    "A context manager that suppresses the given exceptions.",
+]
+MECHS = ["initializer", "iobinding", "lora", "lora-native", "recreate"]
+
+
+def timed(fn, repeat: int) -> list[float]:
+    out = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def summary(ms: list[float]) -> dict[str, float]:
+    return {"median_ms": round(statistics.median(ms), 2), "min_ms": round(min(ms), 2)}
+
+
+# --- inputs -----------------------------------------------------------------------------------
+
+def prepare_bundle(src: Path, work: Path) -> Path:
+    from solar_edge.exporters.graph_variants import add_variants_to_bundle
+
+    manifest = json.loads((src / "manifest.json").read_text())
+    variants = manifest["onnx"].get("variants") or {}
+    if {"inputs", "lora"} <= set(variants):
+        return src
+    dst = work / "bundle"
+    shutil.copytree(src, dst)
+    add_variants_to_bundle(str(dst))
+    return dst
+
+
+def make_peft_adapters(work: Path, n: int = 2) -> list[Path]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    from solar_edge.exporters.train import minilm_path
+
+    dirs = []
+    for i in range(n):
+        torch.manual_seed(100 + i)
+        base = AutoModel.from_pretrained(minilm_path())
+        cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
+                         init_lora_weights=False)
+        model = get_peft_model(base, cfg)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(0.05)
+        out = work / f"adapter{i}"
+        model.save_pretrained(str(out))
+        dirs.append(out)
+    return dirs
+
+
+def make_packets(bundle_dir: Path, adapters: list[Path], key, versions: int) -> list[list[bytes]]:
+    from solar_edge.adapters import match_to_bundle, read_adapter
+    from solar_edge.bundle import load_bundle
+    from solar_edge.codec import CodecConfig, encode
+    from solar_edge.packet import PacketHeader, encode_packet
+
+    bundle = load_bundle(bundle_dir)
+    out = []
+    for i, path in enumerate(adapters):
+        ups = match_to_bundle(read_adapter(path).updates, bundle.manifest["layers"])
+        res = encode(ups, {lid: bundle.layer_basis(lid) for lid in ups}, CodecConfig(seed=i))
+        out.append([encode_packet(PacketHeader(bundle.fingerprint, f"task{i}", v, {"task": str(i)}),
+                                  res.header, res.records, key) for v in range(1, versions + 1)])
+    return out
+
+
+# --- measurements -----------------------------------------------------------------------------
+
+def bench_mechanism(bundle_dir: Path, mech: str, packets, key, repeat: int, threads: int) -> dict:
+    from solar_edge.runtime.engine import EdgeRuntime
+
+    t = time.perf_counter()
+    rt = EdgeRuntime(str(bundle_dir), [key.public_key()], mechanism=mech, threads=threads,
+                     max_cached=4)
+    load_ms = (time.perf_counter() - t) * 1e3
+    feeds = rt.backend.encode(SENTENCES)
+    apply_ms, steps = [], []
+    for v in range(repeat):  # a new version each time: full verify + decode + stage + commit
+        t = time.perf_counter()
+        rt.apply(packets[v % 2][v // 2])
+        apply_ms.append((time.perf_counter() - t) * 1e3)
+        steps.append(rt.last_timings)
+    switch_ms = []
+    for i in range(repeat):
+        target = f"task{i % 2}"
+        t = time.perf_counter()
+        rt.switch(target)
+        switch_ms.append((time.perf_counter() - t) * 1e3)
+    infer_ms = timed(lambda: rt.backend.run(feeds), repeat * 2)
+    breakdown = {k: round(statistics.median(s[k] for s in steps), 2) for k in steps[0]}
+    return {"load_ms": round(load_ms, 1), "apply": summary(apply_ms), "switch": summary(switch_ms),
+            "apply_steps_median_ms": breakdown,
+            "infer": summary(infer_ms), "cache_bytes": rt.active.cache_bytes}
+
+
+def bench_baked(bundle_dir: Path, repeat: int, threads: int) -> dict:
+    from solar_edge.runtime.backends_ort import session_options
+    from solar_edge.runtime.bundle_parts import open_bundle
+    from solar_edge.runtime.text import TextEncoder
+
+    parts = open_bundle(bundle_dir)
+    path = str(parts.bundle.onnx_path)
+    t = time.perf_counter()
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(path, session_options(threads=threads),
+                                providers=["CPUExecutionProvider"])
+    create_ms = (time.perf_counter() - t) * 1e3
+    names = [i.name for i in sess.get_inputs()]
+    feeds = TextEncoder(parts.tokenizer_json())(SENTENCES, names)
+    sess.run(None, feeds)
+    return {"create_ms": round(create_ms, 1),
+            "infer": summary(timed(lambda: sess.run(None, feeds), repeat * 2))}
+
+
+def bench_peft(adapters: list[Path], repeat: int, threads: int) -> dict:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModel, AutoTokenizer
+
+    from solar_edge.exporters.train import minilm_path
+
+    torch.set_num_threads(threads or torch.get_num_threads())
+    base = AutoModel.from_pretrained(minilm_path()).eval()
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    enc = tok(SENTENCES, padding=True, return_tensors="pt")
+    load_merge = []
+    for _ in range(repeat):
+        fresh = copy.deepcopy(base)
+        t = time.perf_counter()
+        PeftModel.from_pretrained(fresh, str(adapters[0])).merge_and_unload()
+        load_merge.append((time.perf_counter() - t) * 1e3)
+    model = PeftModel.from_pretrained(copy.deepcopy(base), str(adapters[0]), adapter_name="task0")
+    model.load_adapter(str(adapters[1]), adapter_name="task1")
+    model.eval()
+    model.set_adapter("task0")
+    model.merge_adapter()
+    switch = []
+    for i in range(repeat):
+        t = time.perf_counter()
+        model.unmerge_adapter()
+        model.set_adapter(f"task{(i + 1) % 2}")
+        model.merge_adapter()
+        switch.append((time.perf_counter() - t) * 1e3)
+    with torch.no_grad():
+        infer = timed(lambda: model(**enc), repeat * 2)
+    return {"load_adapter_merge": summary(load_merge), "switch": summary(switch),
+            "infer": summary(infer)}
+
+
+def rss_child(bundle_dir: str, mech: str, packet_path: str, pub_path: str) -> None:
+    """Subprocess: peak RSS sampled every ms during one apply."""
+    import psutil
+
+    from solar_edge import signing
+    from solar_edge.runtime.engine import EdgeRuntime
+
+    proc = psutil.Process()
+    rt = EdgeRuntime(bundle_dir, [signing.load_public_key(pub_path)], mechanism=mech, threads=1)
+    data = Path(packet_path).read_bytes()
+    before = proc.memory_info().rss
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.001)
+
+    th = threading.Thread(target=sample)
+    th.start()
+    rt.apply(data)
+    done.set()
+    th.join()
+    after = proc.memory_info().rss
+    print(json.dumps({"rss_before": before, "rss_peak": max(peak[0], after), "rss_after": after}))
+
+
+def bench_rss(bundle_dir: Path, mech: str, packet: bytes, pub: Path, work: Path) -> dict:
+    path = work / f"rss-{mech}.slr"
+    path.write_bytes(packet)
+    res = subprocess.run([sys.executable, __file__, "--rss-child", mech, "--bundle",
+                          str(bundle_dir), "--packet", str(path), "--pub", str(pub)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def model_sizes(bundle_dir: Path) -> dict:
+    from solar_edge.bundle import load_bundle
+
+    b = load_bundle(bundle_dir)
+    adapted = sum(4 * layer.shape[0] * layer.shape[1] for layer in b.layers)
+    onnx_bytes = b.onnx_path.stat().st_size
+    weights = sum((b.root / layer.files["weight"]).stat().st_size for layer in b.layers)
+    return {"adaptable_weights_bytes": adapted, "onnx_file_bytes": onnx_bytes,
+            "external_weight_files_bytes": weights}
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bundle", required=True, type=Path)
+    ap.add_argument("--out", type=Path, default=Path("runtime-bench.json"))
+    ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--mechanisms", default=",".join(MECHS))
+    ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--packet", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--pub", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.rss_child:
+        rss_child(str(args.bundle), args.rss_child, args.packet, args.pub)
+        return
+
+    from solar_edge import signing
+
+    mechs = args.mechanisms.split(",")
+    with tempfile.TemporaryDirectory(prefix="solar-edge-bench-") as tmp:
+        work = Path(tmp)
+        bundle_dir = prepare_bundle(args.bundle, work)
+        key = signing.generate_private_key()
+        pub = signing.save_public_key(key, work / "bench.pub")
+        adapters = make_peft_adapters(work)
+        packets = make_packets(bundle_dir, adapters, key, versions=args.repeat // 2 + 2)
+        results: dict = {"packet_bytes": len(packets[0][0]), "threads": args.threads,
+                         "repeat": args.repeat, "sizes": model_sizes(bundle_dir),
+                         "baked": bench_baked(bundle_dir, args.repeat, args.threads),
+                         "peft": bench_peft(adapters, args.repeat, args.threads), "mechanisms": {}}
+        for mech in mechs:
+            row = bench_mechanism(bundle_dir, mech, packets, key, args.repeat, args.threads)
+            row["rss"] = bench_rss(bundle_dir, mech, packets[0][0], pub, work)
+            results["mechanisms"][mech] = row
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results)
+    print(f"\nwrote {args.out}")
+
+
+def print_table(r: dict) -> None:
+    peft, baked = r["peft"], r["baked"]
+    recreate = r["mechanisms"].get("recreate")
+    size_mb = r["sizes"]["adaptable_weights_bytes"] / 2**20
+    print(f"packet {r['packet_bytes']} B; adaptable weights {size_mb:.1f} MiB; "
+          f"threads {r['threads']}; median (min) of {r['repeat']}")
+    head = (f"{'mechanism':12s} {'apply ms':>16s} {'switch ms':>16s} {'infer ms':>16s} "
+            f"{'infer/baked':>11s} {'apply/PEFT':>10s} {'apply/recr':>10s} {'switch/PEFT':>11s} "
+            f"{'peak dRSS MiB':>13s} {'dRSS/model':>10s} {'cache KiB':>9s}")
+    print(head)
+    print("-" * len(head))
+
+    def cell(s: dict) -> str:
+        return f"{s['median_ms']:8.1f} ({s['min_ms']:6.1f})"
+
+    for mech, row in r["mechanisms"].items():
+        d_rss = (row["rss"]["rss_peak"] - row["rss"]["rss_before"]) / 2**20
+        ratio_rec = (row["apply"]["median_ms"] / recreate["apply"]["median_ms"]) if recreate else 0
+        print(f"{mech:12s} {cell(row['apply']):>16s} {cell(row['switch']):>16s} "
+              f"{cell(row['infer']):>16s} "
+              f"{row['infer']['median_ms'] / baked['infer']['median_ms']:11.2f} "
+              f"{row['apply']['median_ms'] / peft['load_adapter_merge']['median_ms']:10.2f} "
+              f"{ratio_rec:10.2f} "
+              f"{row['switch']['median_ms'] / peft['switch']['median_ms']:11.2f} "
+              f"{d_rss:13.1f} {d_rss / size_mb:10.2f} {row['cache_bytes'] / 1024:9.1f}")
+    print(f"{'PEFT torch':12s} {cell(peft['load_adapter_merge']):>16s} {cell(peft['switch']):>16s} "
+          f"{cell(peft['infer']):>16s}   (load_adapter+merge_and_unload; unmerge+set+merge)")
+    print(f"{'ORT baked':12s} {'':>16s} {'':>16s} {cell(baked['infer']):>16s}   "
+          f"(plain session, prepacking on; create {baked['create_ms']:.0f} ms)")
+
+
+if __name__ == "__main__":
+    main()
