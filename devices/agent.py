@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuf.api import exceptions as tuf_exc
-from tuf.api.metadata import Metadata, TargetFile
+from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.ngclient import Updater
 
 from solar_edge.devices.applier import Applier
@@ -157,7 +157,8 @@ class Agent:
         except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as exc:
             raise _translate(exc) from exc
         # refresh() persists targets.json only after verifying it: safe to list from.
-        listed = Metadata.from_file(str(self.store.metadata / "targets.json")).signed.targets
+        signed = Metadata[Targets].from_file(str(self.store.metadata / "targets.json")).signed
+        listed = signed.targets
         by_id: dict[str, list[TargetFile]] = {}
         for info in listed.values():
             custom = info.custom
@@ -264,28 +265,40 @@ class Agent:
 
     # --- loop with backoff -------------------------------------------------------------
 
-    def run(self, cycles: int = 1, interval_s: float = 0.0) -> list[Outcome]:
+    def run(self, cycles: int = 1, interval_s: float = 0.0,
+            keep_going: bool = False) -> list[Outcome]:
         """Run ``cycles`` cycles; each retries an unreachable server with bounded backoff.
 
-        Raises the last DownloadError when a cycle exhausts its attempts. Repository and
-        packet errors are not retried (waiting does not fix a forged file).
+        A cycle that exhausts its attempts raises its DownloadError; repository errors
+        (forged, expired, rolled-back metadata) are not retried within a cycle, since
+        waiting does not fix them. With ``keep_going`` (a long-running agent) such a
+        cycle is logged and the next one starts after ``interval_s``; the runtime keeps
+        serving the committed adapter throughout.
         """
         outcomes: list[Outcome] = []
         for cycle in range(cycles):
             if cycle:
                 self.sleep(interval_s)
-            for failure in range(1, self.config.retry.attempts + 1):
-                try:
-                    outcomes += self.check_once()
-                    break
-                except DownloadError as exc:
-                    if failure == self.config.retry.attempts:
-                        raise
-                    delay = self.config.retry.delay(failure)
-                    log.warning("server unreachable (%s); retry %d in %.1fs", exc, failure, delay)
-                    self.hook("backoff")
-                    self.sleep(delay)
+            try:
+                outcomes += self._cycle_with_backoff()
+            except (DownloadError, RepositoryError) as exc:
+                if not keep_going:
+                    raise
+                log.error("update cycle %d failed: %s: %s", cycle + 1, type(exc).__name__, exc)
         return outcomes
+
+    def _cycle_with_backoff(self) -> list[Outcome]:
+        for failure in range(1, self.config.retry.attempts + 1):
+            try:
+                return self.check_once()
+            except DownloadError as exc:
+                if failure == self.config.retry.attempts:
+                    raise
+                delay = self.config.retry.delay(failure)
+                log.warning("server unreachable (%s); retry %d in %.1fs", exc, failure, delay)
+                self.hook("backoff")
+                self.sleep(delay)
+        raise AssertionError("unreachable: attempts >= 1")
 
     def switch(self, adapter_id: str | None) -> None:
         """Serve another installed adapter and remember it across restarts."""

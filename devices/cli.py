@@ -118,7 +118,8 @@ def agent(server_url: str, bundle: str, device: str | None, trusted: tuple[str, 
     state = runner.start()
     click.echo(f"restored: active={state.active} "
                f"installed={ {k: v.version for k, v in state.adapters.items()} }")
-    for outcome in runner.run(cycles=1 if once else cycles, interval_s=interval):
+    for outcome in runner.run(cycles=1 if once else cycles, interval_s=interval,
+                              keep_going=not once):
         click.echo(str(outcome))
 
 

@@ -90,7 +90,8 @@ class HttpTransport:
         length = resp.getheader("Content-Length")
         declared = int(length) if length is not None and length.isdigit() else None
         if resp.status == 206:
-            first, _last, total = _parse_content_range(resp.getheader("Content-Range", ""))
+            first, _last, size = _parse_content_range(resp.getheader("Content-Range", ""))
+            total: int | None = size
             if first != start:
                 conn.close()
                 raise DownloadError(f"GET {url}: asked for byte {start}, got {first}")

@@ -111,25 +111,26 @@ class RepoServer(http.server.ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
+        host = host.decode() if isinstance(host, bytes) else host
         return f"http://{host}:{port}"
 
     def add_sent(self, n: int) -> None:
         with self._count_lock:
             self.bytes_sent += n
 
-    def process_request(self, request, client_address):  # type: ignore[no-untyped-def]
+    def process_request(self, request, client_address):
         if not self.slots.acquire(blocking=False):
             request.close()  # over the connection cap: refuse rather than queue unboundedly
             return
         super().process_request(request, client_address)
 
-    def process_request_thread(self, request, client_address):  # type: ignore[no-untyped-def]
+    def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
         finally:
             self.slots.release()
 
-    def handle_error(self, request, client_address):  # type: ignore[no-untyped-def]
+    def handle_error(self, request, client_address):
         """A client that hangs up mid-body is normal on a flaky link: no traceback."""
         if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
             return

@@ -247,3 +247,20 @@ def test_agent_runs_against_the_in_memory_transport(tmp_path):
     agent = rig.agent(transport=transport, url="http://repo.invalid")
     assert [o.action for o in agent.run()] == ["installed"]
     assert (target, 20_000) in transport.requests
+
+
+def test_long_running_agent_keeps_going_after_a_bad_cycle(rig):
+    rig.publish(rig.packet("a", 1), expiry=Expiry(timestamp=timedelta(seconds=-1)))
+    rig.start()
+    agent = rig.agent()
+    calls = []
+
+    def sleep(delay):
+        calls.append(delay)
+        rig.publish(rig.packet("a", 2, scale=6.0))   # the owner re-signs with a fresh expiry
+
+    agent.sleep = sleep
+    outcomes = agent.run(cycles=2, interval_s=30, keep_going=True)
+    assert calls == [30]
+    assert [(o.version, o.action) for o in outcomes] == [(2, "installed")]
+    assert list(agent.applier.infer([1.0])) == [6.0]
