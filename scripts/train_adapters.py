@@ -4,7 +4,8 @@
 
 Each adapter lands in ``OUT/<task>/<kind>/`` (PEFT files + task.json). The frozen-head
 baseline (no adapter) is evaluated once per task on the same held-out set. Adapters whose
-task.json already exists are reused unless ``--force``. ``OUT/summary.json`` holds the table.
+task.json (and base.json) already exist are reused unless ``--force``.
+``OUT/summary.json`` holds the table.
 """
 
 from __future__ import annotations
@@ -55,15 +56,24 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     header = (f"{'task':<13} {'adapter':<13} {'acc %':>6}  {'95% CI':^14}  {'n':>5}  "
               f"{'params':>8}  {'fp16 B':>9}  {'train s':>6}")
-    for task_name in args.tasks:
-        task = load_task(task_name)
+    common = dict(max_len=args.max_len, batch_size=args.batch_size, max_test=args.max_test,
+                  head_seed=args.head_seed, seed=args.seed, threads=args.threads)
+    tasks = {name: load_task(name) for name in args.tasks}
+    base_metrics = {}
+    for task_name, task in tasks.items():
         print(task.describe(), flush=True)
-        common = dict(max_len=args.max_len, batch_size=args.batch_size, max_test=args.max_test,
-                      head_seed=args.head_seed, seed=args.seed, threads=args.threads)
-        base_metrics = evaluate_base(task, TrainConfig(**common), base)
-        rows.append({"task": task_name, "kind": "base (head only)", **base_metrics})
-        print(fmt_row(task_name, "base", base_metrics), flush=True)
-        for kind in args.kinds:
+        base_path = out / task_name / "base.json"
+        if base_path.is_file() and not args.force:
+            base_metrics[task_name] = json.loads(base_path.read_text())
+        else:
+            base_metrics[task_name] = evaluate_base(task, TrainConfig(**common), base)
+            base_path.parent.mkdir(parents=True, exist_ok=True)
+            base_path.write_text(json.dumps(base_metrics[task_name], indent=2) + "\n")
+        rows.append({"task": task_name, "kind": "base", **base_metrics[task_name]})
+        print(fmt_row(task_name, "base", base_metrics[task_name]), flush=True)
+    # Kind-major, so the kinds listed first are ready on every task soonest.
+    for kind in args.kinds:
+        for task_name, task in tasks.items():
             target = out / task_name / kind
             meta_path = target / "task.json"
             if meta_path.is_file() and not args.force:
@@ -71,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 started = time.perf_counter()
                 config = TrainConfig(kind=kind, steps=args.steps, **common)
-                metrics = train_adapter(task, target, config, base, base_metrics).metrics
+                metrics = train_adapter(task, target, config, base,
+                                        base_metrics[task_name]).metrics
                 metrics["total_seconds"] = time.perf_counter() - started
                 meta = json.loads(meta_path.read_text())
                 meta["metrics"] = metrics

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -216,6 +217,8 @@ def test_match_to_bundle_maps_ids_checks_shapes_and_lists_unmatched():
     by_id = match_to_bundle(upd, layers)
     assert sorted(by_id) == [1, 2]
     assert by_id[1].name == "encoder.layer.0.attention.self.query"
+    as_objects = [SimpleNamespace(name=d["name"], shape=tuple(d["shape"])) for d in layers]
+    assert sorted(match_to_bundle(upd, as_objects)) == [1, 2]
     with pytest.raises(AdapterError, match="does not fit"):
         match_to_bundle(upd, [dict(d, shape=[4, 5]) for d in layers])
     with pytest.raises(AdapterError, match=r"1 adapter modules.*self\.value'\]"):
