@@ -122,14 +122,20 @@ def load_model(spec: str | None) -> LoadedModel:
 def load_hf_dir(path: Path, name: str | None = None) -> LoadedModel:
     """The base transformer of a Hugging Face directory, with tokenised example sentences."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     if not (path / "config.json").is_file():
         raise ExportError(f"{path} has no config.json: not a transformers model directory")
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the export's own progress display covers loading
     try:
         config = AutoConfig.from_pretrained(path)
         model = AutoModel.from_pretrained(path).eval()
     except (OSError, ValueError, KeyError) as exc:
         raise ExportError(f"cannot load a transformers model from {path}: {exc}") from exc
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     tokenizer_files = [path / f for f in TOKENIZER_FILES if (path / f).is_file()]
     if not tokenizer_files:
         raise ExportError(f"{path} has no tokenizer files; use 'module:function' for non-text")

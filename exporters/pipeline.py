@@ -97,7 +97,8 @@ def _tflite(loaded: LoadedModel, work: Path, names: Sequence[str],
     path = work / "model.tflite"
     with progress.step("TFLite conversion"):
         tflite_export.convert(loaded, profile.tflite_seq_len, path)
-    placements = tflite_export.locate_weights(path.read_bytes(), layers)
+    norms = tflite_export.preceding_layernorms(loaded, list(names))
+    placements = tflite_export.locate_weights(path.read_bytes(), layers, norms)
     per_layer = []
     (work / "tflite").mkdir(exist_ok=True)
     for layer_id, name in enumerate(names):

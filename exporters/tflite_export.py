@@ -150,25 +150,83 @@ def column_scale(stored: np.ndarray, w0: np.ndarray) -> np.ndarray | None:
     return s if err <= REL_TOL * max(np.abs(st).max(), 1e-30) else None
 
 
-def input_shift(w0: np.ndarray, delta: np.ndarray) -> np.ndarray | None:
-    """``t`` with ``w0 @ t == delta`` to round-off (needs full column rank), else ``None``."""
-    w = w0.astype(np.float64)
-    if w.shape[0] < w.shape[1]:
-        return None
-    t, *_ = np.linalg.lstsq(w, delta.astype(np.float64), rcond=None)
-    err = np.abs(w @ t - delta).max()
-    return t if err <= 1e-5 * max(np.abs(delta).max(), 1e-30) + 1e-6 else None
+def preceding_layernorms(loaded: LoadedModel,
+                         names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """module -> ``(gamma, beta)`` of the ``nn.LayerNorm`` whose output is its input.
+
+    Found by running the example inputs with hooks: a LayerNorm output and a target's
+    input are the same tensor storage (eval-mode dropout in between passes it through).
+    """
+    from torch import nn
+
+    outputs: list[tuple[torch.Tensor, nn.LayerNorm]] = []
+    inputs: dict[str, torch.Tensor] = {}
+    handles = []
+    modules = dict(loaded.model.named_modules())
+    for m in modules.values():
+        if isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            handles.append(m.register_forward_hook(
+                lambda mod, _i, out: outputs.append((out, mod))))
+    for name in names:
+        handles.append(modules[name].register_forward_pre_hook(
+            lambda mod, args, name=name: inputs.__setitem__(name, args[0])))
+    try:
+        with torch.no_grad():
+            loaded.wrapper()(*loaded.example_inputs.values())
+    finally:
+        for h in handles:
+            h.remove()
+    found = {}
+    for name, x in inputs.items():
+        for out, ln in outputs:
+            if out.data_ptr() == x.data_ptr() and out.shape == x.shape \
+                    and out.stride() == x.stride():
+                found[name] = (ln.weight.detach().double().numpy(),
+                               ln.bias.detach().double().numpy() if ln.bias is not None
+                               else np.zeros(ln.weight.shape[0]))
+                break
+    return found
+
+
+def undo_fold(module: str, scale: np.ndarray, stored_b: np.ndarray | None, w0: np.ndarray,
+              b0: np.ndarray | None, ln: tuple[np.ndarray, np.ndarray] | None
+              ) -> np.ndarray | None:
+    """Explain a column-scaled weight as ``c * (LayerNorm affine then W0)``; returns the shift.
+
+    ``scale = c * gamma`` with one scalar ``c`` (converters move attention scaling into
+    query/key weights); then the bias must be ``c * (b0 + W0 @ beta)`` and the patch
+    shift is ``c * beta``. Raises :class:`ExportError` when the stored tensors disagree.
+    """
+    gamma, beta = ln if ln is not None else (np.ones(w0.shape[1]), np.zeros(w0.shape[1]))
+    usable = np.abs(gamma) > 1e-12
+    ratios = scale[usable] / gamma[usable]
+    c = float(np.median(ratios)) if ratios.size else 1.0
+    if ratios.size and np.abs(ratios - c).max() > 1e-5 * abs(c):
+        raise ExportError(f"{module}: TFLite weight is scaled per input column in a way "
+                          "no preceding LayerNorm explains; TFLite patching impossible")
+    bias0 = np.zeros(w0.shape[0]) if b0 is None else b0.astype(np.float64)
+    expected = c * (bias0 + w0.astype(np.float64) @ beta)
+    got = np.zeros(w0.shape[0]) if stored_b is None else stored_b.astype(np.float64)
+    if np.abs(got - expected).max() > 1e-5 * max(np.abs(expected).max(), 1.0):
+        raise ExportError(f"{module}: TFLite bias is not the folded LayerNorm bias")
+    shift = c * beta
+    return None if not np.any(shift) else shift
 
 
 def locate_weights(
-    data: bytes, layers: dict[str, tuple[np.ndarray, np.ndarray | None]]
+    data: bytes,
+    layers: dict[str, tuple[np.ndarray, np.ndarray | None]],
+    layernorms: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """module -> placement record (see module doc), for ``layers`` module -> (W0, bias0).
 
-    Scale and shift arrays are returned under ``"input_scale"``/``"input_shift"`` as float32
-    arrays (the caller writes them to files). Raises :class:`ExportError` if a weight cannot
-    be found or its folded form cannot be undone.
+    ``layernorms``: module -> ``(gamma, beta)`` of the LayerNorm feeding it (see
+    :func:`preceding_layernorms`). Scale and shift come back under
+    ``"input_scale"``/``"input_shift"`` as float32 arrays (the caller writes them to
+    files). Raises :class:`ExportError` if a weight cannot be found or its folded form
+    cannot be explained.
     """
+    layernorms = layernorms or {}
     fcs = _fully_connected(data)
     used: set[int] = set()
     found: dict[str, dict[str, Any]] = {}
@@ -191,14 +249,14 @@ def locate_weights(
                               "TFLite graph (fused or quantised); TFLite patching impossible")
         w, b, scale = hit
         used.add(w.index)
-        shift = None
-        if b is not None:
-            bias0 = np.zeros(w0.shape[0]) if b0 is None else b0.astype(np.float64)
-            delta = b.array.astype(np.float64) - bias0
-            if np.abs(delta).max() > 1e-6 * max(np.abs(bias0).max(), 1.0):
-                shift = input_shift(w0, delta)
-                if shift is None:
-                    raise ExportError(f"{module}: TFLite bias folds an unrecoverable term")
+        stored_b = None if b is None else b.array
+        if scale is None:
+            bias0 = np.zeros(w0.shape[0]) if b0 is None else b0
+            if stored_b is not None and not np.array_equal(stored_b, bias0.astype(np.float32)):
+                raise ExportError(f"{module}: TFLite bias differs from the model's bias")
+            shift = None
+        else:
+            shift = undo_fold(module, scale, stored_b, w0, b0, layernorms.get(module))
         found[module] = {
             "weight": w.record("out_in"),
             "bias": None if b is None else b.record(),
