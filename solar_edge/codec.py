@@ -67,7 +67,7 @@ class CodecConfig:
     seed: int = 0                     # u64 PRNG seed shared by all layers
     epsilon: float = 0.0              # perturbation scale (stored as float32)
     perturbation: PerturbationKind = PerturbationKind.RADEMACHER
-    value_format: ValueFormat = ValueFormat.INT8
+    value_format: ValueFormat | tuple[ValueFormat, ...] = ValueFormat.INT8  # tuple: pick per layer
     group_size: int = 64              # values per float16 scale (integer formats)
     budget_bytes: int | None = None   # whole packet, including overhead_bytes
     representation: str = "auto"      # one of REPRESENTATIONS
@@ -93,7 +93,20 @@ class CodecConfig:
             raise CodecError(f"budget_bytes must be positive, got {self.budget_bytes}")
         if self.overhead_bytes < 0:
             raise CodecError("overhead_bytes must be >= 0")
-        object.__setattr__(self, "value_format", ValueFormat(self.value_format))
+        fmts = self.value_format if isinstance(self.value_format, tuple) else (self.value_format,)
+        if not fmts:
+            raise CodecError("value_format needs at least one format")
+        try:
+            fmts = tuple(ValueFormat(f) for f in fmts)
+        except ValueError as exc:
+            raise CodecError(f"unknown value format: {exc}") from exc
+        object.__setattr__(self, "value_format", fmts[0] if len(fmts) == 1 else fmts)
+
+    @property
+    def formats(self) -> tuple[ValueFormat, ...]:
+        """Candidate value formats (the allocator picks one per layer)."""
+        vf = self.value_format
+        return vf if isinstance(vf, tuple) else (vf,)
         object.__setattr__(self, "perturbation", PerturbationKind(self.perturbation))
 
 
@@ -202,7 +215,8 @@ class _Option:
     variant: int
     size: int  # K coefficients or rank k
     nbytes: int
-    err: float  # predicted squared Frobenius error
+    err: float  # predicted squared Frobenius error (truncation + quantisation noise)
+    fmt: ValueFormat = ValueFormat.FLOAT32
 
 
 @dataclass
@@ -250,6 +264,13 @@ def _low_rank_svd(left: np.ndarray, right_t: np.ndarray):
     q2, r2 = np.linalg.qr(right_t)
     p, s, qt = np.linalg.svd(r1 @ r2.T, full_matrices=False)
     return q1 @ p, s, q2 @ qt.T
+
+
+def _dense_components(upd: LayerUpdate) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``dW = sum_j a_j b_j^T`` by decreasing singular value, norms balanced: (a, b, s)."""
+    left, s, right = _low_rank_svd(upd.B, upd.A.T)
+    root = np.sqrt(s)
+    return left * root, right * root, s
 
 
 def _orthonormalizer(t: np.ndarray) -> np.ndarray:
@@ -311,40 +332,64 @@ def _sparse_positions(fit: _CoreFit, k: int) -> tuple[np.ndarray, int, int, np.n
     return flat[srt], rows, cols, np.stack([i[srt], j[srt]])
 
 
+def _quant_noise(values: np.ndarray, fmt: ValueFormat, group_size: int) -> np.ndarray:
+    """Squared quantisation error of each value."""
+    if fmt == ValueFormat.FLOAT32:
+        return np.zeros(values.shape)
+    return (quantize(values, fmt, group_size).dequantize().astype(np.float64)
+            - values.astype(np.float32).astype(np.float64)) ** 2
+
+
 def _sparse_options(fit: _CoreFit, lid: int, e0: float, cfg: CodecConfig,
                     avail: float) -> list[_Option]:
-    _, gains, order = fit.sparse_arrays()
+    core, gains, order = fit.sparse_arrays()
     n = int(np.count_nonzero(gains))
     cum = np.cumsum(gains[order[:n]])
     floor = max(e0 - fit.in_span, 0.0)
     # gains add up to the in-span energy only for orthonormal bases: rescale so that keeping
     # everything predicts exactly the out-of-span residual
     share = fit.in_span / float(cum[-1]) if n else 0.0
+    col_u, col_v = (fit.u_t**2).sum(0), (fit.v_t**2).sum(0)
     opts = []
     for k in _k_grid(n):
-        pos = _sparse_positions(fit, k)[0]
-        nb = LAYER_ENTRY_BYTES + positions_nbytes(pos) + values_nbytes(
-            cfg.value_format, k, cfg.group_size)
-        if nb > avail:
+        pos, _, _, ij = _sparse_positions(fit, k)
+        pos_bytes = LAYER_ENTRY_BYTES + positions_nbytes(pos)
+        if pos_bytes > avail:
             break
-        err = floor + max(fit.in_span - share * float(cum[k - 1]), 0.0)
-        opts.append(_Option(lid, RecordKind.SPARSE_CORE, fit.variant, k, nb, err))
+        trunc = floor + max(fit.in_span - share * float(cum[k - 1]), 0.0)
+        vals = core[ij[0], ij[1]]
+        for fmt in cfg.formats:
+            nb = pos_bytes + values_nbytes(fmt, k, cfg.group_size)
+            if nb <= avail:
+                noise = float(_quant_noise(vals, fmt, cfg.group_size)
+                              @ (col_u[ij[0]] * col_v[ij[1]])) * share
+                opts.append(_Option(lid, RecordKind.SPARSE_CORE, fit.variant, k, nb,
+                                    trunc + noise, fmt))
     return opts
 
 
-def _rank_options(kind: RecordKind, energy: np.ndarray, rows: int, cols: int, lid: int,
-                  variant: int, e0: float, cfg: CodecConfig, avail: float) -> list[_Option]:
+def _rank_options(kind: RecordKind, comp_a: np.ndarray, comp_b: np.ndarray,
+                  energy: np.ndarray, lid: int, variant: int, e0: float, cfg: CodecConfig,
+                  avail: float) -> list[_Option]:
+    """Rank-k options; quantisation noise of component j ~ energy_j * (rel. noise of a_j + b_j)."""
     kmax = int(np.count_nonzero(energy > energy[0] * 1e-14)) if energy.size else 0
     if cfg.max_rank is not None:
         kmax = min(kmax, cfg.max_rank)
+    rows, cols = comp_a.shape[0], comp_b.shape[0]
     cum = np.cumsum(energy)
     opts = []
-    for k in range(1, kmax + 1):
-        nb = LAYER_ENTRY_BYTES + values_nbytes(cfg.value_format, (rows + cols) * k,
-                                               cfg.group_size)
-        if nb > avail:
-            break
-        opts.append(_Option(lid, kind, variant, k, nb, max(e0 - float(cum[k - 1]), 0.0)))
+    for fmt in cfg.formats:
+        for k in range(1, kmax + 1):
+            nb = LAYER_ENTRY_BYTES + values_nbytes(fmt, (rows + cols) * k, cfg.group_size)
+            if nb > avail:
+                break
+            a, b = comp_a[:, :k], comp_b[:, :k]
+            noise = _quant_noise(np.concatenate([a.reshape(-1), b.reshape(-1)]), fmt,
+                                 cfg.group_size)
+            rel = (noise[: rows * k].reshape(rows, k).sum(0) / np.maximum((a**2).sum(0), 1e-300)
+                   + noise[rows * k:].reshape(cols, k).sum(0) / np.maximum((b**2).sum(0), 1e-300))
+            err = max(e0 - float(cum[k - 1]), 0.0) + float(energy[:k] @ rel)
+            opts.append(_Option(lid, kind, variant, k, nb, err, fmt))
     return opts
 
 
@@ -460,7 +505,7 @@ def _build_records(opt: _Option, upd: LayerUpdate, fit: _CoreFit | None, cfg: Co
     eps = float(np.float32(cfg.epsilon))
 
     def q(v: np.ndarray) -> QuantizedValues:
-        return quantize(v, cfg.value_format, cfg.group_size)
+        return quantize(v, opt.fmt, cfg.group_size)
 
     if opt.kind == RecordKind.SPARSE_CORE:
         assert fit is not None
@@ -477,8 +522,8 @@ def _build_records(opt: _Option, upd: LayerUpdate, fit: _CoreFit | None, cfg: Co
         rows, cols = a.shape[0], b.shape[0]
         left_basis, right_pinv = fit.u_t, fit.v_pinv_apply
     else:
-        left, s, right = _low_rank_svd(upd.B, upd.A.T)
-        a, b = left[:, :k] * np.sqrt(s[:k]), right[:, :k] * np.sqrt(s[:k])
+        dense_a, dense_b, _ = _dense_components(upd)
+        a, b = dense_a[:, :k], dense_b[:, :k]
         rows, cols = out_in
         left_basis, right_pinv = None, None
         eps = 0.0
@@ -489,7 +534,7 @@ def _build_records(opt: _Option, upd: LayerUpdate, fit: _CoreFit | None, cfg: Co
                            variant=opt.variant, epsilon=eps)
 
     plain = record(a, b)
-    if cfg.value_format == ValueFormat.FLOAT32:
+    if opt.fmt == ValueFormat.FLOAT32:
         return [plain]
     # quantisation-aware: keep the quantised left factor, re-solve the right one for it
     a_q = plain.values.dequantize()[: rows * k].reshape(rows, k).astype(np.float64)
@@ -540,13 +585,12 @@ def encode(
                     if RecordKind.SPARSE_CORE in kinds:
                         pool += _sparse_options(fit, lid, e0, config, cap)
                     if RecordKind.FACTORED_CORE in kinds:
-                        pool += _rank_options(RecordKind.FACTORED_CORE, fit.comp_energy,
-                                              fit.u_t.shape[1], fit.v_t.shape[1], lid, v, e0,
-                                              config, cap)
+                        pool += _rank_options(RecordKind.FACTORED_CORE, fit.comp_a, fit.comp_b,
+                                              fit.comp_energy, lid, v, e0, config, cap)
             if RecordKind.DENSE_FACTORS in kinds:
-                s = _low_rank_svd(upd.B, upd.A.T)[1]
-                pool += _rank_options(RecordKind.DENSE_FACTORS, s**2, basis.out_features,
-                                      basis.in_features, lid, 0, e0, config, cap)
+                dense_a, dense_b, s = _dense_components(upd)
+                pool += _rank_options(RecordKind.DENSE_FACTORS, dense_a, dense_b, s**2, lid, 0,
+                                      e0, config, cap)
         pools[lid] = pool
     if avail is not None:
         cheapest = min((o.nbytes for p in pools.values() for o in p if o.kind), default=None)

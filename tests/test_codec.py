@@ -459,3 +459,32 @@ def test_layer_ids_beyond_the_packet_table_are_rejected():
     b = bases[0]
     with pytest.raises(CodecError, match="layer id"):
         encode({70000: ups[0]}, {70000: LayerBasis(70000, b.U, b.V)}, CodecConfig())
+
+
+# --- per-layer choice of value format ------------------------------------------------------
+
+
+def test_format_candidates_are_chosen_per_layer_within_budget():
+    ups, bases = make_model(seed=8, full=True)
+    fmts = (ValueFormat.INT2, ValueFormat.INT3, ValueFormat.INT4, ValueFormat.INT8,
+            ValueFormat.FLOAT16)
+    for rep in ("factored_core", "dense_factors", "sparse_core"):
+        for budget in (700, 1500, 4000):
+            cfg = CodecConfig(representation=rep, budget_bytes=budget, overhead_bytes=100,
+                              value_format=fmts, group_size=32)
+            mixed = encode(ups, bases, cfg)
+            assert mixed.total_bytes <= budget
+            assert {r.values.fmt for r in mixed.records} <= set(fmts)
+            singles = [encode(ups, bases, dataclasses.replace(cfg, value_format=f))
+                       for f in fmts]
+            total = lambda res: sum(e**2 for e in res.predicted_error.values())  # noqa: E731
+            # the allocator's noise model is an estimate: allow a little slack over the best
+            assert total(mixed) <= 1.15 * min(total(s) for s in singles) + 1e-12, (rep, budget)
+
+
+def test_invalid_format_candidates():
+    with pytest.raises(CodecError):
+        CodecConfig(value_format=())
+    with pytest.raises(CodecError):
+        CodecConfig(value_format=(ValueFormat.INT4, 7))
+    assert CodecConfig(value_format=(ValueFormat.INT4,)).value_format == ValueFormat.INT4

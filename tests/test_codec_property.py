@@ -42,7 +42,10 @@ def problems(draw):
         seed=draw(st.integers(0, 2**64 - 1)),
         epsilon=draw(st.sampled_from([0.0, 0.01, 0.3])),
         perturbation=draw(st.sampled_from(list(PerturbationKind))),
-        value_format=draw(st.sampled_from(list(ValueFormat))),
+        value_format=draw(st.one_of(
+            st.sampled_from(list(ValueFormat)),
+            st.lists(st.sampled_from(list(ValueFormat)), min_size=1, max_size=3,
+                     unique=True).map(tuple))),
         group_size=draw(st.sampled_from([1, 7, 64])),
         budget_bytes=draw(st.one_of(st.none(), st.integers(40, 3000))),
         representation=draw(st.sampled_from(REPRESENTATIONS)),
@@ -55,11 +58,13 @@ def problems(draw):
 
 def _smallest_record(upd: LayerUpdate, basis: LayerBasis, cfg: CodecConfig) -> int:
     """A lower bound on the bytes of any non-empty record for this layer."""
-    fmt, gs = cfg.value_format, cfg.group_size
+    gs = cfg.group_size
     sizes = {
-        "sparse_core": values_nbytes(fmt, 1, gs) + 1,
-        "factored_core": values_nbytes(fmt, basis.U.shape[1] + basis.V.shape[1], gs),
-        "dense_factors": values_nbytes(fmt, upd.B.shape[0] + upd.A.shape[1], gs),
+        "sparse_core": min(values_nbytes(f, 1, gs) for f in cfg.formats) + 1,
+        "factored_core": min(values_nbytes(f, basis.U.shape[1] + basis.V.shape[1], gs)
+                             for f in cfg.formats),
+        "dense_factors": min(values_nbytes(f, upd.B.shape[0] + upd.A.shape[1], gs)
+                             for f in cfg.formats),
     }
     reps = list(sizes) if cfg.representation == "auto" else [cfg.representation]
     return LAYER_ENTRY_BYTES + min(sizes[r] for r in reps)
@@ -85,6 +90,7 @@ def test_codec_properties(problem):
     assert set(res.reconstructions) == set(res.predicted_error) == set(ups)
     for rec in res.records:
         assert rec.values.count == rec.expected_value_count()
+        assert rec.values.fmt in cfg.formats
         if cfg.representation != "auto":
             assert rec.kind == RecordKind[cfg.representation.upper()]
         if cfg.max_rank is not None and rec.kind != RecordKind.SPARSE_CORE:
