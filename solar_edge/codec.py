@@ -446,7 +446,7 @@ def _allocate(pools: dict[int, list[_Option]], avail: int | None) -> dict[int, _
     chosen = {lid: opts[0] for lid, opts in pools.items()}  # opts[0] is 'left out'
     hulls = {lid: _lower_hull(opts) for lid, opts in pools.items()}
     left = avail
-    heap = []
+    heap: list[tuple[float, int, int]] = []
 
     def push(lid: int, pos: int) -> None:
         hull = hulls[lid]
@@ -468,17 +468,17 @@ def _allocate(pools: dict[int, list[_Option]], avail: int | None) -> dict[int, _
     improved = True
     while improved:  # fill: any single-layer upgrade that still fits, best first
         improved = False
-        best = None
+        upgrade: tuple[float, int, _Option] | None = None
         for lid, opts in pools.items():
             cur = chosen[lid]
             for o in opts:
                 extra = o.nbytes - cur.nbytes
                 if o.err < cur.err and extra <= left:
                     gain = cur.err - o.err
-                    if best is None or gain > best[0]:
-                        best = (gain, lid, o)
-        if best is not None:
-            _, lid, o = best
+                    if upgrade is None or gain > upgrade[0]:
+                        upgrade = (gain, lid, o)
+        if upgrade is not None:
+            _, lid, o = upgrade
             left -= o.nbytes - chosen[lid].nbytes
             chosen[lid] = o
             improved = True
@@ -528,9 +528,12 @@ def _build_records(opt: _Option, upd: LayerUpdate, fit: _CoreFit | None, cfg: Co
         left_basis, right_pinv = None, None
         eps = 0.0
 
+    kind = opt.kind
+    assert kind is not None
+
     def record(a: np.ndarray, b: np.ndarray) -> LayerRecord:
         values = q(np.concatenate([a.reshape(-1), b.reshape(-1)]))
-        return LayerRecord(opt.layer_id, opt.kind, rows, cols, k, values,
+        return LayerRecord(opt.layer_id, kind, rows, cols, k, values,
                            variant=opt.variant, epsilon=eps)
 
     plain = record(a, b)
