@@ -269,3 +269,55 @@ def test_tflite_matches_onnx_and_patches_by_the_recorded_rule(tmp_path, minilm_b
     ref_patched = _run_onnx(b.onnx_path, feeds, so)
     assert np.abs(ref_patched - ref)[0][mask].max() > 1e-2
     assert np.abs(run_tflite(model_bytes)[0][mask] - ref_patched[0][mask]).max() < 1e-4
+
+
+def test_profile_graph_variants_are_written_and_hashed(tmp_path):
+    b = export_bundle(GPT2, "jetson-orin-nano", tmp_path / "b").bundle
+    variants = b.manifest["onnx"]["variants"]
+    assert set(variants) == set(load_profile("jetson-orin-nano").extra["graph_variants"])
+    for rel in variants.values():
+        assert rel in b.manifest["files"] and b.file_path(rel).is_file()
+
+
+def test_svd_basis_truncates_with_fixed_signs():
+    from solar_edge.exporters.basis import svd_basis
+
+    w = np.random.default_rng(3).standard_normal((9, 5))
+    basis = svd_basis(w, 3)
+    assert basis.U.shape == (9, 3) and basis.V.shape == (5, 3) and basis.rank == 3
+    assert np.allclose(basis.U.T @ basis.U, np.eye(3)) and np.allclose(basis.V.T @ basis.V,
+                                                                       np.eye(3))
+    assert np.all(np.diff(basis.S) <= 0)
+    pivots = basis.U[np.argmax(np.abs(basis.U), axis=0), np.arange(3)]
+    assert np.all(pivots > 0)
+    flipped = svd_basis(-w, 3)  # same subspaces, signs fixed by the same rule
+    assert np.allclose(np.abs(flipped.U), np.abs(basis.U))
+    assert np.all(flipped.U[np.argmax(np.abs(flipped.U), axis=0), np.arange(3)] > 0)
+    assert np.allclose(reconstruct(*svd_basis(w, 5).__dict__.values()), w)
+    for bad in (0, 6):
+        with pytest.raises(ExportError):
+            svd_basis(w, bad)
+
+
+def test_tflite_fold_is_explained_by_the_layernorm_or_refused():
+    from solar_edge.exporters.tflite_export import column_scale, undo_fold
+
+    rng = np.random.default_rng(4)
+    w0 = rng.standard_normal((6, 4)).astype(np.float32)
+    b0 = rng.standard_normal(6).astype(np.float32)
+    gamma, beta = rng.uniform(0.5, 2, 4), rng.standard_normal(4)
+    c = 0.42
+    stored = (c * w0 * gamma[None, :]).astype(np.float32)
+    stored_b = (c * (b0 + w0.astype(np.float64) @ beta)).astype(np.float32)
+    scale = column_scale(stored, w0)
+    assert np.allclose(scale, c * gamma, rtol=1e-6)
+    shift = undo_fold("m", scale, stored_b, w0, b0, (gamma, beta))
+    assert np.allclose(shift, c * beta)
+    dw = rng.standard_normal((6, 4))
+    patched_b = stored_b + dw @ shift  # the manifest's rule equals re-folding W0 + dW
+    assert np.allclose(patched_b, c * (b0 + (w0 + dw) @ beta), atol=1e-5)
+    with pytest.raises(ExportError, match="bias"):
+        undo_fold("m", scale, stored_b + 0.1, w0, b0, (gamma, beta))
+    with pytest.raises(ExportError, match="LayerNorm"):
+        undo_fold("m", scale * np.array([1, 1, 1, 2]), stored_b, w0, b0, (gamma, beta))
+    assert column_scale(rng.standard_normal((6, 4)), w0) is None
