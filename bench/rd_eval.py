@@ -1,0 +1,178 @@
+"""Task accuracy of a set of weight updates ``dW`` merged into the bundle's ONNX graph.
+
+:class:`PatchedEvaluator` opens one onnxruntime session on ``model.onnx`` whose adaptable
+weights are caller-owned numpy buffers (``SessionOptions.add_initializer`` with
+``session.disable_prepacking``), so evaluating another update set costs a buffer copy,
+not a session: ``buffer = (W0 + dW).T`` in place, then run the capped held-out split. The
+first call checks that in-place edits are really seen (against a fresh session).
+
+:func:`calibration_grams` captures each adapted layer's input ``X`` on calibration texts
+(the task's training split) from the *base* torch model and returns the per-layer Gram
+``X^T X / tokens``: the activation-weighted error of an approximation ``dW_hat`` is then
+``sqrt(tr(E G E^T) / tr(dW G dW^T))`` with ``E = dW - dW_hat`` (see
+:mod:`solar_edge.actaware`). Padding tokens are excluded.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from solar_edge.bundle import Bundle
+from solar_edge.taskhead import head_logits, mean_pool, task_head
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def wilson(correct: int, n: int, z: float = 1.959964) -> tuple[float, float, float]:
+    """Accuracy and its 95% Wilson interval."""
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
+    return p, max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    accuracy: float
+    ci95: tuple[float, float]
+    correct: int
+    n: int
+
+    def as_dict(self) -> dict:
+        return {"accuracy": self.accuracy, "ci95": list(self.ci95), "correct": self.correct,
+                "n": self.n}
+
+
+def _tokenize(bundle: Bundle, texts: Sequence[str], max_len: int) -> dict[str, np.ndarray]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(bundle.tokenizer_dir))
+    enc = tok(list(texts), truncation=True, max_length=max_len, padding=True, return_tensors="np")
+    return {k: np.asarray(enc[k], np.int64) for k in ("input_ids", "attention_mask")}
+
+
+class PatchedEvaluator:
+    """Accuracy of ``W0 + dW`` on ``texts`` with the frozen seeded head (one ORT session)."""
+
+    def __init__(self, bundle: Bundle, texts: Sequence[str], labels: Sequence[int],
+                 head_seed: int, num_labels: int, *, max_len: int = 64, batch: int = 64,
+                 threads: int = 2) -> None:
+        import onnxruntime as ort
+
+        self.bundle = bundle
+        self.labels = np.asarray(labels, np.int64)
+        self.head = task_head(head_seed, num_labels, int(bundle.manifest["model"]["hidden_size"]))
+        enc = _tokenize(bundle, texts, max_len)
+        lengths = enc["attention_mask"].sum(1)
+        order = np.argsort(lengths, kind="stable")
+        self.batches = []
+        for s in range(0, len(order), batch):
+            idx = order[s : s + batch]
+            width = int(lengths[idx].max())
+            self.batches.append((idx, enc["input_ids"][idx, :width],
+                                 enc["attention_mask"][idx, :width]))
+        self.input_names = [i["name"] for i in bundle.manifest["onnx"]["inputs"]]
+        self.base = {layer.id: np.asarray(bundle.base_weight(layer.id)) for layer in bundle.layers}
+        self.buffers: dict[int, np.ndarray] = {}
+        self._keep = []
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+        for layer in bundle.layers:
+            buf = np.ascontiguousarray(self.base[layer.id].T)  # in x out, the initializer layout
+            ov = ort.OrtValue.ortvalue_from_numpy(buf)
+            self._keep.append(ov)
+            opts.add_initializer(layer.onnx_initializer, ov)
+            self.buffers[layer.id] = buf
+        self.session = ort.InferenceSession(str(bundle.onnx_path), opts,
+                                            providers=["CPUExecutionProvider"])
+        self._opts = opts
+        self._checked = False
+        self.patched: set[int] = set()
+
+    def _feeds(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        return {name: feeds[name] for name in self.input_names}
+
+    def patch(self, updates: Mapping[int, np.ndarray]) -> None:
+        """Set ``W = W0 + dW`` for the given layers and ``W0`` for every other patched one."""
+        for lid in self.patched - set(updates):
+            np.copyto(self.buffers[lid], self.base[lid].T)
+        for lid, dw in updates.items():
+            np.add(self.base[lid].T, np.asarray(dw, np.float32).T, out=self.buffers[lid])
+        self.patched = set(updates)
+
+    def predictions(self) -> np.ndarray:
+        preds = np.empty(len(self.labels), np.int64)
+        for idx, ids, mask in self.batches:
+            hidden = self.session.run(None, self._feeds(ids, mask))[0]
+            preds[idx] = head_logits(mean_pool(hidden, mask), self.head).argmax(-1)
+        return preds
+
+    def _check_inplace(self) -> None:
+        """A fresh session on the same buffers must give the same outputs (edits are seen)."""
+        import onnxruntime as ort
+
+        idx, ids, mask = self.batches[0]
+        got = self.session.run(None, self._feeds(ids, mask))[0]
+        fresh = ort.InferenceSession(str(self.bundle.onnx_path), self._opts,
+                                     providers=["CPUExecutionProvider"])
+        want = fresh.run(None, self._feeds(ids, mask))[0]
+        if not np.allclose(got, want, atol=1e-4):
+            raise RuntimeError("onnxruntime did not see in-place weight edits")
+        self._checked = True
+
+    def accuracy(self, updates: Mapping[int, np.ndarray]) -> Accuracy:
+        self.patch(updates)
+        if not self._checked and updates:
+            self._check_inplace()
+        correct = int((self.predictions() == self.labels).sum())
+        acc, lo, hi = wilson(correct, len(self.labels))
+        return Accuracy(acc, (lo, hi), correct, len(self.labels))
+
+
+def calibration_grams(bundle: Bundle, texts: Sequence[str], layer_ids: Sequence[int],
+                      model_dir: str | Path | None = None, max_len: int = 64,
+                      batch: int = 32) -> dict[int, np.ndarray]:
+    """``{layer id: X^T X / tokens}`` (float64) of each layer's input on ``texts`` (base model)."""
+    import torch
+
+    from solar_edge.exporters.train import load_base
+
+    _, model = load_base(None if model_dir is None else str(model_dir))
+    enc = _tokenize(bundle, texts, max_len)
+    modules = dict(model.named_modules())
+    grams: dict[int, np.ndarray] = {}
+    count = [0]
+    mask_now: list[torch.Tensor] = []
+    hooks = []
+
+    def hook_for(lid: int):
+        def hook(_mod, inputs, _out) -> None:
+            x = inputs[0][mask_now[0]].double()  # tokens x in (padding dropped)
+            g = (x.T @ x).numpy()
+            grams[lid] = grams[lid] + g if lid in grams else g
+        return hook
+
+    for lid in layer_ids:
+        name = bundle.layer(lid).name
+        hooks.append(modules[name].register_forward_hook(hook_for(lid)))
+    try:
+        with torch.inference_mode():
+            for s in range(0, len(texts), batch):
+                ids = torch.from_numpy(enc["input_ids"][s : s + batch])
+                mask = torch.from_numpy(enc["attention_mask"][s : s + batch])
+                mask_now[:] = [mask.bool()]
+                count[0] += int(mask.sum())
+                model(input_ids=ids, attention_mask=mask)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {lid: g / count[0] for lid, g in grams.items()}

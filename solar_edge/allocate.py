@@ -1,0 +1,209 @@
+"""Global byte allocation across layers, and the activation-aware encoder built on it.
+
+Every layer offers operating points ``(bytes, distortion)`` (:mod:`solar_edge.actaware`:
+left out, or rank ``k`` at ``b`` bits, plain or in W0's singular basis). The allocator picks
+one point per layer so that ``overhead + sum(bytes) <= budget`` and the *sum* of distortions
+over layers is small: greedy along each layer's lower convex hull, largest distortion drop
+per byte first, then a fill pass with single-layer upgrades that still fit. Layers whose
+update barely moves their outputs get rank 0 (no record) first; others rank 1-2 at few bits.
+
+:func:`encode_adapter` is the entry point: updates + bases + input Grams + a budget (or an
+error bound, met by bisection on the budget) -> records for :func:`solar_edge.packet.
+encode_packet`, with per-layer bytes and measured errors.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from solar_edge.actaware import LayerFit, Whitener, fit_layer
+from solar_edge.basis import LayerBasis
+from solar_edge.codec import DEFAULT_PACKET_OVERHEAD, LayerUpdate
+from solar_edge.errors import BudgetError, CodecError
+from solar_edge.records import LayerRecord, ValueFormat
+
+DEFAULT_FORMATS = (ValueFormat.INT2, ValueFormat.INT3, ValueFormat.INT4, ValueFormat.INT5,
+                   ValueFormat.INT6, ValueFormat.INT8)
+
+
+@dataclass(frozen=True)
+class AllocConfig:
+    max_rank: int = 4
+    formats: tuple[ValueFormat, ...] = DEFAULT_FORMATS
+    group_size: int = 64
+    use_basis: bool = True            # also try W0's singular-basis coordinates per layer
+    overhead_bytes: int = DEFAULT_PACKET_OVERHEAD
+
+    def __post_init__(self) -> None:
+        if self.max_rank < 1:
+            raise CodecError(f"max_rank must be >= 1, got {self.max_rank}")
+        if not self.formats or any(not ValueFormat(f).is_integer for f in self.formats):
+            raise CodecError("formats must be integer value formats")
+        if not 1 <= self.group_size <= 0xFFFF:
+            raise CodecError(f"group_size must be in 1..65535, got {self.group_size}")
+
+
+@dataclass
+class Allocation:
+    """Chosen point per layer; ``err``/``e0`` are distortions in the allocation metric."""
+
+    chosen: dict[int, LayerFit]
+    e0: dict[int, float]
+    overhead_bytes: int
+    records: list[LayerRecord] = field(default_factory=list)
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(f.nbytes for f in self.chosen.values())
+
+    @property
+    def total_bytes(self) -> int:
+        """Uncompressed packet size (zstd in the packet can only make it smaller)."""
+        return self.overhead_bytes + self.payload_bytes
+
+    def layer_error(self, lid: int) -> float:
+        """Relative error of one layer: ``sqrt(err / e0)``."""
+        e0 = self.e0[lid]
+        return float(np.sqrt(self.chosen[lid].err / e0)) if e0 > 0 else 0.0
+
+    @property
+    def total_error(self) -> float:
+        """``sqrt(sum err / sum e0)`` over layers: the adapter's relative error."""
+        e0 = sum(self.e0.values())
+        return float(np.sqrt(sum(f.err for f in self.chosen.values()) / e0)) if e0 > 0 else 0.0
+
+
+def lower_hull(points: Sequence[LayerFit]) -> list[LayerFit]:
+    """Lower convex hull in (bytes, err), from the cheapest point, err strictly decreasing."""
+    hull: list[LayerFit] = []
+    for p in sorted(points, key=lambda f: (f.nbytes, f.err)):
+        if hull and p.err >= hull[-1].err:
+            continue
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            if (b.err - a.err) * (p.nbytes - a.nbytes) >= (p.err - a.err) * (b.nbytes - a.nbytes):
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull
+
+
+def allocate(options: Mapping[int, Sequence[LayerFit]], avail: int) -> dict[int, LayerFit]:
+    """One point per layer with ``sum(nbytes) <= avail`` (each layer's first option costs 0)."""
+    chosen = {lid: min(opts, key=lambda f: f.nbytes) for lid, opts in options.items()}
+    if any(f.nbytes for f in chosen.values()):
+        raise CodecError("every layer needs a zero-byte 'left out' option")
+    hulls = {lid: lower_hull(opts) for lid, opts in options.items()}
+    left = avail
+    heap: list[tuple[float, int, int]] = []
+
+    def push(lid: int, pos: int) -> None:
+        hull = hulls[lid]
+        if pos + 1 < len(hull):
+            cur, nxt = hull[pos], hull[pos + 1]
+            heapq.heappush(heap, (-(cur.err - nxt.err) / max(nxt.nbytes - cur.nbytes, 1),
+                                  lid, pos + 1))
+
+    for lid in hulls:
+        push(lid, 0)
+    while heap:
+        _, lid, pos = heapq.heappop(heap)
+        step = hulls[lid][pos]
+        extra = step.nbytes - chosen[lid].nbytes
+        if extra <= left:
+            left -= extra
+            chosen[lid] = step
+            push(lid, pos)
+    while True:  # fill: the single-layer upgrade with the largest drop that still fits
+        best = None
+        for lid, opts in options.items():
+            cur = chosen[lid]
+            for o in opts:
+                if o.err < cur.err and o.nbytes - cur.nbytes <= left:
+                    if best is None or cur.err - o.err > best[0]:
+                        best = (cur.err - o.err, lid, o)
+        if best is None:
+            return chosen
+        _, lid, o = best
+        left -= o.nbytes - chosen[lid].nbytes
+        chosen[lid] = o
+
+
+def layer_options(updates: Mapping[int, LayerUpdate], bases: Mapping[int, LayerBasis],
+                  grams: Mapping[int, np.ndarray | None], config: AllocConfig,
+                  ) -> dict[int, list[LayerFit]]:
+    """Every layer's operating points (the expensive part: fit once, allocate many times).
+
+    Small matrices: one BLAS thread (threadpoolctl, when installed) avoids oversubscription."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - optional speed-up only
+        return _layer_options(updates, bases, grams, config)
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _layer_options(updates, bases, grams, config)
+
+
+def _layer_options(updates: Mapping[int, LayerUpdate], bases: Mapping[int, LayerBasis],
+                   grams: Mapping[int, np.ndarray | None], config: AllocConfig,
+                   ) -> dict[int, list[LayerFit]]:
+    options = {}
+    for lid, upd in sorted(updates.items()):
+        n_in = int(np.asarray(upd.A).shape[1])
+        w = Whitener.from_gram(grams.get(lid), n_in)
+        basis = bases.get(lid) if config.use_basis else None
+        options[lid] = fit_layer(upd, lid, w, max_rank=config.max_rank, formats=config.formats,
+                                 group=config.group_size, basis=basis)
+    return options
+
+
+def allocation_for_budget(options: Mapping[int, Sequence[LayerFit]], budget_bytes: int,
+                          overhead_bytes: int) -> Allocation:
+    avail = budget_bytes - overhead_bytes
+    smallest = min((f.nbytes for opts in options.values() for f in opts if f.kind), default=None)
+    if smallest is None or avail < smallest:
+        raise BudgetError(f"budget {budget_bytes} B cannot hold the {overhead_bytes} B overhead "
+                          f"plus one smallest record ({smallest} B)")
+    chosen = allocate(options, avail)
+    e0 = {lid: opts[0].err for lid, opts in options.items()}
+    records = [f.record for _, f in sorted(chosen.items()) if f.record is not None]
+    return Allocation(chosen, e0, overhead_bytes, records)
+
+
+def allocation_for_error(options: Mapping[int, Sequence[LayerFit]], max_error: float,
+                         overhead_bytes: int) -> Allocation:
+    """Smallest budget (bisection) whose allocation has ``total_error <= max_error``."""
+    if not max_error >= 0:
+        raise CodecError(f"max_error must be >= 0, got {max_error}")
+    hi = overhead_bytes + sum(max(f.nbytes for f in opts) for opts in options.values())
+    best = allocation_for_budget(options, hi, overhead_bytes)
+    if best.total_error > max_error:
+        raise BudgetError(f"even the largest packet ({best.total_bytes} B) has error "
+                          f"{best.total_error:.4g} > {max_error:.4g}")
+    lo = overhead_bytes + min(f.nbytes for opts in options.values() for f in opts if f.kind) - 1
+    while hi - lo > 1:  # invariant: allocation at hi meets the bound, at lo it does not
+        mid = (lo + hi) // 2
+        alloc = allocation_for_budget(options, mid, overhead_bytes)
+        if alloc.total_error <= max_error:
+            hi, best = mid, alloc
+        else:
+            lo = mid
+    return best
+
+
+def encode_adapter(updates: Mapping[int, LayerUpdate], bases: Mapping[int, LayerBasis],
+                   grams: Mapping[int, np.ndarray | None], config: AllocConfig, *,
+                   budget_bytes: int | None = None,
+                   max_error: float | None = None) -> Allocation:
+    """Records for one adapter under ``budget_bytes`` or meeting ``max_error`` (exactly one)."""
+    if (budget_bytes is None) == (max_error is None):
+        raise CodecError("give exactly one of budget_bytes and max_error")
+    options = layer_options(updates, bases, grams, config)
+    if budget_bytes is not None:
+        return allocation_for_budget(options, budget_bytes, config.overhead_bytes)
+    assert max_error is not None
+    return allocation_for_error(options, max_error, config.overhead_bytes)
