@@ -78,7 +78,8 @@ class RuntimeApplier:
             raise HealthCheckError("health probe produced empty or non-finite outputs")
 
     def restore(self, packets: Sequence[bytes], active: str | None) -> None:
-        fresh = self.make_runtime()
+        # A runtime that never cached anything is as fresh as a new one (saves a session).
+        fresh = self.runtime if not self.runtime.cached else self.make_runtime()
         for data in packets:
             fresh.apply(data)
         self.runtime = fresh

@@ -165,20 +165,25 @@ def chart(rows: Sequence[Row], path: Path) -> Path:
     width = 0.8 / max(1, len(artifacts))
     fig, ax = plt.subplots(figsize=(10, 4.8))
     for j, artifact in enumerate(artifacts):
-        xs, ys = [], []
+        xs, ys, computed_only = [], [], []
         for i, link in enumerate(links):
             for r in rows:
                 if r.link == link and r.artifact == artifact:
                     xs.append(i + (j - (len(artifacts) - 1) / 2) * width)
                     ys.append(r.measured_s if r.measured_s is not None else r.computed_s)
-        ax.bar(xs, ys, width, label=artifact)
+                    computed_only.append(r.measured_s is None)
+        bars = ax.bar(xs, ys, width, label=artifact)
+        for bar, hatched in zip(bars, computed_only, strict=True):
+            if hatched:
+                bar.set_hatch("//")
     ax.set_yscale("log")
     ax.set_xticks(range(len(links)), links)
     ax.set_ylabel("download time (s, log scale)")
     for seconds, label in ((1, "1 s"), (60, "1 min"), (3600, "1 h"), (86400, "1 day")):
         ax.axhline(seconds, color="grey", lw=0.5, ls=":")
         ax.text(len(links) - 0.5, seconds, label, fontsize=7, va="bottom", ha="right")
-    ax.set_title("Update download time per link (measured where TCP allows, else computed)")
+    ax.set_title("Update download time per link (measured through the throttled server; "
+                 "hatched: computed)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
