@@ -86,12 +86,16 @@ class Outcome:
     version: int
     action: str                  # "installed", "current", "rejected", "failed"
     error: SolarEdgeError | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0         # download + verify + apply + health check
     bytes: int = 0
+    download_s: float = 0.0      # transfer incl. resumes and backoff, and hash check
+    apply_s: float = 0.0         # packet verify, runtime apply, health check, commit
 
     def __str__(self) -> str:
         why = f" ({type(self.error).__name__}: {self.error})" if self.error else ""
-        return f"{self.adapter_id} v{self.version}: {self.action}{why}"
+        timing = (f" [{self.bytes} B, download {self.download_s:.2f} s, apply "
+                  f"{self.apply_s:.2f} s]" if self.action == "installed" else "")
+        return f"{self.adapter_id} v{self.version}: {self.action}{why}{timing}"
 
 
 _TUF_ERRORS: list[tuple[type[Exception], type[RepositoryError]]] = [
@@ -198,16 +202,19 @@ class Agent:
             return Outcome(adapter_id, version, "rejected",
                            PacketError(f"rejected before: {self.state.rejected[sha]}"))
         start = time.monotonic()
+        downloaded = start
         try:
             data = self._download(info)
+            downloaded = time.monotonic()
             self._install(adapter_id, version, data)
         except (PacketError, RuntimeApplyError, RepositoryError) as exc:
             if isinstance(exc, (PacketError, RuntimeApplyError)):
                 self.state.rejected[sha] = f"{type(exc).__name__}: {exc}"
                 self.store.save(self.state)
             return Outcome(adapter_id, version, "rejected", exc, time.monotonic() - start)
-        return Outcome(adapter_id, version, "installed", None, time.monotonic() - start,
-                       info.length)
+        end = time.monotonic()
+        return Outcome(adapter_id, version, "installed", None, end - start, info.length,
+                       downloaded - start, end - downloaded)
 
     def _download(self, info: TargetFile) -> bytes:
         if info.length > self.config.max_packet_bytes:

@@ -49,6 +49,8 @@ def test_installs_newest_version_per_adapter_and_keeps_first_active(rig):
     outcomes = agent.run()
     assert [(o.adapter_id, o.version, o.action) for o in outcomes] == [
         ("a", 2, "installed"), ("b", 1, "installed")]
+    assert all(o.download_s > 0 and o.apply_s > 0 and o.bytes > 0 for o in outcomes)
+    assert "a v2: installed [" in str(outcomes[0])
     assert agent.applier.active == "a" and agent.applier.active_version == 2
     assert list(agent.applier.infer([1.0])) == [3.0]
     state = _state(agent)
