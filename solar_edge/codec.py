@@ -62,7 +62,8 @@ class LayerUpdate:
 
 @dataclass(frozen=True)
 class CodecConfig:
-    """Encoder parameters. ``budget_bytes=None`` keeps everything (lowest error)."""
+    """Encoder parameters. ``budget_bytes=None``: per layer the option of lowest predicted error
+    (a layer is left out only when every option is predicted worse than no update)."""
 
     seed: int = 0                     # u64 PRNG seed shared by all layers
     epsilon: float = 0.0              # perturbation scale (stored as float32)
@@ -267,10 +268,16 @@ def _low_rank_svd(left: np.ndarray, right_t: np.ndarray):
 
 
 def _dense_components(upd: LayerUpdate) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``dW = sum_j a_j b_j^T`` by decreasing singular value, norms balanced: (a, b, s)."""
+    """``dW = sum_j a_j b_j^T`` by decreasing singular value, entries balanced: (a, b, s)."""
     left, s, right = _low_rank_svd(upd.B, upd.A.T)
+    t = _entry_balance(left.shape[0], right.shape[0])
     root = np.sqrt(s)
-    return left * root, right * root, s
+    return left * (root * t), right * (root / t), s
+
+
+def _entry_balance(rows: int, cols: int) -> float:
+    """Factor scale giving ``a`` and ``b`` the same RMS entry (they share quantisation groups)."""
+    return float((rows / cols) ** 0.25)
 
 
 def _orthonormalizer(t: np.ndarray) -> np.ndarray:
@@ -302,9 +309,10 @@ def _core_fit(upd: LayerUpdate, basis: LayerBasis, cfg: CodecConfig, variant: in
     gb = w_u.T @ (u_t.T @ upd.B)  # m_u x r: dW in orthonormal coordinates is gb @ ga
     ga = (upd.A @ v_t) @ w_v      # r x m_v
     left, s, right = _low_rank_svd(gb, ga.T)
+    t = _entry_balance(ru, rv)
     root = np.sqrt(s)
-    fit = _CoreFit(variant, u_t, v_t, w_u, w_v, gb, ga, w_u @ (left * root),
-                   w_v @ (right * root), s**2, _energy(gb, ga))
+    fit = _CoreFit(variant, u_t, v_t, w_u, w_v, gb, ga, w_u @ (left * (root * t)),
+                   w_v @ (right * (root / t)), s**2, _energy(gb, ga))
     if sparse:
         fit.core = (w_u @ gb) @ (ga @ w_v.T)  # U~^+ dW V~^+T
         fit.gains = (fit.core**2 * (u_t**2).sum(0)[:, None]

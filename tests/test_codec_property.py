@@ -85,8 +85,10 @@ def test_codec_properties(problem):
     assert res.total_bytes == cfg.overhead_bytes + sum(record_nbytes(r) for r in res.records)
     if cfg.budget_bytes is not None:
         assert res.total_bytes <= cfg.budget_bytes
-    else:
-        assert len(res.records) == len(ups)  # nothing dropped without a budget
+    elif set(cfg.formats) <= {ValueFormat.FLOAT32, ValueFormat.FLOAT16, ValueFormat.INT8}:
+        # nothing dropped without a budget (with coarser formats a layer whose every option
+        # is predicted worse than leaving it out may be dropped)
+        assert len(res.records) == len(ups)
     assert set(res.reconstructions) == set(res.predicted_error) == set(ups)
     for rec in res.records:
         assert rec.values.count == rec.expected_value_count()
