@@ -18,7 +18,7 @@ def tiny_gpt2() -> tuple[nn.Module, dict[str, torch.Tensor]]:
 
     torch.manual_seed(1234)
     config = GPT2Config(vocab_size=257, n_positions=64, n_embd=48, n_layer=2, n_head=4,
-                        n_inner=96, attn_implementation="eager")
+                        n_inner=96, attn_implementation="eager")  # type: ignore[call-arg]
     model = GPT2Model(config).eval()
     g = torch.Generator().manual_seed(5)
     input_ids = torch.randint(0, config.vocab_size, (2, 11), generator=g)
@@ -31,7 +31,7 @@ def tiny_vit() -> tuple[nn.Module, dict[str, torch.Tensor]]:
     torch.manual_seed(4321)
     config = ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=48,
                        num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-                       attn_implementation="eager")
+                       attn_implementation="eager")  # type: ignore[call-arg]
     model = ViTModel(config).eval()
     g = torch.Generator().manual_seed(6)
     return model, {"pixel_values": torch.randn(2, 3, 32, 32, generator=g)}

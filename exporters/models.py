@@ -196,8 +196,9 @@ def copy_tokenizer(files: Sequence[Path], dest: Path) -> None:
 
 def is_conv1d(module: nn.Module) -> bool:
     """transformers' ``Conv1D`` (GPT-2): a Linear whose weight is stored ``in x out``."""
-    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None \
-        and module.weight.dim() == 2
+    weight = getattr(module, "weight", None)
+    return type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) \
+        and weight.dim() == 2
 
 
 def is_adaptable(module: nn.Module) -> bool:
@@ -206,7 +207,9 @@ def is_adaptable(module: nn.Module) -> bool:
 
 def weight_out_in(module: nn.Module) -> np.ndarray:
     """The module's weight as float32 ``(out, in)``."""
-    w = module.weight.detach().to(torch.float32).cpu().numpy()
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    w = weight.detach().to(torch.float32).cpu().numpy()
     return np.ascontiguousarray(w.T if is_conv1d(module) else w)
 
 

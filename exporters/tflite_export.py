@@ -231,7 +231,7 @@ def locate_weights(
     used: set[int] = set()
     found: dict[str, dict[str, Any]] = {}
     for module, (w0, b0) in layers.items():
-        hit = None
+        hit: tuple[_Tensor, _Tensor | None, np.ndarray | None] | None = None
         for w, b in fcs:
             if w.index in used or w.shape != w0.shape:
                 continue

@@ -15,11 +15,14 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from solar_edge.errors import BundleError, BundleIntegrityError
+
+if TYPE_CHECKING:
+    from solar_edge.basis import LayerBasis
 
 MANIFEST = "manifest.json"
 FORMAT = "solar-edge-bundle"
@@ -171,7 +174,7 @@ class Bundle:
         v = self._load(layer.files["V"], (layer.in_features, layer.rank))
         return u.astype(np.float32), v.astype(np.float32)
 
-    def layer_basis(self, layer_id: int):  # -> solar_edge.basis.LayerBasis
+    def layer_basis(self, layer_id: int) -> LayerBasis:
         """The codec's :class:`~solar_edge.basis.LayerBasis` for ``layer_id``."""
         from solar_edge.basis import LayerBasis
 
