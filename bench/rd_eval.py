@@ -6,11 +6,9 @@ weights are caller-owned numpy buffers (``SessionOptions.add_initializer`` with
 not a session: ``buffer = (W0 + dW).T`` in place, then run the capped held-out split. The
 first call checks that in-place edits are really seen (against a fresh session).
 
-:func:`calibration_grams` captures each adapted layer's input ``X`` on calibration texts
-(the task's training split) from the *base* torch model and returns the per-layer Gram
-``X^T X / tokens``: the activation-weighted error of an approximation ``dW_hat`` is then
-``sqrt(tr(E G E^T) / tr(dW G dW^T))`` with ``E = dW - dW_hat`` (see
-:mod:`solar_edge.actaware`). Padding tokens are excluded.
+:func:`calibration_grams` (from :mod:`solar_edge.exporters.calibration`) gives each adapted
+layer's input Gram ``G = X^T X / tokens`` on calibration texts (base model), which weighs the
+activation-aware error ``sqrt(tr(E G E^T) / tr(dW G dW^T))``.
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -86,7 +83,7 @@ class PatchedEvaluator:
         opts.inter_op_num_threads = 1
         opts.add_session_config_entry("session.disable_prepacking", "1")
         for layer in bundle.layers:
-            buf = np.ascontiguousarray(self.base[layer.id].T)  # in x out, the initializer layout
+            buf = np.array(self.base[layer.id].T, dtype=np.float32, order="C")  # in x out, writable
             ov = ort.OrtValue.ortvalue_from_numpy(buf)
             self._keep.append(ov)
             opts.add_initializer(layer.onnx_initializer, ov)
@@ -136,43 +133,3 @@ class PatchedEvaluator:
         correct = int((self.predictions() == self.labels).sum())
         acc, lo, hi = wilson(correct, len(self.labels))
         return Accuracy(acc, (lo, hi), correct, len(self.labels))
-
-
-def calibration_grams(bundle: Bundle, texts: Sequence[str], layer_ids: Sequence[int],
-                      model_dir: str | Path | None = None, max_len: int = 64,
-                      batch: int = 32) -> dict[int, np.ndarray]:
-    """``{layer id: X^T X / tokens}`` (float64) of each layer's input on ``texts`` (base model)."""
-    import torch
-
-    from solar_edge.exporters.train import load_base
-
-    _, model = load_base(None if model_dir is None else str(model_dir))
-    enc = _tokenize(bundle, texts, max_len)
-    modules = dict(model.named_modules())
-    grams: dict[int, np.ndarray] = {}
-    count = [0]
-    mask_now: list[torch.Tensor] = []
-    hooks = []
-
-    def hook_for(lid: int):
-        def hook(_mod, inputs, _out) -> None:
-            x = inputs[0][mask_now[0]].double()  # tokens x in (padding dropped)
-            g = (x.T @ x).numpy()
-            grams[lid] = grams[lid] + g if lid in grams else g
-        return hook
-
-    for lid in layer_ids:
-        name = bundle.layer(lid).name
-        hooks.append(modules[name].register_forward_hook(hook_for(lid)))
-    try:
-        with torch.inference_mode():
-            for s in range(0, len(texts), batch):
-                ids = torch.from_numpy(enc["input_ids"][s : s + batch])
-                mask = torch.from_numpy(enc["attention_mask"][s : s + batch])
-                mask_now[:] = [mask.bool()]
-                count[0] += int(mask.sum())
-                model(input_ids=ids, attention_mask=mask)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {lid: g / count[0] for lid, g in grams.items()}

@@ -1,0 +1,467 @@
+"""Rate-distortion of real adapters: accuracy and errors versus signed packet bytes, one run.
+
+    python bench/rd.py --bundle artifacts/bundle-x86-64 --adapters artifacts/adapters \
+        --out out/rd.json [--max-eval 300] [--only pydoc-topics/lora-qv-r8 ...]
+
+For every adapter directory ``ADAPTERS/<task>/<kind>/`` (trained by
+``scripts/train_adapters.py``) and every method below, it builds the real signed packet
+(``encode_packet``: header, layer table, positions, values, zstd when smaller, Ed25519
+signature), measures ``len(bytes)``, decodes the packet back, and measures on what the
+device would reconstruct: held-out accuracy (Wilson 95% CI) of the MiniLM ONNX graph with
+``W0 + dW_hat`` patched in, the relative Frobenius error and the activation-weighted error
+``sqrt(sum_l tr(E_l G_l E_l^T) / sum_l tr(dW_l G_l dW_l^T))`` (``G_l``: input Gram of layer
+``l`` on calibration texts from the training split, base model).
+
+Methods (``family`` in the JSON):
+
+* ``reference``: the uncompressed adapter (fp32 factors; bytes = its safetensors file);
+  ``lora-fp16``: its tensors as fp16 safetensors (bytes of that file).
+* ``lora-int``: the adapter's own factors as DENSE_FACTORS records, int8 / int4 / int3 with
+  group-64 float16 scales (+zstd when smaller).
+* ``rank``: rank-k re-truncation of dW (SVD of the factors) with int8 / int4 factors
+  (``codec.encode`` with ``dense_factors``, quantisation-aware refit).
+* ``random-basis``: NOLA-style sparse coefficients in a seeded random basis (Rademacher
+  columns from the project's Philox PRNG), global byte budget.
+* ``naive-solar``: sparse coefficients in W0's singular basis (the paper's idea alone).
+* ``codec``: ``codec.encode`` (representation ``auto``, int4) at several budgets.
+* ``actaware``: :mod:`solar_edge.allocate` (activation-aware fits, int2..int8, rank 0..4
+  per layer, plain or W0-basis coordinates, global allocation) at several budgets;
+  ``frobenius``: the same allocator with ``G = I`` (ablation).
+* ``carry``: training-time relatives carried coefficient-only in the bundle basis
+  (LoRA-XS cores, TinyLoRA 2x2 cores; float32 values).
+
+Points are cached in ``<out>.cache.json`` (keyed by adapter file hash, method, held-out size),
+so re-runs only evaluate what is new. A PNG (accuracy vs bytes, log x, one panel per
+adapter) is written beside the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from rd_eval import PatchedEvaluator, calibration_grams  # noqa: E402
+
+from solar_edge import signing  # noqa: E402
+from solar_edge.actaware import weighted_sq_error  # noqa: E402
+from solar_edge.adapters import match_to_bundle, read_adapter  # noqa: E402
+from solar_edge.allocate import AllocConfig, allocation_for_budget, layer_options  # noqa: E402
+from solar_edge.basis import LayerBasis  # noqa: E402
+from solar_edge.bundle import Bundle, load_bundle  # noqa: E402
+from solar_edge.codec import CodecConfig, LayerUpdate, decode_factors, encode  # noqa: E402
+from solar_edge.errors import BudgetError  # noqa: E402
+from solar_edge.packet import (  # noqa: E402
+    PacketHeader,
+    decode_packet,
+    encode_packet,
+    fixed_overhead_bytes,
+)
+from solar_edge.prng import perturbation_columns  # noqa: E402
+from solar_edge.quant import quantize  # noqa: E402
+from solar_edge.records import (  # noqa: E402
+    CodecHeader,
+    LayerRecord,
+    PerturbationKind,
+    RecordKind,
+    ValueFormat,
+)
+
+MAIN_KINDS = ("lora-qv-r8", "lora-all-r16", "adalora")
+TOLERANCE = 0.005  # "within 0.5 point of the uncompressed adapter"
+RANDOM_SEED = 7
+BASELINE_FAMILIES = ("lora-fp16", "lora-int", "rank", "random-basis", "naive-solar")
+CODEC_FAMILIES = ("codec", "actaware", "frobenius", "carry")
+
+Updates = dict[int, LayerUpdate]
+Factors = dict[int, tuple[np.ndarray, np.ndarray]]
+
+
+# --- packets -------------------------------------------------------------------------------
+
+
+class PacketMaker:
+    """Signed packets for one adapter; decodes them back into per-layer factors."""
+
+    def __init__(self, bundle: Bundle, adapter_id: str, metadata: dict, key) -> None:
+        self.header = PacketHeader(bundle.fingerprint, adapter_id, 1, metadata)
+        self.overhead = fixed_overhead_bytes(adapter_id, metadata)
+        self.key = key
+
+    def roundtrip(self, codec: CodecHeader, records: list[LayerRecord],
+                  bases: dict[int, LayerBasis]) -> tuple[int, Factors]:
+        data = encode_packet(self.header, codec, records, self.key)
+        packet = decode_packet(data, [self.key.public_key()])
+        factors = {r.layer_id: decode_factors(r, bases.get(r.layer_id), packet.codec)
+                   for r in packet.records}
+        return len(data), factors
+
+
+def safetensors_bytes(path: Path, dtype: str) -> int:
+    """Size of the adapter's tensors saved as ``dtype`` safetensors."""
+    from safetensors.numpy import load_file, save
+
+    tensors = {k: v.astype(dtype) for k, v in load_file(str(path)).items()}
+    return len(save(tensors))
+
+
+def random_bases(updates: Updates, seed: int) -> dict[int, LayerBasis]:
+    """Seeded Rademacher bases (scaled to unit columns), min(out, in) columns per side."""
+    out = {}
+    for lid, u in updates.items():
+        n_out, n_in = u.B.shape[0], u.A.shape[1]
+        r = min(n_out, n_in)
+        pu = perturbation_columns(seed, lid, 0, n_out, np.arange(r), PerturbationKind.RADEMACHER)
+        pv = perturbation_columns(seed, lid, 1, n_in, np.arange(r), PerturbationKind.RADEMACHER)
+        out[lid] = LayerBasis(lid, pu / np.sqrt(n_out), pv / np.sqrt(n_in))
+    return out
+
+
+def lora_int_records(updates: Updates, fmt: ValueFormat) -> list[LayerRecord]:
+    """The adapter's own factors (``dW = B @ A``) as DENSE_FACTORS records."""
+    recs = []
+    for lid, u in sorted(updates.items()):
+        vals = np.concatenate([u.B.reshape(-1), u.A.T.reshape(-1)])
+        recs.append(LayerRecord(lid, RecordKind.DENSE_FACTORS, u.B.shape[0], u.A.shape[1],
+                                u.B.shape[1], quantize(vals, fmt, 64)))
+    return recs
+
+
+def core_records(updates: Updates, bases: dict[int, LayerBasis], r: int,
+                 fmt: ValueFormat = ValueFormat.FLOAT32) -> list[LayerRecord]:
+    """``dW`` projected on the top-``r`` singular vectors of W0: an ``r x r`` SPARSE_CORE."""
+    recs = []
+    for lid, u in sorted(updates.items()):
+        ur, vr = bases[lid].U[:, :r].astype(np.float64), bases[lid].V[:, :r].astype(np.float64)
+        core = (ur.T @ u.B) @ (u.A @ vr)
+        recs.append(LayerRecord(lid, RecordKind.SPARSE_CORE, r, r, 0,
+                                quantize(core.reshape(-1), fmt, 64),
+                                positions=np.arange(r * r, dtype=np.uint32)))
+    return recs
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+def errors_of(updates: Updates, factors: Factors, grams: dict[int, np.ndarray]) -> dict:
+    fro = [0.0, 0.0]
+    act = [0.0, 0.0]
+    for lid, u in updates.items():
+        B, A = u.B.astype(np.float64), u.A.astype(np.float64)
+        n_out, n_in = B.shape[0], A.shape[1]
+        L, Rt = factors.get(lid, (np.zeros((n_out, 0)), np.zeros((n_in, 0))))
+        L, Rt = L.astype(np.float64), Rt.astype(np.float64)
+        eye = np.eye(n_in)
+        fro[0] += weighted_sq_error(B, A, L, Rt, eye)
+        fro[1] += weighted_sq_error(B, A, np.zeros((n_out, 0)), np.zeros((n_in, 0)), eye)
+        g = grams[lid]
+        act[0] += weighted_sq_error(B, A, L, Rt, g)
+        act[1] += weighted_sq_error(B, A, np.zeros((n_out, 0)), np.zeros((n_in, 0)), g)
+    return {"rel_fro": float(np.sqrt(fro[0] / fro[1])), "act_err": float(np.sqrt(act[0] / act[1]))}
+
+
+# --- one adapter ---------------------------------------------------------------------------
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+class AdapterBench:
+    def __init__(self, name: str, adir: Path, bundle: Bundle, evaluator: PatchedEvaluator,
+                 grams: dict[int, np.ndarray], cache: dict, key, n_eval: int) -> None:
+        self.name, self.adir, self.bundle = name, adir, bundle
+        self.adapter = read_adapter(adir)
+        self.updates: Updates = match_to_bundle(self.adapter.updates, bundle.layers)
+        self.bases = {lid: bundle.layer_basis(lid) for lid in self.updates}
+        meta = {"task": self.adapter.task_meta.get("task"),
+                "labels": self.adapter.task_meta.get("labels"),
+                "head_seed": self.adapter.task_meta.get("head_seed")}
+        self.maker = PacketMaker(bundle, name.replace("/", "."), meta, key)
+        self.evaluator, self.grams, self.cache = evaluator, grams, cache
+        self.tag = f"{name}|{file_hash(adir / 'adapter_model.safetensors')}|n={n_eval}"
+        self.points: list[dict] = []
+        self.save: Callable[[], None] = lambda: None
+        self.reference_accuracy = 0.0
+
+    def point(self, family: str, setting: str, build: Callable[[], tuple[int, Factors, dict]],
+              evaluate: bool = True) -> dict:
+        """Build the packet, measure bytes and errors, and (if asked) accuracy; cached."""
+        key = f"{self.tag}|{family}|{setting}"
+        row = self.cache.get(key)
+        if row is None or (evaluate and "accuracy" not in row):
+            started = time.perf_counter()
+            nbytes, factors, extra = build()
+            row = {"family": family, "setting": setting, "bytes": nbytes,
+                   **errors_of(self.updates, factors, self.grams), **extra}
+            if evaluate:
+                dws = {lid: (L @ Rt.T).astype(np.float32) for lid, (L, Rt) in factors.items()
+                       if L.shape[1]}
+                row.update(self.evaluator.accuracy(dws).as_dict())
+            row["seconds"] = round(time.perf_counter() - started, 2)
+            self.cache[key] = row
+            self.save()
+        row = dict(row)
+        self.points = [p for p in self.points if (p["family"], p["setting"]) != (family, setting)]
+        self.points.append(row)
+        acc = f"{100 * row['accuracy']:5.1f}%" if "accuracy" in row else "   -  "
+        print(f"  {family:<13} {setting:<22} {row['bytes']:>9} B  acc {acc}  "
+              f"fro {row['rel_fro']:.3f}  act {row['act_err']:.3f}", flush=True)
+        return row
+
+    def ladder(self, family: str, items: list[tuple[str, Callable[[], tuple]]]) -> None:
+        """Measure every point's bytes and errors, then evaluate accuracy from the smallest
+        packet up, stopping at the first one within the tolerance of the reference (larger
+        points of the family are kept without accuracy: a smaller one already met the bar)."""
+        floor = self.reference_accuracy - TOLERANCE
+        rows = [(self.point(family, setting, build, evaluate=False), setting, build)
+                for setting, build in items]
+        for _row, setting, build in sorted(rows, key=lambda t: t[0]["bytes"]):
+            if self.point(family, setting, build)["accuracy"] >= floor - 1e-12:
+                break
+
+    def _encode(self, cfg: CodecConfig, bases: dict[int, LayerBasis]) -> tuple[int, Factors, dict]:
+        res = encode(self.updates, bases, cfg)
+        nbytes, factors = self.maker.roundtrip(res.header, res.records, bases)
+        return nbytes, factors, {"records": len(res.records)}
+
+    def reference(self) -> None:
+        path = self.adir / "adapter_model.safetensors"
+        exact = {lid: (u.B, u.A.T) for lid, u in self.updates.items()}
+        ref = self.point("reference", "fp32", lambda: (path.stat().st_size, exact, {}))
+        self.reference_accuracy = ref["accuracy"]
+
+        def fp16() -> tuple[int, Factors, dict]:
+            f = {lid: (u.B.astype(np.float16).astype(np.float32),
+                       u.A.T.astype(np.float16).astype(np.float32))
+                 for lid, u in self.updates.items()}
+            return safetensors_bytes(path, "float16"), f, {}
+
+        self.point("lora-fp16", "safetensors", fp16)
+
+    def baselines(self) -> None:
+        codec = CodecHeader(seed=0)
+        self.ladder("lora-int", [
+            (f"{fmt.name.lower()}+zstd", lambda fmt=fmt: (
+                *self.maker.roundtrip(codec, lora_int_records(self.updates, fmt), {}), {}))
+            for fmt in (ValueFormat.INT8, ValueFormat.INT4, ValueFormat.INT3)])
+        items = []
+        for k, fmt in ((1, ValueFormat.INT8), (1, ValueFormat.INT4), (2, ValueFormat.INT4),
+                       (4, ValueFormat.INT4)):
+            cfg = CodecConfig(representation="dense_factors", max_rank=k, value_format=fmt,
+                              overhead_bytes=self.maker.overhead)
+            items.append((f"r{k}-{fmt.name.lower()}",
+                          lambda cfg=cfg: self._encode(cfg, self.bases)))
+        self.ladder("rank", items)
+        fp16 = safetensors_bytes(self.adir / "adapter_model.safetensors", "float16")
+        rnd = random_bases(self.updates, RANDOM_SEED)
+        for family, bases in (("random-basis", rnd), ("naive-solar", self.bases)):
+            items = []
+            for frac in (0.25, 0.5):
+                cfg = CodecConfig(representation="sparse_core", value_format=ValueFormat.INT8,
+                                  budget_bytes=int(frac * fp16),
+                                  overhead_bytes=self.maker.overhead)
+                items.append((f"sparse {frac:g}x fp16",
+                              lambda cfg=cfg, bases=bases: self._encode(cfg, bases)))
+            self.ladder(family, items)
+
+    def codecs(self, fracs: tuple[float, ...]) -> None:
+        r1 = next(p for p in self.points if p["family"] == "rank" and p["setting"] == "r1-int4")
+        items = []
+        for frac in (0.5, 1.0):
+            cfg = CodecConfig(representation="auto", value_format=ValueFormat.INT4,
+                              budget_bytes=int(frac * r1["bytes"]),
+                              overhead_bytes=self.maker.overhead)
+            items.append((f"auto-int4 {frac:g}x r1", lambda cfg=cfg: self._try(cfg)))
+        self.ladder("codec", items)
+        cfg = AllocConfig(overhead_bytes=self.maker.overhead)
+        opts: dict = {}
+
+        def ours(frac: float, grams: dict | None, key: str) -> tuple[int, Factors, dict]:
+            if key not in opts:
+                opts[key] = layer_options(self.updates, self.bases, grams or {}, cfg)
+            alloc = allocation_for_budget(opts[key], int(frac * r1["bytes"]),
+                                          self.maker.overhead)
+            nbytes, factors = self.maker.roundtrip(CodecHeader(seed=0), alloc.records,
+                                                   self.bases)
+            kinds = [r.kind.name for r in alloc.records]
+            return nbytes, factors, {
+                "records": len(alloc.records), "predicted_error": alloc.total_error,
+                "basis_records": kinds.count("FACTORED_CORE"),
+                "layers": {str(lid): [f.rank, f.bits] for lid, f in alloc.chosen.items()}}
+
+        self.ladder("actaware", [(f"{frac:g}x r1", lambda f=frac: ours(f, self.grams, "act"))
+                                 for frac in fracs])
+        self.ladder("frobenius", [(f"{frac:g}x r1", lambda f=frac: ours(f, None, "fro"))
+                                  for frac in fracs])
+
+    def _try(self, cfg: CodecConfig) -> tuple[int, Factors, dict]:
+        try:
+            return self._encode(cfg, self.bases)
+        except BudgetError:
+            return self.maker.overhead, {}, {"note": "budget too small"}
+
+    def carry(self, r: int) -> None:
+        recs = core_records(self.updates, self.bases, r)
+        self.point("carry", f"core {r}x{r} f32",
+                   lambda: (*self.maker.roundtrip(CodecHeader(seed=0), recs, self.bases), {}))
+
+
+# --- report --------------------------------------------------------------------------------
+
+
+def summarise(name: str, points: list[dict], meta: dict) -> dict:
+    ref = next(p for p in points if p["family"] == "reference")
+    floor = ref["accuracy"] - TOLERANCE
+    ok = [p for p in points if p.get("accuracy", -1) >= floor - 1e-12]
+
+    def smallest(families: tuple[str, ...]) -> dict | None:
+        c = [p for p in ok if p["family"] in families]
+        return min(c, key=lambda p: p["bytes"]) if c else None
+
+    best_codec, best_base = smallest(CODEC_FAMILIES), smallest(BASELINE_FAMILIES)
+    ratio = (best_base["bytes"] / best_codec["bytes"]) if best_codec and best_base else None
+    return {"adapter": name, "reference_accuracy": ref["accuracy"], "reference_ci95": ref["ci95"],
+            "trained_accuracy_full_test": meta.get("metrics", {}).get("accuracy"),
+            "trainable_params": meta.get("metrics", {}).get("trainable_params"),
+            "smallest_codec": best_codec and {k: best_codec[k] for k in
+                                              ("family", "setting", "bytes", "accuracy")},
+            "smallest_baseline": best_base and {k: best_base[k] for k in
+                                                ("family", "setting", "bytes", "accuracy")},
+            "ratio": ratio}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.9 * rows), squeeze=False)
+    style = {"reference": ("k", "*"), "lora-fp16": ("0.4", "s"), "lora-int": ("tab:blue", "o"),
+             "rank": ("tab:orange", "^"), "random-basis": ("tab:gray", "x"),
+             "naive-solar": ("tab:brown", "v"), "codec": ("tab:purple", "D"),
+             "actaware": ("tab:red", "o"), "frobenius": ("tab:pink", "P"),
+             "carry": ("tab:green", "*")}
+    for ax, name in zip(axes.flat, names, strict=False):
+        pts = results[name]["points"]
+        ref = next(p for p in pts if p["family"] == "reference")
+        ax.axhline(100 * ref["accuracy"], color="k", lw=0.8)
+        ax.axhspan(100 * (ref["accuracy"] - TOLERANCE), 100 * ref["accuracy"], color="0.85")
+        for fam, (color, marker) in style.items():
+            fp = sorted((p for p in pts if p["family"] == fam and "accuracy" in p),
+                        key=lambda p: p["bytes"])
+            if fp:
+                ax.plot([p["bytes"] for p in fp], [100 * p["accuracy"] for p in fp],
+                        marker=marker, color=color, label=fam, lw=1 if len(fp) > 1 else 0)
+        ax.set_xscale("log")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("signed packet bytes")
+        ax.set_ylabel("held-out accuracy %")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def subset(n_total: int, n: int | None) -> np.ndarray:
+    """Evenly spaced indices (the splits are sorted by text, so a prefix would be biased)."""
+    if n is None or n >= n_total:
+        return np.arange(n_total)
+    return np.linspace(0, n_total - 1, n).round().astype(int)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from solar_edge.exporters.tasks import load_task
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", default="artifacts/bundle-x86-64")
+    ap.add_argument("--adapters", default="artifacts/adapters")
+    ap.add_argument("--out", default="out/rd.json")
+    ap.add_argument("--max-eval", type=int, default=300, help="held-out examples per task")
+    ap.add_argument("--calib", type=int, default=128, help="calibration texts (training split)")
+    ap.add_argument("--only", nargs="*", default=None, help="task/kind names to run")
+    ap.add_argument("--fracs", default="0.2,0.3,0.4,0.5,0.7,1.0",
+                    help="actaware budgets as multiples of the rank-1 int4 packet")
+    args = ap.parse_args(argv)
+
+    bundle = load_bundle(args.bundle)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cache_path = out.with_suffix(".cache.json")
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    key = signing.generate_private_key()
+    fracs = tuple(float(f) for f in args.fracs.split(","))
+    dirs = sorted(p.parent for p in Path(args.adapters).glob("*/*/task.json"))
+    names = [f"{d.parent.name}/{d.name}" for d in dirs]
+    if args.only:
+        dirs = [d for d, n in zip(dirs, names, strict=True) if n in args.only]
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    results: dict = previous.get("adapters", {})
+    by_task: dict[str, list[Path]] = {}
+    for d in dirs:
+        by_task.setdefault(d.parent.name, []).append(d)
+    for task_name, adirs in by_task.items():
+        task = load_task(task_name)
+        idx = subset(len(task.test), args.max_eval)
+        cal = subset(len(task.train), args.calib)
+        meta0 = json.loads((adirs[0] / "task.json").read_text())
+        evaluator = PatchedEvaluator(bundle, [task.test.texts[i] for i in idx],
+                                     [task.test.labels[i] for i in idx],
+                                     int(meta0["head_seed"]), task.num_labels)
+        grams = calibration_grams(bundle, [task.train.texts[i] for i in cal],
+                                  [layer.id for layer in bundle.layers])
+        for adir in adirs:
+            name = f"{task_name}/{adir.name}"
+            meta = json.loads((adir / "task.json").read_text())
+            print(f"{name}: held-out n={len(idx)}, calibration {len(cal)} texts", flush=True)
+            b = AdapterBench(name, adir, bundle, evaluator, grams, cache, key, len(idx))
+            b.save = lambda: cache_path.write_text(json.dumps(cache, indent=1))
+            b.reference()
+            kind = meta.get("adapter_kind", adir.name)
+            if kind in ("lora-xs", "tinylora"):
+                r = int(b.adapter.config.get("r", 2))
+                b.carry(r)
+            if kind in MAIN_KINDS or kind == "vera":
+                b.baselines()
+                b.codecs(fracs if kind in MAIN_KINDS else (0.5, 1.0))
+            elif kind in ("lora-xs", "tinylora"):
+                b.codecs((0.5, 1.0))
+            cache_path.write_text(json.dumps(cache, indent=1))
+            results[name] = {"points": b.points, "summary": summarise(name, b.points, meta),
+                             "held_out": len(idx), "calibration_texts": len(cal)}
+            report = {"bundle": str(args.bundle), "tolerance": TOLERANCE, "adapters": results}
+            out.write_text(json.dumps(report, indent=1, default=float))
+    plot(results, out.with_suffix(".png"))
+    print("\nadapter                      ref acc  smallest codec (B)   best baseline (B)   ratio")
+    for name, r in results.items():
+        s = r["summary"]
+        c, bl = s["smallest_codec"], s["smallest_baseline"]
+        print(f"{name:<28} {100 * s['reference_accuracy']:6.1f}  "
+              f"{(c['bytes'] if c else '-')!s:>10} {(c['family'] if c else ''):<9}"
+              f"{(bl['bytes'] if bl else '-')!s:>10} {(bl['setting'] if bl else ''):<10}"
+              f"{s['ratio'] if s['ratio'] is None else round(s['ratio'], 2)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
