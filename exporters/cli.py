@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import click
 
-from solar_edge.devices.profiles import known_profiles
+from solar_edge.devices.profiles import known_profiles, load_profile
 
-from .onnx_export import EXPORTERS
-from .pipeline import export_bundle
 from .progress import Progress
+
+# Same as onnx_export.EXPORTERS; repeated so that `--help` and a bad --device answer
+# without importing torch.
+EXPORTERS = ("torchscript", "dynamo")
 
 
 def _targets(value: str | None) -> str | list[str] | None:
@@ -47,7 +49,10 @@ def export(model: str | None, device: str, out: str, target_modules: str | None,
     MODEL is a Hugging Face transformers directory or 'module:function' returning
     (nn.Module, dict of example inputs); omitted, the embedded all-MiniLM-L6-v2.
     """
-    result = export_bundle(model, device, out, target_modules=_targets(target_modules),
+    profile = load_profile(device)  # fail fast, before torch is imported
+    from .pipeline import export_bundle
+
+    result = export_bundle(model, profile, out, target_modules=_targets(target_modules),
                            exporter=exporter, overwrite=force,
                            graph_variants=None if graph_variants is None
                            else [v.strip() for v in graph_variants.split(",") if v.strip()],

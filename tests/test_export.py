@@ -205,6 +205,13 @@ def test_cli_exports_quietly_with_targets(tmp_path):
     assert loud.exit_code == 0 and "SVD" in loud.stderr and "ONNX export" in loud.stderr
 
 
+def test_cli_exporter_choices_match_the_exporter():
+    from solar_edge.exporters import cli as export_cli
+    from solar_edge.exporters.onnx_export import EXPORTERS
+
+    assert export_cli.EXPORTERS == EXPORTERS
+
+
 def test_cli_unknown_profile_lists_known_ones(tmp_path):
     result = CliRunner().invoke(cli, ["export", "--device", "vax", "--out", str(tmp_path / "b")])
     assert isinstance(result.exception, ProfileError)
