@@ -169,7 +169,8 @@ def add_variants_to_bundle(bundle_dir: str, variants: Iterable[str] = ("inputs",
 
     Adds each file to ``manifest["files"]`` with its size and SHA-256, records it under
     ``manifest["onnx"]["variants"]`` and recomputes the fingerprint (packets name the
-    fingerprint, so variants must be added before packets are made for the bundle).
+    fingerprint, so variants must be added before packets are made for the bundle). Weights
+    stored as external data stay there, so a variant costs kilobytes, not a graph copy.
     """
     import json
     from pathlib import Path
@@ -178,7 +179,9 @@ def add_variants_to_bundle(bundle_dir: str, variants: Iterable[str] = ("inputs",
 
     root = Path(bundle_dir)
     manifest = json.loads((root / MANIFEST).read_text())
-    model = onnx.load(str(root / manifest["onnx"]["file"]))
+    # External data (the weights/NNNN.npy files) stays external: variants are small files
+    # that point at the same weight bytes as the base graph.
+    model = onnx.load(str(root / manifest["onnx"]["file"]), load_external_data=False)
     names = [layer["onnx"]["initializer"] for layer in manifest["layers"]]
     makers = {"inputs": weights_as_inputs, "lora": add_lora_slots}
     table = dict(manifest["onnx"].get("variants") or {})

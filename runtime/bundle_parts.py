@@ -58,7 +58,20 @@ class BundleParts:
         return self.bundle.root
 
     def basis(self, layer_id: int) -> LayerBasis:
-        return self.bundle.layer_basis(layer_id)
+        """The layer's stored basis, memory-mapped: decoding reads only the columns it uses.
+
+        (Files were hashed by ``load_bundle``; a float16 basis is converted whole by
+        ``LayerBasis``, float32 stays a map.)
+        """
+        layer = self.bundle.layer(layer_id)
+        mats = []
+        for key, rows in (("U", layer.out_features), ("V", layer.in_features)):
+            arr = np.load(self.bundle.file_path(layer.files[key]), mmap_mode="r")
+            if arr.shape != (rows, layer.rank):
+                raise BundleError(f"shape {arr.shape}, manifest says {(rows, layer.rank)}",
+                                  path=layer.files[key])
+            mats.append(arr)
+        return LayerBasis(layer_id, mats[0], mats[1])
 
     def graph_path(self, variant: str | None) -> Path:
         """The ONNX file of a graph variant (None: the base graph); must be hash-listed."""
@@ -83,7 +96,7 @@ class BundleParts:
         return None
 
 
-def open_bundle(bundle_dir: str | Path, profile: Mapping[str, Any] | None = None) -> BundleParts:
+def open_bundle(bundle_dir: str | Path, profile: Any = None) -> BundleParts:
     """Load and verify the bundle; ``profile`` overrides the one recorded in its manifest."""
     bundle = load_bundle(bundle_dir)
     slots = {}
@@ -94,5 +107,18 @@ def open_bundle(bundle_dir: str | Path, profile: Mapping[str, Any] | None = None
                 f"{SUPPORTED_LAYOUT!r} (W0.T as the right operand of MatMul)", path="manifest.json"
             )
         slots[layer.id] = WeightSlot(layer.id, layer.onnx_initializer, layer.shape)
-    chosen = dict(profile) if profile is not None else bundle.profile
-    return BundleParts(bundle, chosen, slots, _BaseWeights(bundle))
+    return BundleParts(bundle, profile_dict(profile, bundle), slots, _BaseWeights(bundle))
+
+
+def profile_dict(profile: Any, bundle: Bundle) -> dict[str, Any]:
+    """A profile as a dict: None -> the bundle's; a name -> ``devices/profiles/<name>.toml``;
+    a ``DeviceProfile`` (``to_dict``) or a mapping as given."""
+    if profile is None:
+        return bundle.profile
+    if isinstance(profile, str):
+        from solar_edge.devices.profiles import load_profile  # pure TOML reader, no cycle
+
+        return load_profile(profile).to_dict()
+    if hasattr(profile, "to_dict"):
+        return dict(profile.to_dict())
+    return dict(profile)

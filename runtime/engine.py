@@ -69,7 +69,7 @@ class EdgeRuntime:
     """Serve a bundle's model, patched with signed adapter packets.
 
     ``trusted_keys``: Ed25519 public keys (iterable or ``{key id: key}``).
-    ``profile``: a device-profile mapping (the TOML as a dict); default: the bundle's.
+    ``profile``: a device-profile name, ``DeviceProfile`` or mapping; default: the bundle's.
     ``mechanism``: a name from ``MECHANISMS`` or ``"tflite"``; default per profile.
     ``min_versions``: versions the caller already installed (e.g. the agent's persisted
     state): a packet older than that is a rollback; the same version may be re-applied once
@@ -80,7 +80,7 @@ class EdgeRuntime:
         self,
         bundle_dir: str,
         trusted_keys: signing.TrustedKeys,
-        profile: Mapping[str, Any] | None = None,
+        profile: Any = None,
         mechanism: str | None = None,
         *,
         min_versions: Mapping[str, int] | None = None,

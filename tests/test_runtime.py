@@ -1,0 +1,413 @@
+"""EdgeRuntime on real MiniLM: every ORT patching mechanism against torch references.
+
+The bundle is the export stage's ``minilm_bundle`` fixture when present (copied, then the
+runtime's graph variants added); otherwise an equivalent bundle is built here from a
+TorchScript ONNX export of the real weights (same layout: docs/architecture.md).
+Tolerances: ORT vs torch on unit-norm embeddings, float32: 1e-4 absolute.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from solar_edge import signing
+from solar_edge.bundle import compute_fingerprint, load_bundle, sha256_file
+from solar_edge.codec import CodecConfig, LayerUpdate, decode_factors, encode
+from solar_edge.errors import (
+    BaseMismatchError,
+    HealthCheckError,
+    RollbackError,
+    RuntimeApplyError,
+    SignatureError,
+    UnknownAdapterError,
+)
+from solar_edge.packet import PacketHeader, encode_packet
+from solar_edge.records import ValueFormat
+from solar_edge.taskhead import head_logits, mean_pool, task_head
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnx")
+
+from solar_edge.exporters import graph_variants  # noqa: E402
+from solar_edge.runtime import backends_ort, patching  # noqa: E402
+from solar_edge.runtime.engine import EdgeRuntime  # noqa: E402
+
+MECHANISMS = list(backends_ort.MECHANISMS)
+SENTENCES = [
+    "Return the absolute value of the argument.",
+    "Open a file and return a stream.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Edge boards receive signed adapter packets over slow links.",
+]
+TOL = 1e-4
+
+
+# --- bundle and model fixtures ---------------------------------------------------------------
+
+def _build_bundle(out: Path, model_dir: Path) -> None:
+    """The export stage's layout from a TorchScript export (fallback when no fixture)."""
+    import onnx
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(model_dir)).eval()
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask,
+                          token_type_ids=token_type_ids).last_hidden_state
+
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    out.mkdir(parents=True)
+    torch.onnx.export(Wrap(model), (ids, torch.ones_like(ids), torch.zeros_like(ids)),
+                      str(out / "model.onnx"), input_names=names,
+                      output_names=["last_hidden_state"], opset_version=18, dynamo=False,
+                      dynamic_axes={n: {0: "b", 1: "s"} for n in [*names, "last_hidden_state"]})
+    linear = {n: m.weight.detach().numpy() for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and n.startswith("encoder.")}
+    proto = onnx.load(str(out / "model.onnx"))
+    inits = graph_variants.name_linear_weights(proto, linear)
+    onnx.save(proto, str(out / "model.onnx"))
+    (out / "weights").mkdir()
+    (out / "basis").mkdir()
+    (out / "tokenizer").mkdir()
+    shutil.copy(model_dir / "tokenizer.json", out / "tokenizer" / "tokenizer.json")
+    layers = []
+    for i, name in enumerate(sorted(linear)):
+        w = linear[name]
+        u, _, vt = np.linalg.svd(w.astype(np.float64), full_matrices=False)
+        files = {"weight": f"weights/{i:04d}.npy", "U": f"basis/{i:04d}.U.npy",
+                 "V": f"basis/{i:04d}.V.npy"}
+        np.save(out / files["weight"], np.asfortranarray(w))
+        np.save(out / files["U"], u.astype(np.float32))
+        np.save(out / files["V"], vt.T.astype(np.float32))
+        layers.append({"id": i, "name": name, "shape": list(w.shape), "rank": min(w.shape),
+                       "basis_dtype": "float32", "files": files, "tflite": None,
+                       "onnx": {"initializer": inits[name], "layout": "in_out"}})
+    files = {p.relative_to(out).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+             for p in sorted(out.rglob("*")) if p.is_file()}
+    manifest = {"format": "solar-edge-bundle", "format_version": 1, "files": files,
+                "layers": layers, "onnx": {"file": "model.onnx"}, "tokenizer": "tokenizer",
+                "profile": {"name": "x86-64", "backend": "onnxruntime",
+                            "execution_providers": ["CPUExecutionProvider"]},
+                "model": {"name": "all-MiniLM-L6-v2"}}
+    manifest["fingerprint"] = compute_fingerprint(manifest).hex()
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(request, tmp_path_factory, minilm_model_dir) -> Path:
+    out = tmp_path_factory.mktemp("rt") / "bundle"
+    try:
+        src = Path(request.getfixturevalue("minilm_bundle"))
+    except pytest.FixtureLookupError:
+        _build_bundle(out, Path(minilm_model_dir))
+    else:
+        shutil.copytree(src, out)
+    graph_variants.add_variants_to_bundle(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundle(bundle_dir):
+    return load_bundle(bundle_dir)
+
+
+@pytest.fixture(scope="module")
+def key():
+    return signing.generate_private_key()
+
+
+@pytest.fixture(scope="module")
+def hf_model(minilm_model_dir):
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(str(minilm_model_dir)).eval()
+
+
+def random_updates(bundle, layer_ids, rank=4, scale=0.05, seed=0):
+    rng = np.random.default_rng(seed)
+    ups = {}
+    for lid in layer_ids:
+        layer = bundle.layers[lid]
+        out_f, in_f = layer.shape
+        ups[lid] = LayerUpdate(layer.name,
+                               rng.standard_normal((out_f, rank)).astype(np.float32) * scale,
+                               rng.standard_normal((rank, in_f)).astype(np.float32) * scale)
+    return ups
+
+
+def encode_updates(bundle, updates, *, fmt=ValueFormat.INT8, representation="factored_core",
+                   epsilon=0.0):
+    bases = {lid: bundle.layer_basis(lid) for lid in updates}
+    return encode(updates, bases, CodecConfig(seed=11, epsilon=epsilon, value_format=fmt,
+                                              representation=representation))
+
+
+def make_packet(bundle, key, adapter_id, version, result, *, metadata=None, fingerprint=None):
+    """A signed packet around an encoded result (encoding is the slow part: done once)."""
+    header = PacketHeader(fingerprint or bundle.fingerprint, adapter_id, version,
+                          metadata or {"task": adapter_id})
+    return encode_packet(header, result.header, result.records, key)
+
+
+@pytest.fixture(scope="module")
+def encoded(bundle):
+    """Codec results reused by the tests (the codec's fitting costs seconds per layer).
+
+    ``a``: 6 weights, factored core in the SOLAR basis with eps > 0 (PRNG perturbations);
+    ``mixed``: 3 weights, ``auto`` (whatever representation wins per layer);
+    ``b``: 4 other weights, factored core; ``all``: all 36 weights as dense factors.
+    """
+    return {
+        "a": encode_updates(bundle, random_updates(bundle, [0, 5, 9, 14, 20, 33], seed=1),
+                            epsilon=0.01),
+        "mixed": encode_updates(bundle, random_updates(bundle, [2, 17, 30], seed=2),
+                                representation="auto"),
+        "b": encode_updates(bundle, random_updates(bundle, [5, 21, 26, 35], seed=3)),
+        "all": encode_updates(bundle, random_updates(bundle, range(36), seed=4),
+                              representation="dense_factors"),
+    }
+
+
+def torch_embeddings(model, runtime, texts, deltas):
+    """Unit-norm mean-pooled embeddings of ``model`` with ``{module: dW}`` merged."""
+    feeds = runtime.backend.encode(texts)
+    modules = dict(model.named_modules())
+    saved = {}
+    try:
+        with torch.no_grad():
+            for name, dw in deltas.items():
+                w = modules[name].weight
+                saved[name] = w.detach().clone()
+                w += torch.from_numpy(np.asarray(dw, np.float32))
+            hidden = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state
+    finally:
+        with torch.no_grad():
+            for name, w in saved.items():
+                modules[name].weight.copy_(w)
+    pooled = mean_pool(hidden.numpy(), feeds["attention_mask"])
+    return pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
+
+
+def packet_deltas(bundle, result):
+    """``{module: dW}`` from exactly what the packet carries (the codec's own decoder)."""
+    out = {}
+    for rec in result.records:
+        left, right_t = decode_factors(rec, bundle.layer_basis(rec.layer_id), result.header)
+        out[bundle.layers[rec.layer_id].name] = left @ right_t.T
+    return out
+
+
+# --- tests -------------------------------------------------------------------------------------
+
+def test_slot_names_match_the_export_side():
+    assert patching.WEIGHT_SUFFIX == graph_variants.WEIGHT_SUFFIX
+    assert patching.lora_slot_names("x.weight_t") == graph_variants.lora_slot_names("x.weight_t")
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_apply_matches_torch_with_same_delta_merged(bundle_dir, bundle, key, hf_model, encoded,
+                                                    mechanism):
+    rt = EdgeRuntime(bundle_dir, [key.public_key()], mechanism=mechanism)
+    base = rt.infer(SENTENCES)
+    ref_base = torch_embeddings(hf_model, rt, SENTENCES, {})
+    assert np.abs(base - ref_base).max() < TOL
+    for name, version in (("a", 1), ("mixed", 2)):
+        result = encoded[name]
+        info = rt.apply(make_packet(bundle, key, "task", version, result))
+        out = rt.infer(SENTENCES)
+        ref = torch_embeddings(hf_model, rt, SENTENCES, packet_deltas(bundle, result))
+        assert np.abs(out - ref).max() < TOL
+        assert np.abs(out - base).max() > 100 * TOL  # the adapter changed something
+        # the cache holds the factors only: 4 bytes * (out + in) * k per adapted weight
+        ks = {r.layer_id: decode_factors(r, bundle.layer_basis(r.layer_id), result.header)[0]
+              .shape[1] for r in result.records}
+        expected = sum(4 * sum(bundle.layers[lid].shape) * k for lid, k in ks.items())
+        assert info.cache_bytes == expected and info.layers == len(result.records)
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_switch_and_reset_restore_exact_outputs(bundle_dir, bundle, key, encoded, mechanism):
+    rt = EdgeRuntime(bundle_dir, [key.public_key()], mechanism=mechanism)
+    base = rt.infer(SENTENCES)
+    rt.apply(make_packet(bundle, key, "a", 1, encoded["a"]))
+    out_a = rt.infer(SENTENCES)
+    rt.apply(make_packet(bundle, key, "b", 1, encoded["b"]))  # overlaps a on weight 5
+    out_b = rt.infer(SENTENCES)
+    assert not np.array_equal(out_a, out_b)
+    for _ in range(2):
+        assert rt.switch("a").adapter_id == "a"
+        assert np.array_equal(rt.infer(SENTENCES), out_a)
+        rt.switch("b")
+        assert np.array_equal(rt.infer(SENTENCES), out_b)
+    rt.reset()
+    assert rt.active is None
+    assert np.array_equal(rt.infer(SENTENCES), base)
+    with pytest.raises(UnknownAdapterError):
+        rt.switch("nope")
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_failure_mid_apply_keeps_previous_adapter(bundle_dir, bundle, key, encoded, monkeypatch,
+                                                  mechanism):
+    rt = EdgeRuntime(bundle_dir, [key.public_key()], mechanism=mechanism)
+    rt.apply(make_packet(bundle, key, "a", 1, encoded["a"]))
+    before = rt.infer(SENTENCES)
+    # raise after half of the new adapter's 36 weights are staged
+    target = "lora_feeds" if mechanism.startswith("lora") else "patched_weight_t"
+    real = getattr(backends_ort, target)
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 18:
+            raise MemoryError("injected failure mid-apply")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backends_ort, target, flaky)
+    pkt = make_packet(bundle, key, "b", 1, encoded["all"])
+    with pytest.raises(RuntimeApplyError, match="injected"):
+        rt.apply(pkt)
+    monkeypatch.setattr(backends_ort, target, real)
+    assert calls["n"] > 18
+    assert rt.active.adapter_id == "a"
+    assert np.array_equal(rt.infer(SENTENCES), before)
+    assert "b" not in {c.adapter_id for c in rt.cached}
+    rt.apply(pkt)  # and the same packet applies once the fault is gone
+    assert rt.active.adapter_id == "b"
+
+
+def test_failure_mid_commit_in_place_restores_previous(bundle_dir, bundle, key, encoded,
+                                                       monkeypatch):
+    """The in-place mechanism writes live buffers: a crash half-way through the copies."""
+    rt = EdgeRuntime(bundle_dir, [key.public_key()], mechanism="initializer")
+    rt.apply(make_packet(bundle, key, "a", 1, encoded["a"]))
+    before = rt.infer(SENTENCES)
+    mech = rt.backend
+    real_commit = type(mech).commit
+    state = {"armed": True}
+
+    def half_commit(self, staged):
+        if state["armed"]:
+            state["armed"] = False
+            bufs, _ = staged
+            for lid in list(bufs)[: len(bufs) // 2]:
+                np.copyto(self.live[lid], bufs[lid])
+            raise OSError("injected failure after half the layers were patched")
+        return real_commit(self, staged)
+
+    monkeypatch.setattr(type(mech), "commit", half_commit)
+    with pytest.raises(RuntimeApplyError, match="half the layers"):
+        rt.apply(make_packet(bundle, key, "b", 1, encoded["all"]))
+    assert rt.active.adapter_id == "a"
+    assert np.array_equal(rt.infer(SENTENCES), before)
+
+
+@pytest.mark.parametrize("mechanism", ["initializer", "lora"])
+def test_non_finite_outputs_fail_the_health_check(bundle_dir, bundle, key, mechanism):
+    rt = EdgeRuntime(bundle_dir, [key.public_key()], mechanism=mechanism)
+    before = rt.infer(SENTENCES)
+    huge = random_updates(bundle, [0, 1], rank=2, scale=3e19, seed=5)  # dW ~ 1e39: inf
+    result = encode_updates(bundle, huge, fmt=ValueFormat.FLOAT32, representation="dense_factors")
+    with pytest.raises(HealthCheckError):
+        rt.apply(make_packet(bundle, key, "bad", 1, result))
+    assert rt.active is None
+    assert np.array_equal(rt.infer(SENTENCES), before)
+
+
+def test_rejections_signature_base_rollback(bundle_dir, bundle, key, encoded):
+    rt = EdgeRuntime(bundle_dir, [key.public_key()])
+    res = encoded["b"]
+    v2 = make_packet(bundle, key, "task", 2, res)
+    rt.apply(v2)
+    serving = rt.infer(SENTENCES)
+    untrusted = make_packet(bundle, signing.generate_private_key(), "task", 3, res)
+    tampered = bytearray(make_packet(bundle, key, "task", 3, res))
+    tampered[-80] ^= 0x01  # a body byte: the signature no longer covers it
+    wrong_base = make_packet(bundle, key, "task", 3, res, fingerprint=b"\x11" * 32)
+    v1 = make_packet(bundle, key, "task", 1, res)
+    for data, error in [(untrusted, SignatureError), (bytes(tampered), SignatureError),
+                        (wrong_base, BaseMismatchError), (v1, RollbackError), (v2, RollbackError)]:
+        with pytest.raises(error):
+            rt.apply(data)
+        assert rt.active.version == 2
+        assert np.array_equal(rt.infer(SENTENCES), serving)
+    assert rt.installed_versions == {"task": 2}
+    # a restarted runtime told what is installed accepts that version again, not older ones
+    fresh = EdgeRuntime(bundle_dir, [key.public_key()], min_versions={"task": 2})
+    with pytest.raises(RollbackError):
+        fresh.apply(v1)
+    fresh.apply(v2)
+    assert np.array_equal(fresh.infer(SENTENCES), serving)
+
+
+def test_task_head_from_metadata(bundle_dir, bundle, key, encoded):
+    rt = EdgeRuntime(bundle_dir, [key.public_key()])
+    labels = ["builtins", "io", "text"]
+    meta = {"task": "demo", "labels": labels, "head_seed": 1234}
+    rt.apply(make_packet(bundle, key, "cls", 1, encoded["b"], metadata=meta))
+    logits = rt.infer(SENTENCES)
+    assert logits.shape == (len(SENTENCES), 3)
+    feeds = rt.backend.encode(SENTENCES)
+    pooled = mean_pool(rt.backend.run(feeds)[0], feeds["attention_mask"])
+    expected = head_logits(pooled, task_head(1234, 3, pooled.shape[1]))
+    assert np.allclose(logits, expected, atol=1e-5)
+    assert rt.classify(SENTENCES) == [labels[i] for i in expected.argmax(-1)]
+
+
+def test_lossless_packet_equals_peft_merge_and_unload(bundle_dir, bundle, key, hf_model,
+                                                      lora_adapter_dir):
+    """FLOAT32 values, full-rank basis, eps=0: the runtime serves PEFT's merged model."""
+    from peft import PeftModel
+
+    from solar_edge.adapters import match_to_bundle, read_adapter
+
+    adapter = read_adapter(lora_adapter_dir)
+    updates = match_to_bundle(adapter.updates, bundle.manifest["layers"])
+    assert all(bundle.layers[lid].rank == min(bundle.layers[lid].shape) for lid in updates)
+    result = encode_updates(bundle, updates, fmt=ValueFormat.FLOAT32, epsilon=0.0)
+    rt = EdgeRuntime(bundle_dir, [key.public_key()])
+    rt.apply(make_packet(bundle, key, "lora", 1, result))
+    out = rt.infer(SENTENCES)
+    merged = PeftModel.from_pretrained(copy.deepcopy(hf_model), str(lora_adapter_dir))
+    merged = merged.merge_and_unload().eval()
+    ref = torch_embeddings(merged, rt, SENTENCES, {})
+    assert np.abs(out - ref).max() < TOL
+    assert np.abs(out - torch_embeddings(hf_model, rt, SENTENCES, {})).max() > 10 * TOL
+
+
+def test_cli_run_prints_label_of_task_head(bundle_dir, bundle, key, encoded, tmp_path):
+    from click.testing import CliRunner
+
+    from solar_edge.cli import cli
+
+    labels = ["builtins", "io", "text"]
+    pkt = make_packet(bundle, key, "cls", 1, encoded["b"],
+                      metadata={"task": "demo", "labels": labels, "head_seed": 99})
+    (tmp_path / "a.slr").write_bytes(pkt)
+    pub = signing.save_public_key(key, tmp_path / "k.pub")
+    args = ["run", "--bundle", str(bundle_dir), "--packet", str(tmp_path / "a.slr"),
+            "--key", str(pub), "--text", SENTENCES[0], "--text", SENTENCES[1]]
+    res = CliRunner().invoke(cli, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    rt = EdgeRuntime(bundle_dir, [key.public_key()])
+    rt.apply(pkt)
+    assert [a["label"] for a in out["answers"]] == rt.classify(SENTENCES[:2])
+    assert out["applied"][0]["adapter_id"] == "cls"
+    plain = CliRunner().invoke(cli, ["run", "--bundle", str(bundle_dir), "--text", "hi"])
+    assert plain.exit_code == 0 and "embedding[384] norm=1.0000" in plain.output
+    unsigned = CliRunner().invoke(cli, ["run", "--bundle", str(bundle_dir), "--packet",
+                                        str(tmp_path / "a.slr"), "--text", "hi"])
+    assert unsigned.exit_code != 0 and "--key" in unsigned.output
