@@ -25,6 +25,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from solar_edge.devices.links import LinkProfile, goodput_bps
+from solar_edge.errors import ProfileError
 
 BLOCK = 64 * 1024
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
@@ -97,6 +98,9 @@ class RepoServer(http.server.ThreadingHTTPServer):
     def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 0,
                  link: LinkProfile | None = None, max_connections: int = 32,
                  timeout_s: float = 30.0) -> None:
+        if link is not None and link.kind != "tcp":
+            raise ProfileError(f"link {link.name!r} ({link.kind}) carries no HTTP/TCP; its times "
+                               "are computed by the link model (solar-edge linkbench)")
         self.root = Path(root).resolve()
         self.link = link
         self.faults = Faults()
@@ -166,7 +170,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.connection.settimeout(self.server.timeout_s)
         self.throttle: Throttle | None = None
         link = self.server.link
-        if link is not None and link.kind == "tcp":
+        if link is not None:
             time.sleep(link.rtt_s)  # TCP handshake
             self.throttle = Throttle(goodput_bps(link), link.mss)
 

@@ -116,3 +116,11 @@ def test_throttle_follows_the_link_model(tmp_path):
     assert got == data
     expected = transfer_time(len(data), link)   # ~1.0 s
     assert expected * 0.9 < elapsed < expected * 1.5
+
+
+def test_a_link_without_tcp_cannot_throttle_a_server(tmp_path):
+    from solar_edge.devices.links import get_link
+    from solar_edge.errors import ProfileError
+
+    with pytest.raises(ProfileError, match="no HTTP/TCP"):
+        RepoServer(tmp_path, link=get_link("lorawan"))
