@@ -3,8 +3,11 @@
     python bench/export.py [--profiles rpi4,x86-64] [--model DIR|module:function]
                            [--json out/bench_export.json]
 
-Prints a table and writes the rows as JSON. Bundles are written to a temporary directory
-and deleted. A TFLite profile needs the optional converter (``litert-torch``); without it
+Prints a table and writes the rows as JSON. Columns: ``graph`` = ``model.onnx`` (graph
+only), ``variants`` = extra graphs for runtime mechanisms, ``other`` = ``model.onnx.data``
+(embeddings, norms: the non-adaptable weights), ``W0`` = ``weights/`` (adaptable base
+weights, shared by the ONNX graph), ``basis`` = ``basis/``, ``tflite`` = ``model.tflite``.
+Bundles are written to a temporary directory and deleted. A TFLite profile needs the optional converter (``litert-torch``); without it
 the row says so instead of failing the run.
 """
 
@@ -53,6 +56,8 @@ def measure(model: str | None, profile: str, work: Path) -> dict:
         layers=len(result.bundle.layers),
         ranks=ranks,
         onnx_graph_bytes=_size(out / "model.onnx"),
+        onnx_data_bytes=_size(out / "model.onnx.data"),
+        variant_bytes=sum(_size(p) for p in out.glob("model.*.onnx")),
         tflite_bytes=_size(out / "model.tflite"),
         base_weight_bytes=_bytes_under(out, "weights"),
         basis_bytes=_bytes_under(out, "basis"),
@@ -70,8 +75,8 @@ def _mb(n: int) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("profile", "backend", "basis", "rank", "onnx MB", "tflite MB", "W0 MB",
-            "basis MB", "total MB", "export s")
+    head = ("profile", "backend", "basis", "rank", "graph KB", "variants KB", "other MB",
+            "W0 MB", "basis MB", "tflite MB", "total MB", "export s")
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
         if "error" in r:
@@ -80,9 +85,11 @@ def table(rows: list[dict]) -> str:
             continue
         rank = "/".join(str(x) for x in r["ranks"])
         lines.append(" | ".join([
-            r["profile"], r["backend"], r["basis_dtype"], rank, _mb(r["onnx_graph_bytes"]),
-            _mb(r["tflite_bytes"]) if r["tflite_bytes"] else "-", _mb(r["base_weight_bytes"]),
-            _mb(r["basis_bytes"]), _mb(r["total_bytes"]), f"{r['export_s']:.1f}"]))
+            r["profile"], r["backend"], r["basis_dtype"], rank,
+            f"{r['onnx_graph_bytes'] / 1e3:.0f}", f"{r['variant_bytes'] / 1e3:.0f}",
+            _mb(r["onnx_data_bytes"]), _mb(r["base_weight_bytes"]), _mb(r["basis_bytes"]),
+            _mb(r["tflite_bytes"]) if r["tflite_bytes"] else "-", _mb(r["total_bytes"]),
+            f"{r['export_s']:.1f}"]))
     return "\n".join(lines)
 
 

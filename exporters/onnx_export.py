@@ -8,7 +8,9 @@ After export the initializer is renamed ``<module>.weight_t`` and checked to fee
 one ``MatMul`` as its right operand. Its data is then moved out of ``model.onnx`` into
 ``weights/NNNN.npy`` as ONNX external data: the ``.npy`` holds ``W0`` (``out x in``) in
 Fortran order, whose bytes are exactly ``W0.T`` row-major, so the base weights are stored
-once and serve both the graph and the runtime's memory map.
+once and serve both the graph and the runtime's memory map. The other large initializers
+(embeddings) go to ``model.onnx.data``, so ``model.onnx`` and any graph variant written
+beside it hold only the graph (kilobytes).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ OPSET = 18
 EXPORTERS = ("torchscript", "dynamo")
 WEIGHT_SUFFIX = ".weight_t"
 ONNX_LAYOUT = "in_out"  # the initializer holds W.T, row-major
+DATA_FILE = "model.onnx.data"  # every other initializer of 1 KiB or more
 
 
 def initializer_name(module_name: str) -> str:
@@ -220,5 +223,6 @@ def export_onnx(
         rel = layer_files[module]
         offset = write_base_weight(w0, out_dir / rel)
         externalize(model, names[module], rel, offset, w0.size * 4)
-    onnx.save(model, str(out_dir / "model.onnx"))
+    onnx.save(model, str(out_dir / "model.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
     return names

@@ -176,6 +176,8 @@ def export_bundle(
             "target_modules": target_modules if target_modules is None
             or isinstance(target_modules, str) else list(target_modules),
             "onnx": {"file": "model.onnx", "opset": onnx_export.OPSET, "exporter": exporter,
+                     "data": onnx_export.DATA_FILE
+                     if (work / onnx_export.DATA_FILE).is_file() else None,
                      "weight_layout": onnx_export.ONNX_LAYOUT,
                      **manifest_mod.onnx_io(work / "model.onnx")},
             "tflite": tflite_section,

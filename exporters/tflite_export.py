@@ -18,9 +18,13 @@ Patch rule for an update ``dW``: ``W_tfl = W_tfl0 + dW * input_scale[None, :]`` 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 import re
+import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,15 +72,39 @@ def convert(loaded: LoadedModel, seq_len: int, path: Path) -> None:
 
     wrapper = loaded.wrapper()
     set_fully_connected(wrapper, True)
+    log = path.with_suffix(".log")
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with _captured_output(log), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             edge = litert_torch.convert(wrapper, static_inputs(loaded, seq_len))
             edge.export(str(path))
     except Exception as exc:  # the converter raises many unrelated types
-        raise ExportError(f"TFLite conversion failed: {exc}") from exc
+        tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+        raise ExportError(f"TFLite conversion failed: {exc}\n{tail}") from exc
     finally:
         set_fully_connected(wrapper, False)
+        log.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _captured_output(log: Path) -> Iterator[None]:
+    """Send the converter's chatter (Python and native, stdout and stderr) to ``log``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log, "w") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+                yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
 
 
 # --- finding the weights in the flatbuffer ------------------------------------------------

@@ -261,6 +261,8 @@ def load_bundle(path: str | Path) -> Bundle:
     if names != sorted(names) or len(set(names)) != len(names):
         raise BundleError("layers must be unique and sorted by name", path=MANIFEST)
     referenced = [manifest["onnx"]["file"]]
+    if manifest["onnx"].get("data"):
+        referenced.append(manifest["onnx"]["data"])
     referenced += [rel for layer in layers for rel in layer.files.values()]
     for layer in layers:
         for key in ("input_scale", "input_shift"):
