@@ -72,7 +72,8 @@ def _profile_mapping(device: str) -> dict[str, Any]:
     from solar_edge.devices.profiles import PROFILES_DIR, load_profile
 
     load_profile(device)  # validates, raises ProfileError for unknown names
-    return tomllib.loads((PROFILES_DIR / f"{device}.toml").read_text(encoding="utf-8"))
+    raw = tomllib.loads((PROFILES_DIR / f"{device}.toml").read_text(encoding="utf-8"))
+    return {"name": device, **raw}
 
 
 def build_runtime_agent(server_url: str, bundle_dir: str | Path, device: str | None,
@@ -109,7 +110,7 @@ def agent(server_url: str, bundle: str, device: str | None, trusted: tuple[str, 
           root: str | None, state_dir: str | None, once: bool, cycles: int, interval: float,
           attempts: int) -> None:
     """Fetch, verify and apply adapter updates; roll back on failure; state is crash-safe."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     keys = [signing.load_public_key(p) for p in trusted]
     runner = build_runtime_agent(server_url, bundle, device,
                                  state_dir or f"{bundle.rstrip('/')}.agent", keys,
