@@ -7,8 +7,8 @@ Prints a table and writes the rows as JSON. Columns: ``graph`` = ``model.onnx`` 
 only), ``variants`` = extra graphs for runtime mechanisms, ``other`` = ``model.onnx.data``
 (embeddings, norms: the non-adaptable weights), ``W0`` = ``weights/`` (adaptable base
 weights, shared by the ONNX graph), ``basis`` = ``basis/``, ``tflite`` = ``model.tflite``.
-Bundles are written to a temporary directory and deleted. A TFLite profile needs the optional converter (``litert-torch``); without it
-the row says so instead of failing the run.
+Bundles are written to a temporary directory and deleted. A TFLite profile needs the
+optional converter (``litert-torch``); without it the row says so instead of failing.
 """
 
 from __future__ import annotations
