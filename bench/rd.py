@@ -54,7 +54,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from rd_eval import PatchedEvaluator, calibration_grams  # noqa: E402
+from rd_eval import PatchedEvaluator  # noqa: E402
 
 from solar_edge import signing  # noqa: E402
 from solar_edge.actaware import weighted_sq_error  # noqa: E402
@@ -64,6 +64,7 @@ from solar_edge.basis import LayerBasis  # noqa: E402
 from solar_edge.bundle import Bundle, load_bundle  # noqa: E402
 from solar_edge.codec import CodecConfig, LayerUpdate, decode_factors, encode  # noqa: E402
 from solar_edge.errors import BudgetError  # noqa: E402
+from solar_edge.exporters.calibration import calibration_grams  # noqa: E402
 from solar_edge.packet import (  # noqa: E402
     PacketHeader,
     decode_packet,
@@ -119,14 +120,18 @@ def safetensors_bytes(path: Path, dtype: str) -> int:
 
 
 def random_bases(updates: Updates, seed: int) -> dict[int, LayerBasis]:
-    """Seeded Rademacher bases (scaled to unit columns), min(out, in) columns per side."""
+    """Seeded random orthonormal bases: QR of Philox Rademacher columns, min(out, in) per side.
+
+    (A raw square Rademacher matrix is badly conditioned; a device would regenerate the same
+    columns and orthonormalise them. Bytes are what matter here: positions and values.)"""
     out = {}
     for lid, u in updates.items():
         n_out, n_in = u.B.shape[0], u.A.shape[1]
         r = min(n_out, n_in)
         pu = perturbation_columns(seed, lid, 0, n_out, np.arange(r), PerturbationKind.RADEMACHER)
         pv = perturbation_columns(seed, lid, 1, n_in, np.arange(r), PerturbationKind.RADEMACHER)
-        out[lid] = LayerBasis(lid, pu / np.sqrt(n_out), pv / np.sqrt(n_in))
+        out[lid] = LayerBasis(lid, np.linalg.qr(pu.astype(np.float64))[0].astype(np.float32),
+                              np.linalg.qr(pv.astype(np.float64))[0].astype(np.float32))
     return out
 
 
@@ -260,7 +265,8 @@ class AdapterBench:
             for fmt in (ValueFormat.INT8, ValueFormat.INT4, ValueFormat.INT3)])
         items = []
         for k, fmt in ((1, ValueFormat.INT8), (1, ValueFormat.INT4), (2, ValueFormat.INT4),
-                       (4, ValueFormat.INT4)):
+                       (2, ValueFormat.INT8), (3, ValueFormat.INT4), (4, ValueFormat.INT3),
+                       (4, ValueFormat.INT4), (8, ValueFormat.INT4)):
             cfg = CodecConfig(representation="dense_factors", max_rank=k, value_format=fmt,
                               overhead_bytes=self.maker.overhead)
             items.append((f"r{k}-{fmt.name.lower()}",
@@ -274,18 +280,26 @@ class AdapterBench:
                 cfg = CodecConfig(representation="sparse_core", value_format=ValueFormat.INT8,
                                   budget_bytes=int(frac * fp16),
                                   overhead_bytes=self.maker.overhead)
-                items.append((f"sparse {frac:g}x fp16",
+                items.append((f"sparse {frac:g}x fp16" + (" qr" if family[0] == "r" else ""),
                               lambda cfg=cfg, bases=bases: self._encode(cfg, bases)))
             self.ladder(family, items)
 
+    def best_baseline_bytes(self) -> int:
+        """Smallest baseline packet within the tolerance (else the largest rank packet)."""
+        floor = self.reference_accuracy - TOLERANCE
+        ok = [p["bytes"] for p in self.points
+              if p["family"] in BASELINE_FAMILIES and p.get("accuracy", -1) >= floor - 1e-12]
+        return min(ok) if ok else max(p["bytes"] for p in self.points if p["family"] == "rank")
+
     def codecs(self, fracs: tuple[float, ...]) -> None:
-        r1 = next(p for p in self.points if p["family"] == "rank" and p["setting"] == "r1-int4")
+        """Codec points at budgets that are fractions of the best baseline's bytes."""
+        r1 = {"bytes": self.best_baseline_bytes()}
         items = []
         for frac in (0.5, 1.0):
             cfg = CodecConfig(representation="auto", value_format=ValueFormat.INT4,
                               budget_bytes=int(frac * r1["bytes"]),
                               overhead_bytes=self.maker.overhead)
-            items.append((f"auto-int4 {frac:g}x r1", lambda cfg=cfg: self._try(cfg)))
+            items.append((f"auto-int4 {frac:g}x base", lambda cfg=cfg: self._try(cfg)))
         self.ladder("codec", items)
         cfg = AllocConfig(overhead_bytes=self.maker.overhead)
         opts: dict = {}
@@ -303,10 +317,10 @@ class AdapterBench:
                 "basis_records": kinds.count("FACTORED_CORE"),
                 "layers": {str(lid): [f.rank, f.bits] for lid, f in alloc.chosen.items()}}
 
-        self.ladder("actaware", [(f"{frac:g}x r1", lambda f=frac: ours(f, self.grams, "act"))
-                                 for frac in fracs])
-        self.ladder("frobenius", [(f"{frac:g}x r1", lambda f=frac: ours(f, None, "fro"))
-                                  for frac in fracs])
+        self.ladder("actaware", [(f"{frac:g}x base {r1['bytes']}",
+                                  lambda f=frac: ours(f, self.grams, "act")) for frac in fracs])
+        self.ladder("frobenius", [(f"{frac:g}x base {r1['bytes']}",
+                                   lambda f=frac: ours(f, None, "fro")) for frac in fracs])
 
     def _try(self, cfg: CodecConfig) -> tuple[int, Factors, dict]:
         try:
@@ -400,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib", type=int, default=128, help="calibration texts (training split)")
     ap.add_argument("--only", nargs="*", default=None, help="task/kind names to run")
     ap.add_argument("--fracs", default="0.2,0.3,0.4,0.5,0.7,1.0",
-                    help="actaware budgets as multiples of the rank-1 int4 packet")
+                    help="codec budgets as fractions of the best baseline's bytes")
     args = ap.parse_args(argv)
 
     bundle = load_bundle(args.bundle)

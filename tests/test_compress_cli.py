@@ -1,0 +1,124 @@
+"""``solar-edge compress`` on a real MiniLM bundle and a real PEFT LoRA trained by the project.
+
+The packet is read back with the packet reader and the public key, decoded with the codec
+decoder, and its error is recomputed from the adapter's own factors, independently of the
+numbers the encoder printed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from solar_edge import signing
+from solar_edge.adapters import match_to_bundle, read_adapter
+from solar_edge.bundle import load_bundle
+from solar_edge.cli import cli
+from solar_edge.codec import decode_factors
+from solar_edge.packet import decode_packet
+
+
+@pytest.fixture(scope="module")
+def key_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("keys")
+    result = CliRunner().invoke(cli, ["keygen", "--out", str(out), "--name", "k"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _run(args: list[str]):
+    return CliRunner().invoke(cli, ["compress", *args], catch_exceptions=False)
+
+
+def _relative_fro(bundle_dir: Path, adapter_dir: Path, packet_path: Path,
+                  pub: Path) -> tuple[float, int]:
+    bundle = load_bundle(bundle_dir)
+    updates = match_to_bundle(read_adapter(adapter_dir).updates, bundle.layers)
+    packet = decode_packet(packet_path.read_bytes(), [signing.load_public_key(pub)])
+    assert packet.header.fingerprint == bundle.fingerprint
+    recs = {r.layer_id: r for r in packet.records}
+    num = den = 0.0
+    for lid, u in updates.items():
+        dw = u.B.astype(np.float64) @ u.A.astype(np.float64)
+        approx = np.zeros_like(dw)
+        if lid in recs:
+            L, Rt = decode_factors(recs[lid], bundle.layer_basis(lid), packet.codec)
+            approx = L.astype(np.float64) @ Rt.T.astype(np.float64)
+        num += ((dw - approx) ** 2).sum()
+        den += (dw**2).sum()
+    return float(np.sqrt(num / den)), len(recs)
+
+
+@pytest.mark.parametrize("budget", [1500, 6000])
+def test_budget_is_respected(minilm_bundle: Path, lora_adapter_dir: Path, key_dir: Path,
+                             tmp_path: Path, budget: int) -> None:
+    out = tmp_path / "a.slr"
+    result = _run([str(lora_adapter_dir), "--bundle", str(minilm_bundle), "--budget",
+                   str(budget), "--key", str(key_dir / "k.key"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.stat().st_size <= budget
+    err, n_records = _relative_fro(minilm_bundle, lora_adapter_dir, out, key_dir / "k.pub")
+    assert 0 < err < 1 and n_records >= 1
+    # per-layer table: one row per adapted module, then totals and link times
+    adapter = read_adapter(lora_adapter_dir)
+    for name in adapter.updates:
+        assert name in result.output
+    assert f"{out.stat().st_size} B written" in result.output
+    assert re.search(r"download on wifi\s+[\d.]+ s\s+<- profile x86-64", result.output)
+    printed = float(re.search(r"overall relative error ([\d.]+)", result.output).group(1))
+    assert printed == pytest.approx(err, abs=2e-4)
+
+
+@pytest.mark.parametrize("bound", [0.8, 0.5])
+def test_max_error_meets_its_bound(minilm_bundle: Path, lora_adapter_dir: Path, key_dir: Path,
+                                   tmp_path: Path, bound: float) -> None:
+    out = tmp_path / "b.slr"
+    result = _run([str(lora_adapter_dir), "--bundle", str(minilm_bundle), "--max-error",
+                   str(bound), "--max-rank", "8", "--key", str(key_dir / "k.key"),
+                   "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    err, _ = _relative_fro(minilm_bundle, lora_adapter_dir, out, key_dir / "k.pub")
+    assert err <= bound
+    assert err > bound / 4  # it did not just send everything
+
+
+def test_tighter_bound_is_bigger(minilm_bundle: Path, lora_adapter_dir: Path, key_dir: Path,
+                                 tmp_path: Path) -> None:
+    sizes = []
+    for bound in ("0.9", "0.4"):
+        out = tmp_path / f"{bound}.slr"
+        result = _run([str(lora_adapter_dir), "--bundle", str(minilm_bundle), "--max-error",
+                       bound, "--max-rank", "8", "--key", str(key_dir / "k.key"),
+                       "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        sizes.append(out.stat().st_size)
+    assert sizes[0] < sizes[1]
+
+
+def test_needs_exactly_one_of_budget_and_max_error(minilm_bundle: Path, lora_adapter_dir: Path,
+                                                   tmp_path: Path) -> None:
+    base = [str(lora_adapter_dir), "--bundle", str(minilm_bundle), "--out", str(tmp_path / "c")]
+    assert _run(base).exit_code != 0
+    assert _run([*base, "--budget", "2000", "--max-error", "0.5"]).exit_code != 0
+
+
+def test_budget_too_small_is_a_typed_error(minilm_bundle: Path, lora_adapter_dir: Path,
+                                           tmp_path: Path) -> None:
+    from solar_edge.errors import BudgetError
+
+    with pytest.raises(BudgetError):
+        _run([str(lora_adapter_dir), "--bundle", str(minilm_bundle), "--budget", "200",
+              "--out", str(tmp_path / "d.slr")])
+
+
+def test_without_key_writes_the_public_half(minilm_bundle: Path, lora_adapter_dir: Path,
+                                           tmp_path: Path) -> None:
+    out = tmp_path / "e.slr"
+    result = _run([str(lora_adapter_dir), "--bundle", str(minilm_bundle), "--budget", "3000",
+                   "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    _relative_fro(minilm_bundle, lora_adapter_dir, out, tmp_path / "e.slr.pub")

@@ -1,0 +1,193 @@
+"""Activation-aware fits and global byte allocation (solar_edge.actaware, solar_edge.allocate).
+
+Pure numeric tests on seeded low-rank updates with anisotropic input Grams; every size is
+checked against the real packet writer and every error against a dense recomputation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from solar_edge import signing
+from solar_edge.actaware import (
+    Whitener,
+    mse_quantize,
+    quantized_fit,
+    weighted_sq_error,
+    whitened_factors,
+)
+from solar_edge.allocate import (
+    AllocConfig,
+    allocation_for_budget,
+    allocation_for_error,
+    layer_options,
+)
+from solar_edge.basis import LayerBasis
+from solar_edge.codec import LayerUpdate, decode_factors
+from solar_edge.errors import BudgetError
+from solar_edge.packet import (
+    PacketHeader,
+    decode_packet,
+    encode_packet,
+    fixed_overhead_bytes,
+    record_nbytes,
+)
+from solar_edge.quant import quantize
+from solar_edge.records import CodecHeader, RecordKind, ValueFormat
+
+SHAPES = [(48, 32), (32, 48), (40, 40), (64, 32)]
+KEY = signing.generate_private_key()
+HEADER = PacketHeader(bytes(32), "rd-test", 1, {"task": "t"})
+OVERHEAD = fixed_overhead_bytes("rd-test", {"task": "t"})
+
+
+def _gram(rng: np.random.Generator, n: int) -> np.ndarray:
+    x = rng.standard_normal((4 * n, n)) * np.geomspace(3.0, 0.05, n)  # anisotropic inputs
+    return x.T @ x / x.shape[0]
+
+
+def _layers(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    updates, bases, grams = {}, {}, {}
+    for lid, (n_out, n_in) in enumerate(SHAPES):
+        scale = 10.0 ** rng.uniform(-2, 0)
+        updates[lid] = LayerUpdate(f"l{lid}", rng.standard_normal((n_out, 6)) * scale,
+                                   rng.standard_normal((6, n_in)))
+        u = np.linalg.qr(rng.standard_normal((n_out, min(n_out, n_in))))[0]
+        v = np.linalg.qr(rng.standard_normal((n_in, min(n_out, n_in))))[0]
+        bases[lid] = LayerBasis(lid, u.astype(np.float32), v.astype(np.float32))
+        grams[lid] = _gram(rng, n_in)
+    return updates, bases, grams
+
+
+@pytest.mark.parametrize("fmt", [ValueFormat.INT2, ValueFormat.INT3, ValueFormat.INT4])
+def test_mse_scales_beat_absmax_scales_on_gaussian_values(fmt: ValueFormat) -> None:
+    x = np.random.default_rng(0).standard_normal(4096).astype(np.float32)
+    mse = mse_quantize(x, fmt, 64)
+    absmax = quantize(x, fmt, 64)
+    assert np.abs(mse.codes).max() <= (1 << (fmt.bits - 1)) - 1
+    assert ((mse.dequantize() - x) ** 2).sum() < ((absmax.dequantize() - x) ** 2).sum()
+
+
+def test_weighted_error_matches_dense() -> None:
+    rng = np.random.default_rng(1)
+    B, A = rng.standard_normal((20, 3)), rng.standard_normal((3, 15))
+    L, Rt = rng.standard_normal((20, 2)), rng.standard_normal((15, 2))
+    g = _gram(rng, 15)
+    e = B @ A - L @ Rt.T
+    assert weighted_sq_error(B, A, L, Rt, g) == pytest.approx(np.trace(e @ g @ e.T), rel=1e-9)
+    assert weighted_sq_error(B, A, L, Rt, np.eye(15)) == pytest.approx((e**2).sum(), rel=1e-9)
+
+
+def test_whitened_truncation_beats_plain_svd_in_the_activation_norm() -> None:
+    rng = np.random.default_rng(2)
+    B, A = rng.standard_normal((30, 6)), rng.standard_normal((6, 25))
+    g = _gram(rng, 25)
+    w = Whitener.from_gram(g, 25, ridge=0.0)
+    u, s, vt = np.linalg.svd(B @ A)
+    for k in (1, 2, 4):
+        L, Rt = whitened_factors(B, A, w, k)
+        plain = weighted_sq_error(B, A, u[:, :k] * s[:k], vt[:k].T, g)
+        assert weighted_sq_error(B, A, L, Rt, g) < plain
+    L, Rt = whitened_factors(B, A, w, 6)  # full rank: exact
+    assert weighted_sq_error(B, A, L, Rt, g) < 1e-8 * weighted_sq_error(
+        B, A, np.zeros((30, 0)), np.zeros((25, 0)), g)
+
+
+@pytest.mark.parametrize("kind", [RecordKind.DENSE_FACTORS, RecordKind.FACTORED_CORE])
+@pytest.mark.parametrize("fmt", [ValueFormat.INT2, ValueFormat.INT4, ValueFormat.INT8])
+def test_fit_is_measured_on_what_the_packet_carries(kind: RecordKind, fmt: ValueFormat) -> None:
+    updates, bases, grams = _layers(3)
+    upd, basis = updates[2], bases[2]
+    w = Whitener.from_gram(grams[2], 40)
+    fit = quantized_fit(upd, 2, w, 2, fmt, 64, kind, basis)
+    assert fit.nbytes == record_nbytes(fit.record)
+    data = encode_packet(HEADER, CodecHeader(seed=0), [fit.record], KEY, compress=False)
+    assert len(data) == OVERHEAD + fit.nbytes
+    rec = decode_packet(data, [KEY.public_key()]).records[0]
+    L, Rt = decode_factors(rec, basis, CodecHeader(seed=0))
+    e = upd.B @ upd.A - L.astype(np.float64) @ Rt.T.astype(np.float64)
+    assert np.trace(e @ w.gram @ e.T) == pytest.approx(fit.err, rel=1e-6, abs=1e-9)
+
+
+def test_more_bits_and_rank_lower_the_error() -> None:
+    updates, bases, grams = _layers(4)
+    opts = layer_options(updates, bases, grams, AllocConfig(max_rank=3))
+    for fits in opts.values():
+        by = {(f.rank, f.bits): f.err for f in fits[1:]}
+        assert fits[0].kind is None and fits[0].nbytes == 0
+        assert by[(1, 8)] < min(by[(1, 2)], by[(1, 4)]) and by[(1, 4)] < fits[0].err
+        assert by[(3, 8)] < by[(1, 8)]
+
+
+@pytest.mark.parametrize("budget", [700, 1000, 1500, 2500, 4000, 8000])
+def test_budget_is_respected_by_the_signed_packet(budget: int) -> None:
+    updates, bases, grams = _layers(5)
+    opts = layer_options(updates, bases, grams, AllocConfig(max_rank=6, overhead_bytes=OVERHEAD))
+    alloc = allocation_for_budget(opts, budget, OVERHEAD)
+    assert alloc.total_bytes <= budget
+    data = encode_packet(HEADER, CodecHeader(seed=0), alloc.records, KEY)
+    assert len(data) <= alloc.total_bytes
+    raw = encode_packet(HEADER, CodecHeader(seed=0), alloc.records, KEY, compress=False)
+    assert len(raw) == alloc.total_bytes
+    left = budget - alloc.total_bytes  # the allocator spends the budget: no upgrade still fits
+    for lid, fits in opts.items():
+        cur = alloc.chosen[lid]
+        assert not any(f.err < cur.err and f.nbytes - cur.nbytes <= left for f in fits)
+
+
+def test_bigger_budget_never_worse_on_these_layers() -> None:
+    updates, bases, grams = _layers(6)
+    opts = layer_options(updates, bases, grams, AllocConfig(max_rank=6, overhead_bytes=OVERHEAD))
+    errs = [allocation_for_budget(opts, b, OVERHEAD).total_error for b in (800, 2000, 6000)]
+    assert errs[0] > errs[1] > errs[2]
+
+
+def test_activation_metric_drops_layers_that_do_not_move_outputs() -> None:
+    updates, bases, grams = _layers(7)
+    cfg = AllocConfig(overhead_bytes=OVERHEAD)
+    before = allocation_for_budget(layer_options(updates, bases, grams, cfg), 900, OVERHEAD)
+    grams[0] = grams[0] * 1e-6  # layer 0's inputs are nearly silent
+    after = allocation_for_budget(layer_options(updates, bases, grams, cfg), 900, OVERHEAD)
+    assert before.chosen[0].kind is not None
+    assert after.chosen[0].kind is None
+    assert sum(f.nbytes for lid, f in after.chosen.items() if lid) > sum(
+        f.nbytes for lid, f in before.chosen.items() if lid)
+
+
+@pytest.mark.parametrize("bound", [0.5, 0.2, 0.05])
+def test_max_error_meets_its_bound(bound: float) -> None:
+    updates, bases, grams = _layers(8)
+    opts = layer_options(updates, bases, grams, AllocConfig(max_rank=6, overhead_bytes=OVERHEAD))
+    alloc = allocation_for_error(opts, bound, OVERHEAD)
+    assert alloc.total_error <= bound
+    # measured independently from the decoded packet
+    data = encode_packet(HEADER, CodecHeader(seed=0), alloc.records, KEY)
+    recs = {r.layer_id: r for r in decode_packet(data, [KEY.public_key()]).records}
+    num = den = 0.0
+    for lid, u in updates.items():
+        dw = u.B @ u.A
+        approx = np.zeros_like(dw)
+        if lid in recs:
+            L, Rt = decode_factors(recs[lid], bases[lid], CodecHeader(seed=0))
+            approx = L.astype(np.float64) @ Rt.T.astype(np.float64)
+        e = dw - approx
+        num += np.trace(e @ grams[lid] @ e.T)
+        den += np.trace(dw @ grams[lid] @ dw.T)
+    assert np.sqrt(num / den) <= bound * (1 + 1e-6)
+
+
+def test_tighter_bound_costs_more_bytes() -> None:
+    updates, bases, grams = _layers(9)
+    opts = layer_options(updates, bases, grams, AllocConfig(max_rank=6, overhead_bytes=OVERHEAD))
+    loose = allocation_for_error(opts, 0.5, OVERHEAD)
+    tight = allocation_for_error(opts, 0.05, OVERHEAD)
+    assert loose.total_bytes < tight.total_bytes
+
+
+def test_budget_below_overhead_plus_one_record_is_refused() -> None:
+    updates, bases, grams = _layers(10)
+    opts = layer_options(updates, bases, grams, AllocConfig(max_rank=6, overhead_bytes=OVERHEAD))
+    with pytest.raises(BudgetError):
+        allocation_for_budget(opts, OVERHEAD + 10, OVERHEAD)
