@@ -24,6 +24,8 @@ Methods (``family`` in the JSON):
   columns from the project's Philox PRNG), global byte budget.
 * ``naive-solar``: sparse coefficients in W0's singular basis (the paper's idea alone).
 * ``codec``: ``codec.encode`` (representation ``auto``, int4) at several budgets.
+* ``fisher``: the same allocator with the K-FAC distortion ``tr(Gamma E G E^T)``
+  (:func:`solar_edge.exporters.calibration.calibration_fisher`, labelled calibration texts);
 * ``actaware``: :mod:`solar_edge.allocate` (activation-aware fits, int2..int8, rank 0..4
   per layer, plain or W0-basis coordinates, global allocation) at several budgets;
   ``frobenius``: the same allocator with ``G = I`` (ablation).
@@ -64,7 +66,10 @@ from solar_edge.basis import LayerBasis  # noqa: E402
 from solar_edge.bundle import Bundle, load_bundle  # noqa: E402
 from solar_edge.codec import CodecConfig, LayerUpdate, decode_factors, encode  # noqa: E402
 from solar_edge.errors import BudgetError  # noqa: E402
-from solar_edge.exporters.calibration import calibration_grams  # noqa: E402
+from solar_edge.exporters.calibration import (  # noqa: E402
+    calibration_fisher,
+    calibration_grams,
+)
 from solar_edge.packet import (  # noqa: E402
     PacketHeader,
     decode_packet,
@@ -85,7 +90,7 @@ MAIN_KINDS = ("lora-qv-r8", "lora-all-r16", "adalora")
 TOLERANCE = 0.005  # "within 0.5 point of the uncompressed adapter"
 RANDOM_SEED = 7
 BASELINE_FAMILIES = ("lora-fp16", "lora-int", "rank", "random-basis", "naive-solar")
-CODEC_FAMILIES = ("codec", "actaware", "frobenius", "carry")
+CODEC_FAMILIES = ("codec", "fisher", "actaware", "frobenius", "carry")
 
 Updates = dict[int, LayerUpdate]
 Factors = dict[int, tuple[np.ndarray, np.ndarray]]
@@ -201,6 +206,8 @@ class AdapterBench:
         self.points: list[dict] = []
         self.save: Callable[[], None] = lambda: None
         self.reference_accuracy = 0.0
+        self.calib_texts: list[str] = []
+        self.calib_labels: list[int] = []
 
     def point(self, family: str, setting: str, build: Callable[[], tuple[int, Factors, dict]],
               evaluate: bool = True) -> dict:
@@ -306,7 +313,10 @@ class AdapterBench:
 
         def ours(frac: float, grams: dict | None, key: str) -> tuple[int, Factors, dict]:
             if key not in opts:
-                opts[key] = layer_options(self.updates, self.bases, grams or {}, cfg)
+                out_grams = None
+                if key == "fisher":
+                    grams, out_grams = self.fisher()
+                opts[key] = layer_options(self.updates, self.bases, grams or {}, cfg, out_grams)
             alloc = allocation_for_budget(opts[key], int(frac * r1["bytes"]),
                                           self.maker.overhead)
             nbytes, factors = self.maker.roundtrip(CodecHeader(seed=0), alloc.records,
@@ -317,10 +327,19 @@ class AdapterBench:
                 "basis_records": kinds.count("FACTORED_CORE"),
                 "layers": {str(lid): [f.rank, f.bits] for lid, f in alloc.chosen.items()}}
 
+        self.ladder("fisher", [(f"{frac:g}x base {r1['bytes']}",
+                                lambda f=frac: ours(f, None, "fisher")) for frac in fracs])
         self.ladder("actaware", [(f"{frac:g}x base {r1['bytes']}",
                                   lambda f=frac: ours(f, self.grams, "act")) for frac in fracs])
         self.ladder("frobenius", [(f"{frac:g}x base {r1['bytes']}",
                                    lambda f=frac: ours(f, None, "fro")) for frac in fracs])
+
+    def fisher(self) -> tuple[dict, dict]:
+        """K-FAC input/output Grams at the adapted model on labelled calibration texts."""
+        dense = {lid: u.B @ u.A for lid, u in self.updates.items()}
+        meta = self.adapter.task_meta
+        return calibration_fisher(self.bundle, self.calib_texts, self.calib_labels, dense,
+                                  int(meta["head_seed"]), len(meta["labels"]))
 
     def _try(self, cfg: CodecConfig) -> tuple[int, Factors, dict]:
         try:
@@ -371,7 +390,8 @@ def plot(results: dict, path: Path) -> None:
     style = {"reference": ("k", "*"), "lora-fp16": ("0.4", "s"), "lora-int": ("tab:blue", "o"),
              "rank": ("tab:orange", "^"), "random-basis": ("tab:gray", "x"),
              "naive-solar": ("tab:brown", "v"), "codec": ("tab:purple", "D"),
-             "actaware": ("tab:red", "o"), "frobenius": ("tab:pink", "P"),
+             "actaware": ("tab:red", "o"), "fisher": ("tab:cyan", "h"),
+             "frobenius": ("tab:pink", "P"),
              "carry": ("tab:green", "*")}
     for ax, name in zip(axes.flat, names, strict=False):
         pts = results[name]["points"]
@@ -449,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: held-out n={len(idx)}, calibration {len(cal)} texts", flush=True)
             b = AdapterBench(name, adir, bundle, evaluator, grams, cache, key, len(idx))
             b.save = lambda: cache_path.write_text(json.dumps(cache, indent=1))
+            b.calib_texts = [task.train.texts[i] for i in cal]
+            b.calib_labels = [task.train.labels[i] for i in cal]
             b.reference()
             kind = meta.get("adapter_kind", adir.name)
             if kind in ("lora-xs", "tinylora"):

@@ -2,8 +2,10 @@
 
 Distortion of an approximation ``dW_hat = L @ Rt.T`` of ``dW = B @ A`` on calibration inputs
 ``X`` (tokens x in) is ``|(dW - dW_hat) X^T|_F^2 = tr(E G E^T)`` with ``G = X^T X / tokens``
-the layer's input Gram matrix; ``G = I`` gives the plain squared Frobenius error. Everything
-is computed from factors, ``dW`` is never formed.
+the layer's input Gram matrix; ``G = I`` gives the plain squared Frobenius error. With an
+output-side Gram ``Gamma`` (second moment of the loss gradient at the layer's outputs) the
+distortion ``tr(Gamma E G E^T)`` is the K-FAC estimate of the loss increase, comparable
+across layers. Everything is computed from factors, ``dW`` is never formed.
 
 A fit of rank ``k`` at ``b`` bits:
 
@@ -67,30 +69,34 @@ class Whitener:
 
 
 def weighted_sq_error(B: np.ndarray, A: np.ndarray, L: np.ndarray, Rt: np.ndarray,
-                      gram: np.ndarray) -> float:
-    """``tr(E G E^T)`` for ``E = B A - L Rt^T``, from factors only."""
+                      gram: np.ndarray, left: np.ndarray | None = None) -> float:
+    """``tr(Gamma E G E^T)`` for ``E = B A - L Rt^T`` (``Gamma = left``, identity if None),
+    from factors only."""
     ag = A @ gram
-    t1 = np.einsum("ij,ji->", B.T @ B, ag @ A.T)
-    t2 = np.einsum("ij,ji->", L.T @ B, ag @ Rt)
-    t3 = np.einsum("ij,ji->", L.T @ L, Rt.T @ gram @ Rt)
+    gb, gl = (B, L) if left is None else (left @ B, left @ L)
+    t1 = np.einsum("ij,ji->", B.T @ gb, ag @ A.T)
+    t2 = np.einsum("ij,ji->", L.T @ gb, ag @ Rt)
+    t3 = np.einsum("ij,ji->", L.T @ gl, Rt.T @ gram @ Rt)
     return float(max(t1 - 2 * t2 + t3, 0.0))
 
 
-def update_energy(upd: LayerUpdate, gram: np.ndarray) -> float:
-    """``tr(dW G dW^T)``: the distortion of leaving the layer out."""
+def update_energy(upd: LayerUpdate, gram: np.ndarray, left: Whitener | None = None) -> float:
+    """``tr(Gamma dW G dW^T)``: the distortion of leaving the layer out."""
     B, A = np.asarray(upd.B, np.float64), np.asarray(upd.A, np.float64)
-    return float(np.einsum("ij,ji->", B.T @ B, A @ gram @ A.T))
+    gb = B if left is None else left.gram @ B
+    return float(np.einsum("ij,ji->", B.T @ gb, A @ gram @ A.T))
 
 
-def whitened_factors(B: np.ndarray, A: np.ndarray, w: Whitener,
-                     k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Best rank-``k`` ``(L, Rt)`` of ``B A`` in the ``G``-norm, energy split evenly."""
-    q1, r1 = np.linalg.qr(B)
+def whitened_factors(B: np.ndarray, A: np.ndarray, w: Whitener, k: int,
+                     left: Whitener | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Best rank-``k`` ``(L, Rt)`` of ``B A`` in the ``(Gamma, G)``-norm, energy split evenly."""
+    q1, r1 = np.linalg.qr(B if left is None else left.sqrt @ B)
     q2, r2 = np.linalg.qr((A @ w.sqrt).T)
     p, s, qt = np.linalg.svd(r1 @ r2.T, full_matrices=False)
     k = min(k, s.size)
     root = np.sqrt(s[:k])
-    return (q1 @ p[:, :k]) * root, w.inv_sqrt @ ((q2 @ qt.T[:, :k]) * root)
+    lf = (q1 @ p[:, :k]) * root
+    return (lf if left is None else left.inv_sqrt @ lf), w.inv_sqrt @ ((q2 @ qt.T[:, :k]) * root)
 
 
 @dataclass(frozen=True)
@@ -152,24 +158,27 @@ def _coords(kind: RecordKind, basis: LayerBasis | None):
 
 def quantized_fit(upd: LayerUpdate, lid: int, w: Whitener, k: int, fmt: ValueFormat,
                   group: int, kind: RecordKind, basis: LayerBasis | None,
-                  start: tuple[np.ndarray, np.ndarray] | None = None) -> LayerFit:
+                  start: tuple[np.ndarray, np.ndarray] | None = None,
+                  left: Whitener | None = None) -> LayerFit:
     """Rank-``k`` fit at ``fmt`` with alternating quantised refits (see module docstring).
 
     ``start``: the whitened factors of rank >= ``k`` when the caller already has them."""
     B, A = np.asarray(upd.B, np.float64), np.asarray(upd.A, np.float64)
     to_l, to_r, from_l, from_r = _coords(kind, basis)
-    L, Rt = start if start is not None else whitened_factors(B, A, w, k)
+    L, Rt = start if start is not None else whitened_factors(B, A, w, k, left)
+    gam = None if left is None else left.gram
     L, Rt = L[:, :k], Rt[:, :k]
     k = L.shape[1]
     cl, cr = to_l(L), to_r(Rt)
     best: tuple[float, np.ndarray, np.ndarray] | None = None
     for _ in range(REFIT_ROUNDS):
         lq = from_l(_q(cl, fmt, group).reshape(cl.shape))
-        rt = (np.linalg.pinv(lq) @ B @ A).T                # optimal right factor for lq
+        glq = lq if gam is None else gam @ lq              # optimal right factor for lq
+        rt = (np.linalg.pinv(lq.T @ glq) @ (glq.T @ B) @ A).T
         cr_q = _q(to_r(rt), fmt, group).reshape(cr.shape)
         rq = from_r(cr_q)
         cand = _q(cl, fmt, group).reshape(cl.shape)
-        err = weighted_sq_error(B, A, lq, rq, w.gram)
+        err = weighted_sq_error(B, A, lq, rq, w.gram, gam)
         if best is None or err < best[0]:
             best = (err, cand, cr_q)
         gram_r = rq.T @ w.gram @ rq                         # left refit in the G-norm
@@ -181,27 +190,27 @@ def quantized_fit(upd: LayerUpdate, lid: int, w: Whitener, k: int, fmt: ValueFor
     record = LayerRecord(lid, kind, rows, cols, k, values)
     lf, rf = decode_factors(record, basis if kind == RecordKind.FACTORED_CORE else None,
                             CodecHeader(seed=0))
-    err = weighted_sq_error(B, A, lf.astype(np.float64), rf.astype(np.float64), w.gram)
+    err = weighted_sq_error(B, A, lf.astype(np.float64), rf.astype(np.float64), w.gram, gam)
     return LayerFit(lid, k, fmt.bits, kind, record_nbytes(record), err, record)
 
 
 def fit_layer(upd: LayerUpdate, lid: int, w: Whitener, *, max_rank: int,
               formats: tuple[ValueFormat, ...], group: int,
-              basis: LayerBasis | None) -> list[LayerFit]:
+              basis: LayerBasis | None, left: Whitener | None = None) -> list[LayerFit]:
     """Every operating point of one layer: 'left out', then rank x bits x representation.
 
     The representation is chosen per point by measured distortion (ties: plain factors)."""
-    e0 = update_energy(upd, w.gram)
+    e0 = update_energy(upd, w.gram, left)
     fits = [LayerFit(lid, 0, 0, None, 0, e0)]
     rank_cap = min(max_rank, upd.B.shape[1], upd.B.shape[0], upd.A.shape[1])
     kinds = [RecordKind.DENSE_FACTORS]
     if basis is not None:
         kinds.append(RecordKind.FACTORED_CORE)
     start = whitened_factors(np.asarray(upd.B, np.float64), np.asarray(upd.A, np.float64), w,
-                             rank_cap) if rank_cap else None
+                             rank_cap, left) if rank_cap else None
     for k in range(1, rank_cap + 1):
         for fmt in formats:
-            cands = [quantized_fit(upd, lid, w, k, fmt, group, kind, basis, start)
+            cands = [quantized_fit(upd, lid, w, k, fmt, group, kind, basis, start, left)
                      for kind in kinds]
             fits.append(min(cands, key=lambda f: (f.err, f.nbytes, f.kind)))
     return fits

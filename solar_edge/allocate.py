@@ -136,6 +136,7 @@ def allocate(options: Mapping[int, Sequence[LayerFit]], avail: int) -> dict[int,
 
 def layer_options(updates: Mapping[int, LayerUpdate], bases: Mapping[int, LayerBasis],
                   grams: Mapping[int, np.ndarray | None], config: AllocConfig,
+                  out_grams: Mapping[int, np.ndarray] | None = None,
                   ) -> dict[int, list[LayerFit]]:
     """Every layer's operating points (the expensive part: fit once, allocate many times).
 
@@ -143,21 +144,24 @@ def layer_options(updates: Mapping[int, LayerUpdate], bases: Mapping[int, LayerB
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover - optional speed-up only
-        return _layer_options(updates, bases, grams, config)
+        return _layer_options(updates, bases, grams, config, out_grams or {})
     with threadpool_limits(limits=1, user_api="blas"):
-        return _layer_options(updates, bases, grams, config)
+        return _layer_options(updates, bases, grams, config, out_grams or {})
 
 
 def _layer_options(updates: Mapping[int, LayerUpdate], bases: Mapping[int, LayerBasis],
                    grams: Mapping[int, np.ndarray | None], config: AllocConfig,
-                   ) -> dict[int, list[LayerFit]]:
+                   out_grams: Mapping[int, np.ndarray]) -> dict[int, list[LayerFit]]:
     options = {}
     for lid, upd in sorted(updates.items()):
         n_in = int(np.asarray(upd.A).shape[1])
         w = Whitener.from_gram(grams.get(lid), n_in)
         basis = bases.get(lid) if config.use_basis else None
+        left = None
+        if lid in out_grams:
+            left = Whitener.from_gram(out_grams[lid], int(np.asarray(upd.B).shape[0]), 1e-3)
         options[lid] = fit_layer(upd, lid, w, max_rank=config.max_rank, formats=config.formats,
-                                 group=config.group_size, basis=basis)
+                                 group=config.group_size, basis=basis, left=left)
     return options
 
 
