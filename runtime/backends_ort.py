@@ -140,7 +140,9 @@ class InitializerMechanism(OrtMechanism):
 
     def commit(self, staged: tuple[dict[int, np.ndarray], set[int]]) -> None:
         bufs, adapted = staged
-        self.adapted = self.adapted | adapted  # until the copies are done, both may differ
+        # until every copy is done any written layer may differ from base: a restore after a
+        # failure half-way re-stages all of them
+        self.adapted = self.adapted | set(bufs)
         for lid, buf in bufs.items():
             np.copyto(self.live[lid], buf)
         self.adapted = adapted

@@ -103,7 +103,9 @@ class EdgeRuntime:
         self.last_timings: dict[str, float] = {}  # of the last apply/switch/reset, by step
         self._health_feeds = self.backend.encode([HEALTH_TEXT])
         self.backend.check_link(self._health_feeds)
-        self._check(self.backend.run(self._health_feeds))
+        first = self.backend.run(self._health_feeds)
+        self._check(first)
+        self.hidden = int(first[0].shape[-1])  # width of the pooled embedding (task heads)
 
     def _open_backend(self, mechanism: str | None, threads: int) -> tuple[Any, str]:
         from solar_edge.runtime.backends import open_backend
@@ -227,7 +229,7 @@ class EdgeRuntime:
         meta = dict(packet.header.metadata)
         head = None
         if meta.get("labels") and "head_seed" in meta:
-            head = task_head(int(meta["head_seed"]), len(meta["labels"]), self.bundle.hidden)
+            head = task_head(int(meta["head_seed"]), len(meta["labels"]), self.hidden)
         info = AdapterInfo(
             adapter_id=packet.header.adapter_id, version=packet.header.adapter_version,
             metadata=meta, layers=len(factors),

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from solar_edge.errors import RuntimeApplyError
+from solar_edge.errors import HealthCheckError, RuntimeApplyError
+
+F32_MAX = float(np.finfo(np.float32).max)
 
 # Graph naming contract with solar_edge.exporters.graph_variants (checked by a test).
 WEIGHT_SUFFIX = ".weight_t"
@@ -40,7 +42,12 @@ def check_factors(layer_id: int, shape: tuple[int, int], factors: Factors) -> Fa
             f"weight {out_f}x{in_f}"
         )
     if not (np.isfinite(left).all() and np.isfinite(right_t).all()):
-        raise RuntimeApplyError(f"layer {layer_id}: non-finite update factors")
+        raise HealthCheckError(f"layer {layer_id}: non-finite update factors")
+    k = left.shape[1]
+    if k and k * float(np.abs(left).max()) * float(np.abs(right_t).max()) >= F32_MAX / 2:
+        # rare: the cheap bound cannot rule out overflow, so look at the product itself
+        if not np.isfinite(left @ right_t.T).all():
+            raise HealthCheckError(f"layer {layer_id}: the update overflows float32")
     return left, right_t
 
 

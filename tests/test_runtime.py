@@ -295,34 +295,62 @@ def test_failure_mid_commit_in_place_restores_previous(bundle_dir, bundle, key, 
     rt.apply(make_packet(bundle, key, "a", 1, encoded["a"]))
     before = rt.infer(SENTENCES)
     mech = rt.backend
-    real_commit = type(mech).commit
-    state = {"armed": True}
 
-    def half_commit(self, staged):
-        if state["armed"]:
-            state["armed"] = False
-            bufs, _ = staged
-            for lid in list(bufs)[: len(bufs) // 2]:
-                np.copyto(self.live[lid], bufs[lid])
-            raise OSError("injected failure after half the layers were patched")
-        return real_commit(self, staged)
+    class FailingHalfWay(dict):
+        """The live buffers, failing on the 19th lookup (after 18 layers were written)."""
 
-    monkeypatch.setattr(type(mech), "commit", half_commit)
+        lookups = 0
+
+        def __getitem__(self, lid):
+            FailingHalfWay.lookups += 1
+            if FailingHalfWay.lookups == 19:
+                raise OSError("injected failure after half the layers were patched")
+            return super().__getitem__(lid)
+
+    monkeypatch.setattr(mech, "live", FailingHalfWay(mech.live))
     with pytest.raises(RuntimeApplyError, match="half the layers"):
         rt.apply(make_packet(bundle, key, "b", 1, encoded["all"]))
+    assert FailingHalfWay.lookups > 19  # the commit failed, then the restore rewrote layers
     assert rt.active.adapter_id == "a"
     assert np.array_equal(rt.infer(SENTENCES), before)
 
 
 @pytest.mark.parametrize("mechanism", ["initializer", "lora"])
-def test_non_finite_outputs_fail_the_health_check(bundle_dir, bundle, key, mechanism):
+def test_overflowing_update_is_rejected(bundle_dir, bundle, key, mechanism):
     rt = EdgeRuntime(bundle_dir, [key.public_key()], mechanism=mechanism)
     before = rt.infer(SENTENCES)
     huge = random_updates(bundle, [0, 1], rank=2, scale=3e19, seed=5)  # dW ~ 1e39: inf
     result = encode_updates(bundle, huge, fmt=ValueFormat.FLOAT32, representation="dense_factors")
-    with pytest.raises(HealthCheckError):
+    with pytest.raises(HealthCheckError, match="overflows"):
         rt.apply(make_packet(bundle, key, "bad", 1, result))
     assert rt.active is None
+    assert np.array_equal(rt.infer(SENTENCES), before)
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_non_finite_outputs_fail_the_health_check(bundle_dir, bundle, key, encoded, monkeypatch,
+                                                  mechanism):
+    """A fault that corrupts a staged weight (NaN) is caught by the output check."""
+    rt = EdgeRuntime(bundle_dir, [key.public_key()], mechanism=mechanism)
+    rt.apply(make_packet(bundle, key, "a", 1, encoded["a"]))
+    before = rt.infer(SENTENCES)
+    target = "lora_feeds" if mechanism.startswith("lora") else "patched_weight_t"
+    real = getattr(backends_ort, target)
+
+    armed = {"once": True}  # a transient fault: the restore that follows computes cleanly
+
+    def corrupting(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if armed.pop("once", False):
+            for arr in (out.values() if isinstance(out, dict) else [out]):
+                arr.reshape(-1)[:1] = np.nan
+        return out
+
+    monkeypatch.setattr(backends_ort, target, corrupting)
+    with pytest.raises(HealthCheckError, match="non-finite"):
+        rt.apply(make_packet(bundle, key, "b", 1, encoded["b"]))
+    monkeypatch.setattr(backends_ort, target, real)
+    assert rt.active.adapter_id == "a"
     assert np.array_equal(rt.infer(SENTENCES), before)
 
 
