@@ -8,12 +8,14 @@ only after the staged one passed the health check. The pristine file stays untou
 
 The converter may fold a preceding LayerNorm into a FULLY_CONNECTED weight; the manifest
 then carries ``input_scale`` / ``input_shift`` and the patch rule is
-``W_tfl = W_tfl0 + dW * input_scale[None, :]``, ``b_tfl = b_tfl0 + dW @ input_shift``.
+``W_tfl = W_tfl0 + dW * input_scale[None, :]``, ``b_tfl = b_tfl0 + dW @ input_shift``
+(a scalar the converter moves into query/key, attention's ``d**-0.25``, is part of both).
 """
 
 from __future__ import annotations
 
 import mmap
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -79,6 +81,18 @@ def patch_flatbuffer(
     return buf
 
 
+TEXT_INPUTS = ("input_ids", "token_type_ids", "attention_mask")  # HF tokenizer order
+
+
+def _graph_input(row: Mapping[str, Any], position: int) -> str:
+    """The ONNX/torch input a TFLite input stands for (``graph_input``, else ``args_<i>``)."""
+    if row.get("graph_input"):
+        return str(row["graph_input"])
+    match = re.search(r"args_(\d+)$", str(row["name"]))
+    index = int(match.group(1)) if match else position
+    return TEXT_INPUTS[index] if index < len(TEXT_INPUTS) else str(row["name"])
+
+
 class TfliteBackend:
     """Same four steps as the ORT mechanisms (prepare, probe, commit, run)."""
 
@@ -98,6 +112,7 @@ class TfliteBackend:
         for p in self.placements.values():
             p.check(len(self.pristine))
         self.inputs = list(section.get("inputs", []))
+        self.input_map = {row["name"]: _graph_input(row, i) for i, row in enumerate(self.inputs)}
         self.seq_len = int(section.get("seq_len", 0)) or None
         self.encoder: Callable[[Sequence[str], Sequence[str]], dict[str, np.ndarray]] | None = None
         self.interpreter = self._interpreter(bytes(self.pristine))
@@ -126,12 +141,11 @@ class TfliteBackend:
     def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         if self.encoder is None:
             raise RuntimeApplyError("this bundle has no tokenizer: feed arrays, not texts")
-        names = [row.get("graph_input", row["name"]) for row in self.inputs]
-        return self.encoder(texts, names)
+        return self.encoder(texts, list(self.input_map.values()))
 
     def _run_with(self, interp: Any, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         details = interp.get_input_details()
-        by_graph = {row["name"]: row.get("graph_input", row["name"]) for row in self.inputs}
+        by_graph = self.input_map
         batch = len(next(iter(feeds.values())))
         rows = []
         for b in range(batch):  # the converted graph is static, batch 1

@@ -86,8 +86,11 @@ def folded_model():
 
 
 def _placements(m):
+    """Placements as the export stage records them (its ``locate_weights``)."""
     tflite_export = pytest.importorskip("solar_edge.exporters.tflite_export")
-    found = tflite_export.locate_weights(m.data, {"fc1": (m.w1, m.b1), "fc2": (m.w2, m.b2)})
+    found = tflite_export.locate_weights(
+        m.data, {"fc1": (m.w1, m.b1), "fc2": (m.w2, m.b2)},
+        {"fc1": (m.gamma.astype(np.float64), m.beta.astype(np.float64))})
     out = {}
     for lid, name in enumerate(["fc1", "fc2"]):
         rec = found[name]
@@ -178,3 +181,19 @@ def test_backend_stages_probes_and_swaps(folded_model, tmp_path):
     assert np.array_equal(backend.run({"x": x})[0], base)  # back to base bit for bit
     assert path.read_bytes() == m.data
 
+
+
+def test_attention_scale_fold_patches_weight_and_bias(folded_model):
+    """A scalar folded on top of the LayerNorm (attention's d**-0.25 on query and key)."""
+    m = folded_model
+    c = np.float32(32 ** -0.25)
+    scaled = SimpleNamespace(**{**vars(m), "data": _build_model(
+        c * m.w1 * m.gamma[None, :], c * (m.b1 + m.w1 @ m.beta), m.w2, m.b2)})
+    placements, found = _placements(scaled)
+    assert np.allclose(found["fc1"]["input_scale"], c * m.gamma, rtol=1e-5)
+    factors = _factors(5)
+    x = np.random.default_rng(6).standard_normal((1, IN)).astype(np.float32)
+    got = _run(bytes(patch_flatbuffer(scaled.data, placements, factors)), x)
+    dw1, dw2 = (factors[i][0] @ factors[i][1].T for i in (0, 1))
+    h = c * ((x * m.gamma + m.beta) @ (m.w1 + dw1).T + m.b1)
+    assert np.allclose(got, h @ (m.w2 + dw2).T + m.b2, atol=1e-5)
