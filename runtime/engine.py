@@ -39,9 +39,6 @@ from solar_edge.taskhead import head_logits, mean_pool, task_head
 
 HEALTH_TEXT = "solar-edge health check: the quick brown fox jumps over the lazy dog."
 
-# Default patching mechanism per execution provider family (measured: docs/runtime.md).
-DEFAULT_MECHANISM = {"cpu": "initializer", "device": "lora", "tflite": "tflite"}
-
 
 @dataclass(frozen=True)
 class AdapterInfo:

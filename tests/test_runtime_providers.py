@@ -38,8 +38,10 @@ def test_providers_without_profile_and_bad_entries():
 
 def test_default_mechanism_per_profile():
     jetson = load_profile("jetson-orin-nano").to_dict()
-    assert default_mechanism(jetson, select_providers(jetson, JETSON_BUILD)) == "lora"
-    assert default_mechanism(jetson, select_providers(jetson, [CPU])) == "initializer"
     x86 = load_profile("x86-64").to_dict()
-    assert default_mechanism(x86, select_providers(x86, JETSON_BUILD)) == "initializer"
-    assert default_mechanism({**x86, "patching": "recreate"}, [CPU]) == "recreate"
+    gpu, cpu = select_providers(jetson, JETSON_BUILD), select_providers(x86, JETSON_BUILD)
+    assert default_mechanism(jetson, gpu) == "lora" == default_mechanism(x86, cpu)
+    # bundle without the lora graph variant: no in-place link on a GPU provider
+    assert default_mechanism(jetson, gpu, frozenset()) == "recreate"
+    assert default_mechanism(x86, cpu, frozenset({"inputs"})) == "initializer"
+    assert default_mechanism({**x86, "patching": "iobinding"}, cpu) == "iobinding"
