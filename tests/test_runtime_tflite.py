@@ -197,3 +197,41 @@ def test_attention_scale_fold_patches_weight_and_bias(folded_model):
     dw1, dw2 = (factors[i][0] @ factors[i][1].T for i in (0, 1))
     h = c * ((x * m.gamma + m.beta) @ (m.w1 + dw1).T + m.b1)
     assert np.allclose(got, h @ (m.w2 + dw2).T + m.b2, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_minilm_tflite_bundle_serves_like_onnx_after_apply(tmp_path):
+    """Real MiniLM for the rpi4 profile (needs the ``convert`` extra: litert-torch)."""
+    pytest.importorskip("litert_torch")
+    from solar_edge import signing
+    from solar_edge.codec import CodecConfig, LayerUpdate, encode
+    from solar_edge.exporters.pipeline import export_bundle
+    from solar_edge.packet import PacketHeader, encode_packet
+    from solar_edge.runtime.engine import EdgeRuntime
+
+    out = tmp_path / "rpi4"
+    export_bundle(None, "rpi4", out)
+    tfl = EdgeRuntime(out, [(key := signing.generate_private_key()).public_key()])
+    assert tfl.mechanism == "tflite"
+    ort_rt = EdgeRuntime(out, [key.public_key()], mechanism="initializer")
+    texts = ["Return the absolute value of the argument.", "Open a file and return a stream."]
+    assert np.abs(tfl.infer(texts) - ort_rt.infer(texts)).max() < 1e-4
+    bundle = tfl.bundle.bundle
+    rng = np.random.default_rng(0)
+    lids = range(6)  # every kind of weight of the first encoder layer, folds included
+    ups = {lid: LayerUpdate(bundle.layers[lid].name,
+                            rng.standard_normal((bundle.layers[lid].shape[0], 4)) * 0.05,
+                            rng.standard_normal((4, bundle.layers[lid].shape[1])) * 0.05)
+           for lid in lids}
+    res = encode(ups, {lid: bundle.layer_basis(lid) for lid in lids},
+                 CodecConfig(representation="factored_core", max_rank=4))
+    pkt = encode_packet(PacketHeader(bundle.fingerprint, "t", 1, {"task": "t"}), res.header,
+                        res.records, key)
+    before = tfl.infer(texts)
+    tfl.apply(pkt)
+    ort_rt.apply(pkt)
+    got = tfl.infer(texts)
+    assert np.abs(got - before).max() > 1e-3
+    assert np.abs(got - ort_rt.infer(texts)).max() < 1e-4
+    tfl.reset()
+    assert np.array_equal(tfl.infer(texts), before)
