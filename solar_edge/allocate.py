@@ -202,11 +202,12 @@ def allocation_for_error(options: Mapping[int, Sequence[LayerFit]], max_error: f
 def encode_adapter(updates: Mapping[int, LayerUpdate], bases: Mapping[int, LayerBasis],
                    grams: Mapping[int, np.ndarray | None], config: AllocConfig, *,
                    budget_bytes: int | None = None,
-                   max_error: float | None = None) -> Allocation:
+                   max_error: float | None = None,
+                   out_grams: Mapping[int, np.ndarray] | None = None) -> Allocation:
     """Records for one adapter under ``budget_bytes`` or meeting ``max_error`` (exactly one)."""
     if (budget_bytes is None) == (max_error is None):
         raise CodecError("give exactly one of budget_bytes and max_error")
-    options = layer_options(updates, bases, grams, config)
+    options = layer_options(updates, bases, grams, config, out_grams)
     if budget_bytes is not None:
         return allocation_for_budget(options, budget_bytes, config.overhead_bytes)
     assert max_error is not None

@@ -6,8 +6,12 @@ measured on the quantised values the device decodes:
 
 * ``--metric fro`` (default, data-free): ``|dW - dW_hat|_F^2``;
 * ``--metric act``: activation-weighted ``tr(E G E^T)`` with ``G`` the base model's
-  per-layer input Gram on ``--calib`` texts of the task's training split (needs the
-  ``[export]`` extra: torch and transformers).
+  per-layer input Gram on ``--calib`` texts of the task's training split;
+* ``--metric fisher``: ``tr(Gamma E G E^T)`` (K-FAC loss estimate: ``Gamma`` is the
+  output-gradient Gram of the adapted model on the labelled calibration texts). The
+  measured best predictor of accuracy at small budgets (docs/rate-distortion.md).
+
+``act`` and ``fisher`` need the ``[export]`` extra (torch, transformers).
 
 ``--max-error E`` bisects the budget until the packet's overall relative error
 ``sqrt(sum_l err_l / sum_l |dW_l|^2)`` in that metric is ``<= E``. The table shows each
@@ -34,18 +38,27 @@ def _metadata(task_meta: dict) -> dict:
     return {k: task_meta[k] for k in keys if k in task_meta}
 
 
-def _grams(bundle, task_meta: dict, layer_ids: list[int], n_texts: int) -> dict:
+def _grams(bundle, task_meta: dict, updates: dict, n_texts: int,
+           metric: str) -> tuple[dict, dict | None]:
+    """(input Grams, output-gradient Grams or None) for the metric; ({}, None) for fro."""
+    if metric == "fro":
+        return {}, None
     try:
-        from solar_edge.exporters.calibration import calibration_grams
+        from solar_edge.exporters.calibration import calibration_fisher, calibration_grams
         from solar_edge.exporters.tasks import load_task
     except ImportError as exc:
-        raise click.ClickException(f"--metric act needs the [export] extra ({exc})") from exc
+        raise click.ClickException(f"--metric {metric} needs the [export] extra ({exc})") from exc
     name = task_meta.get("task")
     if not name:
-        raise click.ClickException("--metric act needs task.json with a 'task' name")
+        raise click.ClickException(f"--metric {metric} needs task.json with a 'task' name")
     train = load_task(name).train
     step = max(1, len(train) // n_texts)
-    return calibration_grams(bundle, train.texts[::step][:n_texts], layer_ids)
+    texts, labels = train.texts[::step][:n_texts], train.labels[::step][:n_texts]
+    if metric == "act":
+        return calibration_grams(bundle, texts, sorted(updates)), None
+    dense = {lid: u.B @ u.A for lid, u in updates.items()}
+    return calibration_fisher(bundle, texts, labels, dense, int(task_meta["head_seed"]),
+                              len(task_meta["labels"]))
 
 
 def _table(alloc: Allocation, names: dict[int, str]) -> list[str]:
@@ -68,8 +81,9 @@ def _table(alloc: Allocation, names: dict[int, str]) -> list[str]:
               help="Largest packet in bytes (uncompressed bound; zstd only shrinks it).")
 @click.option("--max-error", type=click.FloatRange(min=0), default=None,
               help="Largest overall relative error in --metric; the budget is bisected.")
-@click.option("--metric", type=click.Choice(["fro", "act"]), default="fro", show_default=True,
-              help="Distortion: Frobenius, or activation-weighted on calibration texts.")
+@click.option("--metric", type=click.Choice(["fro", "act", "fisher"]), default="fro",
+              show_default=True, help="Distortion: Frobenius, activation-weighted, or K-FAC "
+                                      "loss estimate on calibration texts.")
 @click.option("--calib", type=click.IntRange(min=1), default=64, show_default=True,
               help="Calibration texts for --metric act.")
 @click.option("--max-rank", type=click.IntRange(min=1), default=4, show_default=True)
@@ -96,10 +110,10 @@ def compress(adapter_dir: Path, bundle_dir: Path, budget: int | None, max_error:
     adapter_id = adapter_id or adapter_dir.name
     meta = _metadata(adapter.task_meta)
     overhead = fixed_overhead_bytes(adapter_id, meta)
-    grams = _grams(bundle, adapter.task_meta, sorted(updates), calib) if metric == "act" else {}
+    grams, out_grams = _grams(bundle, adapter.task_meta, updates, calib, metric)
     alloc = encode_adapter(updates, bases, grams,
                            AllocConfig(max_rank=max_rank, overhead_bytes=overhead),
-                           budget_bytes=budget, max_error=max_error)
+                           budget_bytes=budget, max_error=max_error, out_grams=out_grams)
     if key_path is not None:
         key = signing.load_private_key(key_path)
     else:
