@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -115,7 +116,8 @@ def make_packets(bundle_dir: Path, adapters: list[Path], key, versions: int) -> 
 
 # --- measurements -----------------------------------------------------------------------------
 
-def bench_mechanism(bundle_dir: Path, mech: str, packets, key, repeat: int, threads: int) -> dict:
+def bench_mechanism(bundle_dir: Path, mech: str, packets, key, repeat: int,
+                    threads: int) -> tuple[dict, Callable[[], object]]:
     from solar_edge.runtime.engine import EdgeRuntime
 
     t = time.perf_counter()
@@ -143,7 +145,7 @@ def bench_mechanism(bundle_dir: Path, mech: str, packets, key, repeat: int, thre
     return row, (lambda: rt.backend.run(feeds))
 
 
-def bench_baked(bundle_dir: Path, repeat: int, threads: int) -> dict:
+def bench_baked(bundle_dir: Path, repeat: int, threads: int) -> tuple[dict, Callable[[], object]]:
     from solar_edge.runtime.backends_ort import session_options
     from solar_edge.runtime.bundle_parts import open_bundle
     from solar_edge.runtime.text import TextEncoder
@@ -162,7 +164,8 @@ def bench_baked(bundle_dir: Path, repeat: int, threads: int) -> dict:
     return {"create_ms": round(create_ms, 1)}, (lambda: sess.run(None, feeds))
 
 
-def bench_peft(adapters: list[Path], repeat: int, threads: int) -> dict:
+def bench_peft(adapters: list[Path], repeat: int,
+               threads: int) -> tuple[dict, Callable[[], object]]:
     import torch
     from peft import PeftModel
     from transformers import AutoModel, AutoTokenizer

@@ -210,16 +210,16 @@ class LoraMechanism(OrtMechanism):
         self.current: dict[str, np.ndarray] = {}
         return super()._create()
 
-    def prepare(self, factors: Mapping[int, Factors]) -> dict[str, np.ndarray]:
+    def prepare(self, factors: Mapping[int, Factors]) -> Any:
         feeds: dict[str, np.ndarray] = {}
         for lid, f in factors.items():
             feeds.update(lora_feeds(self.slots[lid].init_name, f))
         return feeds
 
-    def probe(self, staged: dict[str, np.ndarray], feeds: Feeds) -> list[np.ndarray]:
+    def probe(self, staged: Any, feeds: Feeds) -> list[np.ndarray]:
         return self.session.run(None, {**feeds, **staged})
 
-    def commit(self, staged: dict[str, np.ndarray]) -> None:
+    def commit(self, staged: Any) -> None:
         self.current = staged
 
     def run(self, feeds: Feeds) -> list[np.ndarray]:

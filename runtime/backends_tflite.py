@@ -32,7 +32,7 @@ def interpreter_class() -> type:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
         try:
-            from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+            from tflite_runtime.interpreter import Interpreter
         except ImportError as exc:
             raise ProfileError(
                 "no LiteRT interpreter: pip install 'solar-edge[tflite]' (ai-edge-litert)"
@@ -130,7 +130,8 @@ class TfliteBackend:
             return None if not rel else np.load(bundle.file_path(rel)).astype(np.float32)
 
         bias = rec.get("bias")
-        return Placement(int(w["offset"]), tuple(shape), None if not bias else int(bias["offset"]),
+        bias_offset = None if not bias else int(bias["offset"])
+        return Placement(int(w["offset"]), (int(shape[0]), int(shape[1])), bias_offset,
                          arr("input_scale"), arr("input_shift"))
 
     def _interpreter(self, content: bytes) -> Any:
