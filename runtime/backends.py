@@ -10,7 +10,7 @@ from solar_edge.runtime.providers import select_providers, uses_device_memory
 from solar_edge.runtime.text import DEFAULT_MAX_LEN, TextEncoder
 
 # Measured defaults (docs/runtime.md, bench/runtime.py): the unmerged LoRA slots served
-# MiniLM within 6% of the baked graph (in-place merged weights: 26%, prepacking is off),
+# MiniLM within 2-6% of the baked graph (in-place merged weights: 23-26%, no prepacking),
 # switch in 0.1 ms and patch with the least memory; they also work on GPU providers, where
 # ORT copies initializers to device memory and in-place patching cannot link. Without the
 # lora graph variant: in-place initializers on CPU, session re-creation on accelerators.
