@@ -45,3 +45,15 @@ def test_default_mechanism_per_profile():
     assert default_mechanism(jetson, gpu, frozenset()) == "recreate"
     assert default_mechanism(x86, cpu, frozenset({"inputs"})) == "initializer"
     assert default_mechanism({**x86, "patching": "iobinding"}, cpu) == "iobinding"
+
+
+def test_runtime_imports_neither_torch_nor_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys, solar_edge.runtime.engine, solar_edge.runtime.cli, "
+            "solar_edge.runtime.backends, solar_edge.runtime.backends_tflite; "
+            "print(sorted(m for m in ('torch', 'transformers', 'onnx', 'peft') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
