@@ -65,8 +65,10 @@ def _table(alloc: Allocation, names: dict[int, str]) -> list[str]:
     lines = [f"{'layer':>5}  {'module':<44} {'kind':<7} {'rank':>4} {'bits':>4} "
              f"{'bytes':>7} {'rel.err':>8}"]
     for lid, fit in sorted(alloc.chosen.items()):
-        kind = {None: "dropped"}.get(fit.kind, "basis" if fit.kind and fit.kind.name ==
-                                     "FACTORED_CORE" else "dense")
+        if fit.kind is None:
+            kind = "dropped"
+        else:
+            kind = "basis" if fit.kind.name == "FACTORED_CORE" else "dense"
         lines.append(f"{lid:>5}  {names[lid][:44]:<44} {kind:<7} {fit.rank:>4} "
                      f"{fit.bits or '-':>4} {fit.nbytes:>7} {alloc.layer_error(lid):>8.4f}")
     return lines
