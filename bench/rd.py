@@ -30,7 +30,8 @@ Methods (``family`` in the JSON):
   per layer, plain or W0-basis coordinates, global allocation) at several budgets;
   ``frobenius``: the same allocator with ``G = I`` (ablation).
 * ``carry``: training-time relatives carried coefficient-only in the bundle basis
-  (LoRA-XS cores, TinyLoRA 2x2 cores; float32 values).
+  (LoRA-XS cores, TinyLoRA 2x2 cores; float32 and float16 values). VeRA gets its reference
+  point only (its projections come from torch's generator, not the device PRNG).
 
 Points are cached in ``<out>.cache.json`` (keyed by adapter file hash, method, held-out size),
 so re-runs only evaluate what is new. A PNG (accuracy vs bytes, log x, one panel per
@@ -355,9 +356,10 @@ class AdapterBench:
             return self.maker.overhead, {}, {"note": "budget too small"}
 
     def carry(self, r: int) -> None:
-        recs = core_records(self.updates, self.bases, r)
-        self.point("carry", f"core {r}x{r} f32",
-                   lambda: (*self.maker.roundtrip(CodecHeader(seed=0), recs, self.bases), {}))
+        for fmt in (ValueFormat.FLOAT32, ValueFormat.FLOAT16):
+            recs = core_records(self.updates, self.bases, r, fmt)
+            self.point("carry", f"core {r}x{r} {fmt.name.lower()}", lambda recs=recs: (
+                *self.maker.roundtrip(CodecHeader(seed=0), recs, self.bases), {}))
 
 
 # --- report --------------------------------------------------------------------------------
@@ -517,11 +519,9 @@ def main(argv: list[str] | None = None) -> int:
             if kind in ("lora-xs", "tinylora"):
                 r = int(b.adapter.config.get("r", 2))
                 b.carry(r)
-            if kind in MAIN_KINDS or kind == "vera":
+            if kind in MAIN_KINDS:
                 b.baselines()
-                b.codecs(fracs if kind in MAIN_KINDS else (0.5, 1.0))
-            elif kind in ("lora-xs", "tinylora"):
-                b.codecs((0.5, 1.0))
+                b.codecs(fracs)
             cache_path.write_text(json.dumps(cache, indent=1))
             results[name] = {"points": b.points, "summary": summarise(name, b.points, meta),
                              "held_out": len(idx), "calibration_texts": len(cal)}
