@@ -6,7 +6,7 @@ repository. Device side: a real HTTP server on loopback throttled to an LTE-M li
 update agent downloads, verifies and applies both packets through the ONNX Runtime
 runtime, answers held-out inputs, and switches between the two tasks.
 
-    python scripts/demo.py [--out out/demo] [--link ltem] [--budget 6000] [--eval 300]
+    python scripts/demo.py [--out out/demo] [--link ltem] [--budget 12000] [--eval 300]
 
 Artifacts (bundle, adapters, packets, repository) are kept under --out and reused on a
 second run; pass --fresh to rebuild everything.
@@ -88,8 +88,8 @@ def train(out: Path, steps: int, max_test: int) -> dict[str, Path]:
             continue
         base = base or load_base()
         t = time.perf_counter()
-        result = train_adapter(load_task(task_name), adir,
-                               TrainConfig(kind=ADAPTER_KIND, steps=steps, max_test=max_test), base=base)
+        config = TrainConfig(kind=ADAPTER_KIND, steps=steps, max_test=max_test)
+        result = train_adapter(load_task(task_name), adir, config, base=base)
         m = result.metrics
         took = human_seconds(time.perf_counter() - t)
         print(f"trained {ADAPTER_KIND} on {task_name}: held-out accuracy "
@@ -143,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="out/demo")
     ap.add_argument("--profile", default="rpi5")
     ap.add_argument("--link", default="ltem", help="link profile the server emulates")
-    ap.add_argument("--budget", type=int, default=6000, help="packet byte budget")
-    ap.add_argument("--steps", type=int, default=60, help="training steps per adapter")
+    ap.add_argument("--budget", type=int, default=12000, help="packet byte budget")
+    ap.add_argument("--steps", type=int, default=40, help="training steps per adapter")
     ap.add_argument("--eval", type=int, default=300, help="held-out examples per task")
     ap.add_argument("--fresh", action="store_true", help="rebuild every artifact")
     args = ap.parse_args(argv)

@@ -40,12 +40,13 @@ class LazyGroup(click.Group):
             module = importlib.import_module(module_name)
         except ImportError as exc:
             missing = exc.name or module_name
+            reason = str(exc)
 
             @click.command(cmd_name, help=f"(unavailable: cannot import {missing})")
             def unavailable() -> None:
                 raise click.ClickException(
                     f"'{cmd_name}' needs {missing}, which is not installed here "
-                    f"({exc}). Install the matching extra, e.g. pip install 'solar-edge[export]'."
+                    f"({reason}). Install its extra, e.g. pip install 'solar-edge[export]'."
                 )
 
             return unavailable
