@@ -210,8 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         download_s = time.perf_counter() - t
         wire = server.bytes_sent
     for o in outcomes:
-        err = f" ({type(o.error).__name__}: {o.error})" if o.error else ""
-        print(f"  {o.adapter_id} v{o.version}: {o.action}{err}")
+        print(f"  {o}")
     print(f"agent cycle (TUF refresh + {len(outcomes)} packets + apply) took "
           f"{human_seconds(download_s)} over emulated {link.name}"
           + f", {wire} bytes served")
@@ -238,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         torch_acc = meta["metrics"].get("accuracy")
         rows.append((task_name, meta, acc, n, torch_acc, switch_ms))
 
-    apply_ms = runtime.last_timings
+    apply_ms = {o.adapter_id: o.apply_s * 1e3 for o in outcomes}
     print("\n" + "=" * 100)
     print(f"{'task':<13} {'packet':>8} {'LoRA fp16':>10} {'LoRA zstd':>10} {'ratio':>6} "
           f"{'acc (device)':>13} {'acc (torch, uncompressed)':>26} {'switch':>8}")
@@ -248,8 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{task_name:<13} {meta['packet_bytes']:>7}B {meta['lora_fp16_bytes']:>9}B "
               f"{meta['lora_zstd_bytes']:>9}B {ratio:>5.0f}x "
               f"{100 * acc:>7.1f}% n={n:<3} {torch_txt:>26} {switch_ms:>6.0f}ms")
-    print("\nlast apply/switch step timings (ms): "
-          + ", ".join(f"{k}={v:.0f}" for k, v in apply_ms.items()))
+    print("\napply on the device (verify, decode, patch, health check, commit): "
+          + ", ".join(f"{k} {v:.0f} ms" for k, v in apply_ms.items())
+          + f"; runtime mechanism: {runtime.mechanism}")
     first = rows[0][1]
     print("\ndownload time per link (computed from the link model, protocol overheads included):")
     print(f"{'link':<11} {'full model':>12} {'LoRA fp16':>11} {'LoRA zstd':>11} {'packet':>9}")
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  first["lora_zstd_bytes"], first["packet_bytes"])]
         print(f"{name:<11} " + " ".join(f"{human_seconds(t):>11}" for t in times))
     summary = {"rows": [{"task": r[0], **r[1], "device_accuracy": r[2], "n": r[3],
-                         "switch_ms": r[5]} for r in rows],
+                         "switch_ms": r[5], "apply_ms": apply_ms.get(r[0])} for r in rows],
                "download_s": download_s, "link": link.name, "model_bytes": model_bytes,
                "basis_bytes": basis_bytes, "total_s": time.perf_counter() - started}
     (out / "demo.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
