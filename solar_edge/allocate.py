@@ -14,7 +14,6 @@ encode_packet`, with per-layer bytes and measured errors.
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -22,7 +21,7 @@ import numpy as np
 
 from solar_edge.actaware import LayerFit, Whitener, fit_layer
 from solar_edge.basis import LayerBasis
-from solar_edge.codec import DEFAULT_PACKET_OVERHEAD, LayerUpdate
+from solar_edge.codec import DEFAULT_PACKET_OVERHEAD, LayerUpdate, allocate_greedy
 from solar_edge.errors import BudgetError, CodecError
 from solar_edge.records import LayerRecord, ValueFormat
 
@@ -77,61 +76,12 @@ class Allocation:
         return float(np.sqrt(sum(f.err for f in self.chosen.values()) / e0)) if e0 > 0 else 0.0
 
 
-def lower_hull(points: Sequence[LayerFit]) -> list[LayerFit]:
-    """Lower convex hull in (bytes, err), from the cheapest point, err strictly decreasing."""
-    hull: list[LayerFit] = []
-    for p in sorted(points, key=lambda f: (f.nbytes, f.err)):
-        if hull and p.err >= hull[-1].err:
-            continue
-        while len(hull) >= 2:
-            a, b = hull[-2], hull[-1]
-            if (b.err - a.err) * (p.nbytes - a.nbytes) >= (p.err - a.err) * (b.nbytes - a.nbytes):
-                hull.pop()
-            else:
-                break
-        hull.append(p)
-    return hull
-
-
 def allocate(options: Mapping[int, Sequence[LayerFit]], avail: int) -> dict[int, LayerFit]:
     """One point per layer with ``sum(nbytes) <= avail`` (each layer's first option costs 0)."""
     chosen = {lid: min(opts, key=lambda f: f.nbytes) for lid, opts in options.items()}
     if any(f.nbytes for f in chosen.values()):
         raise CodecError("every layer needs a zero-byte 'left out' option")
-    hulls = {lid: lower_hull(opts) for lid, opts in options.items()}
-    left = avail
-    heap: list[tuple[float, int, int]] = []
-
-    def push(lid: int, pos: int) -> None:
-        hull = hulls[lid]
-        if pos + 1 < len(hull):
-            cur, nxt = hull[pos], hull[pos + 1]
-            heapq.heappush(heap, (-(cur.err - nxt.err) / max(nxt.nbytes - cur.nbytes, 1),
-                                  lid, pos + 1))
-
-    for lid in hulls:
-        push(lid, 0)
-    while heap:
-        _, lid, pos = heapq.heappop(heap)
-        step = hulls[lid][pos]
-        extra = step.nbytes - chosen[lid].nbytes
-        if extra <= left:
-            left -= extra
-            chosen[lid] = step
-            push(lid, pos)
-    while True:  # fill: the single-layer upgrade with the largest drop that still fits
-        best = None
-        for lid, opts in options.items():
-            cur = chosen[lid]
-            for o in opts:
-                if o.err < cur.err and o.nbytes - cur.nbytes <= left:
-                    if best is None or cur.err - o.err > best[0]:
-                        best = (cur.err - o.err, lid, o)
-        if best is None:
-            return chosen
-        _, lid, o = best
-        left -= o.nbytes - chosen[lid].nbytes
-        chosen[lid] = o
+    return allocate_greedy(options, chosen, avail)
 
 
 def layer_options(updates: Mapping[int, LayerUpdate], bases: Mapping[int, LayerBasis],

@@ -19,7 +19,9 @@ The chosen records are quantised, and each layer's reconstruction is produced by
 from __future__ import annotations
 
 import heapq
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -424,11 +426,23 @@ def _check_inputs(updates: dict[int, LayerUpdate], bases: dict[int, LayerBasis])
 # --- allocation ------------------------------------------------------------------------------
 
 
-def _lower_hull(opts: list[_Option]) -> list[_Option]:
-    """Lower convex hull in (bytes, err) starting at the 'left out' point."""
-    pts = sorted(opts, key=lambda o: (o.nbytes, o.err))
-    hull: list[_Option] = []
-    for o in pts:
+class RatePoint(Protocol):
+    """An operating point of one layer: what it costs and the distortion it leaves."""
+
+    @property
+    def nbytes(self) -> int: ...
+
+    @property
+    def err(self) -> float: ...
+
+
+P = TypeVar("P", bound=RatePoint)
+
+
+def lower_hull(points: Sequence[P]) -> list[P]:
+    """Lower convex hull in (bytes, err) from the cheapest point, err strictly decreasing."""
+    hull: list[P] = []
+    for o in sorted(points, key=lambda o: (o.nbytes, o.err)):
         if hull and o.err >= hull[-1].err:
             continue
         while len(hull) >= 2:
@@ -442,17 +456,15 @@ def _lower_hull(opts: list[_Option]) -> list[_Option]:
     return hull
 
 
-def _allocate(pools: dict[int, list[_Option]], avail: int | None) -> dict[int, _Option]:
-    """One option per layer: min error if no budget, else greedy by error drop per byte."""
-    if avail is None:
-        chosen = {}
-        for lid, opts in pools.items():
-            best = min(o.err for o in opts)
-            tol = 1e-12 * max(opts[0].err, 1e-300)
-            chosen[lid] = min((o for o in opts if o.err <= best + tol), key=lambda o: o.nbytes)
-        return chosen
-    chosen = {lid: opts[0] for lid, opts in pools.items()}  # opts[0] is 'left out'
-    hulls = {lid: _lower_hull(opts) for lid, opts in pools.items()}
+def allocate_greedy(pools: Mapping[int, Sequence[P]], start: Mapping[int, P],
+                    avail: int) -> dict[int, P]:
+    """Upgrade layers from ``start`` within ``avail`` extra bytes.
+
+    Greedy along each layer's lower hull by error drop per byte, then a fill pass that takes
+    the single-layer upgrade with the largest drop that still fits, until none does.
+    """
+    chosen = dict(start)
+    hulls = {lid: lower_hull(opts) for lid, opts in pools.items()}
     left = avail
     heap: list[tuple[float, int, int]] = []
 
@@ -473,24 +485,33 @@ def _allocate(pools: dict[int, list[_Option]], avail: int | None) -> dict[int, _
             left -= extra
             chosen[lid] = step
             push(lid, pos)
-    improved = True
-    while improved:  # fill: any single-layer upgrade that still fits, best first
-        improved = False
-        upgrade: tuple[float, int, _Option] | None = None
+    while True:
+        upgrade: tuple[float, int, P] | None = None
         for lid, opts in pools.items():
             cur = chosen[lid]
             for o in opts:
-                extra = o.nbytes - cur.nbytes
-                if o.err < cur.err and extra <= left:
+                if o.err < cur.err and o.nbytes - cur.nbytes <= left:
                     gain = cur.err - o.err
                     if upgrade is None or gain > upgrade[0]:
                         upgrade = (gain, lid, o)
-        if upgrade is not None:
-            _, lid, o = upgrade
-            left -= o.nbytes - chosen[lid].nbytes
-            chosen[lid] = o
-            improved = True
-    return chosen
+        if upgrade is None:
+            return chosen
+        _, lid, o = upgrade
+        left -= o.nbytes - chosen[lid].nbytes
+        chosen[lid] = o
+
+
+def _allocate(pools: dict[int, list[_Option]], avail: int | None) -> dict[int, _Option]:
+    """One option per layer: min error if no budget, else greedy by error drop per byte."""
+    if avail is None:
+        chosen = {}
+        for lid, opts in pools.items():
+            best = min(o.err for o in opts)
+            tol = 1e-12 * max(opts[0].err, 1e-300)
+            chosen[lid] = min((o for o in opts if o.err <= best + tol), key=lambda o: o.nbytes)
+        return chosen
+    # opts[0] is 'left out'
+    return allocate_greedy(pools, {lid: opts[0] for lid, opts in pools.items()}, avail)
 
 
 # --- building records ------------------------------------------------------------------------
