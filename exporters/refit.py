@@ -1,0 +1,256 @@
+"""Output-matching refit of a packet's quantised factors (torch, server side).
+
+The allocator (:mod:`solar_edge.allocate`) fits every layer on its own: each record is the
+best it can be for *its* layer's weighted error. What a device serves is the whole model,
+and per-layer errors add up and interact. This step keeps the packet's structure fixed
+(which layers, rank, bit width, group size, plain or W0-basis coordinates: so the bytes do
+not change) and tunes the record *values* jointly so the compressed model's outputs match
+the uncompressed adapter's on unlabelled calibration texts:
+
+    loss = KL(softmax(teacher logits) || softmax(student logits))
+           + embed_weight * |unit(pooled_student) - unit(pooled_teacher)|^2
+
+The teacher is the base model plus the adapter's exact ``dW``; labels are never used, so
+the refit compresses the adapter's function rather than training a new one. Quantisation
+stays in the loop: each value is ``clamp(round(u), -q, q) * s`` with the straight-through
+gradient for the rounding, ``u`` in code units and the float16 group scale ``s`` learnt
+too (log-parametrised, rounded to float16 in the forward pass). The final codes and scales
+are exactly what the forward pass used, and the records keep the v1 wire format.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from solar_edge.basis import LayerBasis
+from solar_edge.bundle import Bundle
+from solar_edge.codec import LayerUpdate
+from solar_edge.errors import CodecError, ExportError
+from solar_edge.records import LayerRecord, QuantizedValues, RecordKind
+
+
+@dataclass(frozen=True)
+class RefitConfig:
+    steps: int = 120
+    batch: int = 16
+    lr: float = 0.05            # Adam step, in quantisation codes (values) / log-scale units
+    embed_weight: float = 1.0
+    max_len: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch < 1 or not self.lr > 0 or self.embed_weight < 0:
+            raise CodecError(f"bad refit settings: {self}")
+
+
+@dataclass(frozen=True)
+class RefitReport:
+    records: list[LayerRecord]
+    loss_before: float          # on the whole calibration set, quantised start
+    loss_after: float
+    steps: int
+
+
+def _refittable(record: LayerRecord) -> bool:
+    return (record.kind in (RecordKind.DENSE_FACTORS, RecordKind.FACTORED_CORE)
+            and record.values.fmt.is_integer and record.epsilon == 0.0)
+
+
+class _RecordParams:
+    """Learnable codes (``u``) and log-scales of one integer-valued factor record."""
+
+    def __init__(self, record: LayerRecord, basis: LayerBasis | None) -> None:
+        import torch
+
+        v = record.values
+        self.record = record
+        self.q = (1 << (v.fmt.bits - 1)) - 1
+        s0 = v.scales.astype(np.float32)
+        self.s0 = torch.from_numpy(np.where(s0 > 0, s0, 1.0).astype(np.float32))
+        self.live = torch.from_numpy(np.repeat(s0 > 0, v.group_size)[: v.count])
+        self.u = torch.nn.Parameter(torch.from_numpy(v.codes.astype(np.float32)))
+        self.log_s = torch.nn.Parameter(torch.zeros(self.s0.shape))
+        self.U = self.V = None
+        if record.kind == RecordKind.FACTORED_CORE:
+            if basis is None:
+                raise CodecError(f"layer {record.layer_id}: FACTORED_CORE needs its basis")
+            self.U = torch.from_numpy(np.ascontiguousarray(basis.U[:, : record.rows]))
+            self.V = torch.from_numpy(np.ascontiguousarray(basis.V[:, : record.cols]))
+
+    def scales16(self):
+        import torch
+
+        s = self.s0 * torch.exp(self.log_s)
+        return s + (s.to(torch.float16).to(torch.float32) - s).detach()
+
+    def values(self):
+        import torch
+
+        g = self.record.values.group_size
+        s = self.scales16().repeat_interleave(g)[: self.record.values.count]
+        z = self.u.clamp(-self.q, self.q)
+        z = z + (torch.round(z) - z).detach()
+        return torch.where(self.live, z * s, torch.zeros_like(s))
+
+    def factors(self):
+        """``(L, Rt)`` with ``dW = L @ Rt.T``, as the device decodes them."""
+        r = self.record
+        vals = self.values()
+        split = r.rows * r.rank
+        a, b = vals[:split].reshape(r.rows, r.rank), vals[split:].reshape(r.cols, r.rank)
+        if self.U is not None:
+            return self.U @ a, self.V @ b
+        return a, b
+
+    def to_record(self) -> LayerRecord:
+        import torch
+
+        v = self.record.values
+        with torch.no_grad():
+            scales = self.scales16().to(torch.float16).numpy()
+            codes = torch.round(self.u.clamp(-self.q, self.q)).to(torch.int8).numpy()
+        codes = np.where(self.live.numpy(), codes, 0).astype(np.int8)
+        values = QuantizedValues(v.fmt, v.count, v.group_size, codes=codes,
+                                 scales=np.where(v.scales > 0, scales, 0).astype(np.float16))
+        r = self.record
+        return LayerRecord(r.layer_id, r.kind, r.rows, r.cols, r.rank, values, r.positions,
+                           r.variant, r.epsilon)
+
+
+def _check_base(bundle: Bundle, modules: dict, names: dict[int, str],
+                layer_ids: Sequence[int]) -> None:
+    """The torch model must be the bundle's base: its adapted weights equal the bundle's W0."""
+    for lid in layer_ids:
+        module = modules.get(names.get(lid, ""))
+        want = np.asarray(bundle.base_weight(lid), np.float32)
+        got = None if module is None else module.weight.detach().numpy()
+        if got is None or got.shape != want.shape or not np.allclose(got, want, atol=1e-5):
+            raise ExportError(f"layer {lid} ({names.get(lid)}): the model used for the "
+                                    f"refit is not the bundle's base model")
+
+
+def refit_records(bundle: Bundle, records: Sequence[LayerRecord],
+                  updates: Mapping[int, LayerUpdate], bases: Mapping[int, LayerBasis],
+                  texts: Sequence[str], head_seed: int, num_labels: int,
+                  config: RefitConfig = RefitConfig(),
+                  model_dir: str | None = None,
+                  progress: Callable[[int, int, float], None] | None = None) -> RefitReport:
+    """Records with the same structure and bytes, values tuned to match the adapter's outputs.
+
+    ``updates``: the uncompressed adapter (the teacher). Records that cannot be refitted
+    (sparse cores, float values, perturbed bases) are carried unchanged and stay in the
+    student as fixed updates."""
+    import torch
+
+    from solar_edge.exporters.train import load_base, logits_from_hidden, torch_head
+
+    if not texts:
+        raise CodecError("refit needs calibration texts")
+    tokenizer, model = load_base(model_dir)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    head = torch_head(head_seed, num_labels, int(model.config.hidden_size))
+    modules = dict(model.named_modules())
+    names = {layer.id: layer.name for layer in bundle.layers}
+    params = {r.layer_id: _RecordParams(r, bases.get(r.layer_id)) for r in records
+              if _refittable(r)}
+    fixed = {}
+    for r in records:
+        if r.layer_id not in params:
+            from solar_edge.codec import decode_factors
+            from solar_edge.records import CodecHeader
+
+            L, Rt = decode_factors(r, bases.get(r.layer_id), CodecHeader(seed=0))
+            fixed[r.layer_id] = (torch.from_numpy(L), torch.from_numpy(Rt))
+    teacher = {lid: (torch.from_numpy(np.asarray(u.B, np.float32)),
+                     torch.from_numpy(np.asarray(u.A, np.float32).T.copy()))
+               for lid, u in updates.items()}
+    mode = ["teacher"]
+    current: dict[int, tuple] = {}
+
+    def hook_for(lid: int):
+        def hook(_mod, inputs, out):
+            lr = teacher.get(lid) if mode[0] == "teacher" else current.get(lid)
+            if lr is None:
+                return out
+            L, Rt = lr
+            return out + (inputs[0] @ Rt) @ L.T
+        return hook
+
+    used = sorted(set(teacher) | set(params) | set(fixed))
+    _check_base(bundle, modules, names, used)
+    hooks = [modules[names[lid]].register_forward_hook(hook_for(lid)) for lid in used]
+    enc = tokenizer(list(texts), truncation=True, max_length=config.max_len, padding=True,
+                    return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+
+    def forward(idx):
+        width = int(mask[idx].sum(1).max())
+        m = mask[idx, :width]
+        hidden = model(input_ids=ids[idx, :width], attention_mask=m).last_hidden_state
+        mf = m.to(hidden.dtype).unsqueeze(-1)
+        pooled = (hidden * mf).sum(1) / mf.sum(1).clamp_min(1e-9)
+        return logits_from_hidden(hidden, m, head), torch.nn.functional.normalize(pooled, dim=-1)
+
+    def loss_of(out, t_logits, t_unit):
+        logits, unit = out
+        kl = torch.nn.functional.kl_div(torch.log_softmax(logits, -1),
+                                        torch.log_softmax(t_logits, -1), log_target=True,
+                                        reduction="batchmean")
+        return kl + config.embed_weight * ((unit - t_unit) ** 2).sum(-1).mean()
+
+    def set_student() -> None:
+        current.clear()
+        current.update(fixed)
+        current.update({lid: p.factors() for lid, p in params.items()})
+
+    n = len(texts)
+    order = torch.argsort(mask.sum(1))
+    chunks = [order[s : s + 64] for s in range(0, n, 64)]
+    try:
+        with torch.no_grad():
+            mode[0] = "teacher"
+            t_logits = torch.empty(n, num_labels)
+            t_unit = torch.empty(n, int(model.config.hidden_size))
+            for c in chunks:
+                t_logits[c], t_unit[c] = forward(c)
+            mode[0] = "student"
+
+            def full_loss() -> float:
+                set_student()
+                total = 0.0
+                for c in chunks:
+                    total += float(loss_of(forward(c), t_logits[c], t_unit[c])) * len(c)
+                return total / n
+
+            before = full_loss()
+        trainable = [t for p in params.values() for t in (p.u, p.log_s)]
+        if config.steps and trainable:
+            opt = torch.optim.Adam(trainable, lr=config.lr)
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / config.steps)))
+            gen = torch.Generator().manual_seed(config.seed)
+            for step in range(config.steps):
+                idx = torch.randint(0, n, (min(config.batch, n),), generator=gen)
+                set_student()
+                loss = loss_of(forward(idx), t_logits[idx], t_unit[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                if progress is not None:
+                    progress(step + 1, config.steps, float(loss))
+        with torch.no_grad():
+            after = full_loss()
+    finally:
+        for h in hooks:
+            h.remove()
+    by_layer = {lid: p.to_record() for lid, p in params.items()}
+    out = [by_layer.get(r.layer_id, r) for r in records]
+    if after > before:  # never hand back something worse than the allocator's records
+        out, after = list(records), before
+    return RefitReport(out, before, after, config.steps)
