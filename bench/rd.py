@@ -1,7 +1,7 @@
 """Rate-distortion of real adapters: accuracy and errors versus signed packet bytes, one run.
 
     python bench/rd.py --bundle artifacts/bundle-x86-64 --adapters artifacts/adapters \
-        --out out/rd.json [--max-eval 300] [--only pydoc-topics/lora-qv-r8 ...]
+        --out out/rd.json [--max-eval 1000] [--only pydoc-topics/lora-qv-r8 ...]
 
 For every adapter directory ``ADAPTERS/<task>/<kind>/`` (trained by
 ``scripts/train_adapters.py``) and every method below, it builds the real signed packet
@@ -26,6 +26,9 @@ Methods (``family`` in the JSON):
 * ``codec``: ``codec.encode`` (representation ``auto``, int4) at several budgets.
 * ``fisher``: the same allocator with the K-FAC distortion ``tr(Gamma E G E^T)``
   (:func:`solar_edge.exporters.calibration.calibration_fisher`, labelled calibration texts);
+* ``refit``: the ``fisher`` allocation, then the output-matching refit of its record values
+  (:mod:`solar_edge.exporters.refit`: same records and bytes, values tuned so the model's
+  outputs match the uncompressed adapter's on the unlabelled training texts);
 * ``actaware``: :mod:`solar_edge.allocate` (activation-aware fits, int2..int8, rank 0..4
   per layer, plain or W0-basis coordinates, global allocation) at several budgets;
   ``frobenius``: the same allocator with ``G = I`` (ablation).
@@ -62,7 +65,12 @@ from rd_eval import PatchedEvaluator  # noqa: E402
 from solar_edge import signing  # noqa: E402
 from solar_edge.actaware import weighted_sq_error  # noqa: E402
 from solar_edge.adapters import match_to_bundle, read_adapter  # noqa: E402
-from solar_edge.allocate import AllocConfig, allocation_for_budget, layer_options  # noqa: E402
+from solar_edge.allocate import (  # noqa: E402
+    Allocation,
+    AllocConfig,
+    allocation_for_budget,
+    layer_options,
+)
 from solar_edge.basis import LayerBasis  # noqa: E402
 from solar_edge.bundle import Bundle, load_bundle  # noqa: E402
 from solar_edge.codec import CodecConfig, LayerUpdate, decode_factors, encode  # noqa: E402
@@ -71,6 +79,7 @@ from solar_edge.exporters.calibration import (  # noqa: E402
     calibration_fisher,
     calibration_grams,
 )
+from solar_edge.exporters.refit import RefitConfig, refit_records  # noqa: E402
 from solar_edge.packet import (  # noqa: E402
     PacketHeader,
     decode_packet,
@@ -92,7 +101,7 @@ TOLERANCE = 0.005  # "within 0.5 point of the uncompressed adapter"
 LOOSE = 0.02  # a second, noise-level tolerance reported beside it
 RANDOM_SEED = 7
 BASELINE_FAMILIES = ("lora-fp16", "lora-int", "rank", "random-basis", "naive-solar")
-CODEC_FAMILIES = ("codec", "fisher", "actaware", "frobenius", "carry")
+CODEC_FAMILIES = ("codec", "fisher", "refit", "actaware", "frobenius", "carry")
 
 Updates = dict[int, LayerUpdate]
 Factors = dict[int, tuple[np.ndarray, np.ndarray]]
@@ -212,6 +221,8 @@ class AdapterBench:
         self.calib_labels: list[int] = []
         self.ablation = True
         self.sparse_fracs: tuple[float, ...] = (0.25, 0.5)
+        self.refit_texts: list[str] = []
+        self._options: dict[str, dict] = {}
 
     def point(self, family: str, setting: str, build: Callable[[], tuple[int, Factors, dict]],
               evaluate: bool = True) -> dict:
@@ -312,35 +323,72 @@ class AdapterBench:
                               overhead_bytes=self.maker.overhead)
             items.append((f"auto-int4 {frac:g}x base", lambda cfg=cfg: self._try(cfg)))
         self.ladder("codec", items)
-        rank = max(u.B.shape[1] for u in self.updates.values())
-        cfg = AllocConfig(max_rank=min(16, rank), overhead_bytes=self.maker.overhead)
-        tag = f" rmax{cfg.max_rank}" if cfg.max_rank != 4 else ""
-        opts: dict = {}
+        tag = f" rmax{self.alloc_config.max_rank}" if self.alloc_config.max_rank != 4 else ""
+        base = self.best_baseline_bytes()
 
-        def ours(frac: float, grams: dict | None, key: str) -> tuple[int, Factors, dict]:
-            if key not in opts:
-                out_grams = None
-                if key == "fisher":
-                    grams, out_grams = self.fisher()
-                opts[key] = layer_options(self.updates, self.bases, grams or {}, cfg, out_grams)
-            alloc = allocation_for_budget(opts[key], int(frac * r1["bytes"]),
-                                          self.maker.overhead)
-            nbytes, factors = self.maker.roundtrip(CodecHeader(seed=0), alloc.records,
-                                                   self.bases)
-            kinds = [r.kind.name for r in alloc.records]
-            return nbytes, factors, {
-                "records": len(alloc.records), "predicted_error": alloc.total_error,
-                "basis_records": kinds.count("FACTORED_CORE"),
-                "layers": {str(lid): [f.rank, f.bits] for lid, f in alloc.chosen.items()}}
+        def ours(frac: float, key: str) -> tuple[int, Factors, dict]:
+            return self._allocated(self._allocation(key, int(frac * base)))
 
-        self.ladder("fisher", [(f"{frac:g}x base {r1['bytes']}{tag}",
-                                lambda f=frac: ours(f, None, "fisher")) for frac in fracs])
+        self.ladder("fisher", [(f"{frac:g}x base {base}{tag}",
+                                lambda f=frac: ours(f, "fisher")) for frac in fracs])
         if not self.ablation:
             return
-        self.ladder("actaware", [(f"{frac:g}x base {r1['bytes']}",
-                                  lambda f=frac: ours(f, self.grams, "act")) for frac in fracs])
-        self.ladder("frobenius", [(f"{frac:g}x base {r1['bytes']}",
-                                   lambda f=frac: ours(f, None, "fro")) for frac in fracs])
+        self.ladder("actaware", [(f"{frac:g}x base {base}", lambda f=frac: ours(f, "act"))
+                                 for frac in fracs])
+        self.ladder("frobenius", [(f"{frac:g}x base {base}", lambda f=frac: ours(f, "fro"))
+                                  for frac in fracs])
+
+    def refits(self, fracs: tuple[float, ...], config: RefitConfig) -> None:
+        """K-FAC allocation + output-matching refit (:mod:`solar_edge.exporters.refit`) at
+        budgets that are fractions of the best baseline's bytes, smallest first, stopping at
+        the first packet within the tolerance (each point costs a refit, so none is built
+        past it)."""
+        base = self.best_baseline_bytes()
+        floor = self.reference_accuracy - TOLERANCE
+        tag = f" rmax{self.alloc_config.max_rank}" if self.alloc_config.max_rank != 4 else ""
+        for frac in sorted(fracs):
+            def build(frac: float = frac) -> tuple[int, Factors, dict]:
+                alloc = self._allocation("fisher", int(frac * base))
+                started = time.perf_counter()
+                rep = refit_records(self.bundle, alloc.records, self.updates, self.bases,
+                                    self.refit_texts, int(self.adapter.task_meta["head_seed"]),
+                                    len(self.adapter.task_meta["labels"]), config)
+                alloc.records = rep.records
+                nbytes, factors, extra = self._allocated(alloc)
+                return nbytes, factors, {**extra, "refit_loss": [rep.loss_before,
+                                                                 rep.loss_after],
+                                         "refit_steps": rep.steps, "refit_texts":
+                                         len(self.refit_texts), "refit_seconds":
+                                         round(time.perf_counter() - started, 1)}
+            try:
+                row = self.point("refit", f"{frac:g}x base {base}{tag} s{config.steps}", build)
+            except BudgetError:
+                continue
+            if row["accuracy"] >= floor - 1e-12:
+                break
+
+    @property
+    def alloc_config(self) -> AllocConfig:
+        rank = max(u.B.shape[1] for u in self.updates.values())
+        return AllocConfig(max_rank=min(16, rank), overhead_bytes=self.maker.overhead)
+
+    def _allocation(self, key: str, budget: int) -> Allocation:
+        """The allocator's records at ``budget`` for distortion ``key`` (fisher/act/fro)."""
+        if key not in self._options:
+            grams, out_grams = ({}, None) if key == "fro" else (self.grams, None)
+            if key == "fisher":
+                grams, out_grams = self.fisher()
+            self._options[key] = layer_options(self.updates, self.bases, grams,
+                                               self.alloc_config, out_grams)
+        return allocation_for_budget(self._options[key], budget, self.maker.overhead)
+
+    def _allocated(self, alloc: Allocation) -> tuple[int, Factors, dict]:
+        nbytes, factors = self.maker.roundtrip(CodecHeader(seed=0), alloc.records, self.bases)
+        kinds = [r.kind.name for r in alloc.records]
+        return nbytes, factors, {
+            "records": len(alloc.records), "predicted_error": alloc.total_error,
+            "basis_records": kinds.count("FACTORED_CORE"),
+            "layers": {str(lid): [f.rank, f.bits] for lid, f in alloc.chosen.items()}}
 
     def fisher(self) -> tuple[dict, dict]:
         """K-FAC input/output Grams at the adapted model on labelled calibration texts."""
@@ -404,7 +452,7 @@ def markdown_table(results: dict) -> str:
         ratio = "-" if s["ratio"] is None else f"{s['ratio']:.2f}x"
         lines.append(f"| {name} | {100 * ref['accuracy']:.1f}% ({ref['n']}) | {fp16} | "
                      f"{cell(s['smallest_codec'])} | {cell(s['smallest_baseline'])} | {ratio} |")
-    lines += ["", f"Within {100 * LOOSE:g} points (about the paired noise of n = 300):", "",
+    lines += ["", f"Within {100 * LOOSE:g} points:", "",
               "| adapter | smallest codec packet | best baseline | baseline / codec |",
               "| --- | --- | --- | --- |"]
     for name, r in sorted(results.items()):
@@ -428,7 +476,8 @@ def plot(results: dict, path: Path) -> None:
     style = {"reference": ("k", "*"), "lora-fp16": ("0.4", "s"), "lora-int": ("tab:blue", "o"),
              "rank": ("tab:orange", "^"), "random-basis": ("tab:gray", "x"),
              "naive-solar": ("tab:brown", "v"), "codec": ("tab:purple", "D"),
-             "actaware": ("tab:red", "o"), "fisher": ("tab:cyan", "h"),
+             "actaware": ("tab:olive", "o"), "fisher": ("tab:cyan", "h"),
+             "refit": ("tab:red", "D"),
              "frobenius": ("tab:pink", "P"),
              "carry": ("tab:green", "*")}
     for ax, name in zip(axes.flat, names, strict=False):
@@ -468,11 +517,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bundle", default="artifacts/bundle-x86-64")
     ap.add_argument("--adapters", default="artifacts/adapters")
     ap.add_argument("--out", default="out/rd.json")
-    ap.add_argument("--max-eval", type=int, default=300, help="held-out examples per task")
+    ap.add_argument("--max-eval", type=int, default=1000,
+                    help="held-out examples per task (evenly spaced; all when fewer)")
     ap.add_argument("--calib", type=int, default=128, help="calibration texts (training split)")
     ap.add_argument("--only", nargs="*", default=None, help="task/kind names to run")
-    ap.add_argument("--fracs", default="0.2,0.3,0.4,0.5,0.7,1.0",
-                    help="codec budgets as fractions of the best baseline's bytes")
+    ap.add_argument("--fracs", default="0.3,0.5,1.0",
+                    help="allocator budgets as fractions of the best baseline's bytes")
+    ap.add_argument("--refit-fracs", default="0.1,0.2,0.3,0.5",
+                    help="refit budgets (fractions of the best baseline), smallest first")
+    ap.add_argument("--refit-steps", type=int, default=RefitConfig().steps,
+                    help="optimiser steps of the output-matching refit")
     ap.add_argument("--ablation", action="store_true",
                     help="also run the activation-only and Frobenius allocators, and more "
                          "sparse-basis budgets")
@@ -485,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     key = signing.generate_private_key()
     fracs = tuple(float(f) for f in args.fracs.split(","))
+    refit_fracs = tuple(float(f) for f in args.refit_fracs.split(","))
     dirs = sorted(p.parent for p in Path(args.adapters).glob("*/*/task.json"))
     names = [f"{d.parent.name}/{d.name}" for d in dirs]
     if args.only:
@@ -514,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
             b.sparse_fracs = (0.25, 0.5) if args.ablation else (0.5,)
             b.calib_texts = [task.train.texts[i] for i in cal]
             b.calib_labels = [task.train.labels[i] for i in cal]
+            b.refit_texts = list(task.train.texts)
             b.reference()
             kind = meta.get("adapter_kind", adir.name)
             if kind in ("lora-xs", "tinylora"):
@@ -522,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
             if kind in MAIN_KINDS:
                 b.baselines()
                 b.codecs(fracs)
+                b.refits(refit_fracs, RefitConfig(steps=args.refit_steps))
             cache_path.write_text(json.dumps(cache, indent=1))
             results[name] = {"points": b.points, "summary": summarise(name, b.points, meta),
                              "held_out": len(idx), "calibration_texts": len(cal)}
