@@ -33,45 +33,10 @@ from pathlib import Path
 import click
 
 from solar_edge import signing
-from solar_edge.adapters import match_to_bundle, read_adapter
-from solar_edge.allocate import Allocation, AllocConfig, encode_adapter
+from solar_edge.allocate import Allocation
 from solar_edge.bundle import load_bundle
-from solar_edge.packet import PacketHeader, encode_packet, fixed_overhead_bytes
-from solar_edge.records import CodecHeader
-
-
-def _metadata(task_meta: dict) -> dict:
-    keys = ("task", "labels", "head_seed")
-    return {k: task_meta[k] for k in keys if k in task_meta}
-
-
-def _training_split(task_meta: dict, option: str):
-    """The training split of the adapter's task (texts and labels), for calibration."""
-    try:
-        from solar_edge.exporters.tasks import load_task
-    except ImportError as exc:
-        raise click.ClickException(f"{option} needs the [export] extra ({exc})") from exc
-    name = task_meta.get("task")
-    if not name:
-        raise click.ClickException(f"{option} needs task.json with a 'task' name")
-    return load_task(name).train
-
-
-def _grams(bundle, task_meta: dict, updates: dict, n_texts: int,
-           metric: str) -> tuple[dict, dict | None]:
-    """(input Grams, output-gradient Grams or None) for the metric; ({}, None) for fro."""
-    if metric == "fro":
-        return {}, None
-    train = _training_split(task_meta, f"--metric {metric}")
-    from solar_edge.exporters.calibration import calibration_fisher, calibration_grams
-
-    step = max(1, len(train) // n_texts)
-    texts, labels = train.texts[::step][:n_texts], train.labels[::step][:n_texts]
-    if metric == "act":
-        return calibration_grams(bundle, texts, sorted(updates)), None
-    dense = {lid: u.B @ u.A for lid, u in updates.items()}
-    return calibration_fisher(bundle, texts, labels, dense, int(task_meta["head_seed"]),
-                              len(task_meta["labels"]))
+from solar_edge.compress import CompressOptions, compress_adapter
+from solar_edge.errors import CalibrationError
 
 
 def _table(alloc: Allocation, names: dict[int, str]) -> list[str]:
@@ -124,61 +89,39 @@ def compress(adapter_dir: Path, bundle_dir: Path, budget: int | None, max_error:
     if refit_steps and max_error is not None:
         raise click.UsageError("--refit changes the weight error, so it goes with --budget, "
                                "not --max-error")
+    options = CompressOptions(budget=budget, max_error=max_error, metric=metric, calib=calib,
+                              max_rank=max_rank, refit_steps=refit_steps)
     bundle = load_bundle(bundle_dir)
-    adapter = read_adapter(adapter_dir)
-    updates = match_to_bundle(adapter.updates, bundle.layers)
-    bases = {lid: bundle.layer_basis(lid) for lid in updates}
-    names = {lid: u.name for lid, u in updates.items()}
-    adapter_id = adapter_id or adapter_dir.name
-    meta = _metadata(adapter.task_meta)
-    overhead = fixed_overhead_bytes(adapter_id, meta)
-    grams, out_grams = _grams(bundle, adapter.task_meta, updates, calib, metric)
-    alloc = encode_adapter(updates, bases, grams,
-                           AllocConfig(max_rank=max_rank, overhead_bytes=overhead),
-                           budget_bytes=budget, max_error=max_error, out_grams=out_grams)
-    refit_line = _refit(bundle, alloc, updates, bases, adapter.task_meta, refit_steps)
     if key_path is not None:
         key = signing.load_private_key(key_path)
     else:
         key = signing.generate_private_key()
+    try:
+        result = compress_adapter(adapter_dir, bundle, key, options, adapter_id=adapter_id,
+                                  version=adapter_version, on_refit_step=_refit_progress)
+    except CalibrationError as exc:  # a missing extra or task name: tell the user plainly
+        raise click.ClickException(str(exc)) from exc
+    out_path.write_bytes(result.data)
+    if key_path is None:
         pub = signing.save_public_key(key, out_path.with_name(out_path.name + ".pub"))
         click.echo(f"signed with a new key; public key: {pub}", err=True)
-    header = PacketHeader(bundle.fingerprint, adapter_id, adapter_version, meta)
-    data = encode_packet(header, CodecHeader(seed=0), alloc.records, key)
-    out_path.write_bytes(data)
-
-    for line in _table(alloc, names):
+    alloc, data = result.alloc, result.data
+    for line in _table(alloc, result.layer_names):
         click.echo(line)
     click.echo(f"metric {metric}: overall relative error {alloc.total_error:.4f}"
                + (f" (bound {max_error:g})" if max_error is not None else "")
-               + (" before the refit" if refit_line else ""))
-    if refit_line:
-        click.echo(refit_line)
+               + (" before the refit" if result.refit_loss else ""))
+    if result.refit_loss:
+        click.echo(f"refit ({refit_steps} steps, {result.refit_texts} texts): output loss "
+                   f"{result.refit_loss[0]:.4f} -> {result.refit_loss[1]:.4f}")
     click.echo(f"packet {out_path}: {len(data)} B written ({alloc.total_bytes} B uncompressed "
                f"bound" + (f", budget {budget} B" if budget is not None else "") + ")")
     _download_times(len(data), device or bundle.profile.get("name"))
 
 
-def _refit(bundle, alloc: Allocation, updates: dict, bases: dict, task_meta: dict,
-           steps: int) -> str:
-    """Refit ``alloc.records`` in place (same structure and bytes); the line to print."""
-    if not steps:
-        return ""
-    train = _training_split(task_meta, "--refit")
-    if "head_seed" not in task_meta or not task_meta.get("labels"):
-        raise click.ClickException("--refit needs task.json with 'head_seed' and 'labels'")
-    from solar_edge.exporters.refit import RefitConfig, refit_records
-
-    def progress(step: int, total: int, loss: float) -> None:
-        if step == total or step % 20 == 0:
-            click.echo(f"refit step {step}/{total}: loss {loss:.4f}", err=True)
-
-    report = refit_records(bundle, alloc.records, updates, bases, list(train.texts),
-                           int(task_meta["head_seed"]), len(task_meta["labels"]),
-                           RefitConfig(steps=steps), progress=progress)
-    alloc.records = report.records
-    return (f"refit ({steps} steps, {len(train.texts)} texts): output loss "
-            f"{report.loss_before:.4f} -> {report.loss_after:.4f}")
+def _refit_progress(step: int, total: int, loss: float) -> None:
+    if step == total or step % 20 == 0:
+        click.echo(f"refit step {step}/{total}: loss {loss:.4f}", err=True)
 
 
 def _download_times(nbytes: int, device: str | None) -> None:

@@ -93,6 +93,10 @@ class CodecError(SolarEdgeError):
     """The codec was given inconsistent inputs (shapes, budget, parameters)."""
 
 
+class CalibrationError(CodecError):
+    """A data-driven encoder step lacks its inputs: the [export] extra or the task's texts."""
+
+
 class BudgetError(CodecError):
     """No packet fits the requested byte budget or error bound."""
 

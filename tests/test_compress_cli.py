@@ -110,3 +110,36 @@ def test_without_key_writes_the_public_half(minilm_bundle: Path, lora_adapter_di
                    "--out", str(out)])
     assert result.exit_code == 0, result.output
     _relative_fro(minilm_bundle, lora_adapter_dir, out, tmp_path / "e.slr.pub")
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"budget": 10, "max_error": 0.1},
+                                    {"budget": 10, "metric": "l1"},
+                                    {"max_error": 0.1, "refit_steps": 5}])
+def test_compress_options_refuse_inconsistent_settings(kwargs: dict) -> None:
+    from solar_edge.compress import CompressOptions
+    from solar_edge.errors import CodecError
+
+    with pytest.raises(CodecError):
+        CompressOptions(**kwargs)
+
+
+def test_refit_without_a_task_name_is_a_calibration_error(minilm_bundle: Path,
+                                                          lora_adapter_dir: Path,
+                                                          tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from solar_edge.compress import CompressOptions, compress_adapter
+    from solar_edge.errors import CalibrationError
+
+    adir = tmp_path / "a"
+    shutil.copytree(lora_adapter_dir, adir)
+    meta = json.loads((adir / "task.json").read_text())
+    del meta["task"]
+    (adir / "task.json").write_text(json.dumps(meta))
+    with pytest.raises(CalibrationError, match="task"):
+        compress_adapter(adir, load_bundle(minilm_bundle), signing.generate_private_key(),
+                         CompressOptions(budget=3000, refit_steps=2))
+    result = _run([str(adir), "--bundle", str(minilm_bundle), "--budget", "3000",
+                   "--refit", "2", "--out", str(tmp_path / "x.slr")])
+    assert result.exit_code == 1 and "task" in result.output
