@@ -6,7 +6,8 @@ repository. Device side: a real HTTP server on loopback throttled to an LTE-M li
 update agent downloads, verifies and applies both packets through the ONNX Runtime
 runtime, answers held-out inputs, and switches between the two tasks.
 
-    python scripts/demo.py [--out out/demo] [--link ltem] [--budget 12000] [--eval 300]
+    python scripts/demo.py [--out out/demo] [--link ltem] [--budget 4000] [--refit 120]
+        [--eval 300]
 
 Artifacts (bundle, adapters, packets, repository) are kept under --out and reused on a
 second run; pass --fresh to rebuild everything.
@@ -97,28 +98,21 @@ def train(out: Path, steps: int, max_test: int) -> dict[str, Path]:
     return dirs
 
 
-def compress(adapter_dir: Path, bundle, key, version: int, budget: int) -> tuple[bytes, dict]:
-    """Encode one adapter into a signed packet within ``budget`` bytes."""
-    from solar_edge.adapters import match_to_bundle, read_adapter
-    from solar_edge.codec import CodecConfig, encode
-    from solar_edge.packet import PacketHeader, encode_packet, fixed_overhead_bytes
-    from solar_edge.records import ValueFormat
+def compress(adapter_dir: Path, bundle, key, version: int, budget: int,
+             refit_steps: int) -> tuple[bytes, dict]:
+    """The compress pipeline of ``solar-edge compress --metric fisher --refit N``."""
+    from solar_edge.compress import CompressOptions, compress_adapter
 
-    adapter = read_adapter(adapter_dir)
-    updates = match_to_bundle(adapter.updates, bundle.layers)
-    task = adapter.task_meta
-    adapter_id = task["task"]
-    metadata = {"task": task["task"], "labels": task["labels"], "head_seed": task["head_seed"]}
-    config = CodecConfig(
-        seed=version, representation="auto", budget_bytes=budget,
-        value_format=(ValueFormat.INT3, ValueFormat.INT4, ValueFormat.INT5), group_size=64,
-        overhead_bytes=fixed_overhead_bytes(adapter_id, metadata))
-    result = encode(updates, {lid: bundle.layer_basis(lid) for lid in updates}, config)
-    header = PacketHeader(bundle.fingerprint, adapter_id, version, metadata)
-    packet = encode_packet(header, result.header, result.records, key)
-    errors = list(result.predicted_error.values())
-    return packet, {"adapter_id": adapter_id, "layers": len(result.records),
-                    "mean_rel_error": float(np.mean(errors)), "metrics": task.get("metrics", {})}
+    task = json.loads((adapter_dir / "task.json").read_text())
+    options = CompressOptions(budget=budget, metric="fisher", calib=128,
+                              max_rank=8, refit_steps=refit_steps)
+    result = compress_adapter(adapter_dir, bundle, key, options, adapter_id=task["task"],
+                              version=version)
+    kept = [f for f in result.alloc.chosen.values() if f.kind is not None]
+    return result.data, {"adapter_id": task["task"], "layers": len(kept),
+                         "ranks": sorted({f.rank for f in kept}),
+                         "bits": sorted({f.bits for f in kept}),
+                         "refit_loss": result.refit_loss, "metrics": task.get("metrics", {})}
 
 
 def lora_sizes(adapter_dir: Path) -> tuple[int, int]:
@@ -143,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="out/demo")
     ap.add_argument("--profile", default="rpi5")
     ap.add_argument("--link", default="ltem", help="link profile the server emulates")
-    ap.add_argument("--budget", type=int, default=12000, help="packet byte budget")
+    ap.add_argument("--budget", type=int, default=4000, help="packet byte budget")
+    ap.add_argument("--refit", type=int, default=120,
+                    help="output-matching refit steps per packet (0: off)")
     ap.add_argument("--steps", type=int, default=40, help="training steps per adapter")
     ap.add_argument("--eval", type=int, default=300, help="held-out examples per task")
     ap.add_argument("--fresh", action="store_true", help="rebuild every artifact")
@@ -176,18 +172,22 @@ def main(argv: list[str] | None = None) -> int:
     step(f"2/6 train {ADAPTER_KIND} adapters on two offline text tasks")
     adapter_dirs = train(out, args.steps, args.eval)
 
-    step(f"3/6 compress into signed packets (budget {args.budget} B)")
+    step(f"3/6 compress into signed packets (budget {args.budget} B, K-FAC allocation, "
+         f"refit {args.refit} steps)")
     key = signing.generate_private_key()
     packets, info = {}, {}
     for task_name, adir in adapter_dirs.items():
-        data, meta = compress(adir, bundle, key, version=1, budget=args.budget)
+        data, meta = compress(adir, bundle, key, version=1, budget=args.budget,
+                              refit_steps=args.refit)
         packets[task_name], info[task_name] = data, meta
         fp16, zst = lora_sizes(adir)
         meta.update(packet_bytes=len(data), lora_fp16_bytes=fp16, lora_zstd_bytes=zst)
         (out / f"{task_name}.slr").write_bytes(data)
-        print(f"{task_name}: packet {len(data)} B ({meta['layers']} layers, mean rel. error "
-              f"{meta['mean_rel_error']:.2f}); LoRA fp16 {fp16} B, zstd {zst} B "
-              f"-> {fp16 / len(data):.0f}x smaller than fp16")
+        refit = meta["refit_loss"]
+        print(f"{task_name}: packet {len(data)} B ({meta['layers']} layers, rank "
+              f"{'/'.join(map(str, meta['ranks']))} at {'/'.join(map(str, meta['bits']))} bits"
+              + (f", refit output loss {refit[0]:.3f} -> {refit[1]:.3f}" if refit else "")
+              + f"); LoRA fp16 {fp16} B, zstd {zst} B -> {fp16 / len(data):.0f}x smaller")
 
     step(f"4/6 publish (TUF) and serve on loopback over a throttled {args.link} link")
     links = load_links()
