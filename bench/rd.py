@@ -29,12 +29,15 @@ Methods (``family`` in the JSON):
 * ``refit``: the ``fisher`` allocation, then the output-matching refit of its record values
   (:mod:`solar_edge.exporters.refit`: same records and bytes, values tuned so the model's
   outputs match the uncompressed adapter's on the unlabelled training texts);
+* ``rank+refit`` (``--ablation``): the rank-1/2 int4 baseline's records put through the
+  same refit, to separate what the refit and the allocation each contribute;
 * ``actaware``: :mod:`solar_edge.allocate` (activation-aware fits, int2..int8, rank 0..4
   per layer, plain or W0-basis coordinates, global allocation) at several budgets;
   ``frobenius``: the same allocator with ``G = I`` (ablation).
 * ``carry``: training-time relatives carried coefficient-only in the bundle basis
-  (LoRA-XS cores, TinyLoRA 2x2 cores; float32 and float16 values). VeRA gets its reference
-  point only (its projections come from torch's generator, not the device PRNG).
+  (LoRA-XS cores, TinyLoRA 2x2 cores; float32 and float16 values). VeRA cannot be carried
+  that way (its projections come from torch's generator, not the device PRNG), so it is
+  compressed like the LoRA kinds: its ``dW`` through every baseline and codec above.
 
 Points are cached in ``<out>.cache.json`` (keyed by adapter file hash, method, held-out size),
 so re-runs only evaluate what is new. A PNG (accuracy vs bytes, log x, one panel per
@@ -96,12 +99,13 @@ from solar_edge.records import (  # noqa: E402
     ValueFormat,
 )
 
-MAIN_KINDS = ("lora-qv-r8", "lora-all-r16", "adalora")
+MAIN_KINDS = ("lora-qv-r8", "lora-all-r16", "adalora", "vera")
 TOLERANCE = 0.005  # "within 0.5 point of the uncompressed adapter"
 LOOSE = 0.02  # a second, noise-level tolerance reported beside it
 RANDOM_SEED = 7
 BASELINE_FAMILIES = ("lora-fp16", "lora-int", "rank", "random-basis", "naive-solar")
 CODEC_FAMILIES = ("codec", "fisher", "refit", "actaware", "frobenius", "carry")
+ABLATION_FAMILIES = ("rank+refit",)  # the refit on a baseline's records: reported, not ranked
 
 Updates = dict[int, LayerUpdate]
 Factors = dict[int, tuple[np.ndarray, np.ndarray]]
@@ -349,23 +353,37 @@ class AdapterBench:
         for frac in sorted(fracs):
             def build(frac: float = frac) -> tuple[int, Factors, dict]:
                 alloc = self._allocation("fisher", int(frac * base))
-                started = time.perf_counter()
-                rep = refit_records(self.bundle, alloc.records, self.updates, self.bases,
-                                    self.refit_texts, int(self.adapter.task_meta["head_seed"]),
-                                    len(self.adapter.task_meta["labels"]), config)
-                alloc.records = rep.records
-                nbytes, factors, extra = self._allocated(alloc)
-                return nbytes, factors, {**extra, "refit_loss": [rep.loss_before,
-                                                                 rep.loss_after],
-                                         "refit_steps": rep.steps, "refit_texts":
-                                         len(self.refit_texts), "refit_seconds":
-                                         round(time.perf_counter() - started, 1)}
+                alloc.records, extra = self._refitted(alloc.records, config)
+                nbytes, factors, more = self._allocated(alloc)
+                return nbytes, factors, {**more, **extra}
             try:
                 row = self.point("refit", f"{frac:g}x base {base}{tag} s{config.steps}", build)
             except BudgetError:
                 continue
             if row["accuracy"] >= floor - 1e-12:
                 break
+        if self.ablation:  # how much of the gain is the refit alone: rank-k int4 + refit
+            for k in (1, 2):
+                cfg = CodecConfig(representation="dense_factors", max_rank=k,
+                                  value_format=ValueFormat.INT4,
+                                  overhead_bytes=self.maker.overhead)
+
+                def rank_build(cfg: CodecConfig = cfg) -> tuple[int, Factors, dict]:
+                    res = encode(self.updates, self.bases, cfg)
+                    records, extra = self._refitted(res.records, config)
+                    nbytes, factors = self.maker.roundtrip(res.header, records, self.bases)
+                    return nbytes, factors, extra
+                self.point("rank+refit", f"r{k}-int4 s{config.steps}", rank_build)
+
+    def _refitted(self, records: list[LayerRecord],
+                  config: RefitConfig) -> tuple[list[LayerRecord], dict]:
+        started = time.perf_counter()
+        rep = refit_records(self.bundle, records, self.updates, self.bases, self.refit_texts,
+                            int(self.adapter.task_meta["head_seed"]),
+                            len(self.adapter.task_meta["labels"]), config)
+        return rep.records, {"refit_loss": [rep.loss_before, rep.loss_after],
+                             "refit_steps": rep.steps, "refit_texts": len(self.refit_texts),
+                             "refit_seconds": round(time.perf_counter() - started, 1)}
 
     @property
     def alloc_config(self) -> AllocConfig:
@@ -477,7 +495,7 @@ def plot(results: dict, path: Path) -> None:
              "rank": ("tab:orange", "^"), "random-basis": ("tab:gray", "x"),
              "naive-solar": ("tab:brown", "v"), "codec": ("tab:purple", "D"),
              "actaware": ("tab:olive", "o"), "fisher": ("tab:cyan", "h"),
-             "refit": ("tab:red", "D"),
+             "refit": ("tab:red", "D"), "rank+refit": ("tab:orange", "D"),
              "frobenius": ("tab:pink", "P"),
              "carry": ("tab:green", "*")}
     for ax, name in zip(axes.flat, names, strict=False):
