@@ -53,6 +53,17 @@ _BERT_ORDER = ("attention.self.query", "attention.self.key", "attention.self.val
 
 
 @dataclass(frozen=True)
+class VeraParts:
+    """What a VeRA adapter trains and shares: per-module ``(lambda_b, lambda_d)`` and the saved
+    projections with their PEFT ``projection_prng_key`` (to carry it coefficient-only)."""
+
+    key: int
+    scales: dict[str, tuple[np.ndarray, np.ndarray]]
+    shared_A: np.ndarray
+    shared_B: np.ndarray
+
+
+@dataclass(frozen=True)
 class Adapter:
     """A PEFT adapter as per-layer updates. ``kind`` is PEFT's type in lower case."""
 
@@ -60,6 +71,7 @@ class Adapter:
     config: dict[str, Any]
     task_meta: dict[str, Any]
     updates: dict[str, LayerUpdate] = field(default_factory=dict)
+    vera: VeraParts | None = None
 
     def dense(self, name: str) -> np.ndarray:
         u = self.updates[name]
@@ -303,7 +315,18 @@ def read_adapter(path: str | Path) -> Adapter:
     shapes = meta.get("module_shapes")
     if isinstance(shapes, Mapping):
         updates = fit_shapes(updates, shapes)
-    return Adapter(kind=peft_type.lower(), config=config, task_meta=meta, updates=updates)
+    vera = None
+    if peft_type.upper() == "VERA":
+        per_module = {normalise_name(k): v for k, v in
+                      _group({k: t for k, t in tensors.items() if k.startswith(PEFT_PREFIX)},
+                             ("vera_lambda_b", "vera_lambda_d")).items()}
+        vera = VeraParts(int(config.get("projection_prng_key", 0)),
+                         {name: (np.asarray(parts["vera_lambda_b"], np.float32),
+                                 np.asarray(parts["vera_lambda_d"], np.float32))
+                          for name, parts in per_module.items()},
+                         _shared(tensors, "vera_A", "VeRA"), _shared(tensors, "vera_B", "VeRA"))
+    return Adapter(kind=peft_type.lower(), config=config, task_meta=meta, updates=updates,
+                   vera=vera)
 
 
 def fit_shapes(updates: Mapping[str, LayerUpdate],

@@ -37,6 +37,7 @@ from solar_edge.records import (
     RecordKind,
     ValueFormat,
 )
+from solar_edge.vera import VeraProjections, decode_vera
 
 DEFAULT_PACKET_OVERHEAD = 256
 """Default bytes reserved for header, metadata and signature when the caller gives none
@@ -134,13 +135,19 @@ def record_nbytes(record: LayerRecord) -> int:
 
 
 def decode_factors(
-    record: LayerRecord, basis: LayerBasis | None, header: CodecHeader
+    record: LayerRecord, basis: LayerBasis | None, header: CodecHeader,
+    projections: VeraProjections | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(L, Rt)`` float32 with ``dW = L @ Rt.T``; work proportional to what the record keeps."""
+    """``(L, Rt)`` float32 with ``dW = L @ Rt.T``; work proportional to what the record keeps.
+
+    ``projections``: the packet's shared VeRA projections (:func:`solar_edge.vera.
+    projections_for`), needed by VERA_SCALES records only."""
     values = record.values.dequantize()
     if values.size != record.expected_value_count():
         raise CodecError(f"layer {record.layer_id}: {values.size} values, "
                          f"expected {record.expected_value_count()}")
+    if record.kind == RecordKind.VERA_SCALES:
+        return decode_vera(record, projections)
     if record.kind == RecordKind.DENSE_FACTORS:
         if basis is not None and (record.rows, record.cols) != (basis.out_features,
                                                                basis.in_features):

@@ -217,8 +217,8 @@ def _check_entry(i: int, e: _Entry, limits: PacketLimits) -> tuple[int, int]:
     _range(e.cols, 1, limits.max_cols, f"{f}.cols")
     if not (math.isfinite(e.epsilon) and e.epsilon >= 0):
         raise InvalidFieldError(f"{e.epsilon} is not finite and >= 0", field=f"{f}.epsilon")
-    if kind == RecordKind.DENSE_FACTORS and e.epsilon != 0:
-        raise InvalidFieldError("DENSE_FACTORS has no basis: epsilon must be 0",
+    if kind in (RecordKind.DENSE_FACTORS, RecordKind.VERA_SCALES) and e.epsilon != 0:
+        raise InvalidFieldError(f"{kind.name} has no perturbed basis: epsilon must be 0",
                                 field=f"{f}.epsilon")
     if kind == RecordKind.DENSE_FACTORS and e.variant != 0:
         raise InvalidFieldError("DENSE_FACTORS has no basis: variant must be 0",
@@ -239,9 +239,12 @@ def _check_entry(i: int, e: _Entry, limits: PacketLimits) -> tuple[int, int]:
         if e.position_count or e.positions_bytes:
             raise InvalidFieldError(f"{kind.name} carries no positions", field=f"{f}.positions")
         _range(e.rank, 1, limits.max_rank, f"{f}.rank")
-        if e.rank > min(e.rows, e.cols):
+        if kind == RecordKind.VERA_SCALES:
+            count = e.rows + e.rank
+        elif e.rank > min(e.rows, e.cols):
             raise InvalidFieldError(f"rank {e.rank} > min(rows, cols)", field=f"{f}.rank")
-        count = (e.rows + e.cols) * e.rank
+        else:
+            count = (e.rows + e.cols) * e.rank
     _range(count, 0, limits.max_values_per_layer, f"{f}.value_count")
     if fmt.is_integer:
         _range(e.group_size, 1, MAX_GROUP_SIZE, f"{f}.group_size")
@@ -270,6 +273,15 @@ def _encode_values(f: str, qv: QuantizedValues, count: int) -> bytes:
     if codes.size != count or (count and int(np.abs(codes.astype(np.int16)).max()) > q):
         raise InvalidFieldError(f"need {count} codes within +-{q}", field=f"{f}.codes")
     return scales.tobytes() + bitpack.pack_codes(codes, qv.fmt.bits)
+
+
+def _check_shared_projections(kinds_ranks_variants: list[tuple[int, int, int]]) -> None:
+    """VERA_SCALES records share one pair of projections: one rank and one key (variant)."""
+    shared = {(rank, variant) for kind, rank, variant in kinds_ranks_variants
+              if kind == RecordKind.VERA_SCALES}
+    if len(shared) > 1:
+        raise InvalidFieldError(f"VERA_SCALES records disagree on (rank, key): {sorted(shared)}",
+                                field="layer_table")
 
 
 def _encode_record(i: int, rec: LayerRecord, limits: PacketLimits) -> tuple[bytes, bytes]:
@@ -334,6 +346,7 @@ def encode_packet(
         entry, data = _encode_record(i, rec, limits)
         table.append(entry)
         payload.append(data)
+    _check_shared_projections([(int(r.kind), r.rank, r.variant) for r in ordered])
     body = b"".join(table) + b"".join(payload)
     flags = 0
     if compress or compress is None:
@@ -488,6 +501,7 @@ def _read_body(raw: bytes, layer_count: int, limits: PacketLimits) -> list[Layer
         count, nbytes = _check_entry(i, e, limits)
         entries.append((e, count))
         payload += e.positions_bytes + nbytes
+    _check_shared_projections([(e.kind, e.rank, e.variant) for e, _ in entries])
     left = len(raw) - r.pos
     if payload > left:
         raise TruncatedPacketError(f"layers declare {payload} payload bytes, {left} present",

@@ -20,6 +20,11 @@ Conventions (see docs/packet-format.md for the bytes):
 * ``DENSE_FACTORS``: ``dW = A @ B^T`` with ``A`` ``out x rank`` (``rows = out``) and ``B``
   ``in x rank`` (``cols = in``) carried directly: not coefficient-only, used only where
   the measured rate-distortion says the basis does not help.
+* ``VERA_SCALES``: PEFT VeRA carried exactly: ``dW = diag(b) P_B[:rows] diag(d) P_A[:, :cols]``
+  where ``values`` is ``b`` (``rows``) then ``d`` (``rank``), and the shared projections
+  ``P_A`` (``rank x max cols``), ``P_B`` (``max rows x rank``) are regenerated on the device
+  from ``variant`` (PEFT's ``projection_prng_key``) by :mod:`solar_edge.vera`; the maxima are
+  over the packet's VERA_SCALES records. No positions, ``epsilon = 0``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class RecordKind(IntEnum):
     SPARSE_CORE = 1
     FACTORED_CORE = 2
     DENSE_FACTORS = 3
+    VERA_SCALES = 4
 
 
 class ValueFormat(IntEnum):
@@ -110,6 +116,8 @@ class LayerRecord:
     def expected_value_count(self) -> int:
         if self.kind == RecordKind.SPARSE_CORE:
             return int(self.positions.size)
+        if self.kind == RecordKind.VERA_SCALES:
+            return self.rows + self.rank
         return (self.rows + self.cols) * self.rank
 
 
