@@ -210,16 +210,21 @@ class EdgeRuntime:
 
     def _decode(self, packet: Packet) -> _Cached:
         from solar_edge.codec import decode_factors
+        from solar_edge.vera import projections_for
 
         factors: dict[int, Factors] = {}
+        try:
+            projections = projections_for(packet.records)
+        except SolarEdgeError as exc:
+            raise RuntimeApplyError(f"cannot regenerate VeRA projections: {exc}") from exc
         for rec in packet.records:
             slot = self.bundle.slots.get(rec.layer_id)
             if slot is None:
                 raise RuntimeApplyError(f"packet names layer {rec.layer_id}, not in the bundle")
-            dense = rec.kind == RecordKind.DENSE_FACTORS
-            basis = None if dense else self.bundle.basis(rec.layer_id)
+            no_basis = rec.kind in (RecordKind.DENSE_FACTORS, RecordKind.VERA_SCALES)
+            basis = None if no_basis else self.bundle.basis(rec.layer_id)
             try:
-                pair = decode_factors(rec, basis, packet.codec)
+                pair = decode_factors(rec, basis, packet.codec, projections)
             except SolarEdgeError as exc:
                 raise RuntimeApplyError(f"layer {rec.layer_id}: cannot decode: {exc}") from exc
             factors[rec.layer_id] = check_factors(rec.layer_id, slot.shape, pair)

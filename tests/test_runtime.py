@@ -415,6 +415,30 @@ def test_lossless_packet_equals_peft_merge_and_unload(bundle_dir, bundle, key, h
     assert np.abs(out - torch_embeddings(hf_model, rt, SENTENCES, {})).max() > 10 * TOL
 
 
+def test_vera_packet_serves_peft_merged_model(bundle_dir, bundle, key, hf_model,
+                                              vera_adapter_dir):
+    """VERA_SCALES records: the device regenerates PEFT's projections from the key alone."""
+    from peft import PeftModel
+
+    from solar_edge.adapters import match_to_bundle, read_adapter
+    from solar_edge.packet import PacketHeader, encode_packet
+    from solar_edge.records import CodecHeader
+    from solar_edge.vera import carry_records
+
+    adapter = read_adapter(vera_adapter_dir)
+    updates = match_to_bundle(adapter.updates, bundle.manifest["layers"])
+    records = carry_records(adapter.vera, updates)
+    pkt = encode_packet(PacketHeader(bundle.fingerprint, "vera", 1, {}), CodecHeader(seed=0),
+                        records, key)
+    rt = EdgeRuntime(bundle_dir, [key.public_key()])
+    info = rt.apply(pkt)
+    out = rt.infer(SENTENCES)
+    merged = PeftModel.from_pretrained(copy.deepcopy(hf_model), str(vera_adapter_dir))
+    ref = torch_embeddings(merged.merge_and_unload().eval(), rt, SENTENCES, {})
+    assert info.layers == 12 and np.abs(out - ref).max() < TOL
+    assert np.abs(out - torch_embeddings(hf_model, rt, SENTENCES, {})).max() > 10 * TOL
+
+
 def test_cli_run_prints_label_of_task_head(bundle_dir, bundle, key, encoded, tmp_path):
     from click.testing import CliRunner
 
