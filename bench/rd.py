@@ -98,6 +98,7 @@ from solar_edge.records import (  # noqa: E402
     RecordKind,
     ValueFormat,
 )
+from solar_edge.vera import carry_records, projections_for  # noqa: E402
 
 MAIN_KINDS = ("lora-qv-r8", "lora-all-r16", "adalora", "vera")
 TOLERANCE = 0.005  # "within 0.5 point of the uncompressed adapter"
@@ -126,7 +127,8 @@ class PacketMaker:
                   bases: dict[int, LayerBasis]) -> tuple[int, Factors]:
         data = encode_packet(self.header, codec, records, self.key)
         packet = decode_packet(data, [self.key.public_key()])
-        factors = {r.layer_id: decode_factors(r, bases.get(r.layer_id), packet.codec)
+        proj = projections_for(packet.records)
+        factors = {r.layer_id: decode_factors(r, bases.get(r.layer_id), packet.codec, proj)
                    for r in packet.records}
         return len(data), factors
 
@@ -421,6 +423,13 @@ class AdapterBench:
         except BudgetError:
             return self.maker.overhead, {}, {"note": "budget too small"}
 
+    def carry_vera(self) -> None:
+        """VeRA's scaling vectors as VERA_SCALES records (projections regenerated on device)."""
+        for fmt in (ValueFormat.FLOAT32, ValueFormat.FLOAT16):
+            recs = carry_records(self.adapter.vera, self.updates, fmt)
+            self.point("carry", f"vera scales {fmt.name.lower()}", lambda recs=recs: (
+                *self.maker.roundtrip(CodecHeader(seed=0), recs, {}), {}))
+
     def carry(self, r: int) -> None:
         for fmt in (ValueFormat.FLOAT32, ValueFormat.FLOAT16):
             recs = core_records(self.updates, self.bases, r, fmt)
@@ -593,6 +602,8 @@ def main(argv: list[str] | None = None) -> int:
             if kind in ("lora-xs", "tinylora"):
                 r = int(b.adapter.config.get("r", 2))
                 b.carry(r)
+            if kind == "vera":
+                b.carry_vera()
             if kind in MAIN_KINDS:
                 b.baselines()
                 b.codecs(fracs)
