@@ -76,6 +76,7 @@ from solar_edge.allocate import (  # noqa: E402
 )
 from solar_edge.basis import LayerBasis  # noqa: E402
 from solar_edge.bundle import Bundle, load_bundle  # noqa: E402
+from solar_edge.carry import core_records  # noqa: E402
 from solar_edge.codec import CodecConfig, LayerUpdate, decode_factors, encode  # noqa: E402
 from solar_edge.errors import BudgetError  # noqa: E402
 from solar_edge.exporters.calibration import (  # noqa: E402
@@ -164,19 +165,6 @@ def lora_int_records(updates: Updates, fmt: ValueFormat) -> list[LayerRecord]:
         vals = np.concatenate([u.B.reshape(-1), u.A.T.reshape(-1)])
         recs.append(LayerRecord(lid, RecordKind.DENSE_FACTORS, u.B.shape[0], u.A.shape[1],
                                 u.B.shape[1], quantize(vals, fmt, 64)))
-    return recs
-
-
-def core_records(updates: Updates, bases: dict[int, LayerBasis], r: int,
-                 fmt: ValueFormat = ValueFormat.FLOAT32) -> list[LayerRecord]:
-    """``dW`` projected on the top-``r`` singular vectors of W0: an ``r x r`` SPARSE_CORE."""
-    recs = []
-    for lid, u in sorted(updates.items()):
-        ur, vr = bases[lid].U[:, :r].astype(np.float64), bases[lid].V[:, :r].astype(np.float64)
-        core = (ur.T @ u.B) @ (u.A @ vr)
-        recs.append(LayerRecord(lid, RecordKind.SPARSE_CORE, r, r, 0,
-                                quantize(core.reshape(-1), fmt, 64),
-                                positions=np.arange(r * r, dtype=np.uint32)))
     return recs
 
 

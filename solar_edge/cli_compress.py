@@ -20,6 +20,10 @@ makes the smallest packets keep the adapter's accuracy (docs/rate-distortion.md)
 the ``[export]`` extra and a task name in task.json, and takes about a minute per
 120 steps on two cores.
 
+``--exact`` carries a VeRA, LoRA-XS or TinyLoRA adapter without fitting anything: only its
+trained numbers (VeRA scales, ``r x r`` cores), coefficient-only, because the device
+regenerates their frozen bases (``--values float16`` halves the size).
+
 ``--max-error E`` bisects the budget until the packet's overall relative error
 ``sqrt(sum_l err_l / sum_l |dW_l|^2)`` in that metric is ``<= E``. The table shows each
 layer's bytes and relative error, the packet's bytes (uncompressed bound and the written,
@@ -67,6 +71,10 @@ def _table(alloc: Allocation, names: dict[int, str]) -> list[str]:
 @click.option("--calib", type=click.IntRange(min=1), default=64, show_default=True,
               help="Calibration texts for --metric act.")
 @click.option("--max-rank", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--exact", is_flag=True,
+              help="Carry a VeRA / LoRA-XS / TinyLoRA adapter exactly (no budget).")
+@click.option("--values", "exact_format", type=click.Choice(["float32", "float16"]),
+              default="float32", show_default=True, help="Value format with --exact.")
 @click.option("--refit", "refit_steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="Output-matching refit steps on the task's training texts (0: off; "
                    "120 is a good start). Only with --budget.")
@@ -80,17 +88,20 @@ def _table(alloc: Allocation, names: dict[int, str]) -> list[str]:
               show_default=True, help="Monotonic adapter version.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
 def compress(adapter_dir: Path, bundle_dir: Path, budget: int | None, max_error: float | None,
-             metric: str, calib: int, max_rank: int, refit_steps: int, device: str | None,
-             key_path: Path | None,
+             metric: str, calib: int, max_rank: int, exact: bool, exact_format: str,
+             refit_steps: int, device: str | None, key_path: Path | None,
              adapter_id: str | None, adapter_version: int, out_path: Path) -> None:
     """Compress ADAPTER_DIR (PEFT LoRA/AdaLoRA/VeRA/TinyLoRA) into a signed packet."""
-    if (budget is None) == (max_error is None):
-        raise click.UsageError("give exactly one of --budget and --max-error")
+    if (budget is not None) + (max_error is not None) + exact != 1:
+        raise click.UsageError("give exactly one of --budget, --max-error and --exact")
+    if exact and (refit_steps or metric != "fro"):
+        raise click.UsageError("--exact fits nothing: it takes no --metric or --refit")
     if refit_steps and max_error is not None:
         raise click.UsageError("--refit changes the weight error, so it goes with --budget, "
                                "not --max-error")
     options = CompressOptions(budget=budget, max_error=max_error, metric=metric, calib=calib,
-                              max_rank=max_rank, refit_steps=refit_steps)
+                              max_rank=max_rank, refit_steps=refit_steps, exact=exact,
+                              exact_format=exact_format)
     bundle = load_bundle(bundle_dir)
     if key_path is not None:
         key = signing.load_private_key(key_path)
@@ -106,6 +117,12 @@ def compress(adapter_dir: Path, bundle_dir: Path, budget: int | None, max_error:
         pub = signing.save_public_key(key, out_path.with_name(out_path.name + ".pub"))
         click.echo(f"signed with a new key; public key: {pub}", err=True)
     alloc, data = result.alloc, result.data
+    if alloc is None:
+        click.echo(f"carried exactly: {len(result.layer_names)} layers, {exact_format} values, "
+                   f"relative error {result.exact_error:.2e}")
+        click.echo(f"packet {out_path}: {len(data)} B written")
+        _download_times(len(data), device or bundle.profile.get("name"))
+        return
     for line in _table(alloc, result.layer_names):
         click.echo(line)
     click.echo(f"metric {metric}: overall relative error {alloc.total_error:.4f}"

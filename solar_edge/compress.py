@@ -11,6 +11,10 @@
    unlabelled training texts;
 5. sign the packet.
 
+With ``exact=True`` steps 2-4 are replaced by carrying the adapter's trained numbers
+coefficient-only (:mod:`solar_edge.carry`: VeRA scales, LoRA-XS/TinyLoRA cores), for the
+kinds whose frozen basis the device can regenerate.
+
 Steps 2 and 4 need the ``[export]`` extra (torch, transformers); a missing extra or a
 task.json without a task name is a :class:`~solar_edge.errors.CalibrationError`.
 """
@@ -27,7 +31,7 @@ from solar_edge.allocate import Allocation, AllocConfig, encode_adapter
 from solar_edge.bundle import Bundle
 from solar_edge.errors import CalibrationError, CodecError
 from solar_edge.packet import PacketHeader, encode_packet, fixed_overhead_bytes
-from solar_edge.records import CodecHeader
+from solar_edge.records import CodecHeader, ValueFormat
 
 METRICS = ("fro", "act", "fisher")
 PACKET_METADATA_KEYS = ("task", "labels", "head_seed")
@@ -41,10 +45,18 @@ class CompressOptions:
     calib: int = 64                   # calibration texts for act / fisher
     max_rank: int = 4
     refit_steps: int = 0              # output-matching refit (budget mode only)
+    exact: bool = False               # or: carry VeRA / LoRA-XS / TinyLoRA exactly
+    exact_format: str = "float32"     # float32 or float16 values when exact
 
     def __post_init__(self) -> None:
-        if (self.budget is None) == (self.max_error is None):
-            raise CodecError("give exactly one of budget and max_error")
+        modes = (self.budget is not None) + (self.max_error is not None) + bool(self.exact)
+        if modes != 1:
+            raise CodecError("give exactly one of budget, max_error and exact")
+        if self.exact and (self.refit_steps or self.metric != "fro"):
+            raise CodecError("exact carrying fits nothing: no metric, no refit")
+        if self.exact_format not in ("float32", "float16"):
+            raise CodecError(f"exact_format must be float32 or float16, got "
+                             f"{self.exact_format!r}")
         if self.metric not in METRICS:
             raise CodecError(f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
         if self.refit_steps and self.max_error is not None:
@@ -55,11 +67,12 @@ class CompressOptions:
 @dataclass
 class Compressed:
     data: bytes                       # the signed packet
-    alloc: Allocation                 # per-layer choice and errors (before any refit)
+    alloc: Allocation | None          # per-layer choice and errors (before any refit)
     metadata: dict[str, Any]
     layer_names: dict[int, str]
     refit_loss: tuple[float, float] | None = None    # output loss before -> after
     refit_texts: int = 0
+    exact_error: float | None = None  # relative error of an exact carry (float rounding)
 
 
 def packet_metadata(task_meta: dict) -> dict:
@@ -107,6 +120,15 @@ def compress_adapter(adapter_dir: str | Path, bundle: Bundle, key, options: Comp
     bases = {lid: bundle.layer_basis(lid) for lid in updates}
     adapter_id = adapter_id or adapter_dir.name
     meta = packet_metadata(adapter.task_meta)
+    header = PacketHeader(bundle.fingerprint, adapter_id, version, meta)
+    names = {lid: u.name for lid, u in updates.items()}
+    if options.exact:
+        from solar_edge.carry import exact_records
+
+        fmt = ValueFormat.FLOAT32 if options.exact_format == "float32" else ValueFormat.FLOAT16
+        records, error = exact_records(adapter, updates, bases, fmt)
+        data = encode_packet(header, CodecHeader(seed=0), records, key)
+        return Compressed(data, None, meta, names, exact_error=error)
     grams, out_grams = calibration_statistics(bundle, adapter.task_meta, updates,
                                               options.calib, options.metric)
     alloc = encode_adapter(updates, bases, grams,
@@ -126,7 +148,5 @@ def compress_adapter(adapter_dir: str | Path, bundle: Bundle, key, options: Comp
                                RefitConfig(steps=options.refit_steps), progress=on_refit_step)
         records, refit_texts = report.records, len(train.texts)
         refit_loss = (report.loss_before, report.loss_after)
-    header = PacketHeader(bundle.fingerprint, adapter_id, version, meta)
     data = encode_packet(header, CodecHeader(seed=0), records, key)
-    return Compressed(data, alloc, meta, {lid: u.name for lid, u in updates.items()},
-                      refit_loss, refit_texts)
+    return Compressed(data, alloc, meta, names, refit_loss, refit_texts)
