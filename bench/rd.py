@@ -216,6 +216,7 @@ class AdapterBench:
         self.ablation = True
         self.sparse_fracs: tuple[float, ...] = (0.25, 0.5)
         self.refit_texts: list[str] = []
+        self.reference_predictions: np.ndarray | None = None  # for prediction agreement
         self._options: dict[str, dict] = {}
 
     def point(self, family: str, setting: str, build: Callable[[], tuple[int, Factors, dict]],
@@ -232,6 +233,11 @@ class AdapterBench:
                 dws = {lid: (L @ Rt.T).astype(np.float32) for lid, (L, Rt) in factors.items()
                        if L.shape[1]}
                 row.update(self.evaluator.accuracy(dws).as_dict())
+                preds = self.evaluator.last_predictions
+                if family == "reference":
+                    self.reference_predictions = preds.copy()
+                elif self.reference_predictions is not None:
+                    row["agreement"] = float((preds == self.reference_predictions).mean())
             row["seconds"] = round(time.perf_counter() - started, 2)
             self.cache[key] = row
             self.save()
@@ -264,6 +270,10 @@ class AdapterBench:
         exact = {lid: (u.B, u.A.T) for lid, u in self.updates.items()}
         ref = self.point("reference", "fp32", lambda: (path.stat().st_size, exact, {}))
         self.reference_accuracy = ref["accuracy"]
+        if self.reference_predictions is None:  # cached reference: predict once more
+            self.evaluator.accuracy({lid: (u.B @ u.A).astype(np.float32)
+                                     for lid, u in self.updates.items()})
+            self.reference_predictions = self.evaluator.last_predictions.copy()
 
         def fp16() -> tuple[int, Factors, dict]:
             f = {lid: (u.B.astype(np.float16).astype(np.float32),

@@ -93,6 +93,7 @@ class PatchedEvaluator:
         self._opts = opts
         self._checked = False
         self.patched: set[int] = set()
+        self.last_predictions = np.zeros(0, np.int64)
 
     def _feeds(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
         feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
@@ -130,6 +131,7 @@ class PatchedEvaluator:
         self.patch(updates)
         if not self._checked and updates:
             self._check_inplace()
-        correct = int((self.predictions() == self.labels).sum())
+        self.last_predictions = self.predictions()
+        correct = int((self.last_predictions == self.labels).sum())
         acc, lo, hi = wilson(correct, len(self.labels))
         return Accuracy(acc, (lo, hi), correct, len(self.labels))
