@@ -107,6 +107,7 @@ LOOSE = 0.02  # a second, noise-level tolerance reported beside it
 RANDOM_SEED = 7
 BASELINE_FAMILIES = ("lora-fp16", "lora-int", "rank", "random-basis", "naive-solar")
 CODEC_FAMILIES = ("codec", "fisher", "refit", "actaware", "frobenius", "carry")
+SUMMARY_KEYS = ("family", "setting", "bytes", "accuracy", "agreement")
 ABLATION_FAMILIES = ("rank+refit",)  # the refit on a baseline's records: reported, not ranked
 
 Updates = dict[int, LayerUpdate]
@@ -452,10 +453,10 @@ def summarise(name: str, points: list[dict], meta: dict, tolerance: float = TOLE
     return {"adapter": name, "reference_accuracy": ref["accuracy"], "reference_ci95": ref["ci95"],
             "trained_accuracy_full_test": meta.get("metrics", {}).get("accuracy"),
             "trainable_params": meta.get("metrics", {}).get("trainable_params"),
-            "smallest_codec": best_codec and {k: best_codec[k] for k in
-                                              ("family", "setting", "bytes", "accuracy")},
-            "smallest_baseline": best_base and {k: best_base[k] for k in
-                                                ("family", "setting", "bytes", "accuracy")},
+            "smallest_codec": best_codec and {k: best_codec[k] for k in SUMMARY_KEYS
+                                              if k in best_codec},
+            "smallest_baseline": best_base and {k: best_base[k] for k in SUMMARY_KEYS
+                                                if k in best_base},
             "ratio": ratio}
 
 
@@ -472,7 +473,9 @@ def markdown_table(results: dict) -> str:
         def cell(x: dict | None) -> str:
             if not x:
                 return "none"
-            return f"{x['bytes']} B ({x['family']} {x['setting']}, {100 * x['accuracy']:.1f}%)"
+            agree = f", agree {100 * x['agreement']:.0f}%" if "agreement" in x else ""
+            return (f"{x['bytes']} B ({x['family']} {x['setting']}, {100 * x['accuracy']:.1f}%"
+                    f"{agree})")
 
         ratio = "-" if s["ratio"] is None else f"{s['ratio']:.2f}x"
         lines.append(f"| {name} | {100 * ref['accuracy']:.1f}% ({ref['n']}) | {fp16} | "
