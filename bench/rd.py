@@ -531,6 +531,14 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def forget_unchecked(cache: dict, tag: str, summary: dict) -> None:
+    """Drop the cached summary points that have no prediction agreement, so the run rebuilds
+    (re-encodes, re-refits) and re-evaluates exactly those packets."""
+    for point in (summary.get("smallest_codec"), summary.get("smallest_baseline")):
+        if point and "agreement" not in point:
+            cache.pop(f"{tag}|{point['family']}|{point['setting']}", None)
+
+
 def subset(n_total: int, n: int | None) -> np.ndarray:
     """Evenly spaced indices (the splits are sorted by text, so a prefix would be biased)."""
     if n is None or n >= n_total:
@@ -558,6 +566,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ablation", action="store_true",
                     help="also run the activation-only and Frobenius allocators, and more "
                          "sparse-basis budgets")
+    ap.add_argument("--recheck", action="store_true",
+                    help="rebuild and re-evaluate each adapter's smallest codec and baseline "
+                         "packets within the tolerance when they lack prediction agreement")
     args = ap.parse_args(argv)
 
     bundle = load_bundle(args.bundle)
@@ -592,6 +603,8 @@ def main(argv: list[str] | None = None) -> int:
             meta = json.loads((adir / "task.json").read_text())
             print(f"{name}: held-out n={len(idx)}, calibration {len(cal)} texts", flush=True)
             b = AdapterBench(name, adir, bundle, evaluator, grams, cache, key, len(idx))
+            if args.recheck and name in results:
+                forget_unchecked(cache, b.tag, results[name]["summary"])
             b.save = lambda: cache_path.write_text(json.dumps(cache, indent=1))
             b.ablation = args.ablation
             b.sparse_fracs = (0.25, 0.5) if args.ablation else (0.5,)
