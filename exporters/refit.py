@@ -28,9 +28,9 @@ import numpy as np
 
 from solar_edge.basis import LayerBasis
 from solar_edge.bundle import Bundle
-from solar_edge.codec import LayerUpdate
+from solar_edge.codec import LayerUpdate, decode_factors
 from solar_edge.errors import CodecError, ExportError
-from solar_edge.records import LayerRecord, QuantizedValues, RecordKind
+from solar_edge.records import CodecHeader, LayerRecord, QuantizedValues, RecordKind
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ def _check_base(bundle: Bundle, modules: dict, names: dict[int, str],
         got = None if module is None else module.weight.detach().numpy()
         if got is None or got.shape != want.shape or not np.allclose(got, want, atol=1e-5):
             raise ExportError(f"layer {lid} ({names.get(lid)}): the model used for the "
-                                    f"refit is not the bundle's base model")
+                              f"refit is not the bundle's base model")
 
 
 def refit_records(bundle: Bundle, records: Sequence[LayerRecord],
@@ -146,7 +146,12 @@ def refit_records(bundle: Bundle, records: Sequence[LayerRecord],
     student as fixed updates."""
     import torch
 
-    from solar_edge.exporters.train import load_base, logits_from_hidden, torch_head
+    from solar_edge.exporters.train import (
+        load_base,
+        logits_from_unit,
+        torch_head,
+        unit_embedding,
+    )
 
     if not texts:
         raise CodecError("refit needs calibration texts")
@@ -158,14 +163,9 @@ def refit_records(bundle: Bundle, records: Sequence[LayerRecord],
     names = {layer.id: layer.name for layer in bundle.layers}
     params = {r.layer_id: _RecordParams(r, bases.get(r.layer_id)) for r in records
               if _refittable(r)}
-    fixed = {}
-    for r in records:
-        if r.layer_id not in params:
-            from solar_edge.codec import decode_factors
-            from solar_edge.records import CodecHeader
-
-            L, Rt = decode_factors(r, bases.get(r.layer_id), CodecHeader(seed=0))
-            fixed[r.layer_id] = (torch.from_numpy(L), torch.from_numpy(Rt))
+    fixed = {r.layer_id: tuple(torch.from_numpy(x) for x in
+                               decode_factors(r, bases.get(r.layer_id), CodecHeader(seed=0)))
+             for r in records if r.layer_id not in params}
     teacher = {lid: (torch.from_numpy(np.asarray(u.B, np.float32)),
                      torch.from_numpy(np.asarray(u.A, np.float32).T.copy()))
                for lid, u in updates.items()}
@@ -191,10 +191,9 @@ def refit_records(bundle: Bundle, records: Sequence[LayerRecord],
     def forward(idx):
         width = int(mask[idx].sum(1).max())
         m = mask[idx, :width]
-        hidden = model(input_ids=ids[idx, :width], attention_mask=m).last_hidden_state
-        mf = m.to(hidden.dtype).unsqueeze(-1)
-        pooled = (hidden * mf).sum(1) / mf.sum(1).clamp_min(1e-9)
-        return logits_from_hidden(hidden, m, head), torch.nn.functional.normalize(pooled, dim=-1)
+        unit = unit_embedding(model(input_ids=ids[idx, :width], attention_mask=m)
+                              .last_hidden_state, m)
+        return logits_from_unit(unit, head), unit
 
     def loss_of(out, t_logits, t_unit):
         logits, unit = out

@@ -159,13 +159,22 @@ def torch_head(head_seed: int, num_labels: int, hidden: int) -> torch.Tensor:
     return torch.from_numpy(task_head(head_seed, num_labels, hidden))
 
 
+def unit_embedding(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention-masked mean pooling, normalised to unit length (the sentence embedding)."""
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1e-9)
+    return pooled / pooled.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def logits_from_unit(unit: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """``LOGIT_SCALE * unit @ head.T`` (taskhead.head_logits)."""
+    return LOGIT_SCALE * unit @ head.T
+
+
 def logits_from_hidden(hidden: torch.Tensor, mask: torch.Tensor,
                        head: torch.Tensor) -> torch.Tensor:
     """Mean pooling + ``LOGIT_SCALE * normalize(pooled) @ head.T`` (taskhead.head_logits)."""
-    m = mask.to(hidden.dtype).unsqueeze(-1)
-    pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1e-9)
-    unit = pooled / pooled.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return LOGIT_SCALE * unit @ head.T
+    return logits_from_unit(unit_embedding(hidden, mask), head)
 
 
 def _batches(tokenizer: Any, texts: list[str], max_len: int, batch_size: int,

@@ -26,7 +26,7 @@ from solar_edge.quant import quantize
 from solar_edge.records import CodecHeader, LayerRecord, RecordKind, ValueFormat
 from solar_edge.vera import carry_records, projections_for
 
-EXACT_TOLERANCE = 1e-4   # float32 carrying; float16 values are checked at 1e-2
+EXACT_TOLERANCE = {ValueFormat.FLOAT32: 1e-4, ValueFormat.FLOAT16: 1e-2}  # relative error
 
 
 def core_records(updates: Mapping[int, LayerUpdate], bases: Mapping[int, LayerBasis], r: int,
@@ -76,7 +76,7 @@ def exact_records(adapter, updates: Mapping[int, LayerUpdate],
         raise AdapterError(f"a {adapter.kind} adapter has no regenerable basis to carry it "
                            "exactly; compress it with a budget or an error bound instead")
     error = carried_error(records, updates, bases)
-    bound = EXACT_TOLERANCE if fmt == ValueFormat.FLOAT32 else 1e-2
+    bound = EXACT_TOLERANCE[fmt]
     if not error <= bound:
         raise AdapterError(f"carrying this {adapter.kind} adapter exactly leaves relative error "
                            f"{error:.3g} > {bound:g}: its frozen factors are not this bundle's "
