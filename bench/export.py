@@ -24,9 +24,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from solar_edge.devices.profiles import known_profiles, load_profile  # noqa: E402
 from solar_edge.errors import ExportError  # noqa: E402
 from solar_edge.exporters.pipeline import export_bundle  # noqa: E402
+from solar_edge.profiles.device import known_profiles, load_profile  # noqa: E402
 
 
 def _bytes_under(root: Path, prefix: str) -> int:

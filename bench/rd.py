@@ -31,7 +31,7 @@ Methods (``family`` in the JSON):
   outputs match the uncompressed adapter's on the unlabelled training texts);
 * ``rank+refit`` (``--ablation``): the rank-1/2 int4 baseline's records put through the
   same refit, to separate what the refit and the allocation each contribute;
-* ``actaware``: :mod:`solar_edge.allocate` (activation-aware fits, int2..int8, rank 0..4
+* ``actaware``: :mod:`solar_edge.encode.allocate` (activation-aware fits, int2..int8, rank 0..4
   per layer, plain or W0-basis coordinates, global allocation) at several budgets;
   ``frobenius``: the same allocator with ``G = I`` (ablation).
 * ``carry``: training-time relatives carried coefficient-only in the bundle basis
@@ -65,41 +65,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rd_eval import PatchedEvaluator  # noqa: E402
 
-from solar_edge import signing  # noqa: E402
-from solar_edge.actaware import weighted_sq_error  # noqa: E402
-from solar_edge.adapters import match_to_bundle, read_adapter  # noqa: E402
-from solar_edge.allocate import (  # noqa: E402
+from solar_edge.decode import factors_by_layer
+from solar_edge.encode.actaware import weighted_sq_error  # noqa: E402
+from solar_edge.encode.allocate import (  # noqa: E402
     Allocation,
     AllocConfig,
     allocation_for_budget,
     layer_options,
 )
-from solar_edge.basis import LayerBasis  # noqa: E402
-from solar_edge.bundle import Bundle, load_bundle  # noqa: E402
-from solar_edge.carry import core_records  # noqa: E402
-from solar_edge.codec import CodecConfig, LayerUpdate, decode_factors, encode  # noqa: E402
+from solar_edge.encode.quant import quantize  # noqa: E402
+from solar_edge.encode.solar import CodecConfig, encode
 from solar_edge.errors import BudgetError  # noqa: E402
 from solar_edge.exporters.calibration import (  # noqa: E402
     calibration_fisher,
     calibration_grams,
 )
 from solar_edge.exporters.refit import RefitConfig, refit_records  # noqa: E402
-from solar_edge.packet import (  # noqa: E402
-    PacketHeader,
-    decode_packet,
-    encode_packet,
-    fixed_overhead_bytes,
-)
-from solar_edge.prng import perturbation_columns  # noqa: E402
-from solar_edge.quant import quantize  # noqa: E402
-from solar_edge.records import (  # noqa: E402
+from solar_edge.format import signing  # noqa: E402
+from solar_edge.format.bundle import Bundle, load_bundle  # noqa: E402
+from solar_edge.format.layout import fixed_overhead_bytes
+from solar_edge.format.packet import PacketHeader
+from solar_edge.format.reader import decode_packet
+from solar_edge.format.records import (  # noqa: E402
     CodecHeader,
     LayerRecord,
     PerturbationKind,
     RecordKind,
     ValueFormat,
 )
-from solar_edge.vera import carry_records, projections_for  # noqa: E402
+from solar_edge.format.writer import encode_packet
+from solar_edge.methods.base import LayerUpdate  # noqa: E402
+from solar_edge.methods.matching import match_to_bundle
+from solar_edge.methods.peft_files import read_adapter  # noqa: E402
+from solar_edge.methods.tinylora import core_records  # noqa: E402
+from solar_edge.methods.vera import carry as vera_carry  # noqa: E402
+from solar_edge.regen.bases import LayerBasis  # noqa: E402
+from solar_edge.regen.prng import perturbation_columns  # noqa: E402
 
 MAIN_KINDS = ("lora-qv-r8", "lora-all-r16", "adalora", "vera")
 TOLERANCE = 0.005  # "within 0.5 point of the uncompressed adapter"
@@ -129,10 +130,7 @@ class PacketMaker:
                   bases: dict[int, LayerBasis]) -> tuple[int, Factors]:
         data = encode_packet(self.header, codec, records, self.key)
         packet = decode_packet(data, [self.key.public_key()])
-        proj = projections_for(packet.records)
-        factors = {r.layer_id: decode_factors(r, bases.get(r.layer_id), packet.codec, proj)
-                   for r in packet.records}
-        return len(data), factors
+        return len(data), factors_by_layer(packet.records, packet.codec, bases)
 
 
 def safetensors_bytes(path: Path, dtype: str) -> int:
@@ -425,7 +423,7 @@ class AdapterBench:
     def carry_vera(self) -> None:
         """VeRA's scaling vectors as VERA_SCALES records (projections regenerated on device)."""
         for fmt in (ValueFormat.FLOAT32, ValueFormat.FLOAT16):
-            recs = carry_records(self.adapter.vera, self.updates, fmt)
+            recs = vera_carry(self.adapter, self.updates, None, fmt)
             self.point("carry", f"vera scales {fmt.name.lower()}", lambda recs=recs: (
                 *self.maker.roundtrip(CodecHeader(seed=0), recs, {}), {}))
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from solar_edge.bundle import Bundle
-from solar_edge.taskhead import head_logits, mean_pool, task_head
+from solar_edge.format.bundle import Bundle
+from solar_edge.regen.heads import head_logits, mean_pool, task_head
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

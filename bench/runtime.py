@@ -98,10 +98,12 @@ def make_peft_adapters(work: Path, n: int = 2) -> list[Path]:
 
 
 def make_packets(bundle_dir: Path, adapters: list[Path], key, versions: int) -> list[list[bytes]]:
-    from solar_edge.adapters import match_to_bundle, read_adapter
-    from solar_edge.bundle import load_bundle
-    from solar_edge.codec import CodecConfig, encode
-    from solar_edge.packet import PacketHeader, encode_packet
+    from solar_edge.encode.solar import CodecConfig, encode
+    from solar_edge.format.bundle import load_bundle
+    from solar_edge.format.packet import PacketHeader
+    from solar_edge.format.writer import encode_packet
+    from solar_edge.methods.matching import match_to_bundle
+    from solar_edge.methods.peft_files import read_adapter
 
     bundle = load_bundle(bundle_dir)
     out = []
@@ -205,7 +207,7 @@ def rss_child(bundle_dir: str, mech: str, packet_path: str, pub_path: str) -> No
     """Subprocess: peak RSS sampled every ms during one apply."""
     import psutil
 
-    from solar_edge import signing
+    from solar_edge.format import signing
     from solar_edge.runtime.engine import EdgeRuntime
 
     proc = psutil.Process()
@@ -239,7 +241,7 @@ def bench_rss(bundle_dir: Path, mech: str, packet: bytes, pub: Path, work: Path)
 
 
 def model_sizes(bundle_dir: Path) -> dict:
-    from solar_edge.bundle import load_bundle
+    from solar_edge.format.bundle import load_bundle
 
     b = load_bundle(bundle_dir)
     adapted = sum(4 * layer.shape[0] * layer.shape[1] for layer in b.layers)
@@ -266,7 +268,7 @@ def main() -> None:
         rss_child(str(args.bundle), args.rss_child, args.packet, args.pub)
         return
 
-    from solar_edge import signing
+    from solar_edge.format import signing
 
     mechs = args.mechanisms.split(",")
     with tempfile.TemporaryDirectory(prefix="solar-edge-bench-") as tmp:

@@ -15,12 +15,12 @@ from typing import Any
 
 import click
 
-from solar_edge import signing
 from solar_edge.devices.agent import Agent, AgentConfig, RetryPolicy
-from solar_edge.devices.links import get_link, load_links
 from solar_edge.devices.repo import Expiry, root_path
 from solar_edge.devices.repo import publish as publish_packets
 from solar_edge.devices.server import RepoServer
+from solar_edge.format import signing
+from solar_edge.profiles.links import get_link, load_links
 
 
 @click.command("publish")
@@ -68,8 +68,8 @@ def serve(repo: str, host: str, port: int, link: str | None, links_file: str | N
 
 def _profile_mapping(device: str) -> dict[str, Any]:
     """The device profile as the runtime takes it (the TOML as a dict)."""
-    from solar_edge.devices.links import tomllib
-    from solar_edge.devices.profiles import PROFILES_DIR, load_profile
+    from solar_edge.profiles.device import PROFILES_DIR, load_profile
+    from solar_edge.profiles.links import tomllib
 
     load_profile(device)  # validates, raises ProfileError for unknown names
     raw = tomllib.loads((PROFILES_DIR / f"{device}.toml").read_text(encoding="utf-8"))

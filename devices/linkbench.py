@@ -29,8 +29,8 @@ from pathlib import Path
 import zstandard
 
 from solar_edge.devices.fetcher import HttpTransport
-from solar_edge.devices.links import LinkProfile, transfer_time, wire_bytes
 from solar_edge.devices.server import RepoServer
+from solar_edge.profiles.links import LinkProfile, transfer_time, wire_bytes
 
 ARTIFACTS = ("full model", "LoRA fp16", "LoRA zstd", "SOLAR packet")
 MIN_PREFIX = 1024

@@ -1,6 +1,6 @@
 """What the delivery side needs to know about a packet: adapter id, version, base, size, hash.
 
-Read from the packet itself through ``solar_edge.packet.decode_packet`` (which checks every
+Read from the packet itself through ``solar_edge.format.packet.decode_packet`` (which checks every
 field and, given trusted keys, the Ed25519 signature), so the repository metadata can never
 claim something the signed packet does not say.
 """
@@ -34,7 +34,7 @@ def _field(obj: Any, *names: str) -> Any:
 
 def read_facts(data: bytes, trusted_keys: Any = None) -> PacketFacts:
     """Decode ``data`` as a SOLAR packet (PacketError subclasses on bad input)."""
-    from solar_edge.packet import decode_packet
+    from solar_edge.format.reader import decode_packet
 
     header = decode_packet(data, trusted_keys=trusted_keys).header
     fingerprint = _field(header, "fingerprint", "bundle_fingerprint", "base_fingerprint")

@@ -1,9 +1,9 @@
 """A real HTTP server for a repository folder: Range requests and a per-connection throttle.
 
 Serves files under one root (GET and HEAD only, no listings, no path escapes). With a
-:class:`~solar_edge.devices.links.LinkProfile` of kind ``tcp`` every connection pays one
+:class:`~solar_edge.profiles.links.LinkProfile` of kind ``tcp`` every connection pays one
 round trip at accept (the TCP handshake), every response one more (request up, first byte
-down), and the response bytes are paced at :func:`~solar_edge.devices.links.goodput_bps`.
+down), and the response bytes are paced at :func:`~solar_edge.profiles.links.goodput_bps`.
 Loss is not injected: its cost is folded into the paced rate. Tests can make the server
 drop a connection after a given number of body bytes (:meth:`Faults.drop`).
 
@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from solar_edge.devices.links import LinkProfile, goodput_bps
 from solar_edge.errors import ProfileError
+from solar_edge.profiles.links import LinkProfile, goodput_bps
 
 BLOCK = 64 * 1024
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")

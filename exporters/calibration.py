@@ -3,7 +3,7 @@
 ``calibration_grams(bundle, texts, layer_ids)`` runs the pretrained encoder on ``texts``
 with forward hooks on the bundle's adaptable ``nn.Linear`` modules and returns
 ``{layer id: X^T X / tokens}`` (float64, padding tokens excluded). The activation-aware
-codec (:mod:`solar_edge.actaware`) weighs errors with these: ``|(dW - dW_hat) X^T|_F^2 =
+codec (:mod:`solar_edge.encode.actaware`) weighs errors with these: ``|(dW - dW_hat) X^T|_F^2 =
 tokens * tr(E G E^T)``.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from solar_edge.bundle import Bundle
+from solar_edge.format.bundle import Bundle
 
 
 def _tokenize(bundle: Bundle, texts: Sequence[str], max_len: int) -> dict[str, np.ndarray]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from solar_edge.devices.profiles import known_profiles, load_profile
+from solar_edge.profiles.device import known_profiles, load_profile
 
 from .progress import Progress
 

@@ -175,7 +175,7 @@ def add_variants_to_bundle(bundle_dir: str, variants: Iterable[str] = ("inputs",
     import json
     from pathlib import Path
 
-    from solar_edge.bundle import MANIFEST, compute_fingerprint, sha256_file
+    from solar_edge.format.bundle import MANIFEST, compute_fingerprint, sha256_file
 
     root = Path(bundle_dir)
     manifest = json.loads((root / MANIFEST).read_text())

@@ -12,7 +12,13 @@ from typing import Any
 
 import onnx
 
-from solar_edge.bundle import FORMAT, FORMAT_VERSION, MANIFEST, compute_fingerprint, sha256_file
+from solar_edge.format.bundle import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    compute_fingerprint,
+    sha256_file,
+)
 
 
 def layer_file_names(layer_id: int) -> dict[str, str]:

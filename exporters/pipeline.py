@@ -4,7 +4,7 @@ Steps: load the model, pick target modules, size ranks from the profile, float64
 layer, patchable ONNX graph with external base weights, check ONNX Runtime against torch,
 TFLite for TFLite profiles, tokenizer, manifest. The bundle is built in a sibling
 temporary directory and moved into place only when complete, then re-read with
-:func:`solar_edge.bundle.load_bundle` as a final check.
+:func:`solar_edge.format.bundle.load_bundle` as a final check.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from solar_edge.bundle import Bundle, load_bundle
-from solar_edge.devices.profiles import DeviceProfile, choose_ranks, load_profile
 from solar_edge.errors import ExportError
+from solar_edge.format.bundle import Bundle, load_bundle
+from solar_edge.profiles.device import DeviceProfile, choose_ranks, load_profile
 
 from . import basis as basis_mod
 from . import manifest as manifest_mod

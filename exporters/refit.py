@@ -1,6 +1,6 @@
 """Output-matching refit of a packet's quantised factors (torch, server side).
 
-The allocator (:mod:`solar_edge.allocate`) fits every layer on its own: each record is the
+The allocator (:mod:`solar_edge.encode.allocate`) fits every layer on its own: each record is the
 best it can be for *its* layer's weighted error. What a device serves is the whole model,
 and per-layer errors add up and interact. This step keeps the packet's structure fixed
 (which layers, rank, bit width, group size, plain or W0-basis coordinates: so the bytes do
@@ -26,11 +26,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from solar_edge.basis import LayerBasis
-from solar_edge.bundle import Bundle
-from solar_edge.codec import LayerUpdate, decode_factors
+from solar_edge.decode import decode_factors
 from solar_edge.errors import CodecError, ExportError
-from solar_edge.records import CodecHeader, LayerRecord, QuantizedValues, RecordKind
+from solar_edge.format.bundle import Bundle
+from solar_edge.format.records import CodecHeader, LayerRecord, QuantizedValues, RecordKind
+from solar_edge.methods.base import LayerUpdate
+from solar_edge.regen.bases import LayerBasis
 
 
 @dataclass(frozen=True)

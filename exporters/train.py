@@ -2,7 +2,7 @@
 
 The model is the pretrained MiniLM encoder (``transformers.AutoModel``); a sentence is its
 attention-masked mean of the last hidden state, and logits come from the frozen task head
-of :mod:`solar_edge.taskhead` (regenerated from ``head_seed``), computed in torch exactly as
+of :mod:`solar_edge.regen.heads` (regenerated from ``head_seed``), computed in torch exactly as
 ``head_logits`` does in numpy. Only the adapter's parameters train (cross-entropy, AdamW).
 
 An adapter directory holds what ``PeftModel.save_pretrained`` writes
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from solar_edge.exporters.tasks import Split, Task, accuracy_ci
-from solar_edge.taskhead import LOGIT_SCALE, task_head
+from solar_edge.regen.heads import LOGIT_SCALE, task_head
 
 ENCODER_LINEAR = r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)$"  # noqa: E501
 QUERY_VALUE = ["query", "value"]
@@ -298,7 +298,7 @@ def adapted_modules(peft_model: nn.Module) -> dict[str, Any]:
     """PEFT's module order (TinyLoRA assigns its vectors by it) and each module's (out, in)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from solar_edge.adapters import normalise_name
+    from solar_edge.methods.tensors import normalise_name
 
     order, shapes = [], {}
     for name, module in peft_model.named_modules():

@@ -1,4 +1,4 @@
-"""What the runtime takes from a verified bundle (``solar_edge.bundle``), in one place.
+"""What the runtime takes from a verified bundle (``solar_edge.format.bundle``), in one place.
 
 Adaptable weights become :class:`WeightSlot` entries (layer id, ONNX initializer, shape);
 base weights stay the bundle's read-only memory maps; bases are read per layer only when a
@@ -15,9 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from solar_edge.basis import LayerBasis
-from solar_edge.bundle import Bundle, load_bundle
+from solar_edge.decode import LayerDims
 from solar_edge.errors import BundleError
+from solar_edge.format.bundle import Bundle, load_bundle
+from solar_edge.profiles.device import load_profile
+from solar_edge.regen.bases import LayerBasis
 from solar_edge.runtime.patching import WeightSlot
 
 SUPPORTED_LAYOUT = "in_out"
@@ -56,6 +58,14 @@ class BundleParts:
     @property
     def root(self) -> Path:
         return self.bundle.root
+
+    def dims(self, layer_id: int) -> LayerDims | None:
+        """Shape and basis rank of a layer (None: no such layer), read from the manifest."""
+        slot = self.slots.get(layer_id)
+        if slot is None:
+            return None
+        layer = self.bundle.layer(layer_id)
+        return LayerDims(layer.out_features, layer.in_features, layer.rank)
 
     def basis(self, layer_id: int) -> LayerBasis:
         """The layer's stored basis, memory-mapped: decoding reads only the columns it uses.
@@ -116,8 +126,6 @@ def profile_dict(profile: Any, bundle: Bundle) -> dict[str, Any]:
     if profile is None:
         return bundle.profile
     if isinstance(profile, str):
-        from solar_edge.devices.profiles import load_profile  # pure TOML reader, no cycle
-
         return load_profile(profile).to_dict()
     if hasattr(profile, "to_dict"):
         return dict(profile.to_dict())

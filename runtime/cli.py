@@ -8,7 +8,7 @@ import time
 import click
 import numpy as np
 
-from solar_edge import signing
+from solar_edge.format import signing
 from solar_edge.runtime.backends_ort import MECHANISMS
 
 

@@ -1,8 +1,8 @@
 """``EdgeRuntime``: verify a packet, decode it, and swap the adapter in atomically.
 
 The flow of :meth:`EdgeRuntime.apply`: packet bytes -> signature against the trusted keys
-(``solar_edge.packet``) -> base fingerprint -> anti-rollback version -> low-rank factors per
-layer (``solar_edge.codec.decode_factors``, which regenerates only the perturbed basis
+(``solar_edge.format.packet``) -> base fingerprint -> anti-rollback version -> low-rank factors per
+layer (``solar_edge.encode.solar.decode_factors``, which regenerates only the perturbed basis
 columns the packet keeps) -> the backend stages the adapter in new buffers -> health check
 (fixed input, finite outputs) -> commit. Any failure leaves the previous adapter serving.
 
@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 
-from solar_edge import signing
 from solar_edge.errors import (
     BaseMismatchError,
     HealthCheckError,
@@ -31,11 +30,12 @@ from solar_edge.errors import (
     SolarEdgeError,
     UnknownAdapterError,
 )
-from solar_edge.packet import Packet, PacketLimits, decode_packet
-from solar_edge.records import RecordKind
+from solar_edge.format import signing
+from solar_edge.format.packet import Packet, PacketLimits
+from solar_edge.format.reader import decode_packet
+from solar_edge.regen.heads import head_logits, mean_pool, task_head
 from solar_edge.runtime.bundle_parts import BundleParts, open_bundle
 from solar_edge.runtime.patching import Factors, check_factors, factors_nbytes
-from solar_edge.taskhead import head_logits, mean_pool, task_head
 
 HEALTH_TEXT = "solar-edge health check: the quick brown fox jumps over the lazy dog."
 
@@ -209,25 +209,15 @@ class EdgeRuntime:
                 field="header.adapter_version")
 
     def _decode(self, packet: Packet) -> _Cached:
-        from solar_edge.codec import decode_factors
-        from solar_edge.vera import projections_for
+        from solar_edge.decode import decode_records
 
-        factors: dict[int, Factors] = {}
         try:
-            projections = projections_for(packet.records)
+            decoded = decode_records(packet.records, packet.codec, self.bundle.dims,
+                                     self.bundle.basis)
         except SolarEdgeError as exc:
-            raise RuntimeApplyError(f"cannot regenerate VeRA projections: {exc}") from exc
-        for rec in packet.records:
-            slot = self.bundle.slots.get(rec.layer_id)
-            if slot is None:
-                raise RuntimeApplyError(f"packet names layer {rec.layer_id}, not in the bundle")
-            no_basis = rec.kind in (RecordKind.DENSE_FACTORS, RecordKind.VERA_SCALES)
-            basis = None if no_basis else self.bundle.basis(rec.layer_id)
-            try:
-                pair = decode_factors(rec, basis, packet.codec, projections)
-            except SolarEdgeError as exc:
-                raise RuntimeApplyError(f"layer {rec.layer_id}: cannot decode: {exc}") from exc
-            factors[rec.layer_id] = check_factors(rec.layer_id, slot.shape, pair)
+            raise RuntimeApplyError(f"cannot decode the packet: {exc}") from exc
+        factors = {lid: check_factors(lid, self.bundle.slots[lid].shape, pair)
+                   for lid, pair in decoded.items()}
         meta = dict(packet.header.metadata)
         head = None
         if meta.get("labels") and "head_seed" in meta:

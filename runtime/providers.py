@@ -1,6 +1,6 @@
 """Execution-provider choice per device profile (onnxruntime), apart from session code.
 
-A device profile (``devices/profiles/*.toml``) lists ``execution_providers`` in order of
+A device profile (``solar_edge/profiles/devices/*.toml``) lists ``execution_providers`` in order of
 preference, e.g. TensorRT, CUDA, CPU on a Jetson. The runtime keeps those this onnxruntime
 build offers, in that order, and always ends with the CPU provider, so a board without the
 GPU build still serves. Names that are not onnxruntime providers (``XNNPACK`` in a TFLite

@@ -57,9 +57,9 @@ def human_seconds(s: float) -> str:
 
 
 def export(out: Path, profile: str) -> Path:
-    from solar_edge.bundle import load_bundle
     from solar_edge.exporters.pipeline import export_bundle
     from solar_edge.exporters.progress import Progress
+    from solar_edge.format.bundle import load_bundle
 
     bundle_dir = out / "bundle"
     if bundle_dir.exists():
@@ -101,7 +101,7 @@ def train(out: Path, steps: int, max_test: int) -> dict[str, Path]:
 def compress(adapter_dir: Path, bundle, key, version: int, budget: int,
              refit_steps: int) -> tuple[bytes, dict]:
     """The compress pipeline of ``solar-edge compress --metric fisher --refit N``."""
-    from solar_edge.compress import CompressOptions, compress_adapter
+    from solar_edge.exporters.compress import CompressOptions, compress_adapter
 
     task = json.loads((adapter_dir / "task.json").read_text())
     options = CompressOptions(budget=budget, metric="fisher", calib=128,
@@ -145,13 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fresh", action="store_true", help="rebuild every artifact")
     args = ap.parse_args(argv)
 
-    from solar_edge import signing
-    from solar_edge.bundle import load_bundle
     from solar_edge.devices.cli import build_runtime_agent
-    from solar_edge.devices.links import load_links, transfer_time
     from solar_edge.devices.repo import Repository, root_path, signer_from_key
     from solar_edge.devices.server import RepoServer
     from solar_edge.exporters.tasks import load_task
+    from solar_edge.format import signing
+    from solar_edge.format.bundle import load_bundle
+    from solar_edge.profiles.links import load_links, transfer_time
 
     out = Path(args.out)
     if args.fresh and out.exists():

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from solar_edge import signing
-from solar_edge.packet import PacketHeader, encode_packet
-from solar_edge.records import (
+from solar_edge.format import signing
+from solar_edge.format.packet import PacketHeader
+from solar_edge.format.records import (
     CodecHeader,
     LayerRecord,
     PerturbationKind,
@@ -29,6 +29,7 @@ from solar_edge.records import (
     RecordKind,
     ValueFormat,
 )
+from solar_edge.format.writer import encode_packet
 
 GOLDEN_DIR = Path(__file__).resolve().parents[1] / "solar_edge" / "golden"
 PACKET = GOLDEN_DIR / "golden.slr"

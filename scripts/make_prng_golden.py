@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from solar_edge.prng import perturbation_columns, random_words
-from solar_edge.records import PerturbationKind
+from solar_edge.format.records import PerturbationKind
+from solar_edge.regen.prng import perturbation_columns, random_words
 
 GOLDEN = Path(__file__).resolve().parents[1] / "solar_edge" / "golden" / "prng_vectors.json"
 

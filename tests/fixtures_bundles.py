@@ -3,7 +3,7 @@
 ``minilm_bundle`` (session scope) -> ``pathlib.Path`` of a verified bundle directory:
 the real all-MiniLM-L6-v2 exported for the ``x86-64`` profile (float32, full-rank bases
 R = 384, ONNX Runtime backend, no TFLite), all 36 encoder Linear layers adaptable, with
-``tokenizer/``. Open it with ``solar_edge.bundle.load_bundle(path)``. It is shared by
+``tokenizer/``. Open it with ``solar_edge.format.bundle.load_bundle(path)``. It is shared by
 every test of the session: do not modify it; copy it (``shutil.copytree``) first.
 About 30 s on two cores (model load, 36 SVDs, TorchScript ONNX export).
 

@@ -13,10 +13,10 @@ from ota_doubles import InMemoryApplier, double_facts, make_test_packet
 
 from solar_edge.devices.agent import Agent, AgentConfig, RetryPolicy
 from solar_edge.devices.fetcher import DownloadPolicy, HttpTransport
-from solar_edge.devices.links import LinkProfile
 from solar_edge.devices.packetinfo import FactsReader
 from solar_edge.devices.repo import Repository, root_path, signer_from_key
 from solar_edge.devices.server import RepoServer
+from solar_edge.profiles.links import LinkProfile
 
 
 class Rig:

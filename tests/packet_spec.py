@@ -1,8 +1,8 @@
 """A second, deliberately naive writer of packet format v1, written from docs/packet-format.md.
 
-Tests use it to check that solar_edge.packet matches the spec byte for byte (the golden
+Tests use it to check that solar_edge.format.packet matches the spec byte for byte (the golden
 packet is rebuilt here field by field) and to forge hostile packets one field at a time.
-It shares no code with solar_edge.packet or solar_edge.bitpack.
+It shares no code with solar_edge.format.packet or solar_edge.format.bitpack.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Reading PEFT adapters: dW from solar_edge.adapters equals what PEFT itself merges."""
+"""Reading PEFT adapters: dW from solar_edge.methods.peft_files equals what PEFT itself merges."""
 
 from __future__ import annotations
 
@@ -10,16 +10,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from solar_edge.adapters import (
-    Adapter,
-    bert_module_order,
-    match_to_bundle,
-    normalise_name,
-    read_adapter,
-    updates_from_tensors,
-)
-from solar_edge.codec import LayerUpdate
 from solar_edge.errors import AdapterError
+from solar_edge.methods.base import Adapter, LayerUpdate
+from solar_edge.methods.matching import match_to_bundle
+from solar_edge.methods.peft_files import adapter_from_tensors, read_adapter
+from solar_edge.methods.tensors import normalise_name
+from solar_edge.methods.tinylora import bert_module_order
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -150,7 +146,7 @@ def _lora_tensors(prefix: str = "base_model.model.bert.", r: int = 2) -> dict[st
 
 def test_names_are_normalised_and_scaling_folded():
     tensors = _lora_tensors()
-    updates = updates_from_tensors("LORA", {"r": 2, "lora_alpha": 6}, tensors)
+    updates = adapter_from_tensors("LORA", {"r": 2, "lora_alpha": 6}, tensors).updates
     (name, update), = updates.items()
     assert name == "encoder.layer.0.attention.self.query"
     B = tensors["base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight"]
@@ -173,7 +169,7 @@ def test_names_are_normalised_and_scaling_folded():
 ])
 def test_bad_adapters_raise_adapter_error(peft_type, config, tensors, message):
     with pytest.raises(AdapterError, match=message):
-        updates_from_tensors(peft_type, config, tensors)
+        adapter_from_tensors(peft_type, config, tensors)
 
 
 def test_shape_mismatch_raises():
@@ -181,7 +177,7 @@ def test_shape_mismatch_raises():
     key = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight"
     tensors[key] = np.zeros((5, 3), np.float32)
     with pytest.raises(AdapterError, match="rank|shape"):
-        updates_from_tensors("LORA", {"r": 2, "lora_alpha": 2}, tensors)
+        adapter_from_tensors("LORA", {"r": 2, "lora_alpha": 2}, tensors)
 
 
 def test_read_adapter_file_errors(tmp_path):

@@ -14,7 +14,6 @@ from ota_rig import Rig
 
 from solar_edge.devices.agent import Agent, RetryPolicy
 from solar_edge.devices.fetcher import DownloadPolicy, MemoryTransport
-from solar_edge.devices.links import LinkProfile
 from solar_edge.devices.repo import Expiry
 from solar_edge.errors import (
     BaseMismatchError,
@@ -27,6 +26,7 @@ from solar_edge.errors import (
     RollbackError,
     SignatureError,
 )
+from solar_edge.profiles.links import LinkProfile
 
 
 @pytest.fixture()

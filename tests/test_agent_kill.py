@@ -21,7 +21,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from ota_rig import Rig
 
-from solar_edge.devices.links import LinkProfile
+from solar_edge.profiles.links import LinkProfile
 
 PROC = Path(__file__).with_name("ota_agent_proc.py")
 OLD, NEW = [2.0], [3.0]

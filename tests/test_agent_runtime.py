@@ -17,11 +17,11 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from ota_rig import Rig
 
-from solar_edge import signing
 from solar_edge.devices.applier import RuntimeApplier
-from solar_edge.devices.links import LinkProfile
 from solar_edge.devices.packetinfo import read_facts
 from solar_edge.errors import BaseMismatchError, RollbackError, SignatureError
+from solar_edge.format import signing
+from solar_edge.profiles.links import LinkProfile
 
 pytestmark = pytest.mark.slow
 PROC = Path(__file__).with_name("ota_agent_proc.py")
@@ -30,8 +30,10 @@ LINK = LinkProfile("rt-kill", "tcp", rate_bps=400_000, latency_s=0.01, loss=0.0,
 
 
 def _packet(bundle, key, adapter_id, version, seed, fingerprint=None):
-    from solar_edge.codec import CodecConfig, LayerUpdate, encode
-    from solar_edge.packet import PacketHeader, encode_packet
+    from solar_edge.encode.solar import CodecConfig, encode
+    from solar_edge.format.packet import PacketHeader
+    from solar_edge.format.writer import encode_packet
+    from solar_edge.methods.base import LayerUpdate
 
     rng = np.random.default_rng(seed)
     updates = {}
@@ -50,7 +52,7 @@ def _packet(bundle, key, adapter_id, version, seed, fingerprint=None):
 @pytest.fixture(scope="module")
 def world(minilm_bundle, tmp_path_factory):
     """Packets v1/v2 of one adapter, and the outputs a directly patched runtime gives."""
-    from solar_edge.bundle import load_bundle
+    from solar_edge.format.bundle import load_bundle
     from solar_edge.runtime.engine import EdgeRuntime
 
     bundle = load_bundle(minilm_bundle)

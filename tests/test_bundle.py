@@ -10,8 +10,8 @@ import numpy as np
 import onnx
 import pytest
 
-from solar_edge.bundle import MANIFEST, compute_fingerprint, load_bundle
 from solar_edge.errors import BundleError, BundleIntegrityError
+from solar_edge.format.bundle import MANIFEST, compute_fingerprint, load_bundle
 
 
 def _rewrite_manifest(root, edit, reseal=True):
@@ -125,7 +125,7 @@ def test_layer_ids_must_be_positions(tiny_bundle):
 
 
 def test_reader_does_not_import_torch(tiny_bundle):
-    code = ("import sys; from solar_edge.bundle import load_bundle; "
+    code = ("import sys; from solar_edge.format.bundle import load_bundle; "
             f"b = load_bundle({str(tiny_bundle)!r}); b.basis(0); b.base_weight(0); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from solar_edge import signing
-from solar_edge.adapters import match_to_bundle, read_adapter
-from solar_edge.bundle import load_bundle
-from solar_edge.carry import carried_error, exact_records
 from solar_edge.cli import cli
+from solar_edge.encode.carry import carried_error, exact_records
 from solar_edge.errors import AdapterError
-from solar_edge.packet import decode_packet
-from solar_edge.records import RecordKind, ValueFormat
+from solar_edge.format import signing
+from solar_edge.format.bundle import load_bundle
+from solar_edge.format.reader import decode_packet
+from solar_edge.format.records import RecordKind, ValueFormat
+from solar_edge.methods.matching import match_to_bundle
+from solar_edge.methods.peft_files import read_adapter
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,9 @@ def test_exact_packets_reproduce_the_adapter(vera_adapter_dir: Path, tinylora_di
         assert {r.layer_id for r in packet.records} == set(updates)
         bases = {lid: bundle.layer_basis(lid) for lid in updates}
         error = carried_error(packet.records, updates, bases)
-        assert error < (1e-5 if values == "float32" else 2e-3)
+        # float32: PEFT's frozen TinyLoRA factors come from torch's float32 SVD, the bundle's
+        # basis from a float64 SVD rounded to float32; the two differ by ~1e-5 relative
+        assert error < (5e-5 if values == "float32" else 2e-3)
     small = (tmp_path / "tinylora.slr").stat().st_size
     assert small < 36 * (30 + 4 * 4) + 400  # 36 layers of 2x2 cores, nothing else
 
@@ -77,7 +80,7 @@ def test_adapters_without_a_regenerable_basis_are_refused(lora_adapter_dir: Path
     adapter = read_adapter(tinylora_dir)
     updates = match_to_bundle(adapter.updates, bundle.layers)
     rng = np.random.default_rng(0)
-    from solar_edge.basis import LayerBasis
+    from solar_edge.regen.bases import LayerBasis
 
     wrong = {lid: LayerBasis(lid, *(np.linalg.qr(rng.standard_normal((d, d)))[0]
                                     .astype(np.float32) for d in (384, 384)))

@@ -10,8 +10,8 @@ from importlib import resources
 
 from click.testing import CliRunner
 
-from solar_edge import signing
 from solar_edge.cli import cli
+from solar_edge.format import signing
 
 GOLDEN = resources.files("solar_edge") / "golden"
 GOLDEN_PACKET = str(GOLDEN / "golden.slr")

@@ -1,4 +1,5 @@
-"""Codec and quantisation: exactness, budgets, bit-identical decode, cost-proportional decode."""
+"""Codec and quantisation: exactness, budgets against written bytes, fresh-process decode,
+cost-proportional decode."""
 
 from __future__ import annotations
 
@@ -6,29 +7,24 @@ import dataclasses
 
 import numpy as np
 import pytest
+from fresh_process import decode_in_fresh_process
 
-import solar_edge.basis as basis_mod
-from solar_edge.basis import LayerBasis, perturbed_columns
-from solar_edge.codec import (
+import solar_edge.regen.bases as basis_mod
+from solar_edge.decode import decode_factors
+from solar_edge.encode.quant import qmax, quantize
+from solar_edge.encode.solar import CodecConfig, encode
+from solar_edge.errors import BudgetError, CodecError, InvalidFieldError
+from solar_edge.format import signing
+from solar_edge.format.bitpack import pack_codes, unpack_codes
+from solar_edge.format.layout import (
     LAYER_ENTRY_BYTES,
-    CodecConfig,
-    LayerUpdate,
-    decode_factors,
-    encode,
-    record_nbytes,
-)
-from solar_edge.errors import BudgetError, CodecError
-from solar_edge.prng import perturbation_columns
-from solar_edge.quant import (
-    pack_codes,
+    fixed_overhead_bytes,
     positions_nbytes,
-    qmax,
-    quantize,
-    quantized_nbytes,
-    unpack_codes,
     values_nbytes,
 )
-from solar_edge.records import (
+from solar_edge.format.packet import PacketHeader
+from solar_edge.format.reader import decode_packet
+from solar_edge.format.records import (
     CodecHeader,
     LayerRecord,
     PerturbationKind,
@@ -36,8 +32,13 @@ from solar_edge.records import (
     RecordKind,
     ValueFormat,
 )
+from solar_edge.format.writer import encode_packet
+from solar_edge.methods.base import LayerUpdate
+from solar_edge.regen.bases import LayerBasis, perturbed_columns
+from solar_edge.regen.prng import perturbation_columns
 
 REPS = ["sparse_core", "factored_core", "dense_factors", "auto"]
+KEY = signing.generate_private_key()
 
 
 def make_layer(rng, lid, out, inn, r, rank=None, full=False):
@@ -142,17 +143,19 @@ def _copy_record(rec: LayerRecord) -> LayerRecord:
 
 @pytest.mark.parametrize("rep", REPS)
 @pytest.mark.parametrize("fmt", [ValueFormat.INT3, ValueFormat.INT8, ValueFormat.FLOAT16])
-def test_decode_is_bit_identical_to_encoder_reconstruction(rep, fmt):
+def test_a_fresh_process_decodes_what_the_encoder_kept(rep, fmt, tmp_path):
+    """Written, read back and decoded by another interpreter: the same float32 factors."""
     ups, bases = make_model(seed=3)
     cfg = CodecConfig(seed=2**63 + 5, epsilon=0.03, value_format=fmt, group_size=16,
                       representation=rep, budget_bytes=1500, variants=3)
     res = encode(ups, bases, cfg)
-    header = CodecHeader(seed=res.header.seed, prng=res.header.prng,
-                         perturbation=res.header.perturbation)
     assert res.records
-    for rec in res.records:
-        lf, rt = decode_factors(_copy_record(rec), bases[rec.layer_id], header)
-        elf, ert = res.reconstructions[rec.layer_id]
+    data = encode_packet(PacketHeader(bytes(32), "codec-test", 1, {}), res.header, res.records,
+                         signing.generate_private_key())
+    got = decode_in_fresh_process(data, bases, tmp_path)
+    assert sorted(got) == sorted(r.layer_id for r in res.records)
+    for lid, (lf, rt) in got.items():
+        elf, ert = res.reconstructions[lid]
         assert lf.dtype == rt.dtype == np.float32
         assert np.array_equal(lf, elf) and np.array_equal(rt, ert)
 
@@ -172,9 +175,11 @@ def test_budget_is_never_exceeded(rep):
         except BudgetError:
             assert budget < 120 + LAYER_ENTRY_BYTES + 64  # only when nothing at all fits
             continue
-        sizes = [record_nbytes(r) for r in res.records]
-        assert sum(sizes) + 120 == res.total_bytes <= budget
-        assert sizes == [res.layer_bytes[r.layer_id] for r in res.records]
+        assert res.total_bytes <= budget
+        # the encoder's accounting against the bytes a real packet takes
+        data = encode_packet(PacketHeader(bytes(32), "b", 1, {}), res.header, res.records,
+                             KEY, compress=False)
+        assert len(data) - fixed_overhead_bytes("b", {}) + 120 == res.total_bytes
         errors.append(float(np.mean(list(res.predicted_error.values()))))
     assert len(errors) > 15
     assert errors[-1] < 0.5 * errors[0]
@@ -391,8 +396,10 @@ def test_integer_quantisation_bounds_and_sizes(fmt, group_size):
     assert np.all(np.abs(qv.dequantize() - x) <= step / 2 * (1 + 1e-6) + 1e-12)
     packed = pack_codes(qv.codes, fmt.bits)
     assert np.array_equal(unpack_codes(packed, fmt.bits, qv.count), qv.codes)
-    assert quantized_nbytes(qv) == len(packed) + 2 * qv.scales.size
-    assert quantized_nbytes(qv) == values_nbytes(fmt, 301, group_size)
+    n_codes = (301 * fmt.bits + 7) // 8
+    n_scales = (301 + group_size - 1) // group_size
+    assert len(packed) == n_codes and qv.scales.size == n_scales
+    assert values_nbytes(fmt, 301, group_size) == n_codes + 2 * n_scales
 
 
 def test_pack_codes_bit_order_is_lsb_first_offset_binary():
@@ -404,9 +411,9 @@ def test_pack_codes_bit_order_is_lsb_first_offset_binary():
 def test_float_formats_and_their_sizes():
     x = np.array([1.5, -2.25, 3e-3], np.float32)
     assert np.array_equal(quantize(x, ValueFormat.FLOAT32).dequantize(), x)
-    assert quantized_nbytes(quantize(x, ValueFormat.FLOAT32)) == 12
+    assert values_nbytes(ValueFormat.FLOAT32, 3) == 12
     f16 = quantize(x, ValueFormat.FLOAT16)
-    assert quantized_nbytes(f16) == 6
+    assert values_nbytes(ValueFormat.FLOAT16, 3) == 6
     assert np.array_equal(f16.dequantize(), x.astype(np.float16).astype(np.float32))
     with pytest.raises(CodecError):
         quantize(np.array([1e6], np.float32), ValueFormat.FLOAT16)
@@ -421,8 +428,10 @@ def test_positions_nbytes_matches_leb128():
         deltas = np.diff(pos, prepend=0).tolist()
         assert positions_nbytes(pos) == len(_leb128(deltas))
     assert positions_nbytes(np.array([0, 127, 128, 16384 + 128])) == 1 + 1 + 1 + 3
-    with pytest.raises(CodecError):
-        positions_nbytes(np.array([3, 3]))
+    bad = LayerRecord(0, RecordKind.SPARSE_CORE, 4, 4, 0, quantize(np.ones(2), ValueFormat.INT8),
+                      positions=np.array([3, 3], np.uint32))
+    with pytest.raises(InvalidFieldError, match="strictly increasing"):
+        encode_packet(PacketHeader(bytes(32), "b", 1, {}), CodecHeader(seed=0), [bad], KEY)
 
 
 # --- with the real packet format -----------------------------------------------------------
@@ -430,23 +439,18 @@ def test_positions_nbytes_matches_leb128():
 
 @pytest.mark.parametrize("rep", REPS)
 def test_packet_round_trip_is_bit_identical_and_within_budget(rep):
-    from solar_edge import packet, signing
-
     ups, bases = make_model(seed=21, full=True)
-    header = packet.PacketHeader(fingerprint=bytes(range(32)), adapter_id="codec-test",
-                                 adapter_version=3, metadata={"task": "unit"})
-    overhead = packet.fixed_overhead_bytes(header.adapter_id, header.metadata)
+    header = PacketHeader(fingerprint=bytes(range(32)), adapter_id="codec-test",
+                          adapter_version=3, metadata={"task": "unit"})
+    overhead = fixed_overhead_bytes(header.adapter_id, header.metadata)
     budget = overhead + 1700
     cfg = CodecConfig(seed=2**40 + 1, epsilon=0.05, perturbation=PerturbationKind.UNIFORM,
                       value_format=ValueFormat.INT5, group_size=32, representation=rep,
                       budget_bytes=budget, overhead_bytes=overhead, variants=2)
     res = encode(ups, bases, cfg)
-    key = signing.generate_private_key()
-    data = packet.encode_packet(header, res.header, res.records, key, compress=False)
+    data = encode_packet(header, res.header, res.records, KEY, compress=False)
     assert len(data) == res.total_bytes <= budget
-    assert [packet.record_nbytes(r) for r in res.records] == [record_nbytes(r)
-                                                              for r in res.records]
-    back = packet.decode_packet(data, trusted_keys=[key.public_key()])
+    back = decode_packet(data, trusted_keys=[KEY.public_key()])
     assert back.codec == res.header
     for rec in back.records:
         lf, rt = decode_factors(rec, bases[rec.layer_id], back.codec)

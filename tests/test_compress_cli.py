@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from solar_edge import signing
-from solar_edge.adapters import match_to_bundle, read_adapter
-from solar_edge.bundle import load_bundle
 from solar_edge.cli import cli
-from solar_edge.codec import decode_factors
-from solar_edge.packet import decode_packet
+from solar_edge.decode import decode_factors
+from solar_edge.format import signing
+from solar_edge.format.bundle import load_bundle
+from solar_edge.format.reader import decode_packet
+from solar_edge.methods.matching import match_to_bundle
+from solar_edge.methods.peft_files import read_adapter
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +117,8 @@ def test_without_key_writes_the_public_half(minilm_bundle: Path, lora_adapter_di
                                     {"budget": 10, "metric": "l1"},
                                     {"max_error": 0.1, "refit_steps": 5}])
 def test_compress_options_refuse_inconsistent_settings(kwargs: dict) -> None:
-    from solar_edge.compress import CompressOptions
     from solar_edge.errors import CodecError
+    from solar_edge.exporters.compress import CompressOptions
 
     with pytest.raises(CodecError):
         CompressOptions(**kwargs)
@@ -129,8 +130,8 @@ def test_refit_without_a_task_name_is_a_calibration_error(minilm_bundle: Path,
     import json
     import shutil
 
-    from solar_edge.compress import CompressOptions, compress_adapter
     from solar_edge.errors import CalibrationError
+    from solar_edge.exporters.compress import CompressOptions, compress_adapter
 
     adir = tmp_path / "a"
     shutil.copytree(lora_adapter_dir, adir)

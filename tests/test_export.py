@@ -16,15 +16,15 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModel, AutoTokenizer
 
-from solar_edge.bundle import load_bundle
 from solar_edge.cli import cli
-from solar_edge.devices.profiles import choose_ranks, load_profile
 from solar_edge.errors import ExportError, ProfileError
 from solar_edge.exporters import examples
 from solar_edge.exporters.basis import reconstruct
 from solar_edge.exporters.models import select_targets
 from solar_edge.exporters.pipeline import export_bundle
 from solar_edge.exporters.tflite_export import converter_available
+from solar_edge.format.bundle import load_bundle
+from solar_edge.profiles.device import choose_ranks, load_profile
 
 SENTENCES = [
     "The firmware update finished without errors.",

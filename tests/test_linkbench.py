@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from solar_edge.devices.cli import linkbench
 from solar_edge.devices.linkbench import prefix_for, run_linkbench
-from solar_edge.devices.links import LinkProfile, get_link
+from solar_edge.profiles.links import LinkProfile, get_link
 
 
 def test_measured_times_follow_the_link_model(tmp_path):

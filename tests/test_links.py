@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from solar_edge.devices.links import (
+from solar_edge.errors import ProfileError
+from solar_edge.profiles.links import (
     HTTP_RESPONSE_HEADER,
     LinkProfile,
     get_link,
@@ -17,7 +18,6 @@ from solar_edge.devices.links import (
     transfer_time,
     wire_bytes,
 )
-from solar_edge.errors import ProfileError
 
 
 def test_packaged_profiles_cover_the_required_links():

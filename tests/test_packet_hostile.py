@@ -17,7 +17,6 @@ import pytest
 import zstandard
 from packet_spec import RawPacket, f16, golden_key, leb128
 
-from solar_edge import signing
 from solar_edge.errors import (
     BadMagicError,
     InvalidFieldError,
@@ -28,7 +27,9 @@ from solar_edge.errors import (
     TruncatedPacketError,
     UnsupportedVersionError,
 )
-from solar_edge.packet import PacketLimits, decode_packet
+from solar_edge.format import signing
+from solar_edge.format.packet import PacketLimits
+from solar_edge.format.reader import decode_packet
 
 KEY = golden_key()
 TRUSTED = [KEY.public_key()]

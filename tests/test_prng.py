@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from solar_edge.prng import (
+from solar_edge.format.records import PerturbationKind
+from solar_edge.regen.prng import (
     perturbation_columns,
     philox4x32,
     random_words,
     words_to_perturbation,
 )
-from solar_edge.records import PerturbationKind
 
 GOLDEN = Path(__file__).resolve().parents[1] / "solar_edge" / "golden" / "prng_vectors.json"
 

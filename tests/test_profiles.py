@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from solar_edge.devices.profiles import (
+from solar_edge.errors import ProfileError
+from solar_edge.profiles.device import (
     BASIS_DTYPES,
     basis_bytes,
     choose_ranks,
@@ -12,7 +13,6 @@ from solar_edge.devices.profiles import (
     load_profile,
     profile_from_dict,
 )
-from solar_edge.errors import ProfileError
 
 REQUIRED = ("rpi4", "rpi5", "jetson-orin-nano", "x86-64")
 # MiniLM-L6: per layer q, k, v, attention.output (384x384), intermediate (1536x384),

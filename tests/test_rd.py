@@ -1,4 +1,4 @@
-"""Activation-aware fits and global byte allocation (solar_edge.actaware, solar_edge.allocate).
+"""Activation-aware fits and global byte allocation (solar_edge.encode.actaware, .allocate).
 
 Pure numeric tests on seeded low-rank updates with anisotropic input Grams; every size is
 checked against the real packet writer and every error against a dense recomputation.
@@ -9,32 +9,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from solar_edge import signing
-from solar_edge.actaware import (
-    Whitener,
-    mse_quantize,
-    quantized_fit,
-    weighted_sq_error,
-    whitened_factors,
-)
-from solar_edge.allocate import (
+from solar_edge.decode import decode_factors
+from solar_edge.encode.actaware import Whitener, quantized_fit, weighted_sq_error, whitened_factors
+from solar_edge.encode.allocate import (
     AllocConfig,
     allocation_for_budget,
     allocation_for_error,
     layer_options,
 )
-from solar_edge.basis import LayerBasis
-from solar_edge.codec import LayerUpdate, decode_factors
+from solar_edge.encode.quant import mse_quantize, quantize
 from solar_edge.errors import BudgetError
-from solar_edge.packet import (
-    PacketHeader,
-    decode_packet,
-    encode_packet,
-    fixed_overhead_bytes,
-    record_nbytes,
-)
-from solar_edge.quant import quantize
-from solar_edge.records import CodecHeader, RecordKind, ValueFormat
+from solar_edge.format import signing
+from solar_edge.format.layout import fixed_overhead_bytes, record_nbytes
+from solar_edge.format.packet import PacketHeader
+from solar_edge.format.reader import decode_packet
+from solar_edge.format.records import CodecHeader, RecordKind, ValueFormat
+from solar_edge.format.writer import encode_packet
+from solar_edge.methods.base import LayerUpdate
+from solar_edge.regen.bases import LayerBasis
 
 SHAPES = [(48, 32), (32, 48), (40, 40), (64, 32)]
 KEY = signing.generate_private_key()

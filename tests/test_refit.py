@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from solar_edge import signing
-from solar_edge.actaware import mse_quantize
-from solar_edge.basis import LayerBasis
-from solar_edge.codec import decode_factors, record_nbytes
+from solar_edge.decode import decode_factors
+from solar_edge.encode.quant import mse_quantize
 from solar_edge.errors import CodecError, ExportError
-from solar_edge.records import CodecHeader, LayerRecord, RecordKind, ValueFormat
+from solar_edge.format import signing
+from solar_edge.format.layout import record_nbytes
+from solar_edge.format.records import CodecHeader, LayerRecord, RecordKind, ValueFormat
+from solar_edge.regen.bases import LayerBasis
 
 torch = pytest.importorskip("torch")
 refit = pytest.importorskip("solar_edge.exporters.refit")
@@ -69,10 +70,11 @@ def test_bad_settings_are_refused() -> None:
 
 @pytest.fixture(scope="module")
 def allocated(minilm_bundle: Path, lora_adapter_dir: Path):
-    from solar_edge.adapters import match_to_bundle, read_adapter
-    from solar_edge.allocate import AllocConfig, encode_adapter
-    from solar_edge.bundle import load_bundle
+    from solar_edge.encode.allocate import AllocConfig, encode_adapter
     from solar_edge.exporters.tasks import load_task
+    from solar_edge.format.bundle import load_bundle
+    from solar_edge.methods.matching import match_to_bundle
+    from solar_edge.methods.peft_files import read_adapter
 
     bundle = load_bundle(minilm_bundle)
     adapter = read_adapter(lora_adapter_dir)
@@ -123,7 +125,7 @@ def test_compress_with_refit_writes_a_packet_within_budget(minilm_bundle: Path,
                                                           lora_adapter_dir: Path,
                                                           tmp_path: Path) -> None:
     from solar_edge.cli import cli
-    from solar_edge.packet import decode_packet
+    from solar_edge.format.reader import decode_packet
 
     out = tmp_path / "r.slr"
     result = CliRunner().invoke(cli, [

@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from solar_edge import signing
-from solar_edge.bundle import compute_fingerprint, load_bundle, sha256_file
-from solar_edge.codec import CodecConfig, LayerUpdate, decode_factors, encode
+from solar_edge.decode import decode_factors
+from solar_edge.encode.solar import CodecConfig, encode
 from solar_edge.errors import (
     BaseMismatchError,
     HealthCheckError,
@@ -27,9 +26,13 @@ from solar_edge.errors import (
     SignatureError,
     UnknownAdapterError,
 )
-from solar_edge.packet import PacketHeader, encode_packet
-from solar_edge.records import ValueFormat
-from solar_edge.taskhead import head_logits, mean_pool, task_head
+from solar_edge.format import signing
+from solar_edge.format.bundle import compute_fingerprint, load_bundle, sha256_file
+from solar_edge.format.packet import PacketHeader
+from solar_edge.format.records import ValueFormat
+from solar_edge.format.writer import encode_packet
+from solar_edge.methods.base import LayerUpdate
+from solar_edge.regen.heads import head_logits, mean_pool, task_head
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
@@ -399,7 +402,8 @@ def test_lossless_packet_equals_peft_merge_and_unload(bundle_dir, bundle, key, h
     """FLOAT32 values, full-rank basis, eps=0: the runtime serves PEFT's merged model."""
     from peft import PeftModel
 
-    from solar_edge.adapters import match_to_bundle, read_adapter
+    from solar_edge.methods.matching import match_to_bundle
+    from solar_edge.methods.peft_files import read_adapter
 
     adapter = read_adapter(lora_adapter_dir)
     updates = match_to_bundle(adapter.updates, bundle.manifest["layers"])
@@ -420,14 +424,16 @@ def test_vera_packet_serves_peft_merged_model(bundle_dir, bundle, key, hf_model,
     """VERA_SCALES records: the device regenerates PEFT's projections from the key alone."""
     from peft import PeftModel
 
-    from solar_edge.adapters import match_to_bundle, read_adapter
-    from solar_edge.packet import PacketHeader, encode_packet
-    from solar_edge.records import CodecHeader
-    from solar_edge.vera import carry_records
+    from solar_edge.format.packet import PacketHeader
+    from solar_edge.format.records import CodecHeader
+    from solar_edge.format.writer import encode_packet
+    from solar_edge.methods.matching import match_to_bundle
+    from solar_edge.methods.peft_files import read_adapter
+    from solar_edge.methods.vera import carry
 
     adapter = read_adapter(vera_adapter_dir)
     updates = match_to_bundle(adapter.updates, bundle.manifest["layers"])
-    records = carry_records(adapter.vera, updates)
+    records = carry(adapter, updates, None)
     pkt = encode_packet(PacketHeader(bundle.fingerprint, "vera", 1, {}), CodecHeader(seed=0),
                         records, key)
     rt = EdgeRuntime(bundle_dir, [key.public_key()])

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from solar_edge.devices.profiles import load_profile
 from solar_edge.errors import ProfileError
+from solar_edge.profiles.device import load_profile
 from solar_edge.runtime.backends import default_mechanism
 from solar_edge.runtime.providers import CPU, CUDA, TENSORRT, select_providers
 

@@ -203,10 +203,12 @@ def test_attention_scale_fold_patches_weight_and_bias(folded_model):
 def test_minilm_tflite_bundle_serves_like_onnx_after_apply(tmp_path):
     """Real MiniLM for the rpi4 profile (needs the ``convert`` extra: litert-torch)."""
     pytest.importorskip("litert_torch")
-    from solar_edge import signing
-    from solar_edge.codec import CodecConfig, LayerUpdate, encode
+    from solar_edge.encode.solar import CodecConfig, encode
     from solar_edge.exporters.pipeline import export_bundle
-    from solar_edge.packet import PacketHeader, encode_packet
+    from solar_edge.format import signing
+    from solar_edge.format.packet import PacketHeader
+    from solar_edge.format.writer import encode_packet
+    from solar_edge.methods.base import LayerUpdate
     from solar_edge.runtime.engine import EdgeRuntime
 
     out = tmp_path / "rpi4"

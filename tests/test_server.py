@@ -9,9 +9,9 @@ import time
 import pytest
 
 from solar_edge.devices.fetcher import HTTPStatusError, HttpTransport
-from solar_edge.devices.links import LinkProfile, transfer_time
 from solar_edge.devices.server import RepoServer, parse_range
 from solar_edge.errors import DownloadError
+from solar_edge.profiles.links import LinkProfile, transfer_time
 
 
 @pytest.fixture()
@@ -119,8 +119,8 @@ def test_throttle_follows_the_link_model(tmp_path):
 
 
 def test_a_link_without_tcp_cannot_throttle_a_server(tmp_path):
-    from solar_edge.devices.links import get_link
     from solar_edge.errors import ProfileError
+    from solar_edge.profiles.links import get_link
 
     with pytest.raises(ProfileError, match="no HTTP/TCP"):
         RepoServer(tmp_path, link=get_link("lorawan"))

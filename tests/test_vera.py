@@ -1,4 +1,4 @@
-"""VeRA carried exactly and coefficient-only (solar_edge.vera, record kind VERA_SCALES).
+"""VeRA carried exactly and coefficient-only (solar_edge.methods.vera, record kind VERA_SCALES).
 
 The device regenerates PEFT's shared projections from the key alone; these tests hold the
 regenerated draws against torch's own (PEFT's initialiser with torch's generator), check the
@@ -16,13 +16,15 @@ import numpy as np
 import pytest
 from packet_spec import RawPacket, f16, golden_key
 
-from solar_edge import signing
-from solar_edge.codec import decode_factors
+from solar_edge.decode import decode_factors
+from solar_edge.encode.quant import quantize
 from solar_edge.errors import AdapterError, CodecError, InvalidFieldError
-from solar_edge.packet import PacketHeader, decode_packet, encode_packet
-from solar_edge.quant import quantize
-from solar_edge.records import CodecHeader, LayerRecord, RecordKind, ValueFormat
-from solar_edge.vera import (
+from solar_edge.format import signing
+from solar_edge.format.packet import PacketHeader
+from solar_edge.format.reader import decode_packet
+from solar_edge.format.records import CodecHeader, LayerRecord, RecordKind, ValueFormat
+from solar_edge.format.writer import encode_packet
+from solar_edge.methods.vera import (
     VeraProjections,
     check_saved_projections,
     projections_for,
@@ -114,15 +116,16 @@ def test_real_peft_vera_packet_decodes_to_peft_merge(vera_adapter_dir: Path, min
     import torch
     from peft import PeftModel
 
-    from solar_edge.adapters import match_to_bundle, read_adapter
-    from solar_edge.bundle import load_bundle
-    from solar_edge.vera import carry_records
+    from solar_edge.format.bundle import load_bundle
+    from solar_edge.methods.matching import match_to_bundle
+    from solar_edge.methods.peft_files import read_adapter
+    from solar_edge.methods.vera import carry
 
     bundle = load_bundle(minilm_bundle)
     adapter = read_adapter(vera_adapter_dir)
-    assert adapter.vera is not None and adapter.vera.key == 7
+    assert adapter.parts is not None and adapter.parts.key == 7
     updates = match_to_bundle(adapter.updates, bundle.layers)
-    records = carry_records(adapter.vera, updates)
+    records = carry(adapter, updates, None)
     assert all(r.kind == RecordKind.VERA_SCALES for r in records) and len(records) == 12
     data = encode_packet(PacketHeader(bundle.fingerprint, "vera", 1, {}), CodecHeader(seed=0),
                          records, KEY)
@@ -141,6 +144,6 @@ def test_real_peft_vera_packet_decodes_to_peft_merge(vera_adapter_dir: Path, min
             want = modules[names[rec.layer_id]].weight.numpy() - w0
         assert np.abs(L @ Rt.T - want).max() < 1e-5 * max(1.0, float(np.abs(want).max()))
     other = read_adapter(vera_adapter_dir)
-    object.__setattr__(other.vera, "key", 8)
+    object.__setattr__(other.parts, "key", 8)
     with pytest.raises(AdapterError, match="not the draw"):
-        carry_records(other.vera, updates)
+        carry(other, updates, None)

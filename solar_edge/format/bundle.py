@@ -22,7 +22,7 @@ import numpy as np
 from solar_edge.errors import BundleError, BundleIntegrityError
 
 if TYPE_CHECKING:
-    from solar_edge.basis import LayerBasis
+    from solar_edge.regen.bases import LayerBasis
 
 MANIFEST = "manifest.json"
 FORMAT = "solar-edge-bundle"
@@ -175,8 +175,8 @@ class Bundle:
         return u.astype(np.float32), v.astype(np.float32)
 
     def layer_basis(self, layer_id: int) -> LayerBasis:
-        """The codec's :class:`~solar_edge.basis.LayerBasis` for ``layer_id``."""
-        from solar_edge.basis import LayerBasis
+        """The codec's :class:`~solar_edge.regen.bases.LayerBasis` for ``layer_id``."""
+        from solar_edge.regen.bases import LayerBasis
 
         u, v = self.basis(layer_id)
         return LayerBasis(layer_id, u, v)

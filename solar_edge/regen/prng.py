@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from solar_edge.records import PerturbationKind
+from solar_edge.format.records import PerturbationKind
 
 _M0 = np.uint64(0xD2511F53)
 _M1 = np.uint64(0xCD9E8D57)

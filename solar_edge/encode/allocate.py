@@ -1,6 +1,6 @@
 """Global byte allocation across layers, and the activation-aware encoder built on it.
 
-Every layer offers operating points ``(bytes, distortion)`` (:mod:`solar_edge.actaware`:
+Every layer offers operating points ``(bytes, distortion)`` (:mod:`solar_edge.encode.actaware`:
 left out, or rank ``k`` at ``b`` bits, plain or in W0's singular basis). The allocator picks
 one point per layer so that ``overhead + sum(bytes) <= budget`` and the *sum* of distortions
 over layers is small: greedy along each layer's lower convex hull, largest distortion drop
@@ -8,7 +8,7 @@ per byte first, then a fill pass with single-layer upgrades that still fit. Laye
 update barely moves their outputs get rank 0 (no record) first; others rank 1-2 at few bits.
 
 :func:`encode_adapter` is the entry point: updates + bases + input Grams + a budget (or an
-error bound, met by bisection on the budget) -> records for :func:`solar_edge.packet.
+error bound, met by bisection on the budget) -> records for :func:`solar_edge.format.packet.
 encode_packet`, with per-layer bytes and measured errors.
 """
 
@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from solar_edge.actaware import LayerFit, Whitener, fit_layer
-from solar_edge.basis import LayerBasis
-from solar_edge.codec import DEFAULT_PACKET_OVERHEAD, LayerUpdate, allocate_greedy
+from solar_edge.encode.actaware import LayerFit, Whitener, fit_layer
+from solar_edge.encode.greedy import allocate_greedy
 from solar_edge.errors import BudgetError, CodecError
-from solar_edge.records import LayerRecord, ValueFormat
+from solar_edge.format.layout import DEFAULT_PACKET_OVERHEAD
+from solar_edge.format.records import LayerRecord, ValueFormat
+from solar_edge.methods.base import LayerUpdate
+from solar_edge.regen.bases import LayerBasis
 
 DEFAULT_FORMATS = (ValueFormat.INT2, ValueFormat.INT3, ValueFormat.INT4, ValueFormat.INT5,
                    ValueFormat.INT6, ValueFormat.INT8)

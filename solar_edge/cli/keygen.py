@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from solar_edge import signing
+from solar_edge.format import signing
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 

@@ -25,12 +25,22 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from solar_edge.encode.quant import quantize
 from solar_edge.errors import AdapterError, CodecError
-from solar_edge.quant import quantize
-from solar_edge.records import LayerRecord, RecordKind, ValueFormat
+from solar_edge.format.records import LayerRecord, RecordKind, ValueFormat
+from solar_edge.methods.base import Adapter, KindDecoder, LayerUpdate, Method, Tensors
+from solar_edge.methods.tensors import (
+    PEFT_PREFIX,
+    checked_update,
+    group,
+    per_module,
+    reject_unknown,
+    require,
+)
 
 MAX_KEY = 0xFFFF
 
@@ -86,15 +96,14 @@ def projections_for(records: Sequence[LayerRecord]) -> VeraProjections | None:
                                     max(r.cols for r in vera))
 
 
-def decode_vera(record: LayerRecord, proj: VeraProjections | None) -> tuple[np.ndarray,
-                                                                            np.ndarray]:
+def decode_vera(record: LayerRecord, values: np.ndarray, basis: object, header: object,
+                proj: VeraProjections | None) -> tuple[np.ndarray, np.ndarray]:
     """``(L, Rt)`` with ``dW = L @ Rt.T = diag(b) B[:rows] diag(d) A[:, :cols]``."""
     if proj is None:
         raise CodecError(f"layer {record.layer_id}: VERA_SCALES needs the shared projections")
     if (record.rank, record.variant) != (proj.A.shape[0], proj.key) or \
             record.rows > proj.B.shape[0] or record.cols > proj.A.shape[1]:
         raise CodecError(f"layer {record.layer_id}: record does not fit the projections")
-    values = record.values.dequantize()
     b, d = values[: record.rows], values[record.rows :]
     L = (b[:, None] * proj.B[: record.rows]) * d[None, :]
     return L.astype(np.float32), np.ascontiguousarray(proj.A[:, : record.cols].T)
@@ -135,21 +144,75 @@ def check_saved_projections(saved_A: np.ndarray, saved_B: np.ndarray, key: int) 
     return diff
 
 
-def carry_records(parts, updates: Mapping[int, object],
-                  fmt: ValueFormat = ValueFormat.FLOAT32) -> list[LayerRecord]:
-    """VERA_SCALES records for an adapter read by :func:`solar_edge.adapters.read_adapter`.
+def carry(adapter: Adapter, updates: Mapping[int, LayerUpdate], bases: object,
+          fmt: ValueFormat = ValueFormat.FLOAT32) -> list[LayerRecord]:
+    """VERA_SCALES records for a VeRA adapter (``updates`` matched to bundle layer ids).
 
-    ``parts``: its ``Adapter.vera``; ``updates``: its updates matched to bundle layer ids
-    (:func:`solar_edge.adapters.match_to_bundle`). The saved projections must be the draw the
-    device will regenerate (:func:`check_saved_projections`)."""
-    if parts is None:
+    The saved projections must be the draw the device will regenerate
+    (:func:`check_saved_projections`)."""
+    parts = adapter.parts
+    if not isinstance(parts, VeraParts):
         raise AdapterError("not a VeRA adapter")
     check_saved_projections(parts.shared_A, parts.shared_B, parts.key)
     scales, shapes = {}, {}
     for lid, upd in updates.items():
-        name = getattr(upd, "name", None)
-        if name not in parts.scales:
-            raise AdapterError(f"layer {lid}: no VeRA scales for module {name!r}")
-        scales[lid] = parts.scales[name]
-        shapes[lid] = (int(upd.B.shape[0]), int(upd.A.shape[1]))  # type: ignore[attr-defined]
+        if upd.name not in parts.scales:
+            raise AdapterError(f"layer {lid}: no VeRA scales for module {upd.name!r}")
+        scales[lid] = parts.scales[upd.name]
+        shapes[lid] = (int(upd.B.shape[0]), int(upd.A.shape[1]))
     return vera_records(scales, shapes, parts.key, fmt)
+
+
+# --- reading PEFT's tensors ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VeraParts:
+    """What a VeRA adapter trains and shares: per-module ``(lambda_b, lambda_d)`` and the saved
+    projections with their PEFT ``projection_prng_key``."""
+
+    key: int
+    scales: dict[str, tuple[np.ndarray, np.ndarray]]
+    shared_A: np.ndarray
+    shared_B: np.ndarray
+
+
+SUFFIXES = ("vera_lambda_b", "vera_lambda_d")
+
+
+def _shared(tensors: Tensors, name: str) -> np.ndarray:
+    keys = [k for k in tensors if not k.startswith(PEFT_PREFIX) and k.endswith(f".{name}")]
+    if not keys:
+        raise AdapterError(f"VeRA adapter lacks the shared '{name}' tensor; save it with "
+                           "save_projection=True (torch's generator is not portable)")
+    return np.asarray(tensors[keys[0]], dtype=np.float32)
+
+
+def read(config: Mapping[str, Any], tensors: Tensors,
+         task_meta: Mapping[str, Any]) -> tuple[dict[str, LayerUpdate], VeraParts]:
+    """``dW = (diag(lambda_b) B_shared[:out]) @ (diag(lambda_d) A_shared)``; ``A`` is cut to
+    each layer's ``in`` when the layers are matched to a bundle."""
+    if config.get("bias", "none") != "none":
+        raise AdapterError("VeRA adapters with trained biases are not supported")
+    shared_A, shared_B = _shared(tensors, "vera_A"), _shared(tensors, "vera_B")
+    modules = per_module(tensors)
+    reject_unknown(modules, SUFFIXES)
+    r = shared_A.shape[0]
+    if shared_A.ndim != 2 or shared_B.ndim != 2 or shared_B.shape[1] != r:
+        raise AdapterError(f"VeRA shared shapes A {shared_A.shape}, B {shared_B.shape}")
+    updates, scales = {}, {}
+    for module, parts in sorted(group(modules, SUFFIXES).items()):
+        lam_b, lam_d = require(parts, module, SUFFIXES)
+        out = lam_b.shape[0]
+        if lam_d.shape != (r,) or out > shared_B.shape[0]:
+            raise AdapterError(f"{module}: lambda_d {lam_d.shape}, lambda_b {lam_b.shape} do not "
+                               f"fit shared A {shared_A.shape}, B {shared_B.shape}")
+        updates[module] = checked_update(module, lam_b[:, None] * shared_B[:out],
+                                         lam_d[:, None] * shared_A)
+        scales[module] = (lam_b, lam_d)
+    key = int(config.get("projection_prng_key", 0))
+    return updates, VeraParts(key, scales, shared_A, shared_B)
+
+
+METHOD = Method("vera", read, carry=carry, record_decoders={
+    RecordKind.VERA_SCALES: KindDecoder(decode_vera, needs_basis=False, prepare=projections_for),
+})

@@ -1,4 +1,4 @@
-"""Device profiles (``devices/profiles/*.toml``) and the rank rule for per-layer bases.
+"""Device profiles (``solar_edge/profiles/devices/*.toml``) and the rank rule for per-layer bases.
 
 A profile says what a board is (architecture, memory), how it runs the model (backend
 and execution providers in preference order) and how much it may spend on SOLAR bases
@@ -26,7 +26,7 @@ try:  # Python 3.11+
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10 boards
     import tomli as tomllib  # type: ignore[no-redef]
 
-PROFILES_DIR = Path(__file__).with_name("profiles")
+PROFILES_DIR = Path(__file__).with_name("devices")
 BACKENDS = ("onnxruntime", "tflite")
 BASIS_DTYPES = {"float16": 2, "float32": 4}
 MIB = 1 << 20

@@ -1,7 +1,7 @@
 """Perturbed bases ``U~ = U + eps * P``, generated only for the columns a record uses.
 
 ``U`` / ``V`` come from the bundle (singular vectors of ``W0``, float32 views). ``P`` is
-regenerated from ``(seed, layer_id, stream)`` with :mod:`solar_edge.prng`;
+regenerated from ``(seed, layer_id, stream)`` with :mod:`solar_edge.regen.prng`;
 ``stream = 2 * variant`` for U and ``2 * variant + 1`` for V. The arithmetic is fixed:
 ``float32(U[:, c]) + float32(eps) * P[:, c]`` in float32, so every platform gets the same bits.
 """
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from solar_edge.errors import CodecError
-from solar_edge.prng import perturbation_columns
-from solar_edge.records import PerturbationKind
+from solar_edge.format.records import PerturbationKind
+from solar_edge.regen.prng import perturbation_columns
 
 
 def u_stream(variant: int) -> int:

@@ -4,7 +4,7 @@
 
 1. read the adapter and match its layers to the bundle's adaptable weights;
 2. (metric ``act`` / ``fisher``) calibration statistics on the task's training texts;
-3. one global byte allocation (:mod:`solar_edge.allocate`) under a budget, or the smallest
+3. one global byte allocation (:mod:`solar_edge.encode.allocate`) under a budget, or the smallest
    budget meeting an error bound;
 4. (``refit_steps > 0``, budget mode) the output-matching refit of the chosen records
    (:mod:`solar_edge.exporters.refit`): same records and bytes, values tuned on the task's
@@ -12,7 +12,7 @@
 5. sign the packet.
 
 With ``exact=True`` steps 2-4 are replaced by carrying the adapter's trained numbers
-coefficient-only (:mod:`solar_edge.carry`: VeRA scales, LoRA-XS/TinyLoRA cores), for the
+coefficient-only (:mod:`solar_edge.encode.carry`: VeRA scales, LoRA-XS/TinyLoRA cores), for the
 kinds whose frozen basis the device can regenerate.
 
 Steps 2 and 4 need the ``[export]`` extra (torch, transformers); a missing extra or a
@@ -26,12 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from solar_edge.adapters import match_to_bundle, read_adapter
-from solar_edge.allocate import Allocation, AllocConfig, encode_adapter
-from solar_edge.bundle import Bundle
+from solar_edge.encode.allocate import Allocation, AllocConfig, encode_adapter
 from solar_edge.errors import CalibrationError, CodecError
-from solar_edge.packet import PacketHeader, encode_packet, fixed_overhead_bytes
-from solar_edge.records import CodecHeader, ValueFormat
+from solar_edge.format.bundle import Bundle
+from solar_edge.format.layout import fixed_overhead_bytes
+from solar_edge.format.packet import PacketHeader
+from solar_edge.format.records import CodecHeader, ValueFormat
+from solar_edge.format.writer import encode_packet
+from solar_edge.methods.matching import match_to_bundle
+from solar_edge.methods.peft_files import read_adapter
 
 METRICS = ("fro", "act", "fisher")
 PACKET_METADATA_KEYS = ("task", "labels", "head_seed")
@@ -123,7 +126,7 @@ def compress_adapter(adapter_dir: str | Path, bundle: Bundle, key, options: Comp
     header = PacketHeader(bundle.fingerprint, adapter_id, version, meta)
     names = {lid: u.name for lid, u in updates.items()}
     if options.exact:
-        from solar_edge.carry import exact_records
+        from solar_edge.encode.carry import exact_records
 
         fmt = ValueFormat.FLOAT32 if options.exact_format == "float32" else ValueFormat.FLOAT16
         records, error = exact_records(adapter, updates, bases, fmt)

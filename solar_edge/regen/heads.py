@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from solar_edge.prng import perturbation_columns
-from solar_edge.records import PerturbationKind
+from solar_edge.format.records import PerturbationKind
+from solar_edge.regen.prng import perturbation_columns
 
 HEAD_LAYER_ID = 0xFFFFFFFF
 LOGIT_SCALE = 20.0

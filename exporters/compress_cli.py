@@ -1,6 +1,6 @@
 """``solar-edge compress``: PEFT adapter -> signed packet under a byte budget or an error bound.
 
-The encoder is :mod:`solar_edge.allocate` (rank 0..``--max-rank`` per layer at 2..8 bits,
+The encoder is :mod:`solar_edge.encode.allocate` (rank 0..``--max-rank`` per layer at 2..8 bits,
 plain factors or W0-singular-basis coordinates, one global byte allocation). Distortion is
 measured on the quantised values the device decodes:
 
@@ -36,11 +36,11 @@ from pathlib import Path
 
 import click
 
-from solar_edge import signing
-from solar_edge.allocate import Allocation
-from solar_edge.bundle import load_bundle
-from solar_edge.compress import CompressOptions, compress_adapter
+from solar_edge.encode.allocate import Allocation
 from solar_edge.errors import CalibrationError
+from solar_edge.exporters.compress import CompressOptions, compress_adapter
+from solar_edge.format import signing
+from solar_edge.format.bundle import load_bundle
 
 
 def _table(alloc: Allocation, names: dict[int, str]) -> list[str]:
@@ -143,8 +143,8 @@ def _refit_progress(step: int, total: int, loss: float) -> None:
 
 def _download_times(nbytes: int, device: str | None) -> None:
     try:
-        from solar_edge.devices.links import load_links, transfer_time
-        from solar_edge.devices.profiles import load_profile
+        from solar_edge.profiles.device import load_profile
+        from solar_edge.profiles.links import load_links, transfer_time
     except ImportError:  # pragma: no cover - devices is part of the distribution
         return
     links = load_links()

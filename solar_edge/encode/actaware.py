@@ -15,7 +15,7 @@ A fit of rank ``k`` at ``b`` bits:
    in any ``G``-norm), quantise it, re-solve the left one in the ``G``-norm
    (``L = dW G Rt (Rt^T G Rt)^-1``), quantise; keep the best measured round.
 
-Each fit is returned as the exact :class:`~solar_edge.records.LayerRecord` the packet carries
+Each fit is returned as the exact :class:`~solar_edge.format.records.LayerRecord` the packet carries
 and is scored on the dequantised values the device decodes, so the distortion is measured,
 not predicted. Records are ``DENSE_FACTORS`` (plain factors) or ``FACTORED_CORE`` (the same
 factors as coordinates in the bundle's singular bases of ``W0``, ``epsilon = 0``: coefficient
@@ -28,17 +28,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from solar_edge.basis import LayerBasis
-from solar_edge.codec import LayerUpdate, decode_factors, record_nbytes
+from solar_edge.decode import decode_factors
+from solar_edge.encode.quant import best_quantize
 from solar_edge.errors import CodecError
-from solar_edge.quant import quantize
-from solar_edge.records import (
+from solar_edge.format.layout import record_nbytes
+from solar_edge.format.records import (
     CodecHeader,
     LayerRecord,
-    QuantizedValues,
     RecordKind,
     ValueFormat,
 )
+from solar_edge.methods.base import LayerUpdate
+from solar_edge.regen.bases import LayerBasis
 
 REFIT_ROUNDS = 2
 
@@ -112,40 +113,8 @@ class LayerFit:
     record: LayerRecord | None = None
 
 
-_SCALE_STEPS = np.linspace(0.3, 1.0, 15)
-
-
-def mse_quantize(values: np.ndarray, fmt: ValueFormat, group: int) -> QuantizedValues:
-    """Symmetric group quantisation whose float16 scale minimises each group's squared error.
-
-    Absmax scaling (``solar_edge.quant.quantize``) wastes most codes at 2-3 bits; here each
-    group tries ``scale = c * absmax / qmax`` for ``c`` in 0.3..1 (codes clipped to
-    ``+-qmax``) and keeps the best. Same wire format, so any decoder reads it."""
-    x = np.asarray(values, np.float32).reshape(-1)
-    q = (1 << (fmt.bits - 1)) - 1
-    n_groups = -(-x.size // group)
-    padded = np.zeros(n_groups * group, np.float32)
-    padded[: x.size] = x
-    g = padded.reshape(n_groups, group)
-    absmax = np.abs(g).max(axis=1)
-    cand = (absmax[:, None] * _SCALE_STEPS[None, :] / q).astype(np.float16)  # groups x steps
-    c32 = cand.astype(np.float32)[:, :, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        codes = np.where(c32 > 0, np.clip(np.rint(g[:, None, :] / c32), -q, q), 0.0)
-    err = ((codes * c32 - g[:, None, :]) ** 2).sum(axis=2)
-    best = err.argmin(axis=1)
-    rows = np.arange(n_groups)
-    scales = cand[rows, best]
-    out = codes[rows, best].astype(np.int8).reshape(-1)[: x.size]
-    return QuantizedValues(fmt, x.size, group, codes=out, scales=scales)
-
-
-def _quantize(values: np.ndarray, fmt: ValueFormat, group: int) -> QuantizedValues:
-    return mse_quantize(values, fmt, group) if fmt.is_integer else quantize(values, fmt, group)
-
-
 def _q(values: np.ndarray, fmt: ValueFormat, group: int) -> np.ndarray:
-    return _quantize(values.reshape(-1), fmt, group).dequantize().astype(np.float64)
+    return best_quantize(values.reshape(-1), fmt, group).dequantize().astype(np.float64)
 
 
 def _coords(kind: RecordKind, basis: LayerBasis | None):
@@ -186,7 +155,7 @@ def quantized_fit(upd: LayerUpdate, lid: int, w: Whitener, k: int, fmt: ValueFor
         cl = to_l(L)
     assert best is not None
     rows, cols = best[1].shape[0], best[2].shape[0]
-    values = _quantize(np.concatenate([best[1].reshape(-1), best[2].reshape(-1)]), fmt, group)
+    values = best_quantize(np.concatenate([best[1].reshape(-1), best[2].reshape(-1)]), fmt, group)
     record = LayerRecord(lid, kind, rows, cols, k, values)
     lf, rf = decode_factors(record, basis if kind == RecordKind.FACTORED_CORE else None,
                             CodecHeader(seed=0))

@@ -8,16 +8,18 @@ from typing import Any
 
 import click
 
-from solar_edge import packet, signing
+from solar_edge.format import layout, signing
+from solar_edge.format.packet import Packet
+from solar_edge.format.reader import decode_packet
 
 
-def describe(data: bytes, pkt: packet.Packet) -> dict[str, Any]:
+def describe(data: bytes, pkt: Packet) -> dict[str, Any]:
     """A JSON-ready summary: header, codec parameters, layer table, bytes per part."""
     h, c = pkt.header, pkt.codec
     layers, pos_total, val_total = [], 0, 0
     for r in pkt.records:
-        pos = packet.positions_nbytes(r.positions)
-        val = packet.values_nbytes(r.values.fmt, r.values.count, r.values.group_size)
+        pos = layout.positions_nbytes(r.positions)
+        val = layout.values_nbytes(r.values.fmt, r.values.count, r.values.group_size)
         pos_total, val_total = pos_total + pos, val_total + val
         layers.append({
             "layer_id": r.layer_id, "kind": r.kind.name, "format": r.values.fmt.name,
@@ -25,10 +27,10 @@ def describe(data: bytes, pkt: packet.Packet) -> dict[str, Any]:
             "values": r.values.count, "group_size": r.values.group_size, "variant": r.variant,
             "epsilon": r.epsilon, "positions_bytes": pos, "values_bytes": val,
         })
-    header_bytes = packet.header_nbytes(h.adapter_id, h.metadata)
-    table_bytes = packet.LAYER_ENTRY_BYTES * len(pkt.records)
+    header_bytes = layout.header_nbytes(h.adapter_id, h.metadata)
+    table_bytes = layout.LAYER_ENTRY_BYTES * len(pkt.records)
     return {
-        "format_version": packet.FORMAT_VERSION,
+        "format_version": layout.FORMAT_VERSION,
         "fingerprint": h.fingerprint.hex(),
         "adapter_id": h.adapter_id,
         "adapter_version": h.adapter_version,
@@ -43,8 +45,8 @@ def describe(data: bytes, pkt: packet.Packet) -> dict[str, Any]:
             "layer_table": table_bytes,
             "positions": pos_total,
             "values": val_total,
-            "body_stored": len(data) - header_bytes - packet.TRAILER_BYTES,
-            "key_id_and_signature": packet.TRAILER_BYTES,
+            "body_stored": len(data) - header_bytes - layout.TRAILER_BYTES,
+            "key_id_and_signature": layout.TRAILER_BYTES,
         },
     }
 
@@ -71,7 +73,7 @@ def _text(info: dict[str, Any], signature: str) -> str:
             f"{lay['layer_id']:>5} {lay['kind']:<13} {lay['format']:<7} {shape:>11} "
             f"{lay['rank']:>4} {lay['positions']:>6} {lay['values']:>7} {lay['group_size']:>5} "
             f"{lay['variant']:>3} {lay['epsilon']:>8.4g} "
-            f"{packet.LAYER_ENTRY_BYTES + lay['positions_bytes'] + lay['values_bytes']:>7}"
+            f"{layout.LAYER_ENTRY_BYTES + lay['positions_bytes'] + lay['values_bytes']:>7}"
         )
     return "\n".join(lines)
 
@@ -90,7 +92,7 @@ def inspect(packet_path: Path, keys: tuple[str, ...], as_json: bool) -> None:
     """
     data = packet_path.read_bytes()
     trusted = [signing.load_public_key(k) for k in keys] if keys else None
-    pkt = packet.decode_packet(data, trusted_keys=trusted)
+    pkt = decode_packet(data, trusted_keys=trusted)
     status = "verified" if trusted is not None else "not checked (no --key)"
     info = describe(data, pkt)
     info["signature"] = status

@@ -2,7 +2,7 @@
 
 Encoding works on the LoRA factors only (``dW = B @ A`` is never formed). Per layer and PRNG
 variant it builds candidate operating points (bytes, predicted squared error) for each
-representation (see :mod:`solar_edge.records`):
+representation (see :mod:`solar_edge.format.records`):
 
 * ``sparse_core``: least-squares core ``C = U~^+ dW V~^+T`` (from QR of the perturbed bases),
   keep the K coefficients of largest ``c_ij^2 |u~_i|^2 |v~_j|^2``;
@@ -18,18 +18,23 @@ The chosen records are quantised, and each layer's reconstruction is produced by
 
 from __future__ import annotations
 
-import heapq
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
 
 import numpy as np
 
-from solar_edge.basis import LayerBasis, perturbed_columns, u_stream, v_stream
+from solar_edge.decode import decode_factors
+from solar_edge.encode.greedy import allocate_greedy
+from solar_edge.encode.quant import quantize
 from solar_edge.errors import BudgetError, CodecError
-from solar_edge.packet import LAYER_ENTRY_BYTES
-from solar_edge.quant import positions_nbytes, quantize, quantized_nbytes, values_nbytes
-from solar_edge.records import (
+from solar_edge.format.layout import (
+    DEFAULT_PACKET_OVERHEAD,
+    LAYER_ENTRY_BYTES,
+    MAX_LAYER_ID,
+    positions_nbytes,
+    record_nbytes,
+    values_nbytes,
+)
+from solar_edge.format.records import (
     CodecHeader,
     LayerRecord,
     PerturbationKind,
@@ -37,13 +42,8 @@ from solar_edge.records import (
     RecordKind,
     ValueFormat,
 )
-from solar_edge.vera import VeraProjections, decode_vera
-
-DEFAULT_PACKET_OVERHEAD = 256
-"""Default bytes reserved for header, metadata and signature when the caller gives none
-(the exact figure is ``packet.fixed_overhead_bytes(adapter_id, metadata)``)."""
-
-MAX_LAYER_ID = 0xFFFF  # what a packet's layer table can carry
+from solar_edge.methods.base import LayerUpdate
+from solar_edge.regen.bases import LayerBasis, perturbed_columns, u_stream, v_stream
 
 REPRESENTATIONS = ("sparse_core", "factored_core", "dense_factors", "auto")
 _KIND_OF = {
@@ -52,15 +52,6 @@ _KIND_OF = {
     "dense_factors": (RecordKind.DENSE_FACTORS,),
     "auto": (RecordKind.SPARSE_CORE, RecordKind.FACTORED_CORE, RecordKind.DENSE_FACTORS),
 }
-
-
-@dataclass(frozen=True)
-class LayerUpdate:
-    """One layer's update ``dW = B @ A`` (``B``: out x r, ``A``: r x in), scaling folded in."""
-
-    name: str
-    B: np.ndarray
-    A: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -105,13 +96,13 @@ class CodecConfig:
         except ValueError as exc:
             raise CodecError(f"unknown value format: {exc}") from exc
         object.__setattr__(self, "value_format", fmts[0] if len(fmts) == 1 else fmts)
+        object.__setattr__(self, "perturbation", PerturbationKind(self.perturbation))
 
     @property
     def formats(self) -> tuple[ValueFormat, ...]:
         """Candidate value formats (the allocator picks one per layer)."""
         vf = self.value_format
         return vf if isinstance(vf, tuple) else (vf,)
-        object.__setattr__(self, "perturbation", PerturbationKind(self.perturbation))
 
 
 @dataclass(frozen=True)
@@ -123,94 +114,6 @@ class EncodeResult:
     layer_bytes: dict[int, int] = field(default_factory=dict)
     payload_bytes: int = 0             # sum of record sizes
     total_bytes: int = 0               # payload + overhead_bytes
-
-
-def record_nbytes(record: LayerRecord) -> int:
-    """Bytes one record takes in an uncompressed packet: table entry + positions + values
-    (equal to ``solar_edge.packet.record_nbytes``, which is the reference)."""
-    return LAYER_ENTRY_BYTES + positions_nbytes(record.positions) + quantized_nbytes(record.values)
-
-
-# --- decoding ------------------------------------------------------------------------------
-
-
-def decode_factors(
-    record: LayerRecord, basis: LayerBasis | None, header: CodecHeader,
-    projections: VeraProjections | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(L, Rt)`` float32 with ``dW = L @ Rt.T``; work proportional to what the record keeps.
-
-    ``projections``: the packet's shared VeRA projections (:func:`solar_edge.vera.
-    projections_for`), needed by VERA_SCALES records only."""
-    values = record.values.dequantize()
-    if values.size != record.expected_value_count():
-        raise CodecError(f"layer {record.layer_id}: {values.size} values, "
-                         f"expected {record.expected_value_count()}")
-    if record.kind == RecordKind.VERA_SCALES:
-        return decode_vera(record, projections)
-    if record.kind == RecordKind.DENSE_FACTORS:
-        if basis is not None and (record.rows, record.cols) != (basis.out_features,
-                                                               basis.in_features):
-            raise CodecError(f"layer {record.layer_id}: dense factors {record.rows}x{record.cols}"
-                             f" do not match weight {basis.out_features}x{basis.in_features}")
-        split = record.rows * record.rank
-        return (values[:split].reshape(record.rows, record.rank),
-                values[split:].reshape(record.cols, record.rank))
-    if basis is None:
-        raise CodecError(f"layer {record.layer_id}: a basis is needed for {record.kind.name}")
-    if basis.layer_id != record.layer_id:
-        raise CodecError(f"record for layer {record.layer_id} given basis of {basis.layer_id}")
-    if record.rows > basis.U.shape[1] or record.cols > basis.V.shape[1]:
-        raise CodecError(f"layer {record.layer_id}: core {record.rows}x{record.cols} exceeds "
-                         f"basis ranks {basis.U.shape[1]}x{basis.V.shape[1]}")
-    if not 0 <= record.variant < 2**31:
-        raise CodecError(f"layer {record.layer_id}: variant {record.variant} out of range")
-
-    def cols_of(side: str, idx: np.ndarray) -> np.ndarray:
-        mat, stream = (basis.U, u_stream) if side == "U" else (basis.V, v_stream)
-        return perturbed_columns(mat, record.layer_id, stream(record.variant), idx,
-                                 header.seed, record.epsilon, header.perturbation)
-
-    if record.kind == RecordKind.FACTORED_CORE:
-        split = record.rows * record.rank
-        a = values[:split].reshape(record.rows, record.rank)
-        b = values[split:].reshape(record.cols, record.rank)
-        return (cols_of("U", np.arange(record.rows)) @ a, cols_of("V", np.arange(record.cols)) @ b)
-    if record.kind != RecordKind.SPARSE_CORE:
-        raise CodecError(f"layer {record.layer_id}: unknown record kind {record.kind}")
-    return _decode_sparse(record, values, cols_of)
-
-
-def _decode_sparse(record: LayerRecord, values: np.ndarray, cols_of) -> tuple:
-    pos = np.asarray(record.positions, dtype=np.int64).reshape(-1)
-    if pos.size == 0:
-        return (np.zeros((cols_of("U", pos[:0]).shape[0], 0), np.float32),
-                np.zeros((cols_of("V", pos[:0]).shape[0], 0), np.float32))
-    if pos[0] < 0 or pos[-1] >= record.rows * record.cols or np.any(np.diff(pos) <= 0):
-        raise CodecError(f"layer {record.layer_id}: positions must be strictly increasing "
-                         f"and < {record.rows * record.cols}")
-    i, j = np.divmod(pos, record.cols)
-    ui, inv_i = np.unique(i, return_inverse=True)
-    uj, inv_j = np.unique(j, return_inverse=True)
-    u_cols, v_cols = cols_of("U", ui), cols_of("V", uj)
-    # dW = sum_k v_k u_{i_k} v_{j_k}^T: keep the side with fewer distinct columns as a factor
-    if ui.size <= uj.size:
-        return u_cols, _grouped_sum(v_cols, inv_j, inv_i, ui.size, values)
-    return _grouped_sum(u_cols, inv_i, inv_j, uj.size, values), v_cols
-
-
-def _grouped_sum(cols: np.ndarray, member: np.ndarray, group: np.ndarray, n_groups: int,
-                 values: np.ndarray) -> np.ndarray:
-    """Column g of the result = sum over k with group[k] == g of values[k] * cols[:, member[k]]."""
-    k = values.size
-    if n_groups * cols.shape[1] <= 8 * k:  # dense enough: one small matmul
-        s = np.zeros((n_groups, cols.shape[1]), np.float32)
-        s[group, member] = values
-        return cols @ s.T
-    order = np.argsort(group, kind="stable")
-    contrib = cols[:, member[order]] * values[order]
-    starts = np.flatnonzero(np.r_[True, np.diff(group[order]) != 0])
-    return np.add.reduceat(contrib, starts, axis=1).astype(np.float32, copy=False)
 
 
 # --- fitting ---------------------------------------------------------------------------------
@@ -433,81 +336,6 @@ def _check_inputs(updates: dict[int, LayerUpdate], bases: dict[int, LayerBasis])
 # --- allocation ------------------------------------------------------------------------------
 
 
-class RatePoint(Protocol):
-    """An operating point of one layer: what it costs and the distortion it leaves."""
-
-    @property
-    def nbytes(self) -> int: ...
-
-    @property
-    def err(self) -> float: ...
-
-
-P = TypeVar("P", bound=RatePoint)
-
-
-def lower_hull(points: Sequence[P]) -> list[P]:
-    """Lower convex hull in (bytes, err) from the cheapest point, err strictly decreasing."""
-    hull: list[P] = []
-    for o in sorted(points, key=lambda o: (o.nbytes, o.err)):
-        if hull and o.err >= hull[-1].err:
-            continue
-        while len(hull) >= 2:
-            a, b = hull[-2], hull[-1]
-            # drop b if it lies on or above segment a -> o
-            if (b.err - a.err) * (o.nbytes - a.nbytes) >= (o.err - a.err) * (b.nbytes - a.nbytes):
-                hull.pop()
-            else:
-                break
-        hull.append(o)
-    return hull
-
-
-def allocate_greedy(pools: Mapping[int, Sequence[P]], start: Mapping[int, P],
-                    avail: int) -> dict[int, P]:
-    """Upgrade layers from ``start`` within ``avail`` extra bytes.
-
-    Greedy along each layer's lower hull by error drop per byte, then a fill pass that takes
-    the single-layer upgrade with the largest drop that still fits, until none does.
-    """
-    chosen = dict(start)
-    hulls = {lid: lower_hull(opts) for lid, opts in pools.items()}
-    left = avail
-    heap: list[tuple[float, int, int]] = []
-
-    def push(lid: int, pos: int) -> None:
-        hull = hulls[lid]
-        if pos + 1 < len(hull):
-            cur, nxt = hull[pos], hull[pos + 1]
-            slope = (cur.err - nxt.err) / max(nxt.nbytes - cur.nbytes, 1)
-            heapq.heappush(heap, (-slope, lid, pos + 1))
-
-    for lid in hulls:
-        push(lid, 0)
-    while heap:
-        _, lid, pos = heapq.heappop(heap)
-        step = hulls[lid][pos]
-        extra = step.nbytes - chosen[lid].nbytes
-        if extra <= left:
-            left -= extra
-            chosen[lid] = step
-            push(lid, pos)
-    while True:
-        upgrade: tuple[float, int, P] | None = None
-        for lid, opts in pools.items():
-            cur = chosen[lid]
-            for o in opts:
-                if o.err < cur.err and o.nbytes - cur.nbytes <= left:
-                    gain = cur.err - o.err
-                    if upgrade is None or gain > upgrade[0]:
-                        upgrade = (gain, lid, o)
-        if upgrade is None:
-            return chosen
-        _, lid, o = upgrade
-        left -= o.nbytes - chosen[lid].nbytes
-        chosen[lid] = o
-
-
 def _allocate(pools: dict[int, list[_Option]], avail: int | None) -> dict[int, _Option]:
     """One option per layer: min error if no budget, else greedy by error drop per byte."""
     if avail is None:
@@ -663,15 +491,3 @@ def encode(
     payload = sum(layer_bytes.values())
     return EncodeResult(header, records, recon, errors, layer_bytes, payload,
                         payload + config.overhead_bytes)
-
-
-__all__ = [
-    "DEFAULT_PACKET_OVERHEAD",
-    "LAYER_ENTRY_BYTES",
-    "CodecConfig",
-    "EncodeResult",
-    "LayerUpdate",
-    "decode_factors",
-    "encode",
-    "record_nbytes",
-]

@@ -1,8 +1,9 @@
 """The in-memory form of what a packet carries: shared by the codec and the packet format.
 
-The codec produces :class:`LayerRecord` objects; ``solar_edge.packet`` serialises them
-(with a header and a signature) and parses them back; the runtime hands them to the
-codec's decoder. Nothing here does I/O or arithmetic beyond shape checks.
+Encoders produce :class:`LayerRecord` objects; :mod:`solar_edge.format.writer` serialises
+them (with a header and a signature) and :mod:`solar_edge.format.reader` parses them back;
+the runtime hands them to :mod:`solar_edge.decode`. Each kind's wire rules are in
+:mod:`solar_edge.format.kinds`. Nothing here does I/O or arithmetic beyond shape checks.
 
 Conventions (see docs/packet-format.md for the bytes):
 
@@ -23,8 +24,8 @@ Conventions (see docs/packet-format.md for the bytes):
 * ``VERA_SCALES``: PEFT VeRA carried exactly: ``dW = diag(b) P_B[:rows] diag(d) P_A[:, :cols]``
   where ``values`` is ``b`` (``rows``) then ``d`` (``rank``), and the shared projections
   ``P_A`` (``rank x max cols``), ``P_B`` (``max rows x rank``) are regenerated on the device
-  from ``variant`` (PEFT's ``projection_prng_key``) by :mod:`solar_edge.vera`; the maxima are
-  over the packet's VERA_SCALES records. No positions, ``epsilon = 0``.
+  from ``variant`` (PEFT's ``projection_prng_key``) by :mod:`solar_edge.methods.vera`; the
+  maxima are over the packet's VERA_SCALES records. No positions, ``epsilon = 0``.
 """
 
 from __future__ import annotations
@@ -112,13 +113,6 @@ class LayerRecord:
     positions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
     variant: int = 0          # PRNG stream variant chosen by seed search
     epsilon: float = 0.0      # perturbation scale (float32 in the packet)
-
-    def expected_value_count(self) -> int:
-        if self.kind == RecordKind.SPARSE_CORE:
-            return int(self.positions.size)
-        if self.kind == RecordKind.VERA_SCALES:
-            return self.rows + self.rank
-        return (self.rows + self.cols) * self.rank
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from solar_edge.errors import SolarEdgeError
 
 # name -> "module:attribute" of a click.Command
 COMMANDS: dict[str, str] = {
-    "keygen": "solar_edge.cli_keys:keygen",
-    "inspect": "solar_edge.cli_inspect:inspect",
-    "compress": "solar_edge.cli_compress:compress",
+    "keygen": "solar_edge.cli.keygen:keygen",
+    "inspect": "solar_edge.cli.inspect_packet:inspect",
+    "compress": "solar_edge.exporters.compress_cli:compress",
     "export": "solar_edge.exporters.cli:export",
     "run": "solar_edge.runtime.cli:run",
     "publish": "solar_edge.devices.cli:publish",
@@ -76,5 +76,3 @@ def main() -> None:
         sys.exit(2)
 
 
-if __name__ == "__main__":
-    main()

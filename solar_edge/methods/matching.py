@@ -1,0 +1,68 @@
+"""An adapter's modules -> a bundle's layer ids, with each update checked against its shape."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from solar_edge.errors import AdapterError
+from solar_edge.methods.base import LayerUpdate
+from solar_edge.methods.tensors import normalise_name
+
+
+def fit_shapes(updates: Mapping[str, LayerUpdate],
+               shapes: Mapping[str, Sequence[int]]) -> dict[str, LayerUpdate]:
+    """Check each update against its layer's ``(out, in)``; cut shared factors wider than it.
+
+    VeRA's shared ``A`` spans the widest targeted layer; a narrower layer uses its first
+    ``in`` columns.
+    """
+    fitted = {}
+    for name, update in updates.items():
+        if name not in shapes:
+            raise AdapterError(f"{name}: no shape recorded for this module")
+        out, inp = (int(x) for x in shapes[name])
+        if update.B.shape[0] != out or update.A.shape[1] < inp:
+            raise AdapterError(f"{name}: update {update.B.shape[0]}x{update.A.shape[1]} "
+                               f"does not fit layer {out}x{inp}")
+        if update.A.shape[1] > inp:
+            update = LayerUpdate(update.name, update.B, np.ascontiguousarray(update.A[:, :inp]))
+        fitted[name] = update
+    return fitted
+
+
+def _layer_name(entry: Any) -> str:
+    if isinstance(entry, str):
+        name = entry
+    elif isinstance(entry, Mapping) and isinstance(entry.get("name"), str):
+        name = entry["name"]
+    elif isinstance(getattr(entry, "name", None), str):  # solar_edge.format.bundle.BundleLayer
+        name = entry.name
+    else:
+        raise AdapterError(f"manifest layer entry without a name: {entry!r}")
+    return normalise_name(name.removesuffix(".weight"))
+
+
+def match_to_bundle(updates: Mapping[str, LayerUpdate],
+                    manifest_layers: Sequence[Any]) -> dict[int, LayerUpdate]:
+    """Map updates to bundle layer ids (positions in ``manifest["layers"]``).
+
+    Entries are module names, manifest dicts or ``BundleLayer`` objects with ``name`` (and
+    optionally ``shape`` = ``[out, in]``, checked against the update). VeRA factors wider
+    than the layer are sliced to its input size. Every update must find its layer.
+    """
+    ids = {_layer_name(entry): i for i, entry in enumerate(manifest_layers)}
+    unmatched = sorted(name for name in updates if normalise_name(name) not in ids)
+    if unmatched:
+        raise AdapterError(f"{len(unmatched)} adapter modules have no bundle layer: {unmatched}")
+    result: dict[int, LayerUpdate] = {}
+    for name, update in updates.items():
+        layer_id = ids[normalise_name(name)]
+        entry = manifest_layers[layer_id]
+        shape = entry.get("shape") if isinstance(entry, Mapping) else getattr(entry, "shape", None)
+        if shape is not None:
+            update = fit_shapes({name: update}, {name: shape})[name]
+        result[layer_id] = update
+    return result
