@@ -82,7 +82,11 @@ from solar_edge.exporters.calibration import (  # noqa: E402
 )
 from solar_edge.exporters.refit import RefitConfig, refit_records  # noqa: E402
 from solar_edge.format import signing  # noqa: E402
-from solar_edge.format.bundle import Bundle, load_bundle  # noqa: E402
+from solar_edge.format.bundle import (  # noqa: E402
+    Bundle,
+    LayerBasis,  # noqa: E402
+    load_bundle,
+)
 from solar_edge.format.layout import fixed_overhead_bytes
 from solar_edge.format.packet import PacketHeader
 from solar_edge.format.reader import decode_packet
@@ -99,7 +103,6 @@ from solar_edge.methods.matching import match_to_bundle
 from solar_edge.methods.peft_files import read_adapter  # noqa: E402
 from solar_edge.methods.tinylora import core_records  # noqa: E402
 from solar_edge.methods.vera import carry as vera_carry  # noqa: E402
-from solar_edge.regen.bases import LayerBasis  # noqa: E402
 from solar_edge.regen.prng import perturbation_columns  # noqa: E402
 
 MAIN_KINDS = ("lora-qv-r8", "lora-all-r16", "adalora", "vera")

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from solar_edge.format.bundle import Bundle
-from solar_edge.regen.heads import head_logits, mean_pool, task_head
+from solar_edge.runtime.families.text_encoder import mean_pool
+from solar_edge.runtime.heads import head_from_metadata
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -64,7 +65,9 @@ class PatchedEvaluator:
 
         self.bundle = bundle
         self.labels = np.asarray(labels, np.int64)
-        self.head = task_head(head_seed, num_labels, int(bundle.manifest["model"]["hidden_size"]))
+        hidden = int(bundle.manifest["model"]["hidden_size"])
+        self.head = head_from_metadata({"labels": [str(i) for i in range(num_labels)],
+                                        "head_seed": head_seed}, hidden)
         enc = _tokenize(bundle, texts, max_len)
         lengths = enc["attention_mask"].sum(1)
         order = np.argsort(lengths, kind="stable")
@@ -111,7 +114,7 @@ class PatchedEvaluator:
         preds = np.empty(len(self.labels), np.int64)
         for idx, ids, mask in self.batches:
             hidden = self.session.run(None, self._feeds(ids, mask))[0]
-            preds[idx] = head_logits(mean_pool(hidden, mask), self.head).argmax(-1)
+            preds[idx] = self.head.logits(mean_pool(hidden, mask)).argmax(-1)
         return preds
 
     def _check_inplace(self) -> None:

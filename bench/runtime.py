@@ -126,7 +126,7 @@ def bench_mechanism(bundle_dir: Path, mech: str, packets, key, repeat: int,
     rt = EdgeRuntime(str(bundle_dir), [key.public_key()], mechanism=mech, threads=threads,
                      max_cached=4)
     load_ms = (time.perf_counter() - t) * 1e3
-    feeds = rt.backend.encode(SENTENCES)
+    feeds = rt.family.feeds(SENTENCES)
     apply_ms, steps = [], []
     for v in range(repeat):  # a new version each time: full verify + decode + stage + commit
         t = time.perf_counter()
@@ -140,7 +140,7 @@ def bench_mechanism(bundle_dir: Path, mech: str, packets, key, repeat: int,
         rt.switch(target)
         switch_ms.append((time.perf_counter() - t) * 1e3)
     breakdown = {k: round(statistics.median(s[k] for s in steps), 2) for k in steps[0]}
-    patch = [s["stage_ms"] + s["check_and_commit_ms"] for s in steps]
+    patch = [s["stage_ms"] + s["probe_ms"] + s["commit_ms"] for s in steps]
     row = {"load_ms": round(load_ms, 1), "apply": summary(apply_ms), "patch": summary(patch),
            "switch": summary(switch_ms), "apply_steps_median_ms": breakdown,
            "cache_bytes": rt.active.cache_bytes}
@@ -148,9 +148,9 @@ def bench_mechanism(bundle_dir: Path, mech: str, packets, key, repeat: int,
 
 
 def bench_baked(bundle_dir: Path, repeat: int, threads: int) -> tuple[dict, Callable[[], object]]:
-    from solar_edge.runtime.backends_ort import session_options
+    from solar_edge.runtime.backends.onnxruntime import session_options
     from solar_edge.runtime.bundle_parts import open_bundle
-    from solar_edge.runtime.text import TextEncoder
+    from solar_edge.runtime.families.text_encoder import TextEncoder
 
     parts = open_bundle(bundle_dir)
     path = str(parts.bundle.onnx_path)

@@ -6,10 +6,12 @@ One cycle (:meth:`Agent.check_once`)::
               (forged, rolled-back, expired or mixed metadata is rejected here)
     SELECT    newest version per adapter id; older than installed -> RollbackError
     DOWNLOAD  resumable (partial file + HTTP Range), never more than the signed length
-    VERIFY    length and SHA-256 against TUF; packet signature; metadata == packet header
-    APPLY     runtime apply (atomic; base-model mismatch, rollback rejected there too)
-    HEALTH    fixed probe through the model, finite outputs, else restore the old set
-    COMMIT    state.json written atomically; only now does a restart use the new packet
+    VERIFY    length and SHA-256 against TUF; metadata == packet header (after STAGE)
+    STAGE     the runtime verifies (signature, fields, base model, version: the one
+              rollback check), decodes and health-probes the packet, without serving it
+    ACTIVATE  serve it, if it updates the serving adapter or nothing serves yet
+    COMMIT    state.json written atomically; only now does a restart use the new packet;
+              any failure before restores exactly the committed set
 
 A kill at any point restarts into the committed state: :meth:`Agent.start` re-applies
 exactly the stored packets the state names. Transport failures are retried with bounded
@@ -39,7 +41,6 @@ from solar_edge.devices.fetcher import (
 from solar_edge.devices.state import AgentState, Installed, StateStore
 from solar_edge.errors import (
     DownloadError,
-    HealthCheckError,
     IntegrityError,
     LimitExceededError,
     MetadataExpiredError,
@@ -237,35 +238,29 @@ class Agent:
         return data
 
     def _install(self, adapter_id: str, version: int, data: bytes) -> None:
-        facts = self.applier.inspect(data)  # packet signature, fields
-        if facts.adapter_id != adapter_id or facts.version != version:
-            raise RepositoryError(f"metadata says {adapter_id} v{version}, packet says "
-                                  f"{facts.adapter_id} v{facts.version} (mix-and-match)")
-        installed = self.state.adapters.get(adapter_id)
-        if installed is not None and facts.version <= installed.version:
-            raise RollbackError(f"packet v{facts.version} is not newer than v{installed.version}",
-                                field="header.adapter_version")
-        sha = self.store.store_packet(data)
-        self.hook("stored")
         old = AgentState(dict(self.state.adapters), self.state.active, dict(self.state.rejected))
-        self.applier.apply(data)
-        self.hook("applied")
-        active = self.state.active
-        if active is None or active == adapter_id:
-            active = adapter_id
+        facts = self.applier.stage(data)  # the packet's one verification, decode and probe
+        self.hook("staged")
         try:
-            self.applier.activate(adapter_id)  # probe the new adapter itself
-            self.applier.health_check()
-            self.applier.activate(active)
-        except (HealthCheckError, RuntimeApplyError):
+            if facts.adapter_id != adapter_id or facts.version != version:
+                raise RepositoryError(f"metadata says {adapter_id} v{version}, packet says "
+                                      f"{facts.adapter_id} v{facts.version} (mix-and-match)")
+            sha = self.store.store_packet(data)
+            self.hook("stored")
+            serve = old.active in (None, adapter_id)  # a new id does not take over serving
+            if serve:
+                self.applier.activate(adapter_id)
+                self.hook("activated")
+            self.state.adapters[adapter_id] = Installed(version, sha)
+            if serve:
+                self.state.active = adapter_id
+            self.store.save(self.state)
+        except BaseException:
+            self.state = old
             self.applier.restore([self.store.read_packet(i.sha256)
                                   for _, i in sorted(old.adapters.items())], old.active)
             self.hook("rolled-back")
             raise
-        self.hook("healthy")
-        self.state.adapters[adapter_id] = Installed(version, sha)
-        self.state.active = active
-        self.store.save(self.state)
         self.hook("committed")
         self.store.prune_packets(self.state)
         (self.store.partial / f"{sha}.part").unlink(missing_ok=True)

@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from solar_edge.cli import options
 from solar_edge.devices.agent import Agent, AgentConfig, RetryPolicy
 from solar_edge.devices.repo import Expiry, root_path
 from solar_edge.devices.repo import publish as publish_packets
@@ -24,23 +25,27 @@ from solar_edge.profiles.links import get_link, load_links
 
 
 @click.command("publish")
-@click.argument("packets", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--key", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Ed25519 private key (PEM) signing all four TUF roles (demo: one key).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Repository folder.")
+@options.packets()
+@options.signing_key(help_tail="It signs all four TUF roles (one key: demo setups).")
+@options.out_dir("the TUF repository (created if missing).")
 @click.option("--expires-days", default=30.0, show_default=True,
               help="Lifetime of targets metadata (root: 12x, snapshot: 1/4, timestamp: 1/30).")
 @click.option("--timestamp-hours", type=float, default=None,
               help="Lifetime of timestamp metadata (overrides the default 1/30 of targets).")
 @click.option("--replace", is_flag=True, help="List only these packets (drop earlier targets).")
-def publish(packets: tuple[str, ...], key: str, out: str, expires_days: float,
-            timestamp_hours: float | None, replace: bool) -> None:
-    """Publish signed packets as content-addressed targets of a TUF repository."""
+@options.as_json()
+def publish(packets: tuple[Path, ...], signing_key: Path, out: Path, expires_days: float,
+            timestamp_hours: float | None, replace: bool, as_json: bool) -> None:
+    """Publish signed PACKETs as content-addressed targets of a TUF repository."""
     life = timedelta(days=expires_days)
     expiry = Expiry(root=life * 12, targets=life, snapshot=life / 4,
                     timestamp=timedelta(hours=timestamp_hours) if timestamp_hours is not None
                     else life / 30)
-    names = publish_packets(list(packets), signing.load_private_key(key), out, expiry, replace)
+    names = publish_packets(list(packets), signing.load_private_key(signing_key), out, expiry,
+                            replace)
+    if as_json:
+        options.emit_json({"targets": names, "root": str(root_path(out))})
+        return
     for name in names:
         click.echo(name)
     click.echo(f"trusted root for devices: {root_path(out)}")
@@ -52,11 +57,16 @@ def publish(packets: tuple[str, ...], key: str, out: str, expires_days: float,
 @click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--link", default=None, help="Throttle each connection like this link profile.")
 @click.option("--links-file", type=click.Path(exists=True, dir_okay=False), default=None)
-def serve(repo: str, host: str, port: int, link: str | None, links_file: str | None) -> None:
-    """Serve a repository folder over HTTP (Range requests; optional link throttle)."""
+@options.quiet()
+def serve(repo: str, host: str, port: int, link: str | None, links_file: str | None,
+          quiet: bool) -> None:
+    """Serve a repository folder over HTTP (Range requests; optional link throttle).
+
+    Prints the URL on stdout once listening."""
     profile = get_link(link, links_file) if link else None
     server = RepoServer(repo, host, port, link=profile)
-    click.echo(f"serving {repo} at {server.url}" + (f" as {link}" if link else ""), err=True)
+    options.progress_echo(quiet)(f"serving {repo} at {server.url}"
+                                 + (f" as {link}" if link else ""))
     click.echo(server.url)
     try:
         server.serve_forever(poll_interval=0.2)
@@ -66,16 +76,6 @@ def serve(repo: str, host: str, port: int, link: str | None, links_file: str | N
         server.server_close()
 
 
-def _profile_mapping(device: str) -> dict[str, Any]:
-    """The device profile as the runtime takes it (the TOML as a dict)."""
-    from solar_edge.profiles.device import PROFILES_DIR, load_profile
-    from solar_edge.profiles.links import tomllib
-
-    load_profile(device)  # validates, raises ProfileError for unknown names
-    raw = tomllib.loads((PROFILES_DIR / f"{device}.toml").read_text(encoding="utf-8"))
-    return {"name": device, **raw}
-
-
 def build_runtime_agent(server_url: str, bundle_dir: str | Path, device: str | None,
                         state_dir: str | Path, trusted_keys: list[Any],
                         root: bytes | None = None, retry: RetryPolicy | None = None) -> Agent:
@@ -83,20 +83,24 @@ def build_runtime_agent(server_url: str, bundle_dir: str | Path, device: str | N
     from solar_edge.devices.applier import RuntimeApplier
     from solar_edge.runtime.engine import EdgeRuntime
 
-    profile = _profile_mapping(device) if device else None
-    applier = RuntimeApplier(lambda: EdgeRuntime(str(bundle_dir), trusted_keys, profile),
-                             trusted_keys)
+    applier = RuntimeApplier(lambda: EdgeRuntime(str(bundle_dir), trusted_keys, device))
     config = AgentConfig(server_url, Path(state_dir), trusted_root=root,
                          retry=retry or RetryPolicy())
     return Agent(config, applier)
+
+
+def _outcome_row(o: Any) -> dict[str, Any]:
+    return {"adapter_id": o.adapter_id, "version": o.version, "action": o.action,
+            "error": None if o.error is None else f"{type(o.error).__name__}: {o.error}",
+            "bytes": o.bytes, "download_s": round(o.download_s, 3),
+            "apply_s": round(o.apply_s, 3)}
 
 
 @click.command("agent")
 @click.option("--server", "server_url", required=True, help="Repository base URL.")
 @click.option("--bundle", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--device", default=None, help="Device profile name (default: the bundle's).")
-@click.option("--trusted-key", "trusted", multiple=True, required=True,
-              type=click.Path(exists=True, dir_okay=False), help="Packet public key (repeatable).")
+@options.trusted_keys(required=True, help_tail="Packets must be signed by one of them.")
 @click.option("--root", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Provisioned TUF root.json (needed on first run).")
 @click.option("--state", "state_dir", type=click.Path(file_okay=False), default=None,
@@ -106,43 +110,52 @@ def build_runtime_agent(server_url: str, bundle_dir: str | Path, device: str | N
 @click.option("--interval", default=60.0, show_default=True, help="Seconds between cycles.")
 @click.option("--attempts", default=6, show_default=True, type=click.IntRange(1, 100),
               help="Tries per cycle while the server is unreachable (exponential backoff).")
-def agent(server_url: str, bundle: str, device: str | None, trusted: tuple[str, ...],
+@options.as_json()
+def agent(server_url: str, bundle: str, device: str | None, trusted_keys: tuple[Path, ...],
           root: str | None, state_dir: str | None, once: bool, cycles: int, interval: float,
-          attempts: int) -> None:
+          attempts: int, as_json: bool) -> None:
     """Fetch, verify and apply adapter updates; roll back on failure; state is crash-safe."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    keys = [signing.load_public_key(p) for p in trusted]
+    keys = [signing.load_public_key(p) for p in trusted_keys]
     runner = build_runtime_agent(server_url, bundle, device,
                                  state_dir or f"{bundle.rstrip('/')}.agent", keys,
                                  Path(root).read_bytes() if root else None,
                                  RetryPolicy(attempts=attempts))
     state = runner.start()
-    click.echo(f"restored: active={state.active} "
-               f"installed={ {k: v.version for k, v in state.adapters.items()} }")
-    for outcome in runner.run(cycles=1 if once else cycles, interval_s=interval,
-                              keep_going=not once):
+    installed = {k: v.version for k, v in state.adapters.items()}
+    outcomes = runner.run(cycles=1 if once else cycles, interval_s=interval, keep_going=not once)
+    if as_json:
+        options.emit_json({"restored": {"active": state.active, "installed": installed},
+                           "outcomes": [_outcome_row(o) for o in outcomes]})
+        return
+    click.echo(f"restored: active={state.active} installed={installed}")
+    for outcome in outcomes:
         click.echo(str(outcome))
 
 
-ARTIFACT_OPTIONS = {"full model": "full_model", "LoRA fp16": "lora", "SOLAR packet": "packet"}
-
-
 @click.command("linkbench")
+@options.packets(required=False)
 @click.option("--full-model", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--lora", required=True, type=click.Path(exists=True, dir_okay=False),
               help="adapter_model.safetensors (fp16); its zstd form is computed here.")
-@click.option("--packet", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--packet", "legacy_packets", multiple=True, hidden=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--links", "link_names", default=None,
               help="Comma-separated link names [default: all in links.toml].")
 @click.option("--links-file", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--budget-s", default=3.0, show_default=True,
               help="Longest real download per cell; beyond it a prefix is measured.")
-@click.option("--out", default="linkbench-out", show_default=True, type=click.Path())
-def linkbench(full_model: str, lora: str, packet: str, link_names: str | None,
-              links_file: str | None, budget_s: float, out: str) -> None:
-    """Bytes and download time per link for model, LoRA, LoRA+zstd and SOLAR packet."""
+@options.out_dir("the table (JSON, Markdown) and chart (PNG).", default="linkbench-out")
+@options.as_json()
+def linkbench(packets: tuple[Path, ...], full_model: str, lora: str,
+              legacy_packets: tuple[Path, ...], link_names: str | None, links_file: str | None,
+              budget_s: float, out: Path, as_json: bool) -> None:
+    """Bytes and download time per link for model, LoRA, LoRA+zstd and the SOLAR PACKET."""
     from solar_edge.devices.linkbench import run_linkbench, table, write_outputs, zstd_file
 
+    if len(packets + legacy_packets) != 1:
+        raise click.UsageError("give exactly one PACKET")
+    packet = (packets + legacy_packets)[0]
     links = load_links(links_file)
     chosen = [links[n] for n in link_names.split(",")] if link_names else list(links.values())
     with tempfile.TemporaryDirectory(prefix="linkbench-zstd-") as tmp:
@@ -151,5 +164,9 @@ def linkbench(full_model: str, lora: str, packet: str, link_names: str | None,
                  "SOLAR packet": Path(packet)}
         rows = run_linkbench(files, chosen, budget_s)
     paths = write_outputs(rows, Path(out))
+    if as_json:
+        options.emit_json({"rows": [r.__dict__ for r in rows],
+                           "files": {k: str(v) for k, v in paths.items()}})
+        return
     click.echo(table(rows))
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()))

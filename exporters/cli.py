@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
+from solar_edge.cli import options
 from solar_edge.profiles.device import known_profiles, load_profile
 
 from .progress import Progress
@@ -29,8 +32,7 @@ def _targets(value: str | None) -> str | list[str] | None:
 @click.argument("model", required=False)
 @click.option("--device", "device", required=True,
               help=f"Device profile name (shipped: {', '.join(known_profiles())}).")
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False),
-              help="Bundle directory to create.")
+@options.out_dir("the bundle (created; --force replaces a non-empty one).")
 @click.option("--target-modules", default=None,
               help="Comma-separated module names matched as dotted suffixes (PEFT style), "
                    "or 're:<regex>' matched against full names. Default: every Linear "
@@ -41,9 +43,11 @@ def _targets(value: str | None) -> str | list[str] | None:
               help="Comma-separated extra ONNX graphs for runtime patching mechanisms "
                    "(inputs, lora). Default: the profile's graph_variants.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
-@click.option("--quiet", is_flag=True, help="No progress display on stderr.")
-def export(model: str | None, device: str, out: str, target_modules: str | None,
-           exporter: str, graph_variants: str | None, force: bool, quiet: bool) -> None:
+@options.quiet()
+@options.as_json()
+def export(model: str | None, device: str, out: Path, target_modules: str | None,
+           exporter: str, graph_variants: str | None, force: bool, quiet: bool,
+           as_json: bool) -> None:
     """Export MODEL for a device: ONNX (and TFLite) graph, SVD bases, manifest.
 
     MODEL is a Hugging Face transformers directory or 'module:function' returning
@@ -59,5 +63,12 @@ def export(model: str | None, device: str, out: str, target_modules: str | None,
                            progress=Progress(enabled=not quiet))
     bundle = result.bundle
     ranks = sorted({layer.rank for layer in bundle.layers})
+    if as_json:
+        options.emit_json({"bundle": str(out), "layers": len(bundle.layers), "ranks": ranks,
+                           "fingerprint": bundle.fingerprint.hex(),
+                           "family": bundle.manifest["model"].get("family"),
+                           "seconds": result.seconds,
+                           "max_abs_diff_onnx": result.max_abs_diff_onnx})
+        return
     click.echo(f"bundle {out}: {len(bundle.layers)} layers, ranks {ranks}, "
                f"fingerprint {bundle.fingerprint.hex()}")

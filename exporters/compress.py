@@ -3,20 +3,20 @@
 ``compress_adapter`` is what ``solar-edge compress`` and the demo run:
 
 1. read the adapter and match its layers to the bundle's adaptable weights;
-2. (metric ``act`` / ``fisher``) calibration statistics on the task's training texts;
-3. one global byte allocation (:mod:`solar_edge.encode.allocate`) under a budget, or the smallest
-   budget meeting an error bound;
+2. (metric ``act`` / ``fisher``) calibration statistics of the bundle's own base model on
+   calibration texts (:mod:`solar_edge.exporters.calibration`);
+3. one global byte allocation (:mod:`solar_edge.encode.allocate`) under a budget, or the
+   smallest budget meeting an error bound;
 4. (``refit_steps > 0``, budget mode) the output-matching refit of the chosen records
-   (:mod:`solar_edge.exporters.refit`): same records and bytes, values tuned on the task's
-   unlabelled training texts;
+   (:mod:`solar_edge.exporters.refit`): same records and bytes, values tuned on unlabelled
+   calibration texts;
 5. sign the packet.
 
-With ``exact=True`` steps 2-4 are replaced by carrying the adapter's trained numbers
-coefficient-only (:mod:`solar_edge.encode.carry`: VeRA scales, LoRA-XS/TinyLoRA cores), for the
-kinds whose frozen basis the device can regenerate.
-
-Steps 2 and 4 need the ``[export]`` extra (torch, transformers); a missing extra or a
-task.json without a task name is a :class:`~solar_edge.errors.CalibrationError`.
+Calibration texts come from ``calib_data`` (a ``.txt`` or ``.jsonl`` file,
+:mod:`solar_edge.exporters.calib_data`), else from the built-in task an adapter's
+``task.json`` names. With ``exact=True`` steps 2-4 are replaced by carrying the adapter's
+trained numbers coefficient-only (:mod:`solar_edge.encode.carry`). A missing extra, missing
+calibration data or a base model that is not the bundle's is a typed error.
 """
 
 from __future__ import annotations
@@ -33,11 +33,13 @@ from solar_edge.format.layout import fixed_overhead_bytes
 from solar_edge.format.packet import PacketHeader
 from solar_edge.format.records import CodecHeader, ValueFormat
 from solar_edge.format.writer import encode_packet
+from solar_edge.methods.base import Adapter, LayerUpdate
 from solar_edge.methods.matching import match_to_bundle
 from solar_edge.methods.peft_files import read_adapter
 
 METRICS = ("fro", "act", "fisher")
 PACKET_METADATA_KEYS = ("task", "labels", "head_seed")
+MIN_CALIBRATION_TEXTS = 8
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,8 @@ class CompressOptions:
     refit_steps: int = 0              # output-matching refit (budget mode only)
     exact: bool = False               # or: carry VeRA / LoRA-XS / TinyLoRA exactly
     exact_format: str = "float32"     # float32 or float16 values when exact
+    calib_data: Path | None = None    # .txt / .jsonl calibration texts (default: built-in task)
+    model_dir: Path | None = None     # the bundle's base model (default: the embedded one)
 
     def __post_init__(self) -> None:
         modes = (self.budget is not None) + (self.max_error is not None) + bool(self.exact)
@@ -66,6 +70,10 @@ class CompressOptions:
             raise CodecError("the refit changes the weight error, so it goes with a budget, "
                              "not an error bound")
 
+    @property
+    def needs_data(self) -> bool:
+        return self.metric != "fro" or self.refit_steps > 0
+
 
 @dataclass
 class Compressed:
@@ -76,6 +84,7 @@ class Compressed:
     refit_loss: tuple[float, float] | None = None    # output loss before -> after
     refit_texts: int = 0
     exact_error: float | None = None  # relative error of an exact carry (float rounding)
+    calibration: str | None = None    # where calibration texts came from
 
 
 def packet_metadata(task_meta: dict) -> dict:
@@ -83,33 +92,52 @@ def packet_metadata(task_meta: dict) -> dict:
     return {k: task_meta[k] for k in PACKET_METADATA_KEYS if k in task_meta}
 
 
-def training_split(task_meta: dict, purpose: str):
-    """The training split of the adapter's task (texts and labels), for calibration."""
+def _torch_side(purpose: str):
+    """The torch-side modules, or a CalibrationError saying which extra is missing."""
     try:
-        from solar_edge.exporters.tasks import load_task
+        from solar_edge.exporters import calibration, families, heads, refit
     except ImportError as exc:
         raise CalibrationError(f"{purpose} needs the [export] extra ({exc})") from exc
-    name = task_meta.get("task")
-    if not name:
-        raise CalibrationError(f"{purpose} needs task.json with a 'task' name")
-    return load_task(name).train
+    return calibration, families, heads, refit
 
 
-def calibration_statistics(bundle: Bundle, task_meta: dict, updates: dict, n_texts: int,
-                           metric: str) -> tuple[dict, dict | None]:
+class _Calibration:
+    """The bundle's base model and the calibration texts, opened once per compress."""
+
+    def __init__(self, bundle: Bundle, adapter: Adapter, options: CompressOptions,
+                 purpose: str) -> None:
+        from solar_edge.exporters.calib_data import from_task, read_calibration_file
+
+        self.calibration, families, heads, self.refit = _torch_side(purpose)
+        labels = adapter.task_meta.get("labels")
+        if options.calib_data is not None:
+            data = read_calibration_file(options.calib_data, labels)
+        else:
+            data = from_task(adapter.task_meta)
+            if data is None:
+                raise CalibrationError(f"{purpose} needs calibration texts: give a .txt or "
+                                       ".jsonl file of your task's inputs (--calib-data)")
+        data.require(MIN_CALIBRATION_TEXTS, purpose)
+        self.data = data
+        self.model = families.open_bundle_model(bundle, options.model_dir, purpose)
+        self.head = heads.head_for(packet_metadata(adapter.task_meta), self.model.hidden_size)
+
+
+def _statistics(cal: _Calibration, bundle: Bundle, updates: dict[int, LayerUpdate],
+                options: CompressOptions) -> tuple[dict, dict | None]:
     """(input Grams, output-gradient Grams or None) for the metric; ({}, None) for fro."""
-    if metric == "fro":
+    if options.metric == "fro":
         return {}, None
-    train = training_split(task_meta, f"metric {metric}")
-    from solar_edge.exporters.calibration import calibration_fisher, calibration_grams
-
-    step = max(1, len(train) // n_texts)
-    texts, labels = train.texts[::step][:n_texts], train.labels[::step][:n_texts]
-    if metric == "act":
-        return calibration_grams(bundle, texts, sorted(updates)), None
+    sub = cal.data.subset(options.calib)
+    if options.metric == "act":
+        grams = cal.calibration.calibration_grams(cal.model, bundle, sub.texts, sorted(updates))
+        return grams, None
+    if cal.head is None:
+        raise CalibrationError("metric fisher needs the adapter's task head (labels); "
+                               "use --metric act for an adapter without one")
     dense = {lid: u.B @ u.A for lid, u in updates.items()}
-    return calibration_fisher(bundle, texts, labels, dense, int(task_meta["head_seed"]),
-                              len(task_meta["labels"]))
+    return cal.calibration.calibration_fisher(cal.model, bundle, sub.texts, sub.labels, dense,
+                                              cal.head)
 
 
 def compress_adapter(adapter_dir: str | Path, bundle: Bundle, key, options: CompressOptions,
@@ -132,8 +160,9 @@ def compress_adapter(adapter_dir: str | Path, bundle: Bundle, key, options: Comp
         records, error = exact_records(adapter, updates, bases, fmt)
         data = encode_packet(header, CodecHeader(seed=0), records, key)
         return Compressed(data, None, meta, names, exact_error=error)
-    grams, out_grams = calibration_statistics(bundle, adapter.task_meta, updates,
-                                              options.calib, options.metric)
+    purpose = f"metric {options.metric}" if options.metric != "fro" else "the refit"
+    cal = _Calibration(bundle, adapter, options, purpose) if options.needs_data else None
+    grams, out_grams = _statistics(cal, bundle, updates, options) if cal else ({}, None)
     alloc = encode_adapter(updates, bases, grams,
                            AllocConfig(max_rank=options.max_rank,
                                        overhead_bytes=fixed_overhead_bytes(adapter_id, meta)),
@@ -141,15 +170,16 @@ def compress_adapter(adapter_dir: str | Path, bundle: Bundle, key, options: Comp
                            out_grams=out_grams)
     records, refit_loss, refit_texts = alloc.records, None, 0
     if options.refit_steps:
-        train = training_split(adapter.task_meta, "the refit")
-        if "head_seed" not in meta or not meta.get("labels"):
-            raise CalibrationError("the refit needs task.json with 'head_seed' and 'labels'")
-        from solar_edge.exporters.refit import RefitConfig, refit_records
-
-        report = refit_records(bundle, alloc.records, updates, bases, list(train.texts),
-                               int(meta["head_seed"]), len(meta["labels"]),
-                               RefitConfig(steps=options.refit_steps), progress=on_refit_step)
-        records, refit_texts = report.records, len(train.texts)
+        assert cal is not None
+        if cal.head is None:
+            raise CalibrationError("the refit matches the adapter's task outputs and needs its "
+                                   "head (labels)")
+        report = cal.refit.refit_records(cal.model, bundle, alloc.records, updates, bases,
+                                         cal.data.texts, cal.head,
+                                         cal.refit.RefitConfig(steps=options.refit_steps),
+                                         progress=on_refit_step)
+        records, refit_texts = report.records, len(cal.data)
         refit_loss = (report.loss_before, report.loss_after)
     data = encode_packet(header, CodecHeader(seed=0), records, key)
-    return Compressed(data, alloc, meta, names, refit_loss, refit_texts)
+    return Compressed(data, alloc, meta, names, refit_loss, refit_texts,
+                      calibration=cal.data.source if cal else None)

@@ -1,59 +1,116 @@
 """``solar-edge compress``: PEFT adapter -> signed packet under a byte budget or an error bound.
 
-The encoder is :mod:`solar_edge.encode.allocate` (rank 0..``--max-rank`` per layer at 2..8 bits,
-plain factors or W0-singular-basis coordinates, one global byte allocation). Distortion is
-measured on the quantised values the device decodes:
+The encoder is :mod:`solar_edge.encode.allocate` (rank 0..``--max-rank`` per layer at 2..8
+bits, plain factors or W0-singular-basis coordinates, one global byte allocation), run by the
+compress pipeline (:mod:`solar_edge.exporters.compress`). Distortion is measured on the
+quantised values the device decodes:
 
 * ``--metric fro`` (default, data-free): ``|dW - dW_hat|_F^2``;
 * ``--metric act``: activation-weighted ``tr(E G E^T)`` with ``G`` the base model's
-  per-layer input Gram on ``--calib`` texts of the task's training split;
-* ``--metric fisher``: ``tr(Gamma E G E^T)`` (K-FAC loss estimate: ``Gamma`` is the
-  output-gradient Gram of the adapted model on the labelled calibration texts). The
-  measured best predictor of accuracy at small budgets (docs/rate-distortion.md).
-
-``act`` and ``fisher`` need the ``[export]`` extra (torch, transformers).
+  per-layer input Gram on ``--calib`` calibration texts;
+* ``--metric fisher``: ``tr(Gamma E G E^T)`` (K-FAC loss estimate at the adapted model;
+  labels from the calibration file, else the adapter's own predictions).
 
 ``--refit STEPS`` (with ``--budget``) then tunes the chosen records' values so the
-compressed model's outputs match the uncompressed adapter's on the task's unlabelled
-training texts (:mod:`solar_edge.exporters.refit`): same records, same bytes. It is what
-makes the smallest packets keep the adapter's accuracy (docs/rate-distortion.md); it needs
-the ``[export]`` extra and a task name in task.json, and takes about a minute per
-120 steps on two cores.
+compressed model's outputs match the uncompressed adapter's on the calibration texts
+(:mod:`solar_edge.exporters.refit`): same records, same bytes.
+
+Calibration texts: ``--calib-data FILE`` (``.txt``, one per line, or ``.jsonl`` with
+``"text"`` and optional ``"label"``), else the built-in task named by the adapter's
+``task.json``. The steps that run the model need the ``[export]`` extra and the bundle's base
+model (``--model DIR``; default: the embedded MiniLM when the bundle was exported from it).
 
 ``--exact`` carries a VeRA, LoRA-XS or TinyLoRA adapter without fitting anything: only its
-trained numbers (VeRA scales, ``r x r`` cores), coefficient-only, because the device
-regenerates their frozen bases (``--values float16`` halves the size).
-
-``--max-error E`` bisects the budget until the packet's overall relative error
-``sqrt(sum_l err_l / sum_l |dW_l|^2)`` in that metric is ``<= E``. The table shows each
-layer's bytes and relative error, the packet's bytes (uncompressed bound and the written,
-possibly zstd-compressed, size), and the download time on the device profile's link.
+trained numbers, coefficient-only (``--values float16`` halves the size).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
+from solar_edge.cli import options
 from solar_edge.encode.allocate import Allocation
 from solar_edge.errors import CalibrationError
-from solar_edge.exporters.compress import CompressOptions, compress_adapter
 from solar_edge.format import signing
 from solar_edge.format.bundle import load_bundle
+from solar_edge.format.records import RecordKind
+from solar_edge.profiles.device import load_profile
+from solar_edge.profiles.links import load_links, transfer_time
+
+from .compress import Compressed, CompressOptions, compress_adapter
 
 
-def _table(alloc: Allocation, names: dict[int, str]) -> list[str]:
+def _layers(alloc: Allocation, names: dict[int, str]) -> list[dict[str, Any]]:
+    rows = []
+    for lid, fit in sorted(alloc.chosen.items()):
+        kind = ("dropped" if fit.kind is None else
+                "basis" if fit.kind == RecordKind.FACTORED_CORE else "dense")
+        rows.append({"layer_id": lid, "module": names[lid], "kind": kind, "rank": fit.rank,
+                     "bits": fit.bits, "bytes": fit.nbytes,
+                     "rel_error": round(alloc.layer_error(lid), 6)})
+    return rows
+
+
+def _table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [f"{'layer':>5}  {'module':<44} {'kind':<7} {'rank':>4} {'bits':>4} "
              f"{'bytes':>7} {'rel.err':>8}"]
-    for lid, fit in sorted(alloc.chosen.items()):
-        if fit.kind is None:
-            kind = "dropped"
-        else:
-            kind = "basis" if fit.kind.name == "FACTORED_CORE" else "dense"
-        lines.append(f"{lid:>5}  {names[lid][:44]:<44} {kind:<7} {fit.rank:>4} "
-                     f"{fit.bits or '-':>4} {fit.nbytes:>7} {alloc.layer_error(lid):>8.4f}")
+    for r in rows:
+        lines.append(f"{r['layer_id']:>5}  {r['module'][:44]:<44} {r['kind']:<7} {r['rank']:>4} "
+                     f"{r['bits'] or '-':>4} {r['bytes']:>7} {r['rel_error']:>8.4f}")
     return lines
+
+
+def _download_times(nbytes: int, device: str | None) -> dict[str, dict[str, Any]]:
+    own = load_profile(device).link if device else None
+    return {name: {"seconds": round(transfer_time(nbytes, link), 3), "profile": name == own}
+            for name, link in load_links().items()}
+
+
+def _summary(result: Compressed, out: Path, budget: int | None, max_error: float | None,
+             device: str | None) -> dict[str, Any]:
+    info: dict[str, Any] = {"packet": str(out), "bytes": len(result.data),
+                            "layers": len(result.layer_names), "metadata": result.metadata,
+                            "calibration": result.calibration}
+    if result.alloc is None:
+        info["exact_error"] = result.exact_error
+    else:
+        info.update(uncompressed_bound=result.alloc.total_bytes, budget=budget,
+                    max_error=max_error, total_rel_error=round(result.alloc.total_error, 6),
+                    layer_table=_layers(result.alloc, result.layer_names))
+        if result.refit_loss:
+            info["refit"] = {"texts": result.refit_texts, "loss_before": result.refit_loss[0],
+                             "loss_after": result.refit_loss[1]}
+    info["download_s"] = _download_times(len(result.data), device)
+    return info
+
+
+def _print(info: dict[str, Any], metric: str, refit_steps: int, device: str | None) -> None:
+    if "layer_table" not in info:
+        click.echo(f"carried exactly: {info['layers']} layers, relative error "
+                   f"{info['exact_error']:.2e}")
+    else:
+        for line in _table(info["layer_table"]):
+            click.echo(line)
+        bound = f" (bound {info['max_error']:g})" if info["max_error"] is not None else ""
+        click.echo(f"metric {metric}: overall relative error {info['total_rel_error']:.4f}"
+                   + bound + (" before the refit" if "refit" in info else ""))
+        if "refit" in info:
+            r = info["refit"]
+            click.echo(f"refit ({refit_steps} steps, {r['texts']} texts): output loss "
+                       f"{r['loss_before']:.4f} -> {r['loss_after']:.4f}")
+    if info["calibration"]:
+        click.echo(f"calibration texts: {info['calibration']}")
+    extra = ""
+    if "uncompressed_bound" in info:
+        extra = f" ({info['uncompressed_bound']} B uncompressed bound" + (
+            f", budget {info['budget']} B" if info["budget"] is not None else "") + ")"
+    click.echo(f"packet {info['packet']}: {info['bytes']} B written{extra}")
+    for name, t in info["download_s"].items():
+        mark = f"  <- profile {device}" if t["profile"] else ""
+        click.echo(f"download on {name:<10} {t['seconds']:9.2f} s{mark}")
 
 
 @click.command("compress")
@@ -68,30 +125,41 @@ def _table(alloc: Allocation, names: dict[int, str]) -> list[str]:
 @click.option("--metric", type=click.Choice(["fro", "act", "fisher"]), default="fro",
               show_default=True, help="Distortion: Frobenius, activation-weighted, or K-FAC "
                                       "loss estimate on calibration texts.")
+@click.option("--calib-data", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Calibration texts: .txt (one per line) or .jsonl "
+                                 "(\"text\", optional \"label\"). Default: the built-in task "
+                                 "named in the adapter's task.json.")
 @click.option("--calib", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Calibration texts for --metric act.")
+              help="Calibration texts used for --metric act/fisher.")
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False,
+                                                      path_type=Path), default=None,
+              help="The bundle's base model (transformers directory) for the steps that run "
+                   "it; default: the embedded MiniLM when the bundle is its export.")
 @click.option("--max-rank", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--exact", is_flag=True,
               help="Carry a VeRA / LoRA-XS / TinyLoRA adapter exactly (no budget).")
 @click.option("--values", "exact_format", type=click.Choice(["float32", "float16"]),
               default="float32", show_default=True, help="Value format with --exact.")
 @click.option("--refit", "refit_steps", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Output-matching refit steps on the task's training texts (0: off; "
-                   "120 is a good start). Only with --budget.")
+              help="Output-matching refit steps on the calibration texts (0: off; 120 is a "
+                   "good start). Only with --budget.")
 @click.option("--device", "device", default=None,
               help="Device profile for the download-time estimate (default: the bundle's).")
-@click.option("--key", "key_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=None, help="Ed25519 private key (solar-edge keygen); default: a new "
-                                 "key whose public half is written to PACKET.pub.")
+@options.signing_key(required=False, help_tail="Default: a new key whose public half is "
+                                               "written beside the packet as PACKET.pub.")
 @click.option("--adapter-id", default=None, help="Packet adapter id (default: directory name).")
-@click.option("--version", "adapter_version", type=click.IntRange(min=0), default=1,
-              show_default=True, help="Monotonic adapter version.")
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--adapter-version", "--version", "adapter_version", cls=options.AliasedOption,
+              type=click.IntRange(min=1), default=1, show_default=True,
+              help="Monotonic adapter version (devices only install newer ones).")
+@options.out_file("the signed packet (.slr).")
+@options.as_json()
+@options.quiet()
 def compress(adapter_dir: Path, bundle_dir: Path, budget: int | None, max_error: float | None,
-             metric: str, calib: int, max_rank: int, exact: bool, exact_format: str,
-             refit_steps: int, device: str | None, key_path: Path | None,
-             adapter_id: str | None, adapter_version: int, out_path: Path) -> None:
-    """Compress ADAPTER_DIR (PEFT LoRA/AdaLoRA/VeRA/TinyLoRA) into a signed packet."""
+             metric: str, calib_data: Path | None, calib: int, model_dir: Path | None,
+             max_rank: int, exact: bool, exact_format: str, refit_steps: int,
+             device: str | None, signing_key: Path | None, adapter_id: str | None,
+             adapter_version: int, out: Path, as_json: bool, quiet: bool) -> None:
+    """Compress ADAPTER_DIR (a PEFT adapter saved by save_pretrained) into a signed packet."""
     if (budget is not None) + (max_error is not None) + exact != 1:
         raise click.UsageError("give exactly one of --budget, --max-error and --exact")
     if exact and (refit_steps or metric != "fro"):
@@ -99,56 +167,31 @@ def compress(adapter_dir: Path, bundle_dir: Path, budget: int | None, max_error:
     if refit_steps and max_error is not None:
         raise click.UsageError("--refit changes the weight error, so it goes with --budget, "
                                "not --max-error")
-    options = CompressOptions(budget=budget, max_error=max_error, metric=metric, calib=calib,
-                              max_rank=max_rank, refit_steps=refit_steps, exact=exact,
-                              exact_format=exact_format)
+    note = options.progress_echo(quiet)
+    opts = CompressOptions(budget=budget, max_error=max_error, metric=metric, calib=calib,
+                           max_rank=max_rank, refit_steps=refit_steps, exact=exact,
+                           exact_format=exact_format, calib_data=calib_data,
+                           model_dir=model_dir)
     bundle = load_bundle(bundle_dir)
-    if key_path is not None:
-        key = signing.load_private_key(key_path)
-    else:
-        key = signing.generate_private_key()
+    key = (signing.load_private_key(signing_key) if signing_key is not None
+           else signing.generate_private_key())
+
+    def on_refit_step(step: int, total: int, loss: float) -> None:
+        if step == total or step % 20 == 0:
+            note(f"refit step {step}/{total}: loss {loss:.4f}")
+
     try:
-        result = compress_adapter(adapter_dir, bundle, key, options, adapter_id=adapter_id,
-                                  version=adapter_version, on_refit_step=_refit_progress)
-    except CalibrationError as exc:  # a missing extra or task name: tell the user plainly
+        result = compress_adapter(adapter_dir, bundle, key, opts, adapter_id=adapter_id,
+                                  version=adapter_version, on_refit_step=on_refit_step)
+    except CalibrationError as exc:  # a missing extra, data or model: tell the user plainly
         raise click.ClickException(str(exc)) from exc
-    out_path.write_bytes(result.data)
-    if key_path is None:
-        pub = signing.save_public_key(key, out_path.with_name(out_path.name + ".pub"))
-        click.echo(f"signed with a new key; public key: {pub}", err=True)
-    alloc, data = result.alloc, result.data
-    if alloc is None:
-        click.echo(f"carried exactly: {len(result.layer_names)} layers, {exact_format} values, "
-                   f"relative error {result.exact_error:.2e}")
-        click.echo(f"packet {out_path}: {len(data)} B written")
-        _download_times(len(data), device or bundle.profile.get("name"))
-        return
-    for line in _table(alloc, result.layer_names):
-        click.echo(line)
-    click.echo(f"metric {metric}: overall relative error {alloc.total_error:.4f}"
-               + (f" (bound {max_error:g})" if max_error is not None else "")
-               + (" before the refit" if result.refit_loss else ""))
-    if result.refit_loss:
-        click.echo(f"refit ({refit_steps} steps, {result.refit_texts} texts): output loss "
-                   f"{result.refit_loss[0]:.4f} -> {result.refit_loss[1]:.4f}")
-    click.echo(f"packet {out_path}: {len(data)} B written ({alloc.total_bytes} B uncompressed "
-               f"bound" + (f", budget {budget} B" if budget is not None else "") + ")")
-    _download_times(len(data), device or bundle.profile.get("name"))
-
-
-def _refit_progress(step: int, total: int, loss: float) -> None:
-    if step == total or step % 20 == 0:
-        click.echo(f"refit step {step}/{total}: loss {loss:.4f}", err=True)
-
-
-def _download_times(nbytes: int, device: str | None) -> None:
-    try:
-        from solar_edge.profiles.device import load_profile
-        from solar_edge.profiles.links import load_links, transfer_time
-    except ImportError:  # pragma: no cover - devices is part of the distribution
-        return
-    links = load_links()
-    own = load_profile(device).link if device else None
-    for name, link in links.items():
-        mark = "  <- profile " + str(device) if name == own else ""
-        click.echo(f"download on {name:<10} {transfer_time(nbytes, link):9.2f} s{mark}")
+    out.write_bytes(result.data)
+    if signing_key is None:
+        pub = signing.save_public_key(key, out.with_name(out.name + ".pub"))
+        note(f"signed with a new key; public key: {pub}")
+    device = device or bundle.profile.get("name")
+    info = _summary(result, out, budget, max_error, device)
+    if as_json:
+        options.emit_json(info)
+    else:
+        _print(info, metric, refit_steps, device)

@@ -29,7 +29,8 @@ from torch.nn import functional as F
 
 from solar_edge.errors import ExportError
 
-from .models import LoadedModel, is_conv1d, weight_out_in
+from .families.base import LoadedModel
+from .targets import is_conv1d, weight_out_in
 
 OPSET = 18
 EXPORTERS = ("torchscript", "dynamo")

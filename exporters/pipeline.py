@@ -28,8 +28,10 @@ from solar_edge.profiles.device import DeviceProfile, choose_ranks, load_profile
 from . import basis as basis_mod
 from . import manifest as manifest_mod
 from . import onnx_export, tflite_export
-from .models import LoadedModel, copy_tokenizer, load_model, select_targets, weight_out_in
+from .families import LoadedModel, load_model
+from .families.text_encoder import copy_tokenizer
 from .progress import Progress
+from .targets import select_targets, weight_out_in
 
 ORT_TOLERANCE = 1e-3  # sanity bound at export time; tests hold MiniLM to 1e-4
 

@@ -23,15 +23,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from solar_edge.decode import decode_factors
-from solar_edge.errors import CodecError, ExportError
-from solar_edge.format.bundle import Bundle
+from solar_edge.errors import CodecError
+from solar_edge.exporters.calibration import Head
+from solar_edge.exporters.families.base import TorchModel, unit
+from solar_edge.format.bundle import Bundle, LayerBasis
 from solar_edge.format.records import CodecHeader, LayerRecord, QuantizedValues, RecordKind
 from solar_edge.methods.base import LayerUpdate
-from solar_edge.regen.bases import LayerBasis
 
 
 @dataclass(frozen=True)
@@ -122,45 +124,25 @@ class _RecordParams:
                            r.variant, r.epsilon)
 
 
-def _check_base(bundle: Bundle, modules: dict, names: dict[int, str],
-                layer_ids: Sequence[int]) -> None:
-    """The torch model must be the bundle's base: its adapted weights equal the bundle's W0."""
-    for lid in layer_ids:
-        module = modules.get(names.get(lid, ""))
-        want = np.asarray(bundle.base_weight(lid), np.float32)
-        got = None if module is None else module.weight.detach().numpy()
-        if got is None or got.shape != want.shape or not np.allclose(got, want, atol=1e-5):
-            raise ExportError(f"layer {lid} ({names.get(lid)}): the model used for the "
-                              f"refit is not the bundle's base model")
-
-
-def refit_records(bundle: Bundle, records: Sequence[LayerRecord],
+def refit_records(model: TorchModel, bundle: Bundle, records: Sequence[LayerRecord],
                   updates: Mapping[int, LayerUpdate], bases: Mapping[int, LayerBasis],
-                  texts: Sequence[str], head_seed: int, num_labels: int,
+                  inputs: Sequence[Any], head: Head,
                   config: RefitConfig = RefitConfig(),
-                  model_dir: str | None = None,
                   progress: Callable[[int, int, float], None] | None = None) -> RefitReport:
     """Records with the same structure and bytes, values tuned to match the adapter's outputs.
 
-    ``updates``: the uncompressed adapter (the teacher). Records that cannot be refitted
-    (sparse cores, float values, perturbed bases) are carried unchanged and stay in the
-    student as fixed updates."""
+    ``model``: the bundle's base model (:func:`~solar_edge.exporters.families.
+    open_bundle_model`); ``head``: features -> logits of the adapter's task. ``updates``: the
+    uncompressed adapter (the teacher). Records that cannot be refitted (sparse cores, float
+    values, perturbed bases) are carried unchanged and stay in the student as fixed updates."""
     import torch
 
-    from solar_edge.exporters.train import (
-        load_base,
-        logits_from_unit,
-        torch_head,
-        unit_embedding,
-    )
-
-    if not texts:
-        raise CodecError("refit needs calibration texts")
-    tokenizer, model = load_base(model_dir)
-    for p in model.parameters():
+    if not inputs:
+        raise CodecError("refit needs calibration inputs")
+    module = model.module
+    for p in module.parameters():
         p.requires_grad_(False)
-    head = torch_head(head_seed, num_labels, int(model.config.hidden_size))
-    modules = dict(model.named_modules())
+    modules = dict(module.named_modules())
     names = {layer.id: layer.name for layer in bundle.layers}
     params = {r.layer_id: _RecordParams(r, bases.get(r.layer_id)) for r in records
               if _refittable(r)}
@@ -174,50 +156,44 @@ def refit_records(bundle: Bundle, records: Sequence[LayerRecord],
     current: dict[int, tuple] = {}
 
     def hook_for(lid: int):
-        def hook(_mod, inputs, out):
+        def hook(_mod, args, out):
             lr = teacher.get(lid) if mode[0] == "teacher" else current.get(lid)
             if lr is None:
                 return out
             L, Rt = lr
-            return out + (inputs[0] @ Rt) @ L.T
+            return out + (args[0] @ Rt) @ L.T
         return hook
 
     used = sorted(set(teacher) | set(params) | set(fixed))
-    _check_base(bundle, modules, names, used)
     hooks = [modules[names[lid]].register_forward_hook(hook_for(lid)) for lid in used]
-    enc = tokenizer(list(texts), truncation=True, max_length=config.max_len, padding=True,
-                    return_tensors="pt")
-    ids, mask = enc["input_ids"], enc["attention_mask"]
 
     def forward(idx):
-        width = int(mask[idx].sum(1).max())
-        m = mask[idx, :width]
-        unit = unit_embedding(model(input_ids=ids[idx, :width], attention_mask=m)
-                              .last_hidden_state, m)
-        return logits_from_unit(unit, head), unit
+        features = model.features(model.feeds([inputs[int(i)] for i in idx], config.max_len))
+        return head(features), unit(features)
 
     def loss_of(out, t_logits, t_unit):
-        logits, unit = out
+        logits, embedding = out
         kl = torch.nn.functional.kl_div(torch.log_softmax(logits, -1),
                                         torch.log_softmax(t_logits, -1), log_target=True,
                                         reduction="batchmean")
-        return kl + config.embed_weight * ((unit - t_unit) ** 2).sum(-1).mean()
+        return kl + config.embed_weight * ((embedding - t_unit) ** 2).sum(-1).mean()
 
     def set_student() -> None:
         current.clear()
         current.update(fixed)
         current.update({lid: p.factors() for lid, p in params.items()})
 
-    n = len(texts)
-    order = torch.argsort(mask.sum(1))
+    n = len(inputs)
+    order = torch.from_numpy(np.argsort([len(str(x)) for x in inputs], kind="stable"))
     chunks = [order[s : s + 64] for s in range(0, n, 64)]
     try:
         with torch.no_grad():
             mode[0] = "teacher"
-            t_logits = torch.empty(n, num_labels)
-            t_unit = torch.empty(n, int(model.config.hidden_size))
-            for c in chunks:
-                t_logits[c], t_unit[c] = forward(c)
+            outs = [forward(c) for c in chunks]
+            t_logits = torch.empty(n, outs[0][0].shape[1])
+            t_unit = torch.empty(n, outs[0][1].shape[1])
+            for c, (logits, embedding) in zip(chunks, outs, strict=True):
+                t_logits[c], t_unit[c] = logits, embedding
             mode[0] = "student"
 
             def full_loss() -> float:
@@ -243,7 +219,7 @@ def refit_records(bundle: Bundle, records: Sequence[LayerRecord],
                 opt.step()
                 sched.step()
                 if progress is not None:
-                    progress(step + 1, config.steps, float(loss))
+                    progress(step + 1, config.steps, float(loss.detach()))
         with torch.no_grad():
             after = full_loss()
     finally:

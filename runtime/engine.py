@@ -1,14 +1,20 @@
-"""``EdgeRuntime``: verify a packet, decode it, and swap the adapter in atomically.
+"""``EdgeRuntime``: verify a packet once, decode it once, stage it, and serve it on demand.
 
-The flow of :meth:`EdgeRuntime.apply`: packet bytes -> signature against the trusted keys
-(``solar_edge.format.packet``) -> base fingerprint -> anti-rollback version -> low-rank factors per
-layer (``solar_edge.encode.solar.decode_factors``, which regenerates only the perturbed basis
-columns the packet keeps) -> the backend stages the adapter in new buffers -> health check
-(fixed input, finite outputs) -> commit. Any failure leaves the previous adapter serving.
+:meth:`EdgeRuntime.stage` is the one path a packet takes: bytes -> signature against the
+trusted keys and every field checked (:func:`~solar_edge.format.reader.decode_packet`) ->
+base fingerprint -> anti-rollback version (:meth:`_check_version`, the one place it is
+checked) -> low-rank factors per layer (:func:`~solar_edge.decode.decode_records`, which
+checks every record against the bundle before it regenerates anything) -> the backend
+prepares the adapter in new buffers and runs the health input through it without serving
+it (finite outputs, else :class:`~solar_edge.errors.HealthCheckError`) -> cached. Nothing
+that serves changes until :meth:`activate`, which commits in one step; :meth:`apply` is
+both. Any failure leaves the previous adapter serving.
 
 The cache keeps each adapter's factors ``(L, Rt)`` only: ``4 * (out + in) * k`` bytes per
 adapted weight, never a dense ``dW``. Base weights are the bundle's memory-mapped arrays and
-are only read, so switching never accumulates error.
+are only read, so switching never accumulates error. The model family
+(:mod:`solar_edge.runtime.families`) turns inputs into feeds and outputs into features; the
+backend (:mod:`solar_edge.runtime.backends`) runs the graph.
 """
 
 from __future__ import annotations
@@ -17,11 +23,12 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from solar_edge.decode import decode_records
 from solar_edge.errors import (
     BaseMismatchError,
     HealthCheckError,
@@ -33,11 +40,11 @@ from solar_edge.errors import (
 from solar_edge.format import signing
 from solar_edge.format.packet import Packet, PacketLimits
 from solar_edge.format.reader import decode_packet
-from solar_edge.regen.heads import head_logits, mean_pool, task_head
-from solar_edge.runtime.bundle_parts import BundleParts, open_bundle
+from solar_edge.runtime.backends import open_backend
+from solar_edge.runtime.bundle_parts import open_bundle
+from solar_edge.runtime.families import open_family
+from solar_edge.runtime.heads import SeededHead, head_from_metadata, unit
 from solar_edge.runtime.patching import Factors, check_factors, factors_nbytes
-
-HEALTH_TEXT = "solar-edge health check: the quick brown fox jumps over the lazy dog."
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,7 @@ class AdapterInfo:
 class _Cached:
     info: AdapterInfo
     factors: dict[int, Factors]
-    head: np.ndarray | None = field(default=None)
+    head: SeededHead | None = None
 
 
 class EdgeRuntime:
@@ -67,10 +74,11 @@ class EdgeRuntime:
 
     ``trusted_keys``: Ed25519 public keys (iterable or ``{key id: key}``).
     ``profile``: a device-profile name, ``DeviceProfile`` or mapping; default: the bundle's.
-    ``mechanism``: a name from ``MECHANISMS`` or ``"tflite"``; default per profile.
-    ``min_versions``: versions the caller already installed (e.g. the agent's persisted
-    state): a packet older than that is a rollback; the same version may be re-applied once
-    after a restart. Within one runtime, an adapter id only accepts newer versions.
+    ``mechanism``: a patching mechanism (:func:`solar_edge.runtime.backends.mechanisms`);
+    default per profile. ``min_versions``: versions the caller already installed (e.g. the
+    agent's persisted state): a packet older than that is a rollback; the same version may
+    be re-applied once after a restart. Within one runtime an adapter id only accepts newer
+    versions.
     """
 
     def __init__(
@@ -88,26 +96,25 @@ class EdgeRuntime:
         self.keys = signing.keyring(trusted_keys)
         if not self.keys:
             raise SolarEdgeError("no trusted keys: the runtime would accept no packet")
-        self.bundle: BundleParts = open_bundle(bundle_dir, profile)
+        self.bundle = open_bundle(bundle_dir, profile)
         self.limits = limits
         self.max_cached = max_cached
-        self.backend, self.mechanism = self._open_backend(mechanism, threads)
+        self.backend = open_backend(self.bundle, mechanism, threads)
+        self.mechanism = self.backend.name
+        self.family = open_family(self.bundle, self.backend)
         self._lock = threading.RLock()
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
         self._floor = dict(min_versions or {})
         self._installed: dict[str, int] = {}
         self._active: _Cached | None = None
-        self.last_timings: dict[str, float] = {}  # of the last apply/switch/reset, by step
-        self._health_feeds = self.backend.encode([HEALTH_TEXT])
+        self._staged: tuple[_Cached, Any] | None = None  # prepared, probed, not yet served
+        self.last_timings: dict[str, float] = {}  # of the last stage/activate, by step
+        self._health_feeds = self.family.feeds(self.family.health_input)
         self.backend.check_link(self._health_feeds)
         first = self.backend.run(self._health_feeds)
         self._check(first)
-        self.hidden = int(first[0].shape[-1])  # width of the pooled embedding (task heads)
-
-    def _open_backend(self, mechanism: str | None, threads: int) -> tuple[Any, str]:
-        from solar_edge.runtime.backends import open_backend
-
-        return open_backend(self.bundle, mechanism, threads)
+        features = self.family.features(first, self._health_feeds)
+        self.hidden = int(features.shape[-1])  # width of the features (task heads)
 
     # --- state -------------------------------------------------------------------------
     @property
@@ -120,12 +127,12 @@ class EdgeRuntime:
 
     @property
     def installed_versions(self) -> dict[str, int]:
-        """Highest version applied per adapter id (for the caller to persist)."""
+        """Highest version staged per adapter id (for the caller to persist)."""
         return {**self._floor, **self._installed}
 
-    # --- apply / switch / reset ----------------------------------------------------------
-    def apply(self, packet_bytes: bytes) -> AdapterInfo:
-        """Verify, decode, cache and activate a packet; atomic (see module docstring)."""
+    # --- stage / activate ----------------------------------------------------------------
+    def stage(self, packet_bytes: bytes) -> AdapterInfo:
+        """Verify, decode, probe and cache a packet; what serves does not change."""
         t0 = time.perf_counter()
         packet = decode_packet(packet_bytes, self.keys, self.limits)
         header = packet.header
@@ -138,62 +145,97 @@ class EdgeRuntime:
         cached = self._decode(packet)
         t2 = time.perf_counter()
         with self._lock:
-            self._activate(cached)
-            self.last_timings = {"verify_ms": (t1 - t0) * 1e3, "decode_ms": (t2 - t1) * 1e3,
-                                 **self.last_timings}
+            try:
+                staged = self.backend.prepare(cached.factors)
+                t3 = time.perf_counter()
+                probe = self.backend.probe(staged, self._health_feeds)
+            except SolarEdgeError:
+                raise
+            except Exception as exc:
+                raise RuntimeApplyError(f"staging the adapter failed: {exc}") from exc
+            self._check(probe)
             self._installed[header.adapter_id] = header.adapter_version
+            # a newer version of the serving adapter replaces the cache entry; the old entry
+            # keeps serving (it is self._active) until activate()
             self._cache[header.adapter_id] = cached
             self._cache.move_to_end(header.adapter_id)
-            while len(self._cache) > self.max_cached:
-                oldest = next(iter(self._cache))
-                if self._active is self._cache[oldest]:
-                    self._cache.move_to_end(oldest)
-                    continue
-                del self._cache[oldest]
+            self._evict()
+            self._staged = (cached, staged)  # valid until something else is committed
+        self.last_timings = {"verify_ms": (t1 - t0) * 1e3, "decode_ms": (t2 - t1) * 1e3,
+                             "stage_ms": (t3 - t2) * 1e3,
+                             "probe_ms": (time.perf_counter() - t3) * 1e3}
         return cached.info
 
-    def switch(self, adapter_id: str) -> AdapterInfo:
-        """Serve a cached adapter (recomputed from its factors and the pristine base)."""
+    def activate(self, adapter_id: str | None) -> AdapterInfo | None:
+        """Serve a cached adapter (``None``: the base model), committed in one step."""
         with self._lock:
-            cached = self._cache.get(adapter_id)
-            if cached is None:
-                raise UnknownAdapterError(
-                    f"adapter {adapter_id!r} is not cached; cached: {list(self._cache)}")
-            self._activate(cached, check=False)
-            self._cache.move_to_end(adapter_id)
-            return cached.info
+            if adapter_id is None:
+                new = None
+            else:
+                new = self._cache.get(adapter_id)
+                if new is None:
+                    raise UnknownAdapterError(
+                        f"adapter {adapter_id!r} is not cached; cached: {list(self._cache)}")
+            t0 = time.perf_counter()
+            ready, self._staged = self._staged, None
+            try:
+                if ready is not None and new is not None and ready[0] is new:
+                    staged = ready[1]  # prepared by stage() and nothing committed since
+                else:
+                    staged = self.backend.prepare(new.factors if new else {})
+                t1 = time.perf_counter()
+                self.backend.commit(staged)
+            except Exception as exc:
+                self._restore_serving()
+                if isinstance(exc, SolarEdgeError):
+                    raise
+                raise RuntimeApplyError(f"activating the adapter failed: {exc}") from exc
+            self._active = new
+            if adapter_id is not None:
+                self._cache.move_to_end(adapter_id)
+            self.last_timings = {"prepare_ms": (t1 - t0) * 1e3,
+                                 "commit_ms": (time.perf_counter() - t1) * 1e3}
+            return new.info if new else None
+
+    def apply(self, packet_bytes: bytes) -> AdapterInfo:
+        """:meth:`stage` then :meth:`activate` the packet's adapter."""
+        info = self.stage(packet_bytes)
+        staged_timings = self.last_timings
+        self.activate(info.adapter_id)
+        self.last_timings = {**staged_timings, "commit_ms": self.last_timings["commit_ms"]}
+        return info
+
+    def switch(self, adapter_id: str) -> AdapterInfo:
+        """Serve another cached adapter (recomputed from its factors and the pristine base)."""
+        info = self.activate(adapter_id)
+        assert info is not None
+        return info
 
     def reset(self) -> None:
         """Serve the base model."""
-        with self._lock:
-            self._activate(None, check=False)
+        self.activate(None)
 
     # --- inference -----------------------------------------------------------------------
-    def infer(self, inputs: Sequence[str] | str | Mapping[str, np.ndarray]) -> np.ndarray:
-        """Texts -> normalised mean-pooled embeddings, or task logits when a head is active.
+    def infer(self, inputs: Any) -> np.ndarray:
+        """Inputs -> task logits when the active adapter has a head, else unit embeddings.
 
-        A mapping of arrays is fed to the graph as is and returns its first output.
-        """
+        A mapping of arrays is fed to the graph as is and returns its first output."""
         with self._lock:
             if isinstance(inputs, Mapping):
                 return self.backend.run(dict(inputs))[0]
-            feeds = self.backend.encode([inputs] if isinstance(inputs, str) else list(inputs))
-            hidden = self.backend.run(feeds)[0]
+            feeds = self.family.feeds(inputs)
+            outputs = self.backend.run(feeds)
             head = self._active.head if self._active else None
-        pooled = mean_pool(hidden, feeds["attention_mask"])
-        if head is not None:
-            return head_logits(pooled, head)
-        norms = np.linalg.norm(pooled, axis=-1, keepdims=True)
-        return (pooled / np.maximum(norms, np.float32(1e-12))).astype(np.float32)
+        features = self.family.features(outputs, feeds)
+        return head.logits(features) if head is not None else unit(features)
 
-    def classify(self, texts: Sequence[str] | str) -> list[str]:
+    def classify(self, inputs: Sequence[Any] | str) -> list[str]:
         """Labels from the active adapter's task head."""
-        info = self.active
-        if info is None or info.labels is None or self._active is None or \
-                self._active.head is None:
+        head = self._active.head if self._active else None
+        if head is None:
             raise SolarEdgeError("the active adapter has no task head")
-        logits = self.infer(texts)
-        return [info.labels[i] for i in logits.argmax(axis=-1)]
+        logits = self.infer(inputs)
+        return [head.labels[i] for i in logits.argmax(axis=-1)]
 
     # --- internals -----------------------------------------------------------------------
     def _check_version(self, adapter_id: str, version: int) -> None:
@@ -209,8 +251,6 @@ class EdgeRuntime:
                 field="header.adapter_version")
 
     def _decode(self, packet: Packet) -> _Cached:
-        from solar_edge.decode import decode_records
-
         try:
             decoded = decode_records(packet.records, packet.codec, self.bundle.dims,
                                      self.bundle.basis)
@@ -219,49 +259,27 @@ class EdgeRuntime:
         factors = {lid: check_factors(lid, self.bundle.slots[lid].shape, pair)
                    for lid, pair in decoded.items()}
         meta = dict(packet.header.metadata)
-        head = None
-        if meta.get("labels") and "head_seed" in meta:
-            head = task_head(int(meta["head_seed"]), len(meta["labels"]), self.hidden)
         info = AdapterInfo(
             adapter_id=packet.header.adapter_id, version=packet.header.adapter_version,
             metadata=meta, layers=len(factors),
             rank=max((f[0].shape[1] for f in factors.values()), default=0),
             cache_bytes=factors_nbytes(factors),
         )
-        return _Cached(info, factors, head)
+        return _Cached(info, factors, head_from_metadata(meta, self.hidden))
 
     def _check(self, outputs: Sequence[np.ndarray]) -> None:
         if not outputs or any(not np.isfinite(o).all() for o in outputs):
             raise HealthCheckError("health check: the model produced non-finite outputs")
 
-    def _activate(self, new: _Cached | None, check: bool = True) -> None:
-        """Stage, check, commit; on any failure restore what served before and re-raise.
+    def _evict(self) -> None:
+        while len(self._cache) > self.max_cached:
+            victim = next((k for k, c in self._cache.items()
+                           if self._active is None or c is not self._active), None)
+            if victim is None:
+                return
+            del self._cache[victim]
 
-        ``check=False`` (switch, reset) skips the health check: a cached adapter passed it
-        when applied and the base is the bundle's own model.
-        """
-        factors = new.factors if new else {}
-        t0 = time.perf_counter()
-        try:
-            staged = self.backend.prepare(factors)
-            t1 = time.perf_counter()
-            probe = self.backend.probe(staged, self._health_feeds) if check else None
-        except SolarEdgeError:
-            raise
-        except Exception as exc:
-            raise RuntimeApplyError(f"staging the adapter failed: {exc}") from exc
-        if probe is not None:
-            self._check(probe)  # nothing committed yet
-        try:
-            self.backend.commit(staged)
-            if check and probe is None:
-                self._check(self.backend.run(self._health_feeds))
-        except Exception as exc:
-            previous = self._active.factors if self._active else {}
-            self.backend.commit(self.backend.prepare(previous))
-            if isinstance(exc, SolarEdgeError):
-                raise
-            raise RuntimeApplyError(f"activating the adapter failed: {exc}") from exc
-        self._active = new
-        t2 = time.perf_counter()
-        self.last_timings = {"stage_ms": (t1 - t0) * 1e3, "check_and_commit_ms": (t2 - t1) * 1e3}
+    def _restore_serving(self) -> None:
+        """After a failed commit: put back exactly what served before."""
+        previous = self._active.factors if self._active else {}
+        self.backend.commit(self.backend.prepare(previous))

@@ -24,10 +24,11 @@ import numpy as np
 
 from solar_edge import methods
 from solar_edge.errors import CodecError
+from solar_edge.format.bundle import LayerBasis
 from solar_edge.format.kinds import rule_of, value_count
 from solar_edge.format.records import CodecHeader, LayerRecord, RecordKind
 from solar_edge.methods.base import Factors, KindDecoder
-from solar_edge.regen.bases import LayerBasis, perturbed_columns, u_stream, v_stream
+from solar_edge.regen.bases import perturbed_columns, u_stream, v_stream
 
 
 @dataclass(frozen=True)

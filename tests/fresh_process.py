@@ -14,14 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from solar_edge.regen.bases import LayerBasis
+from solar_edge.format.bundle import LayerBasis
 
 _CHILD = r"""
 import sys
 import numpy as np
 from solar_edge.decode import factors_by_layer
 from solar_edge.format.reader import decode_packet
-from solar_edge.regen.bases import LayerBasis
+from solar_edge.format.bundle import LayerBasis
 
 data = open(sys.argv[1], "rb").read()
 arrays = np.load(sys.argv[2])

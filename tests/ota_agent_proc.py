@@ -41,7 +41,7 @@ def main() -> None:
         from solar_edge.runtime.engine import EdgeRuntime
 
         bundle = sys.argv[7]
-        applier = RuntimeApplier(lambda: EdgeRuntime(bundle, [public]), [public])
+        applier = RuntimeApplier(lambda: EdgeRuntime(bundle, [public]))
     else:
         applier = InMemoryApplier(public)
     config = AgentConfig(url, Path(state_dir), trusted_root=Path(root).read_bytes(),

@@ -62,49 +62,50 @@ def double_facts(data: bytes) -> PacketFacts:
 
 
 class InMemoryApplier:
-    """In-memory double of the runtime behind the agent's Applier protocol."""
+    """In-memory double of the runtime behind the agent's Applier protocol.
+
+    ``cache`` holds staged adapters by id; ``serving`` is the header of what serves (a
+    newer staged version of the serving id does not serve until it is activated)."""
 
     def __init__(self, trusted: Ed25519PublicKey, fingerprint: str = BASE) -> None:
         self.trusted = trusted
         self.fingerprint = fingerprint
         self.cache: dict[str, dict] = {}
-        self.active: str | None = None
-        self.applied: list[str] = []   # sha256 of every packet applied, in order
+        self.serving: dict | None = None
+        self.staged: list[str] = []   # sha256 of every packet staged, in order
 
-    def inspect(self, data: bytes) -> PacketFacts:
-        parse_test_packet(data, self.trusted)
-        return double_facts(data)
-
-    def apply(self, data: bytes) -> None:
+    def stage(self, data: bytes) -> PacketFacts:
         head = parse_test_packet(data, self.trusted)
         if head["fingerprint"] != self.fingerprint:
             raise BaseMismatchError("packet is for another base bundle", field="header.fingerprint")
         cached = self.cache.get(head["adapter_id"])
         if cached is not None and head["version"] <= cached["version"]:
             raise RollbackError("not newer than the cached version", field="header.version")
+        if not math.isfinite(head["scale"]):  # the health probe of the staged adapter
+            raise HealthCheckError("non-finite outputs")
         self.cache[head["adapter_id"]] = head
-        self.applied.append(hashlib.sha256(data).hexdigest())
+        self.staged.append(hashlib.sha256(data).hexdigest())
+        return double_facts(data)
 
     def activate(self, adapter_id: str | None) -> None:
         if adapter_id is not None and adapter_id not in self.cache:
             raise UnknownAdapterError(adapter_id)
-        self.active = adapter_id
+        self.serving = None if adapter_id is None else self.cache[adapter_id]
+
+    @property
+    def active(self) -> str | None:
+        return None if self.serving is None else self.serving["adapter_id"]
 
     def infer(self, x: Sequence[float]) -> np.ndarray:
-        scale = 1.0 if self.active is None else self.cache[self.active]["scale"]
+        scale = 1.0 if self.serving is None else self.serving["scale"]
         return np.asarray(x, np.float64) * scale
 
-    def health_check(self) -> None:
-        out = self.infer([1.0, 2.0])
-        if not all(math.isfinite(v) for v in out):
-            raise HealthCheckError("non-finite outputs")
-
     def restore(self, packets: Sequence[bytes], active: str | None) -> None:
-        self.cache, self.active = {}, None
+        self.cache, self.serving = {}, None
         for data in packets:
-            self.apply(data)
+            self.stage(data)
         self.activate(active)
 
     @property
     def active_version(self) -> int | None:
-        return None if self.active is None else self.cache[self.active]["version"]
+        return None if self.serving is None else self.serving["version"]

@@ -73,7 +73,7 @@ def test_interrupted_download_resumes_with_range_and_completes(rig):
     assert outcome.action == "installed", outcome
     ranges = [r for p, r in server.requests if p == path]
     assert ranges == [None, "bytes=100000-", "bytes=200000-"]
-    assert agent.applier.applied == [hashlib.sha256(packet).hexdigest()]
+    assert agent.applier.staged == [hashlib.sha256(packet).hexdigest()]
     assert not list(agent.store.partial.iterdir())
 
 
@@ -122,7 +122,7 @@ def test_bad_packet_signature_is_rejected_even_with_valid_metadata(rig):
     [outcome] = agent.run()
     assert isinstance(outcome.error, SignatureError)
     assert hashlib.sha256(forged).hexdigest() in _state(agent)["rejected"]
-    assert agent.applier.applied == []
+    assert agent.applier.staged == []
 
 
 def test_wrong_base_model_is_rejected(rig):
@@ -151,7 +151,7 @@ def test_expired_metadata_is_rejected(rig):
     agent = rig.agent()
     with pytest.raises(MetadataExpiredError):
         agent.run()
-    assert agent.applier.applied == []
+    assert agent.applier.staged == []
 
 
 def test_tampered_metadata_is_rejected(rig):

@@ -59,7 +59,7 @@ def _check_restart(rig: Rig, new: bytes) -> list[float]:
     out = list(agent.applier.infer([1.0]))
     assert (installed.version, out) in ((1, OLD), (2, NEW)), (installed, out)
     assert agent.applier.active_version == installed.version
-    assert agent.applier.applied == [installed.sha256]   # exactly the committed packet
+    assert agent.applier.staged == [installed.sha256]   # exactly the committed packet
     [outcome] = agent.run()
     assert outcome.action in ("installed", "current"), outcome
     assert list(agent.applier.infer([1.0])) == NEW
@@ -74,8 +74,8 @@ def _check_restart(rig: Rig, new: bytes) -> list[float]:
     ("chunk", 40, OLD),
     ("verified", 1, OLD),
     ("stored", 1, OLD),
-    ("applied", 1, OLD),
-    ("healthy", 1, OLD),
+    ("staged", 1, OLD),
+    ("activated", 1, OLD),
     ("committed", 1, NEW),
 ])
 def test_kill_at_each_phase(updating, phase, nth, expected):

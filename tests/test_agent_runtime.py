@@ -74,7 +74,7 @@ def _applier(world):
     from solar_edge.runtime.engine import EdgeRuntime
 
     keys = [world["key"].public_key()]
-    return RuntimeApplier(lambda: EdgeRuntime(str(world["bundle_dir"]), keys), keys)
+    return RuntimeApplier(lambda: EdgeRuntime(str(world["bundle_dir"]), keys))
 
 
 def _rig(tmp_path, world, link=None) -> Rig:
@@ -115,7 +115,7 @@ def test_agent_installs_real_packets_and_rejects_bad_ones(tmp_path, world):
 
 
 @pytest.mark.parametrize(("phase", "nth", "expected"), [
-    ("chunk", 4, "v1"), ("applied", 1, "v1"), ("committed", 1, "v2"),
+    ("chunk", 4, "v1"), ("staged", 1, "v1"), ("activated", 1, "v1"), ("committed", 1, "v2"),
 ])
 def test_kill_9_with_the_real_runtime_restarts_into_old_or_new(tmp_path, world, phase, nth,
                                                                expected):

@@ -80,7 +80,7 @@ def test_adapters_without_a_regenerable_basis_are_refused(lora_adapter_dir: Path
     adapter = read_adapter(tinylora_dir)
     updates = match_to_bundle(adapter.updates, bundle.layers)
     rng = np.random.default_rng(0)
-    from solar_edge.regen.bases import LayerBasis
+    from solar_edge.format.bundle import LayerBasis
 
     wrong = {lid: LayerBasis(lid, *(np.linalg.qr(rng.standard_normal((d, d)))[0]
                                     .astype(np.float32) for d in (384, 384)))

@@ -16,6 +16,7 @@ from solar_edge.encode.solar import CodecConfig, encode
 from solar_edge.errors import BudgetError, CodecError, InvalidFieldError
 from solar_edge.format import signing
 from solar_edge.format.bitpack import pack_codes, unpack_codes
+from solar_edge.format.bundle import LayerBasis
 from solar_edge.format.layout import (
     LAYER_ENTRY_BYTES,
     fixed_overhead_bytes,
@@ -34,7 +35,7 @@ from solar_edge.format.records import (
 )
 from solar_edge.format.writer import encode_packet
 from solar_edge.methods.base import LayerUpdate
-from solar_edge.regen.bases import LayerBasis, perturbed_columns
+from solar_edge.regen.bases import perturbed_columns
 from solar_edge.regen.prng import perturbation_columns
 
 REPS = ["sparse_core", "factored_core", "dense_factors", "auto"]

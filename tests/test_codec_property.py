@@ -13,13 +13,13 @@ from solar_edge.decode import factors_by_layer
 from solar_edge.encode.solar import REPRESENTATIONS, CodecConfig, encode
 from solar_edge.errors import BudgetError
 from solar_edge.format import signing
+from solar_edge.format.bundle import LayerBasis
 from solar_edge.format.layout import LAYER_ENTRY_BYTES, fixed_overhead_bytes, values_nbytes
 from solar_edge.format.packet import PacketHeader
 from solar_edge.format.reader import decode_packet
 from solar_edge.format.records import PerturbationKind, RecordKind, ValueFormat
 from solar_edge.format.writer import encode_packet
 from solar_edge.methods.base import LayerUpdate
-from solar_edge.regen.bases import LayerBasis
 
 KEY = signing.generate_private_key()
 HEADER = PacketHeader(bytes(32), "property", 1, {})

@@ -20,8 +20,8 @@ from solar_edge.cli import cli
 from solar_edge.errors import ExportError, ProfileError
 from solar_edge.exporters import examples
 from solar_edge.exporters.basis import reconstruct
-from solar_edge.exporters.models import select_targets
 from solar_edge.exporters.pipeline import export_bundle
+from solar_edge.exporters.targets import select_targets
 from solar_edge.exporters.tflite_export import converter_available
 from solar_edge.format.bundle import load_bundle
 from solar_edge.profiles.device import choose_ranks, load_profile

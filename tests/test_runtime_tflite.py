@@ -19,7 +19,7 @@ flatbuffers = pytest.importorskip("flatbuffers")
 
 from ai_edge_litert import schema_py_generated as schema  # noqa: E402
 
-from solar_edge.runtime.backends_tflite import (  # noqa: E402
+from solar_edge.runtime.backends.tflite import (  # noqa: E402
     Placement,
     TfliteBackend,
     interpreter_class,
@@ -166,7 +166,7 @@ def test_backend_stages_probes_and_swaps(folded_model, tmp_path):
     _, found = _placements(m)
     path = tmp_path / "model.tflite"
     path.write_bytes(m.data)
-    backend = TfliteBackend(SimpleNamespace(bundle=_StandInBundle(path, m, found)))
+    backend = TfliteBackend(SimpleNamespace(bundle=_StandInBundle(path, m, found), profile={}))
     x = np.random.default_rng(3).standard_normal((4, IN)).astype(np.float32)
     base = backend.run({"x": x})[0]
     factors = _factors(4)

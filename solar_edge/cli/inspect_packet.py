@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from solar_edge.cli import options
 from solar_edge.format import layout, signing
 from solar_edge.format.packet import Packet
 from solar_edge.format.reader import decode_packet
@@ -81,19 +82,21 @@ def _text(info: dict[str, Any], signature: str) -> str:
 @click.command("inspect")
 @click.argument("packet_path", metavar="PACKET",
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--key", "keys", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="Trusted public key file (hex or PEM); repeatable. Verifies the signature.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def inspect(packet_path: Path, keys: tuple[str, ...], as_json: bool) -> None:
+@options.trusted_keys(help_tail="Given, the signature is verified.")
+@options.as_json()
+def inspect(packet_path: Path, trusted_keys: tuple[Path, ...], as_json: bool) -> None:
     """Decode PACKET and show its header, codec parameters, layers and bytes per part.
 
-    Without --key the signature is not checked; with --key a bad or untrusted signature is
-    an error (exit code 2).
+    Without --trusted-key the signature is not checked; with it a bad or untrusted
+    signature is an error (exit code 2).
     """
     data = packet_path.read_bytes()
-    trusted = [signing.load_public_key(k) for k in keys] if keys else None
+    trusted = [signing.load_public_key(k) for k in trusted_keys] if trusted_keys else None
     pkt = decode_packet(data, trusted_keys=trusted)
-    status = "verified" if trusted is not None else "not checked (no --key)"
+    status = "verified" if trusted is not None else "not checked (no --trusted-key)"
     info = describe(data, pkt)
     info["signature"] = status
-    click.echo(json.dumps(info, indent=1) if as_json else _text(info, status))
+    if as_json:
+        options.emit_json(info)
+    else:
+        click.echo(_text(info, status))

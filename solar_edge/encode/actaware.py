@@ -31,6 +31,7 @@ import numpy as np
 from solar_edge.decode import decode_factors
 from solar_edge.encode.quant import best_quantize
 from solar_edge.errors import CodecError
+from solar_edge.format.bundle import LayerBasis
 from solar_edge.format.layout import record_nbytes
 from solar_edge.format.records import (
     CodecHeader,
@@ -39,7 +40,6 @@ from solar_edge.format.records import (
     ValueFormat,
 )
 from solar_edge.methods.base import LayerUpdate
-from solar_edge.regen.bases import LayerBasis
 
 REFIT_ROUNDS = 2
 

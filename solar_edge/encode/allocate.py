@@ -22,10 +22,10 @@ import numpy as np
 from solar_edge.encode.actaware import LayerFit, Whitener, fit_layer
 from solar_edge.encode.greedy import allocate_greedy
 from solar_edge.errors import BudgetError, CodecError
+from solar_edge.format.bundle import LayerBasis
 from solar_edge.format.layout import DEFAULT_PACKET_OVERHEAD
 from solar_edge.format.records import LayerRecord, ValueFormat
 from solar_edge.methods.base import LayerUpdate
-from solar_edge.regen.bases import LayerBasis
 
 DEFAULT_FORMATS = (ValueFormat.INT2, ValueFormat.INT3, ValueFormat.INT4, ValueFormat.INT5,
                    ValueFormat.INT6, ValueFormat.INT8)

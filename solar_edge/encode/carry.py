@@ -17,10 +17,10 @@ import numpy as np
 
 from solar_edge.decode import factors_by_layer
 from solar_edge.errors import AdapterError
+from solar_edge.format.bundle import LayerBasis
 from solar_edge.format.records import CodecHeader, LayerRecord, ValueFormat
 from solar_edge.methods import method_for
 from solar_edge.methods.base import Adapter, LayerUpdate
-from solar_edge.regen.bases import LayerBasis
 
 EXACT_TOLERANCE = {ValueFormat.FLOAT32: 1e-4, ValueFormat.FLOAT16: 1e-2}  # relative error
 

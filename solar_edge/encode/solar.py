@@ -26,6 +26,7 @@ from solar_edge.decode import decode_factors
 from solar_edge.encode.greedy import allocate_greedy
 from solar_edge.encode.quant import quantize
 from solar_edge.errors import BudgetError, CodecError
+from solar_edge.format.bundle import LayerBasis
 from solar_edge.format.layout import (
     DEFAULT_PACKET_OVERHEAD,
     LAYER_ENTRY_BYTES,
@@ -43,7 +44,7 @@ from solar_edge.format.records import (
     ValueFormat,
 )
 from solar_edge.methods.base import LayerUpdate
-from solar_edge.regen.bases import LayerBasis, perturbed_columns, u_stream, v_stream
+from solar_edge.regen.bases import perturbed_columns, u_stream, v_stream
 
 REPRESENTATIONS = ("sparse_core", "factored_core", "dense_factors", "auto")
 _KIND_OF = {

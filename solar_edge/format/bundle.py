@@ -15,14 +15,11 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from solar_edge.errors import BundleError, BundleIntegrityError
-
-if TYPE_CHECKING:
-    from solar_edge.regen.bases import LayerBasis
+from solar_edge.errors import BundleError, BundleIntegrityError, CodecError
 
 MANIFEST = "manifest.json"
 FORMAT = "solar-edge-bundle"
@@ -59,6 +56,38 @@ def safe_relpath(rel: str) -> PurePosixPath:
     if not rel or p.is_absolute() or "\\" in rel or bad_part:
         raise BundleError("path in manifest escapes the bundle or is malformed", path=rel)
     return p
+
+
+@dataclass(frozen=True)
+class LayerBasis:
+    """Stored basis of one layer: ``U`` (out x Ru), ``V`` (in x Rv), float32.
+
+    Bundles store ``Ru == Rv == R``; the codec also accepts different ranks (e.g. complete
+    bases of a rectangular weight).
+    """
+
+    layer_id: int
+    U: np.ndarray
+    V: np.ndarray
+
+    def __post_init__(self) -> None:
+        for name in ("U", "V"):
+            m = np.asarray(getattr(self, name))
+            if m.ndim != 2 or m.shape[1] < 1:
+                raise CodecError(f"layer {self.layer_id}: basis {name} must be 2-D, got {m.shape}")
+            if m.dtype != np.float32:
+                m = m.astype(np.float32)
+            object.__setattr__(self, name, m)
+        if not 0 <= self.layer_id <= 0xFFFFFFFF:
+            raise CodecError(f"layer id {self.layer_id} out of range")
+
+    @property
+    def out_features(self) -> int:
+        return int(self.U.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.V.shape[0])
 
 
 @dataclass(frozen=True)
@@ -175,9 +204,7 @@ class Bundle:
         return u.astype(np.float32), v.astype(np.float32)
 
     def layer_basis(self, layer_id: int) -> LayerBasis:
-        """The codec's :class:`~solar_edge.regen.bases.LayerBasis` for ``layer_id``."""
-        from solar_edge.regen.bases import LayerBasis
-
+        """The codec's :class:`LayerBasis` for ``layer_id``."""
         u, v = self.basis(layer_id)
         return LayerBasis(layer_id, u, v)
 

@@ -18,7 +18,7 @@ import numpy as np
 from solar_edge.format.records import CodecHeader, LayerRecord, RecordKind, ValueFormat
 
 if TYPE_CHECKING:
-    from solar_edge.regen.bases import LayerBasis
+    from solar_edge.format.bundle import LayerBasis
 
 Factors = tuple[np.ndarray, np.ndarray]  # (L: out x k, Rt: in x k), dW = L @ Rt.T
 Tensors = Mapping[str, np.ndarray]

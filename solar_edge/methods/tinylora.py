@@ -19,6 +19,7 @@ import numpy as np
 
 from solar_edge.encode.quant import quantize
 from solar_edge.errors import AdapterError
+from solar_edge.format.bundle import LayerBasis
 from solar_edge.format.records import LayerRecord, RecordKind, ValueFormat
 from solar_edge.methods.base import Adapter, LayerUpdate, Method, Tensors
 from solar_edge.methods.tensors import (
@@ -29,7 +30,6 @@ from solar_edge.methods.tensors import (
     reject_unknown,
     require,
 )
-from solar_edge.regen.bases import LayerBasis
 
 SUFFIXES = ("tinylora_A", "tinylora_B", "tinylora_P")
 # Order of BERT submodules inside one encoder layer, as ``named_modules`` visits them.

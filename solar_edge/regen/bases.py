@@ -1,14 +1,13 @@
 """Perturbed bases ``U~ = U + eps * P``, generated only for the columns a record uses.
 
-``U`` / ``V`` come from the bundle (singular vectors of ``W0``, float32 views). ``P`` is
+``U`` / ``V`` come from the bundle (singular vectors of ``W0``, float32 views: a
+:class:`~solar_edge.format.bundle.LayerBasis`). ``P`` is
 regenerated from ``(seed, layer_id, stream)`` with :mod:`solar_edge.regen.prng`;
 ``stream = 2 * variant`` for U and ``2 * variant + 1`` for V. The arithmetic is fixed:
 ``float32(U[:, c]) + float32(eps) * P[:, c]`` in float32, so every platform gets the same bits.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -23,38 +22,6 @@ def u_stream(variant: int) -> int:
 
 def v_stream(variant: int) -> int:
     return 2 * variant + 1
-
-
-@dataclass(frozen=True)
-class LayerBasis:
-    """Stored basis of one layer: ``U`` (out x Ru), ``V`` (in x Rv), float32.
-
-    Bundles store ``Ru == Rv == R``; the codec also accepts different ranks (e.g. complete
-    bases of a rectangular weight).
-    """
-
-    layer_id: int
-    U: np.ndarray
-    V: np.ndarray
-
-    def __post_init__(self) -> None:
-        for name in ("U", "V"):
-            m = np.asarray(getattr(self, name))
-            if m.ndim != 2 or m.shape[1] < 1:
-                raise CodecError(f"layer {self.layer_id}: basis {name} must be 2-D, got {m.shape}")
-            if m.dtype != np.float32:
-                m = m.astype(np.float32)
-            object.__setattr__(self, name, m)
-        if not 0 <= self.layer_id <= 0xFFFFFFFF:
-            raise CodecError(f"layer id {self.layer_id} out of range")
-
-    @property
-    def out_features(self) -> int:
-        return int(self.U.shape[0])
-
-    @property
-    def in_features(self) -> int:
-        return int(self.V.shape[0])
 
 
 def perturbed_columns(

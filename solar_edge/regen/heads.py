@@ -1,11 +1,11 @@
 """Frozen task heads regenerated from the PRNG, so packets carry no head weights.
 
-A classification adapter is trained with a fixed head ``H`` (``num_labels x hidden``)
-whose entries are Rademacher signs scaled by ``1/sqrt(hidden)``, drawn from the stream
-``(head_seed, HEAD_LAYER_ID, 0)``. Logits are ``LOGIT_SCALE * normalize(pooled) @ H.T``
-where ``pooled`` is the attention-masked mean of the last hidden state (the sentence
-embedding of MiniLM). Training scripts (torch) and the runtime (numpy) both build ``H``
-here, so they agree bit for bit.
+The project's classification adapters are trained with a fixed head ``H``
+(``num_labels x hidden``) whose entries are Rademacher signs scaled by ``1/sqrt(hidden)``,
+drawn from the stream ``(head_seed, HEAD_LAYER_ID, 0)``. Logits are
+``LOGIT_SCALE * unit(features) @ H.T`` (features: the model family's pooled output).
+Training and compression (torch, :mod:`solar_edge.exporters.heads`) and the board
+(:mod:`solar_edge.runtime.heads`) both build ``H`` here, so they agree bit for bit.
 """
 
 from __future__ import annotations
@@ -27,17 +27,3 @@ def task_head(head_seed: int, num_labels: int, hidden: int) -> np.ndarray:
         head_seed, HEAD_LAYER_ID, 0, hidden, np.arange(num_labels), PerturbationKind.RADEMACHER
     )
     return (signs.T / np.float32(np.sqrt(np.float32(hidden)))).astype(np.float32)
-
-
-def mean_pool(hidden_states: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-    """Attention-masked mean over tokens: ``(batch, seq, hidden) -> (batch, hidden)``."""
-    mask = attention_mask.astype(np.float32)[..., None]
-    summed = (hidden_states.astype(np.float32) * mask).sum(axis=1)
-    return summed / np.maximum(mask.sum(axis=1), np.float32(1e-9))
-
-
-def head_logits(pooled: np.ndarray, head: np.ndarray) -> np.ndarray:
-    """Cosine-style logits: ``LOGIT_SCALE * normalize(pooled) @ head.T``."""
-    norms = np.linalg.norm(pooled, axis=-1, keepdims=True)
-    unit = pooled / np.maximum(norms, np.float32(1e-12))
-    return (np.float32(LOGIT_SCALE) * unit @ head.T).astype(np.float32)

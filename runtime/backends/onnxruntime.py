@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from solar_edge.errors import ProfileError, RuntimeApplyError
+from solar_edge.errors import ProfileError
+from solar_edge.runtime.backends.providers import select_providers, uses_device_memory
+from solar_edge.runtime.bundle_parts import BundleParts
 from solar_edge.runtime.patching import Factors, WeightSlot, lora_feeds, patched_weight_t
 
 MECHANISMS = ("initializer", "iobinding", "lora", "lora-native", "recreate")
@@ -58,6 +60,7 @@ class OrtMechanism:
     """Shared state: graph path, adaptable slots, pristine base weights, providers."""
 
     name = ""
+    fixed_seq_len: int | None = None  # dynamic batch and sequence axes
 
     def __init__(
         self,
@@ -73,7 +76,6 @@ class OrtMechanism:
         self.base = base_weights
         self.providers = list(providers)
         self.threads = threads
-        self.encoder: Callable[[Sequence[str], Sequence[str]], dict[str, np.ndarray]] | None = None
         self.session = self._create()
 
     def _create(self) -> ort.InferenceSession:
@@ -84,29 +86,21 @@ class OrtMechanism:
     def _merged(self, factors: Mapping[int, Factors]) -> dict[int, np.ndarray]:
         return {lid: patched_weight_t(self.base[lid], f) for lid, f in factors.items()}
 
-    def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        if self.encoder is None:
-            raise RuntimeApplyError("this bundle has no tokenizer: feed arrays, not texts")
-        return self.encoder(texts, self.text_inputs())
-
-    def text_inputs(self) -> list[str]:
+    def input_names(self) -> list[str]:
         """Graph inputs that are not weights or LoRA slots (input_ids, attention_mask, ...)."""
         names = {s.init_name for s in self.slots.values()}
-        return [n for n in self.input_names() if n not in names and not n.startswith(
-            tuple(names))]
+        return [i.name for i in self.session.get_inputs()
+                if i.name not in names and not i.name.startswith(tuple(names))]
 
     def output_names(self) -> list[str]:
         return [o.name for o in self.session.get_outputs()]
-
-    def input_names(self) -> list[str]:
-        return [i.name for i in self.session.get_inputs()]
 
     # the four steps -----------------------------------------------------------------------
     def prepare(self, factors: Mapping[int, Factors]) -> Any:
         raise NotImplementedError
 
-    def probe(self, staged: Any, feeds: Feeds) -> list[np.ndarray] | None:
-        return None
+    def probe(self, staged: Any, feeds: Feeds) -> list[np.ndarray]:
+        raise NotImplementedError
 
     def commit(self, staged: Any) -> None:
         raise NotImplementedError
@@ -137,6 +131,20 @@ class InitializerMechanism(OrtMechanism):
         touched = sorted(set(factors) | self.adapted)
         bufs = {lid: patched_weight_t(self.base[lid], factors.get(lid)) for lid in touched}
         return bufs, set(factors)
+
+    def probe(self, staged: tuple[dict[int, np.ndarray], set[int]],
+              feeds: Feeds) -> list[np.ndarray]:
+        """The session reads only the live buffers: swap the staged ones in for one run and
+        back (the runtime holds its lock, so no other inference sees them)."""
+        bufs, _ = staged
+        saved = {lid: self.live[lid].copy() for lid in bufs}
+        try:
+            for lid, buf in bufs.items():
+                np.copyto(self.live[lid], buf)
+            return self.run(feeds)
+        finally:
+            for lid, buf in saved.items():
+                np.copyto(self.live[lid], buf)
 
     def commit(self, staged: tuple[dict[int, np.ndarray], set[int]]) -> None:
         bufs, adapted = staged
@@ -289,6 +297,36 @@ _CLASSES: dict[str, type[OrtMechanism]] = {
     for c in (InitializerMechanism, IOBindingMechanism, LoraMechanism, LoraNativeMechanism,
               RecreateMechanism)
 }
+
+
+# Measured defaults (docs/runtime.md, bench/runtime.py): the unmerged LoRA slots served
+# MiniLM within 2-6% of the baked graph (in-place merged weights: 23-26%, no prepacking),
+# switch in 0.1 ms and patch with the least memory; they also work on GPU providers, where
+# ORT copies initializers to device memory and in-place patching cannot link. Without the
+# lora graph variant: in-place initializers on CPU, session re-creation on accelerators.
+PREFERRED = "lora"
+
+
+def default_mechanism(profile: Mapping[str, Any], providers: Sequence[str],
+                      variants: frozenset[str] = frozenset({"lora"})) -> str:
+    if profile.get("patching"):
+        return str(profile["patching"])
+    if "lora" in variants:
+        return PREFERRED
+    return "recreate" if uses_device_memory(providers) else "initializer"
+
+
+def open_backend(parts: BundleParts, mechanism: str | None, threads: int = 0) -> OrtMechanism:
+    """The mechanism asked for, else the profile's default, on the graph variant it needs."""
+    providers = select_providers(parts.profile)
+    variants = frozenset(parts.bundle.manifest["onnx"].get("variants") or {})
+    name = mechanism or default_mechanism(parts.profile, providers, variants)
+    if name not in GRAPH_VARIANT:
+        raise ProfileError(f"unknown onnxruntime patching mechanism {name!r}; known: "
+                           f"{', '.join(MECHANISMS)}")
+    path = parts.graph_path(GRAPH_VARIANT[name])
+    return create_mechanism(name, str(path), list(parts.slots.values()), parts.base, providers,
+                            threads=threads)
 
 
 def create_mechanism(

@@ -1,7 +1,7 @@
 """LiteRT backend: patch weight bytes in a ``bytearray`` of the flatbuffer, re-create.
 
 With LiteRT's default XNNPACK delegate, writes to constant tensors are ignored and a
-read-only memory-mapped model segfaults on write (DESIGN.md), so an adapter is staged as a
+read-only memory-mapped model segfaults on write (docs/runtime.md), so an adapter is staged as a
 new copy of the flatbuffer with the patched weights written at the offsets the export
 stage recorded, and a new interpreter built from it; the serving interpreter is swapped
 only after the staged one passed the health check. The pristine file stays untouched.
@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import mmap
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from solar_edge.errors import BundleError, ProfileError, RuntimeApplyError
+from solar_edge.runtime.bundle_parts import BundleParts
 from solar_edge.runtime.patching import Factors
+
+MECHANISMS = ("tflite",)
 
 
 def interpreter_class() -> type:
@@ -98,7 +101,7 @@ class TfliteBackend:
 
     name = "tflite"
 
-    def __init__(self, parts: Any, *, threads: int = 0) -> None:
+    def __init__(self, parts: BundleParts, *, threads: int = 0) -> None:
         bundle = parts.bundle
         section = bundle.manifest["tflite"]
         self.interpreter_cls = interpreter_class()
@@ -113,8 +116,8 @@ class TfliteBackend:
             p.check(len(self.pristine))
         self.inputs = list(section.get("inputs", []))
         self.input_map = {row["name"]: _graph_input(row, i) for i, row in enumerate(self.inputs)}
-        self.seq_len = int(section.get("seq_len", 0)) or None
-        self.encoder: Callable[[Sequence[str], Sequence[str]], dict[str, np.ndarray]] | None = None
+        self.fixed_seq_len = int(section.get("seq_len", 0)) or int(
+            parts.profile.get("tflite_seq_len", 128))
         self.interpreter = self._interpreter(bytes(self.pristine))
 
     @staticmethod
@@ -139,10 +142,9 @@ class TfliteBackend:
         interp.allocate_tensors()
         return interp
 
-    def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        if self.encoder is None:
-            raise RuntimeApplyError("this bundle has no tokenizer: feed arrays, not texts")
-        return self.encoder(texts, list(self.input_map.values()))
+    def input_names(self) -> list[str]:
+        """The graph inputs (ONNX/torch names) the TFLite inputs stand for."""
+        return list(self.input_map.values())
 
     def _run_with(self, interp: Any, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         details = interp.get_input_details()
@@ -171,3 +173,9 @@ class TfliteBackend:
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         return self._run_with(self.interpreter, feeds)
+
+
+def open_backend(parts: BundleParts, mechanism: str | None, threads: int = 0) -> TfliteBackend:
+    if mechanism not in (None, *MECHANISMS):
+        raise ProfileError(f"the tflite backend has no mechanism {mechanism!r}")
+    return TfliteBackend(parts, threads=threads)

