@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from solar_edge.format.reader import decode_packet
+
 
 @dataclass(frozen=True)
 class PacketFacts:
@@ -25,25 +27,9 @@ class PacketFacts:
 FactsReader = Callable[[bytes], PacketFacts]
 
 
-def _field(obj: Any, *names: str) -> Any:
-    for name in names:
-        if hasattr(obj, name):
-            return getattr(obj, name)
-    raise AttributeError(f"packet header has none of {names}")
-
-
 def read_facts(data: bytes, trusted_keys: Any = None) -> PacketFacts:
     """Decode ``data`` as a SOLAR packet (PacketError subclasses on bad input)."""
-    from solar_edge.format.reader import decode_packet
-
     header = decode_packet(data, trusted_keys=trusted_keys).header
-    fingerprint = _field(header, "fingerprint", "bundle_fingerprint", "base_fingerprint")
-    if isinstance(fingerprint, bytes):
-        fingerprint = fingerprint.hex()
-    return PacketFacts(
-        adapter_id=str(_field(header, "adapter_id")),
-        version=int(_field(header, "adapter_version", "version")),
-        fingerprint=str(fingerprint),
-        size=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
-    )
+    return PacketFacts(adapter_id=header.adapter_id, version=header.adapter_version,
+                       fingerprint=header.fingerprint.hex(), size=len(data),
+                       sha256=hashlib.sha256(data).hexdigest())

@@ -20,7 +20,6 @@ targets, snapshot and timestamp with higher versions; root stays version 1.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -42,9 +41,9 @@ from tuf.api.serialization.json import JSONSerializer
 from solar_edge.devices.packetinfo import FactsReader, PacketFacts, read_facts
 from solar_edge.devices.state import atomic_write
 from solar_edge.errors import RepositoryError
+from solar_edge.format.ids import ID_RULE, is_valid_id
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -62,8 +61,8 @@ class Expiry:
 
 
 def target_name(facts: PacketFacts) -> str:
-    if not _SAFE_ID.match(facts.adapter_id):
-        raise RepositoryError(f"adapter id {facts.adapter_id!r} is not a safe path component")
+    if not is_valid_id(facts.adapter_id):
+        raise RepositoryError(f"adapter id {facts.adapter_id!r}: {ID_RULE}")
     return f"adapters/{facts.adapter_id}/v{facts.version}.slr"
 
 

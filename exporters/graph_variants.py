@@ -3,9 +3,9 @@
 The runtime never rewrites graphs (it stays numpy + onnxruntime), so every graph shape a
 patching mechanism needs is produced here, once, by the export stage:
 
-* :func:`name_linear_weights` gives each adaptable weight a stable initializer name
-  ``<module>.weight_t`` holding ``W0.T`` (``in x out``) that feeds exactly one ``MatMul`` as
-  its right operand. This is the plain graph (``model.onnx``); mechanisms ``initializer`` and
+* the plain graph (``model.onnx``, written by :mod:`.onnx_export`) gives each adaptable
+  weight a stable initializer name ``<module>.weight_t`` holding ``W0.T`` (``in x out``)
+  that feeds exactly one ``MatMul`` as its right operand; mechanisms ``initializer`` and
   ``recreate`` patch it.
 * :func:`weights_as_inputs` also lists those initializers as graph inputs, which makes them
   overridable (ONNX IR >= 4): the ``iobinding`` mechanism feeds patched weights as inputs
@@ -16,90 +16,28 @@ patching mechanism needs is produced here, once, by the export stage:
   decoded low-rank update unmerged (``A = Rt``, ``B = L.T``), either through ORT's native
   adapters (``RunOptions.add_active_adapter``) or as plain feeds.
 
-The slot naming is a contract with ``solar_edge.runtime`` (see ``docs/architecture.md``).
+The names are :mod:`solar_edge.format.graph`'s, which the runtime patches by.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-WEIGHT_SUFFIX = ".weight_t"
-LORA_A_SUFFIX = ".lora_A"
-LORA_B_SUFFIX = ".lora_B"
+from solar_edge.errors import ExportError
+from solar_edge.format.graph import lora_slot_names
 
-
-class GraphVariantError(ValueError):
-    """The graph does not have the structure a variant needs."""
-
-
-def initializer_name(module_name: str) -> str:
-    """Stable ONNX initializer name of an adaptable Linear weight."""
-    return module_name + WEIGHT_SUFFIX
-
-
-def lora_slot_names(init_name: str) -> tuple[str, str]:
-    """Input names of the two LoRA slots attached to initializer ``init_name``."""
-    return init_name + LORA_A_SUFFIX, init_name + LORA_B_SUFFIX
-
-
-def _rename_everywhere(graph: onnx.GraphProto, mapping: Mapping[str, str]) -> None:
-    for init in graph.initializer:
-        if init.name in mapping:
-            init.name = mapping[init.name]
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name in mapping:
-                node.input[i] = mapping[name]
-
-
-def _consumers(graph: onnx.GraphProto, name: str) -> list[tuple[onnx.NodeProto, int]]:
-    return [(n, i) for n in graph.node for i, x in enumerate(n.input) if x == name]
-
-
-def name_linear_weights(
-    model: onnx.ModelProto, weights: Mapping[str, np.ndarray]
-) -> dict[str, str]:
-    """Find each module's weight ``W`` (``out x in``) stored as ``W.T`` and rename it.
-
-    Exporters name transposed Linear weights arbitrarily (``onnx::MatMul_886``, ``val_83``);
-    the initializer is found by exact value. Returns module name -> initializer name.
-    Raises :class:`GraphVariantError` if a weight is missing, shared, or not the right operand
-    of a single ``MatMul`` (a folded or fused weight would break in-place patching).
-    """
-    graph = model.graph
-    by_shape: dict[tuple[int, ...], list[onnx.TensorProto]] = {}
-    for init in graph.initializer:
-        if len(init.dims) == 2:
-            by_shape.setdefault(tuple(init.dims), []).append(init)
-    mapping: dict[str, str] = {}
-    result: dict[str, str] = {}
-    for module, w in weights.items():
-        wt = np.ascontiguousarray(np.asarray(w, dtype=np.float32).T)
-        matches = [
-            i for i in by_shape.get(wt.shape, []) if np.array_equal(numpy_helper.to_array(i), wt)
-        ]
-        if len(matches) != 1:
-            raise GraphVariantError(f"{module}: {len(matches)} initializers hold its weight.T")
-        new = initializer_name(module)
-        mapping[matches[0].name] = new
-        result[module] = new
-    _rename_everywhere(graph, mapping)
-    for new in result.values():
-        uses = _consumers(graph, new)
-        if len(uses) != 1 or uses[0][0].op_type != "MatMul" or uses[0][1] != 1:
-            raise GraphVariantError(f"{new}: must feed exactly one MatMul as right operand")
-    return result
+from .onnx_export import consumers
 
 
 def _initializers(graph: onnx.GraphProto, names: Iterable[str]) -> list[onnx.TensorProto]:
     by_name = {i.name: i for i in graph.initializer}
     missing = [n for n in names if n not in by_name]
     if missing:
-        raise GraphVariantError(f"no such initializers: {missing[:5]}")
+        raise ExportError(f"no such initializers: {missing[:5]}")
     return [by_name[n] for n in names]
 
 
@@ -108,7 +46,7 @@ def weights_as_inputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.Mode
     out = onnx.ModelProto()
     out.CopyFrom(model)
     if out.ir_version < 4:
-        raise GraphVariantError("overridable initializers need ONNX IR version >= 4")
+        raise ExportError("overridable initializers need ONNX IR version >= 4")
     present = {i.name for i in out.graph.input}
     for init in _initializers(out.graph, list(names)):
         if init.name not in present:
@@ -129,9 +67,9 @@ def add_lora_slots(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelPr
     graph = out.graph
     new_nodes: dict[int, list[onnx.NodeProto]] = {}
     for init in _initializers(graph, list(names)):
-        uses = _consumers(graph, init.name)
+        uses = consumers(graph, init.name)
         if len(uses) != 1 or uses[0][0].op_type != "MatMul" or uses[0][1] != 1:
-            raise GraphVariantError(f"{init.name}: must feed exactly one MatMul as right operand")
+            raise ExportError(f"{init.name}: must feed exactly one MatMul as right operand")
         node = uses[0][0]
         d_in, d_out = int(init.dims[0]), int(init.dims[1])
         a_name, b_name = lora_slot_names(init.name)
@@ -187,7 +125,7 @@ def add_variants_to_bundle(bundle_dir: str, variants: Iterable[str] = ("inputs",
     table = dict(manifest["onnx"].get("variants") or {})
     for variant in variants:
         if variant not in makers:
-            raise GraphVariantError(f"unknown variant {variant!r}; known: {sorted(makers)}")
+            raise ExportError(f"unknown variant {variant!r}; known: {sorted(makers)}")
         rel = VARIANT_FILES[variant]
         onnx.save(makers[variant](model, names), str(root / rel))
         manifest["files"][rel] = {"bytes": (root / rel).stat().st_size,

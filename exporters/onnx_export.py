@@ -28,20 +28,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from solar_edge.errors import ExportError
+from solar_edge.format.graph import initializer_name
 
 from .families.base import LoadedModel
 from .targets import is_conv1d, weight_out_in
 
 OPSET = 18
 EXPORTERS = ("torchscript", "dynamo")
-WEIGHT_SUFFIX = ".weight_t"
 ONNX_LAYOUT = "in_out"  # the initializer holds W.T, row-major
 DATA_FILE = "model.onnx.data"  # every other initializer of 1 KiB or more
-
-
-def initializer_name(module_name: str) -> str:
-    """Stable initializer name of an adaptable weight (shared with the runtime's variants)."""
-    return module_name + WEIGHT_SUFFIX
 
 
 class PatchableLinear(nn.Module):
@@ -119,7 +114,7 @@ def torch_export(loaded: LoadedModel, path: Path, exporter: str = "torchscript")
             raise ExportError(f"torch.onnx.export ({exporter}) failed: {exc}") from exc
 
 
-def _consumers(graph: onnx.GraphProto, name: str) -> list[tuple[onnx.NodeProto, int]]:
+def consumers(graph: onnx.GraphProto, name: str) -> list[tuple[onnx.NodeProto, int]]:
     return [(n, i) for n in graph.node for i, x in enumerate(n.input) if x == name]
 
 
@@ -157,7 +152,7 @@ def link_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray],
         old = init.name
         init.name = new
         _rename(graph, old, new)
-        uses = _consumers(graph, new)
+        uses = consumers(graph, new)
         if len(uses) != 1 or uses[0][0].op_type != "MatMul" or uses[0][1] != 1:
             ops = [(n.op_type, i) for n, i in uses]
             raise ExportError(f"{new}: feeds {ops}, not exactly one MatMul as right operand; "

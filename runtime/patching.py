@@ -15,19 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from solar_edge.errors import HealthCheckError, RuntimeApplyError
+from solar_edge.format.graph import lora_slot_names
 
 F32_MAX = float(np.finfo(np.float32).max)
 
-# Graph naming contract with solar_edge.exporters.graph_variants (checked by a test).
-WEIGHT_SUFFIX = ".weight_t"
-LORA_A_SUFFIX = ".lora_A"
-LORA_B_SUFFIX = ".lora_B"
-
 Factors = tuple[np.ndarray, np.ndarray]  # (L: out x k, Rt: in x k), dW = L @ Rt.T
-
-
-def lora_slot_names(init_name: str) -> tuple[str, str]:
-    return init_name + LORA_A_SUFFIX, init_name + LORA_B_SUFFIX
 
 
 def check_factors(layer_id: int, shape: tuple[int, int], factors: Factors) -> Factors:

@@ -1,8 +1,7 @@
 """EdgeRuntime on real MiniLM: every ORT patching mechanism against torch references.
 
-The bundle is the export stage's ``minilm_bundle`` fixture when present (copied, then the
-runtime's graph variants added); otherwise an equivalent bundle is built here from a
-TorchScript ONNX export of the real weights (same layout: docs/architecture.md).
+The bundle is the export stage's ``minilm_bundle`` fixture (copied, then the runtime's graph
+variants added).
 Tolerances: ORT vs torch on unit-norm embeddings, float32: 1e-4 absolute.
 """
 
@@ -27,7 +26,7 @@ from solar_edge.errors import (
     UnknownAdapterError,
 )
 from solar_edge.format import signing
-from solar_edge.format.bundle import compute_fingerprint, load_bundle, sha256_file
+from solar_edge.format.bundle import load_bundle
 from solar_edge.format.packet import PacketHeader
 from solar_edge.format.records import ValueFormat
 from solar_edge.format.writer import encode_packet
@@ -54,70 +53,10 @@ TOL = 1e-4
 
 # --- bundle and model fixtures ---------------------------------------------------------------
 
-def _build_bundle(out: Path, model_dir: Path) -> None:
-    """The export stage's layout from a TorchScript export (fallback when no fixture)."""
-    import onnx
-    from transformers import AutoModel
-
-    model = AutoModel.from_pretrained(str(model_dir)).eval()
-    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
-
-    class Wrap(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.m(input_ids=input_ids, attention_mask=attention_mask,
-                          token_type_ids=token_type_ids).last_hidden_state
-
-    names = ["input_ids", "attention_mask", "token_type_ids"]
-    out.mkdir(parents=True)
-    torch.onnx.export(Wrap(model), (ids, torch.ones_like(ids), torch.zeros_like(ids)),
-                      str(out / "model.onnx"), input_names=names,
-                      output_names=["last_hidden_state"], opset_version=18, dynamo=False,
-                      dynamic_axes={n: {0: "b", 1: "s"} for n in [*names, "last_hidden_state"]})
-    linear = {n: m.weight.detach().numpy() for n, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and n.startswith("encoder.")}
-    proto = onnx.load(str(out / "model.onnx"))
-    inits = graph_variants.name_linear_weights(proto, linear)
-    onnx.save(proto, str(out / "model.onnx"))
-    (out / "weights").mkdir()
-    (out / "basis").mkdir()
-    (out / "tokenizer").mkdir()
-    shutil.copy(model_dir / "tokenizer.json", out / "tokenizer" / "tokenizer.json")
-    layers = []
-    for i, name in enumerate(sorted(linear)):
-        w = linear[name]
-        u, _, vt = np.linalg.svd(w.astype(np.float64), full_matrices=False)
-        files = {"weight": f"weights/{i:04d}.npy", "U": f"basis/{i:04d}.U.npy",
-                 "V": f"basis/{i:04d}.V.npy"}
-        np.save(out / files["weight"], np.asfortranarray(w))
-        np.save(out / files["U"], u.astype(np.float32))
-        np.save(out / files["V"], vt.T.astype(np.float32))
-        layers.append({"id": i, "name": name, "shape": list(w.shape), "rank": min(w.shape),
-                       "basis_dtype": "float32", "files": files, "tflite": None,
-                       "onnx": {"initializer": inits[name], "layout": "in_out"}})
-    files = {p.relative_to(out).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-             for p in sorted(out.rglob("*")) if p.is_file()}
-    manifest = {"format": "solar-edge-bundle", "format_version": 1, "files": files,
-                "layers": layers, "onnx": {"file": "model.onnx"}, "tokenizer": "tokenizer",
-                "profile": {"name": "x86-64", "backend": "onnxruntime",
-                            "execution_providers": ["CPUExecutionProvider"]},
-                "model": {"name": "all-MiniLM-L6-v2"}}
-    manifest["fingerprint"] = compute_fingerprint(manifest).hex()
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-
-
 @pytest.fixture(scope="module")
-def bundle_dir(request, tmp_path_factory, minilm_model_dir) -> Path:
+def bundle_dir(tmp_path_factory, minilm_bundle) -> Path:
     out = tmp_path_factory.mktemp("rt") / "bundle"
-    try:
-        src = Path(request.getfixturevalue("minilm_bundle"))
-    except pytest.FixtureLookupError:
-        _build_bundle(out, Path(minilm_model_dir))
-    else:
-        shutil.copytree(src, out)
+    shutil.copytree(minilm_bundle, out)
     graph_variants.add_variants_to_bundle(str(out))
     return out
 
@@ -216,9 +155,16 @@ def packet_deltas(bundle, result):
 
 # --- tests -------------------------------------------------------------------------------------
 
-def test_slot_names_match_the_export_side():
-    assert patching.WEIGHT_SUFFIX == graph_variants.WEIGHT_SUFFIX
-    assert patching.lora_slot_names("x.weight_t") == graph_variants.lora_slot_names("x.weight_t")
+def test_the_exported_lora_graph_has_the_slots_the_runtime_feeds(bundle_dir, bundle):
+    import onnx
+
+    rel = bundle.manifest["onnx"]["variants"]["lora"]
+    graph = onnx.load(str(bundle_dir / rel), load_external_data=False).graph
+    inputs = {i.name for i in graph.input}
+    for layer in bundle.layers:
+        fed = patching.lora_feeds(layer.onnx_initializer,
+                                  (np.zeros((layer.shape[0], 1)), np.zeros((layer.shape[1], 1))))
+        assert set(fed) <= inputs, layer.name
 
 
 @pytest.mark.parametrize("mechanism", MECHANISMS)

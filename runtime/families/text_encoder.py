@@ -57,15 +57,6 @@ class TextEncoder:
         return {name: arrays[name] for name in input_names if name in arrays}
 
 
-def find_tokenizer(bundle_dir: str | Path) -> Path | None:
-    """``tokenizer/tokenizer.json`` (bundle layout) or ``tokenizer.json`` at the top."""
-    for rel in ("tokenizer/tokenizer.json", "tokenizer.json"):
-        path = Path(bundle_dir) / rel
-        if path.is_file():
-            return path
-    return None
-
-
 def mean_pool(hidden_states: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
     """Attention-masked mean over tokens: ``(batch, seq, hidden) -> (batch, hidden)``."""
     mask = attention_mask.astype(np.float32)[..., None]

@@ -25,15 +25,22 @@ import numpy as np
 from solar_edge.decode import decode_factors
 from solar_edge.encode.greedy import allocate_greedy
 from solar_edge.encode.quant import quantize
+from solar_edge.encode.solar_fits import (
+    CoreFit,
+    Option,
+    core_fit,
+    dense_components,
+    energy,
+    rank_options,
+    sparse_options,
+    sparse_positions,
+)
 from solar_edge.errors import BudgetError, CodecError
 from solar_edge.format.bundle import LayerBasis
 from solar_edge.format.layout import (
     DEFAULT_PACKET_OVERHEAD,
-    LAYER_ENTRY_BYTES,
     MAX_LAYER_ID,
-    positions_nbytes,
     record_nbytes,
-    values_nbytes,
 )
 from solar_edge.format.records import (
     CodecHeader,
@@ -44,7 +51,6 @@ from solar_edge.format.records import (
     ValueFormat,
 )
 from solar_edge.methods.base import LayerUpdate
-from solar_edge.regen.bases import perturbed_columns, u_stream, v_stream
 
 REPRESENTATIONS = ("sparse_core", "factored_core", "dense_factors", "auto")
 _KIND_OF = {
@@ -117,203 +123,6 @@ class EncodeResult:
     total_bytes: int = 0               # payload + overhead_bytes
 
 
-# --- fitting ---------------------------------------------------------------------------------
-
-
-@dataclass
-class _Option:
-    """One operating point of one layer."""
-
-    layer_id: int
-    kind: RecordKind | None  # None: layer left out
-    variant: int
-    size: int  # K coefficients or rank k
-    nbytes: int
-    err: float  # predicted squared Frobenius error (truncation + quantisation noise)
-    fmt: ValueFormat = ValueFormat.FLOAT32
-
-
-@dataclass
-class _CoreFit:
-    """Least-squares fit of one layer in one PRNG variant (float64).
-
-    ``w_u`` (Ru x m) maps coordinates so that ``U~ @ w_u`` is orthonormal with the span of U~;
-    then ``U~^+ = w_u @ w_u.T @ U~.T`` and ``dW`` projected on the spans is
-    ``(U~ w_u) M (V~ w_v)^T`` with ``M = gb @ ga``.
-    """
-
-    variant: int
-    u_t: np.ndarray  # perturbed U~ (out x Ru), exactly the decoder's float32 values
-    v_t: np.ndarray
-    w_u: np.ndarray
-    w_v: np.ndarray
-    gb: np.ndarray  # m_u x r
-    ga: np.ndarray  # r x m_v
-    comp_a: np.ndarray  # factored-core components (Ru x k), decreasing energy
-    comp_b: np.ndarray  # (Rv x k)
-    comp_energy: np.ndarray  # s_k^2
-    in_span: float  # |P_U dW P_V|^2
-    core: np.ndarray | None = None  # C (Ru x Rv), only when sparse options are wanted
-    gains: np.ndarray | None = None  # flat, per coefficient
-    order: np.ndarray | None = None  # flat indices by decreasing gain
-
-    def sparse_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if self.core is None or self.gains is None or self.order is None:
-            raise AssertionError("fit made without sparse arrays")
-        return self.core, self.gains, self.order
-
-    def v_pinv_apply(self, x: np.ndarray) -> np.ndarray:
-        """``V~^+ @ x`` for ``x`` of shape (in, k)."""
-        return self.w_v @ (self.w_v.T @ (self.v_t.T @ x))
-
-
-def _energy(b: np.ndarray, a: np.ndarray) -> float:
-    """``|B @ A|_F^2`` from the factors."""
-    return float(np.einsum("ij,ji->", b.T @ b, a @ a.T))
-
-
-def _low_rank_svd(left: np.ndarray, right_t: np.ndarray):
-    """SVD of ``left @ right_t.T`` (both tall) via QR: returns (Lvecs, s, Rvecs)."""
-    q1, r1 = np.linalg.qr(left)
-    q2, r2 = np.linalg.qr(right_t)
-    p, s, qt = np.linalg.svd(r1 @ r2.T, full_matrices=False)
-    return q1 @ p, s, q2 @ qt.T
-
-
-def _dense_components(upd: LayerUpdate) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``dW = sum_j a_j b_j^T`` by decreasing singular value, entries balanced: (a, b, s)."""
-    left, s, right = _low_rank_svd(upd.B, upd.A.T)
-    t = _entry_balance(left.shape[0], right.shape[0])
-    root = np.sqrt(s)
-    return left * (root * t), right * (root / t), s
-
-
-def _entry_balance(rows: int, cols: int) -> float:
-    """Factor scale giving ``a`` and ``b`` the same RMS entry (they share quantisation groups)."""
-    return float((rows / cols) ** 0.25)
-
-
-def _orthonormalizer(t: np.ndarray) -> np.ndarray:
-    """``W`` with ``t @ W`` orthonormal spanning ``range(t)``: inverse Cholesky factor of the
-    Gram matrix (cheap), or its pseudo-inverse square root when ``t`` is (nearly) rank-deficient.
-    """
-    gram = t.T @ t
-    try:
-        chol = np.linalg.cholesky(gram)
-        diag = np.abs(np.diag(chol))
-        if diag.min() > 1e-6 * diag.max():
-            return np.linalg.inv(chol).T
-    except np.linalg.LinAlgError:
-        pass
-    lam, vecs = np.linalg.eigh(gram)
-    keep = lam > lam.max() * 1e-12
-    return vecs[:, keep] / np.sqrt(lam[keep])
-
-
-def _core_fit(upd: LayerUpdate, basis: LayerBasis, cfg: CodecConfig, variant: int,
-              sparse: bool) -> _CoreFit:
-    lid = basis.layer_id
-    ru, rv = basis.U.shape[1], basis.V.shape[1]
-    u_t = perturbed_columns(basis.U, lid, u_stream(variant), np.arange(ru), cfg.seed,
-                            cfg.epsilon, cfg.perturbation).astype(np.float64)
-    v_t = perturbed_columns(basis.V, lid, v_stream(variant), np.arange(rv), cfg.seed,
-                            cfg.epsilon, cfg.perturbation).astype(np.float64)
-    w_u, w_v = _orthonormalizer(u_t), _orthonormalizer(v_t)
-    gb = w_u.T @ (u_t.T @ upd.B)  # m_u x r: dW in orthonormal coordinates is gb @ ga
-    ga = (upd.A @ v_t) @ w_v      # r x m_v
-    left, s, right = _low_rank_svd(gb, ga.T)
-    t = _entry_balance(ru, rv)
-    root = np.sqrt(s)
-    fit = _CoreFit(variant, u_t, v_t, w_u, w_v, gb, ga, w_u @ (left * (root * t)),
-                   w_v @ (right * (root / t)), s**2, _energy(gb, ga))
-    if sparse:
-        fit.core = (w_u @ gb) @ (ga @ w_v.T)  # U~^+ dW V~^+T
-        fit.gains = (fit.core**2 * (u_t**2).sum(0)[:, None]
-                     * (v_t**2).sum(0)[None, :]).reshape(-1)
-        fit.order = np.argsort(-fit.gains, kind="stable")
-    return fit
-
-
-def _k_grid(n: int) -> list[int]:
-    """1..16, then steps of ~8%, then n."""
-    ks, k = [], 1
-    while k < n:
-        ks.append(k)
-        k = k + 1 if k < 16 else max(k + 1, int(k * 1.08))
-    return [*ks, n] if n > 0 else []
-
-
-def _sparse_positions(fit: _CoreFit, k: int) -> tuple[np.ndarray, int, int, np.ndarray]:
-    """Top-k coefficients as (sorted flat positions, rows, cols, (i, j) in that order)."""
-    core, _, order = fit.sparse_arrays()
-    i, j = np.divmod(order[:k], core.shape[1])
-    rows, cols = int(i.max()) + 1, int(j.max()) + 1
-    flat = i * cols + j
-    srt = np.argsort(flat)
-    return flat[srt], rows, cols, np.stack([i[srt], j[srt]])
-
-
-def _quant_noise(values: np.ndarray, fmt: ValueFormat, group_size: int) -> np.ndarray:
-    """Squared quantisation error of each value."""
-    if fmt == ValueFormat.FLOAT32:
-        return np.zeros(values.shape)
-    return (quantize(values, fmt, group_size).dequantize().astype(np.float64)
-            - values.astype(np.float32).astype(np.float64)) ** 2
-
-
-def _sparse_options(fit: _CoreFit, lid: int, e0: float, cfg: CodecConfig,
-                    avail: float) -> list[_Option]:
-    core, gains, order = fit.sparse_arrays()
-    n = int(np.count_nonzero(gains))
-    cum = np.cumsum(gains[order[:n]])
-    floor = max(e0 - fit.in_span, 0.0)
-    # gains add up to the in-span energy only for orthonormal bases: rescale so that keeping
-    # everything predicts exactly the out-of-span residual
-    share = fit.in_span / float(cum[-1]) if n else 0.0
-    col_u, col_v = (fit.u_t**2).sum(0), (fit.v_t**2).sum(0)
-    opts = []
-    for k in _k_grid(n):
-        pos, _, _, ij = _sparse_positions(fit, k)
-        pos_bytes = LAYER_ENTRY_BYTES + positions_nbytes(pos)
-        if pos_bytes > avail:
-            break
-        trunc = floor + max(fit.in_span - share * float(cum[k - 1]), 0.0)
-        vals = core[ij[0], ij[1]]
-        for fmt in cfg.formats:
-            nb = pos_bytes + values_nbytes(fmt, k, cfg.group_size)
-            if nb <= avail:
-                noise = float(_quant_noise(vals, fmt, cfg.group_size)
-                              @ (col_u[ij[0]] * col_v[ij[1]])) * share
-                opts.append(_Option(lid, RecordKind.SPARSE_CORE, fit.variant, k, nb,
-                                    trunc + noise, fmt))
-    return opts
-
-
-def _rank_options(kind: RecordKind, comp_a: np.ndarray, comp_b: np.ndarray,
-                  energy: np.ndarray, lid: int, variant: int, e0: float, cfg: CodecConfig,
-                  avail: float) -> list[_Option]:
-    """Rank-k options; quantisation noise of component j ~ energy_j * (rel. noise of a_j + b_j)."""
-    kmax = int(np.count_nonzero(energy > energy[0] * 1e-14)) if energy.size else 0
-    if cfg.max_rank is not None:
-        kmax = min(kmax, cfg.max_rank)
-    rows, cols = comp_a.shape[0], comp_b.shape[0]
-    cum = np.cumsum(energy)
-    opts = []
-    for fmt in cfg.formats:
-        for k in range(1, kmax + 1):
-            nb = LAYER_ENTRY_BYTES + values_nbytes(fmt, (rows + cols) * k, cfg.group_size)
-            if nb > avail:
-                break
-            a, b = comp_a[:, :k], comp_b[:, :k]
-            noise = _quant_noise(np.concatenate([a.reshape(-1), b.reshape(-1)]), fmt,
-                                 cfg.group_size)
-            rel = (noise[: rows * k].reshape(rows, k).sum(0) / np.maximum((a**2).sum(0), 1e-300)
-                   + noise[rows * k:].reshape(cols, k).sum(0) / np.maximum((b**2).sum(0), 1e-300))
-            err = max(e0 - float(cum[k - 1]), 0.0) + float(energy[:k] @ rel)
-            opts.append(_Option(lid, kind, variant, k, nb, err, fmt))
-    return opts
-
-
 def _check_inputs(updates: dict[int, LayerUpdate], bases: dict[int, LayerBasis]) -> None:
     for lid, upd in updates.items():
         if not 0 <= lid <= MAX_LAYER_ID:
@@ -337,7 +146,7 @@ def _check_inputs(updates: dict[int, LayerUpdate], bases: dict[int, LayerBasis])
 # --- allocation ------------------------------------------------------------------------------
 
 
-def _allocate(pools: dict[int, list[_Option]], avail: int | None) -> dict[int, _Option]:
+def _allocate(pools: dict[int, list[Option]], avail: int | None) -> dict[int, Option]:
     """One option per layer: min error if no budget, else greedy by error drop per byte."""
     if avail is None:
         chosen = {}
@@ -353,7 +162,7 @@ def _allocate(pools: dict[int, list[_Option]], avail: int | None) -> dict[int, _
 # --- building records ------------------------------------------------------------------------
 
 
-def _refit_sparse(fit: _CoreFit, ij: np.ndarray, upd: LayerUpdate) -> np.ndarray:
+def _refit_sparse(fit: CoreFit, ij: np.ndarray, upd: LayerUpdate) -> np.ndarray:
     """Jointly least-squares coefficients for a fixed support (non-orthogonal bases)."""
     ui, vj = fit.u_t[:, ij[0]], fit.v_t[:, ij[1]]
     gram = (ui.T @ ui) * (vj.T @ vj)
@@ -364,7 +173,7 @@ def _refit_sparse(fit: _CoreFit, ij: np.ndarray, upd: LayerUpdate) -> np.ndarray
         return np.linalg.lstsq(gram, rhs, rcond=None)[0]
 
 
-def _build_records(opt: _Option, upd: LayerUpdate, fit: _CoreFit | None, cfg: CodecConfig,
+def _build_records(opt: Option, upd: LayerUpdate, fit: CoreFit | None, cfg: CodecConfig,
                    out_in: tuple[int, int]) -> list[LayerRecord]:
     """Candidate records of the same size for one chosen option (the caller keeps the best)."""
     eps = float(np.float32(cfg.epsilon))
@@ -374,7 +183,7 @@ def _build_records(opt: _Option, upd: LayerUpdate, fit: _CoreFit | None, cfg: Co
 
     if opt.kind == RecordKind.SPARSE_CORE:
         assert fit is not None
-        pos, rows, cols, ij = _sparse_positions(fit, opt.size)
+        pos, rows, cols, ij = sparse_positions(fit, opt.size)
         vals = fit.sparse_arrays()[0][ij[0], ij[1]]
         if eps != 0 and opt.size <= cfg.refit_limit:
             vals = _refit_sparse(fit, ij, upd)
@@ -387,7 +196,7 @@ def _build_records(opt: _Option, upd: LayerUpdate, fit: _CoreFit | None, cfg: Co
         rows, cols = a.shape[0], b.shape[0]
         left_basis, right_pinv = fit.u_t, fit.v_pinv_apply
     else:
-        dense_a, dense_b, _ = _dense_components(upd)
+        dense_a, dense_b, _ = dense_components(upd)
         a, b = dense_a[:, :k], dense_b[:, :k]
         rows, cols = out_in
         left_basis, right_pinv = None, None
@@ -418,7 +227,7 @@ def _rel_error(upd: LayerUpdate, lf: np.ndarray, rt: np.ndarray, e0: float) -> f
         return 0.0
     lf, rt = lf.astype(np.float64), rt.astype(np.float64)
     cross = float(np.einsum("ij,ji->", upd.B.T @ lf, rt.T @ upd.A.T))
-    err = e0 - 2 * cross + _energy(lf, rt.T)
+    err = e0 - 2 * cross + energy(lf, rt.T)
     return float(np.sqrt(max(err, 0.0) / e0))
 
 
@@ -438,26 +247,26 @@ def encode(
     f64 = {lid: LayerUpdate(u.name, np.asarray(u.B, np.float64), np.asarray(u.A, np.float64))
            for lid, u in updates.items()}
     cap = float("inf") if avail is None else max(avail, 0)
-    pools: dict[int, list[_Option]] = {}
-    fits: dict[tuple[int, int], _CoreFit] = {}
+    pools: dict[int, list[Option]] = {}
+    fits: dict[tuple[int, int], CoreFit] = {}
     e0s: dict[int, float] = {}
     for lid, upd in sorted(f64.items()):
         basis = bases[lid]
-        e0 = e0s[lid] = _energy(upd.B, upd.A)
-        pool = [_Option(lid, None, 0, 0, 0, e0)]
+        e0 = e0s[lid] = energy(upd.B, upd.A)
+        pool = [Option(lid, None, 0, 0, 0, e0)]
         if e0 > 0:
             if RecordKind.SPARSE_CORE in kinds or RecordKind.FACTORED_CORE in kinds:
                 for v in range(n_variants):
-                    fit = fits[(lid, v)] = _core_fit(upd, basis, config, v,
+                    fit = fits[(lid, v)] = core_fit(upd, basis, config, v,
                                                      RecordKind.SPARSE_CORE in kinds)
                     if RecordKind.SPARSE_CORE in kinds:
-                        pool += _sparse_options(fit, lid, e0, config, cap)
+                        pool += sparse_options(fit, lid, e0, config, cap)
                     if RecordKind.FACTORED_CORE in kinds:
-                        pool += _rank_options(RecordKind.FACTORED_CORE, fit.comp_a, fit.comp_b,
+                        pool += rank_options(RecordKind.FACTORED_CORE, fit.comp_a, fit.comp_b,
                                               fit.comp_energy, lid, v, e0, config, cap)
             if RecordKind.DENSE_FACTORS in kinds:
-                dense_a, dense_b, s = _dense_components(upd)
-                pool += _rank_options(RecordKind.DENSE_FACTORS, dense_a, dense_b, s**2, lid, 0,
+                dense_a, dense_b, s = dense_components(upd)
+                pool += rank_options(RecordKind.DENSE_FACTORS, dense_a, dense_b, s**2, lid, 0,
                                       e0, config, cap)
         pools[lid] = pool
     if avail is not None:
