@@ -140,7 +140,8 @@ def refit_records(model: TorchModel, bundle: Bundle, records: Sequence[LayerReco
     if not inputs:
         raise CodecError("refit needs calibration inputs")
     module = model.module
-    for p in module.parameters():
+    frozen = [(p, p.requires_grad) for p in module.parameters()]  # restored at the end
+    for p, _ in frozen:
         p.requires_grad_(False)
     modules = dict(module.named_modules())
     names = {layer.id: layer.name for layer in bundle.layers}
@@ -225,6 +226,8 @@ def refit_records(model: TorchModel, bundle: Bundle, records: Sequence[LayerReco
     finally:
         for h in hooks:
             h.remove()
+        for p, flag in frozen:
+            p.requires_grad_(flag)
     by_layer = {lid: p.to_record() for lid, p in params.items()}
     out = [by_layer.get(r.layer_id, r) for r in records]
     if after > before:  # never hand back something worse than the allocator's records

@@ -98,6 +98,7 @@ def test_refit_keeps_structure_and_bytes_and_lowers_the_output_loss(allocated) -
                                  progress=lambda step, total, loss: seen.append(step))
     assert seen == list(range(1, 11))
     assert report.loss_after < report.loss_before
+    assert all(p.requires_grad for p in model.module.parameters())  # the model is left as given
     assert len(report.records) == len(alloc.records)
     changed = 0
     for old, new in zip(alloc.records, report.records, strict=True):
