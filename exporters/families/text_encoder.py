@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -106,7 +106,7 @@ class TextEncoderModel:
     def __init__(self, module: nn.Module, tokenizer: Any) -> None:
         self.module = module
         self.tokenizer = tokenizer
-        self.hidden_size = int(module.config.hidden_size)
+        self.hidden_size = int(cast(Any, module).config.hidden_size)
 
     def feeds(self, inputs: Sequence[Any], max_len: int) -> dict[str, torch.Tensor]:
         if not all(isinstance(t, str) for t in inputs):
