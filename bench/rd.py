@@ -19,11 +19,11 @@ Methods (``family`` in the JSON):
 * ``lora-int``: the adapter's own factors as DENSE_FACTORS records, int8 / int4 / int3 with
   group-64 float16 scales (+zstd when smaller).
 * ``rank``: rank-k re-truncation of dW (SVD of the factors) with int8 / int4 factors
-  (``codec.encode`` with ``dense_factors``, quantisation-aware refit).
+  (``solar_edge.encode.solar.encode`` with ``dense_factors``, quantisation-aware refit).
 * ``random-basis``: NOLA-style sparse coefficients in a seeded random basis (Rademacher
   columns from the project's Philox PRNG), global byte budget.
 * ``naive-solar``: sparse coefficients in W0's singular basis (the paper's idea alone).
-* ``codec``: ``codec.encode`` (representation ``auto``, int4) at several budgets.
+* ``codec``: ``solar_edge.encode.solar.encode`` (representation ``auto``, int4) at several budgets.
 * ``fisher``: the same allocator with the K-FAC distortion ``tr(Gamma E G E^T)``
   (:func:`solar_edge.exporters.calibration.calibration_fisher`, labelled calibration texts);
 * ``refit``: the ``fisher`` allocation, then the output-matching refit of its record values

@@ -10,8 +10,8 @@ mechanism, RSS sampled every millisecond) vs model size. Baselines in the same r
 ``from_pretrained`` + ``merge_and_unload`` in torch, PEFT switch (unmerge, set_adapter,
 merge), and re-creating an ORT session with merged weights. Adapters are real PEFT LoRA
 r=8 on query/value of MiniLM (random-initialised, saved by PEFT), compressed by the codec
-(INT8, auto representation). Medians over ``--repeat`` runs; a shared machine is noisy, so
-the minimum is printed too.
+(INT8 factored cores in the basis, rank <= 8). Medians over ``--repeat`` runs; a shared
+machine is noisy, so the minimum is printed too.
 """
 
 from __future__ import annotations

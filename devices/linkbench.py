@@ -3,7 +3,7 @@
 Artifacts: the full model file, the LoRA adapter (fp16 safetensors), the same compressed
 with zstd (level 19, computed here), and the SOLAR packet. Per link and artifact:
 
-* ``computed``: the link's time model (devices/links.py; TCP/IP + HTTP overheads, loss;
+* ``computed``: the link's time model (solar_edge/profiles/links.py; TCP/IP + HTTP overheads, loss;
   LoRaWAN fragments, airtime and duty cycle).
 * ``measured``: a real download through :class:`RepoServer` throttled to the link, over
   real TCP on loopback, with the agent's HTTP client. When the model says the whole file

@@ -1,6 +1,6 @@
 """What the delivery side needs to know about a packet: adapter id, version, base, size, hash.
 
-Read from the packet itself through ``solar_edge.format.packet.decode_packet`` (which checks every
+Read from the packet itself through ``solar_edge.format.reader.decode_packet`` (which checks every
 field and, given trusted keys, the Ed25519 signature), so the repository metadata can never
 claim something the signed packet does not say.
 """

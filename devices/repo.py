@@ -62,7 +62,8 @@ class Expiry:
 
 def target_name(facts: PacketFacts) -> str:
     if not is_valid_id(facts.adapter_id):
-        raise RepositoryError(f"adapter id {facts.adapter_id!r}: {ID_RULE}")
+        raise RepositoryError(f"adapter id {facts.adapter_id!r} is not a safe path component "
+                              f"({ID_RULE})")
     return f"adapters/{facts.adapter_id}/v{facts.version}.slr"
 
 

@@ -1,7 +1,7 @@
 """TFLite graph for TFLite profiles (optional ``convert`` extra: ``litert-torch``).
 
 The runtime patches TFLite weights by rewriting their bytes in a ``bytearray`` of the
-flatbuffer and re-creating the interpreter (DESIGN.md), so for every adaptable weight the
+flatbuffer and re-creating the interpreter (docs/runtime.md), so for every adaptable weight the
 manifest records where its bytes are. The converter is free to fold neighbouring affine
 ops into a ``FULLY_CONNECTED`` weight: it folds a preceding LayerNorm's ``gamma`` and
 ``beta`` into ``W * gamma`` (per input column) and ``b + W @ beta``. :func:`locate_weights`

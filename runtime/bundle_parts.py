@@ -120,8 +120,8 @@ def open_bundle(bundle_dir: str | Path, profile: Any = None) -> BundleParts:
 
 
 def profile_dict(profile: Any, bundle: Bundle) -> dict[str, Any]:
-    """A profile as a dict: None -> the bundle's; a name -> ``devices/profiles/<name>.toml``;
-    a ``DeviceProfile`` (``to_dict``) or a mapping as given."""
+    """A profile as a dict: None -> the bundle's; a name -> that shipped profile
+    (``solar_edge/profiles/devices/<name>.toml``); a ``DeviceProfile`` or a mapping as given."""
     if profile is None:
         return bundle.profile
     if isinstance(profile, str):

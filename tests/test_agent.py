@@ -179,7 +179,7 @@ def test_metadata_rollback_is_rejected(rig):
     assert agent.applier.active_version == 2
 
 
-def test_failed_health_check_rolls_back_to_the_previous_adapter(rig):
+def test_a_packet_failing_the_health_probe_never_serves(rig):
     rig.publish(rig.packet("a", 1, scale=2.0))
     rig.start()
     agent = rig.agent()

@@ -99,7 +99,7 @@ def test_full_rank_basis_reconstructs_w0_to_round_off(minilm_bundle):
 
 def test_minilm_weights_patch_in_place_without_reexport(minilm_bundle, minilm_torch,
                                                          minilm_batch):
-    """The DESIGN mechanism: add_initializer + in-place edits, seen by the next run."""
+    """The in-place mechanism: add_initializer + in-place edits, seen by the next run."""
     b = load_bundle(minilm_bundle)
     feeds = {k: v.astype(np.int64) for k, v in minilm_batch.items()}
     so = ort.SessionOptions()

@@ -95,3 +95,9 @@ def test_expired_metadata_is_refused_by_the_client(tmp_path, key):
 def test_unsafe_adapter_ids_are_refused(adapter_id):
     with pytest.raises(RepositoryError, match="safe path"):
         target_name(PacketFacts(adapter_id, 1, "b" * 64, 10, "0" * 64))
+
+
+def test_ids_that_packets_allow_can_be_published():
+    """One id rule for packets and the repository: a leading underscore is a valid id."""
+    assert target_name(PacketFacts("_private-task.v2", 3, "b" * 64, 10, "0" * 64)) == \
+        "adapters/_private-task.v2/v3.slr"

@@ -2,7 +2,7 @@
 
 ``prepare(factors)`` computes everything an adapter needs into new buffers (nothing the
 serving session sees changes); ``probe(staged, feeds)`` runs the staged adapter before it
-serves where the mechanism can (returns None where it cannot); ``commit(staged)`` makes it
+serves; ``commit(staged)`` makes it
 serve; ``run(feeds)`` infers. Mechanisms and the graph variant each needs
 (``docs/runtime.md``):
 

@@ -13,7 +13,8 @@ representation (see :mod:`solar_edge.format.records`):
 A global greedy on each layer's lower convex hull (largest error reduction per byte first),
 then a fill pass, picks one point per layer with ``overhead + sum(record bytes) <= budget``.
 The chosen records are quantised, and each layer's reconstruction is produced by
-:func:`decode_factors` on the quantised record, so the device decodes the same bits.
+:func:`decode_factors` on the quantised record: what a device decodes from the same
+record (equal to float32 rounding of the BLAS summation order across platforms).
 """
 
 from __future__ import annotations
