@@ -20,8 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from solar_edge.format.bundle import Bundle
-from solar_edge.runtime.families.text_encoder import mean_pool
-from solar_edge.runtime.heads import head_from_metadata
+from solar_edge.runtime.heads import head_from_packet
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -66,8 +65,8 @@ class PatchedEvaluator:
         self.bundle = bundle
         self.labels = np.asarray(labels, np.int64)
         hidden = int(bundle.manifest["model"]["hidden_size"])
-        self.head = head_from_metadata({"labels": [str(i) for i in range(num_labels)],
-                                        "head_seed": head_seed}, hidden)
+        self.head = head_from_packet({"labels": [str(i) for i in range(num_labels)],
+                                      "head_seed": head_seed}, {}, hidden, lambda name: None)
         enc = _tokenize(bundle, texts, max_len)
         lengths = enc["attention_mask"].sum(1)
         order = np.argsort(lengths, kind="stable")
@@ -114,7 +113,7 @@ class PatchedEvaluator:
         preds = np.empty(len(self.labels), np.int64)
         for idx, ids, mask in self.batches:
             hidden = self.session.run(None, self._feeds(ids, mask))[0]
-            preds[idx] = self.head.logits(mean_pool(hidden, mask)).argmax(-1)
+            preds[idx] = self.head.logits(hidden, mask).argmax(-1)
         return preds
 
     def _check_inplace(self) -> None:

@@ -43,6 +43,19 @@ class CalibrationSet:
         labels = None if self.labels is None else [self.labels[i] for i in idx]
         return CalibrationSet([self.texts[i] for i in idx], labels, self.source)
 
+    def split(self, held: float) -> tuple[CalibrationSet, CalibrationSet]:
+        """(the rest, every ``1/held``-th input held back), deterministic."""
+        step = max(2, round(1 / held))
+        keep = [i for i in range(len(self.texts)) if i % step]
+        back = [i for i in range(len(self.texts)) if not i % step]
+
+        def pick(idx: list[int], what: str) -> CalibrationSet:
+            labels = None if self.labels is None else [self.labels[i] for i in idx]
+            return CalibrationSet([self.texts[i] for i in idx], labels,
+                                  f"{self.source} ({what})")
+
+        return pick(keep, "calibration part"), pick(back, "held-back part")
+
     def require(self, n: int, purpose: str) -> None:
         if len(self.texts) < n:
             raise CalibrationError(f"{purpose} needs at least {n} calibration texts; "

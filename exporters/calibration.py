@@ -16,7 +16,7 @@ its family turns raw inputs into feeds and features.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from solar_edge.exporters.families.base import TorchModel
+from solar_edge.exporters.heads import Head
+from solar_edge.exporters.patches import TorchPatch, patched
 from solar_edge.format.bundle import Bundle
-
-Head = Callable[[torch.Tensor], torch.Tensor]  # features (batch, hidden) -> logits
 
 
 def _modules(model: TorchModel, bundle: Bundle, layer_ids: Sequence[int]) -> dict[int, Any]:
@@ -74,59 +74,53 @@ def calibration_grams(model: TorchModel, bundle: Bundle, inputs: Sequence[Any],
     return {lid: g / count for lid, g in grams.items()}
 
 
-@contextmanager
-def adapted(model: TorchModel, bundle: Bundle, dense_updates: Mapping[int, np.ndarray]):
-    """The model with ``W0 + dW`` in place for the block; restored after."""
-    modules = _modules(model, bundle, sorted(dense_updates))
-    saved = {lid: m.weight.detach().clone() for lid, m in modules.items()}
-    with torch.no_grad():
-        for lid, dw in dense_updates.items():
-            w = torch.from_numpy(np.asarray(dw, np.float32))
-            modules[lid].weight += w if modules[lid].weight.shape == w.shape else w.T
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for lid, m in modules.items():
-                m.weight.copy_(saved[lid])
-
-
 def calibration_fisher(model: TorchModel, bundle: Bundle, inputs: Sequence[Any],
-                       labels: Sequence[int] | None, dense_updates: Mapping[int, np.ndarray],
+                       labels: Sequence[int] | None, patches: Mapping[int, TorchPatch],
                        head: Head, max_len: int = 64, batch: int = 16, seed: int = 0,
                        ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
-    """K-FAC factors ``(G, Gamma)`` of each adapted layer at the adapted model (see module).
+    """K-FAC factors ``(G, Gamma)`` of each patched layer at the adapted model (see module).
 
-    ``G[l] = X^T X / positions`` and ``Gamma[l] = sum_positions g g^T / inputs``."""
-    lids = sorted(dense_updates)
+    ``patches``: the adapter applied through hooks (:func:`~solar_edge.exporters.patches.
+    adapter_patches`). ``G[l] = X^T X / positions`` and ``Gamma[l] = sum g g^T / inputs``
+    with ``g`` the loss gradient at the layer's patched output."""
+    lids = sorted(patches)
     g_in: dict[int, np.ndarray] = {}
     g_out: dict[int, np.ndarray] = {}
     mask_now: list[torch.Tensor] = []
     gen = torch.Generator().manual_seed(seed)
 
-    def hook_for(lid: int):
-        def hook(_mod, args, out) -> None:
+    def input_hook(lid: int):
+        def hook(_mod, args) -> None:
             _accumulate(g_in, lid, args[0].detach(), mask_now[0])
-            out.register_hook(lambda grad: _accumulate(g_out, lid, grad, mask_now[0]))
         return hook
 
+    def on_output(lid: int, y: torch.Tensor) -> None:
+        if not y.requires_grad:  # the first patched layer: nothing before it needs gradients
+            y.requires_grad_(True)
+        y.register_hook(lambda grad: _accumulate(g_out, lid, grad, mask_now[0]))
+
     positions = 0
-    with adapted(model, bundle, dense_updates):
-        handles = [m.register_forward_hook(hook_for(lid))
-                   for lid, m in _modules(model, bundle, lids).items()]
-        with _hooks(handles):
+    frozen = [(p, p.requires_grad) for p in model.module.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)  # gradients only at the layer outputs
+    handles = [m.register_forward_pre_hook(input_hook(lid))
+               for lid, m in _modules(model, bundle, lids).items()]
+    try:
+        with _hooks(handles), patched(model.module, bundle, patches, on_output):
             for s in range(0, len(inputs), batch):
                 feeds = model.feeds(inputs[s : s + batch], max_len)
                 mask_now[:] = [model.token_mask(feeds)]
                 positions += int(mask_now[0].sum())
-                logits = head(model.features(feeds))
+                logits = head(*model.hidden(feeds))
                 if labels is None:  # the model's own predictive distribution
                     target = torch.multinomial(torch.softmax(logits.detach(), -1), 1,
                                                generator=gen).squeeze(1)
                 else:
                     target = torch.tensor(list(labels[s : s + batch]))
                 loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
-                model.module.zero_grad(set_to_none=True)
                 loss.backward()
+    finally:
+        for p, flag in frozen:
+            p.requires_grad_(flag)
     return ({lid: g / positions for lid, g in g_in.items()},
             {lid: g / len(inputs) for lid, g in g_out.items()})

@@ -22,20 +22,37 @@ calibration data or a base model that is not the bundle's is a typed error.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from solar_edge.encode.allocate import Allocation, AllocConfig, encode_adapter
-from solar_edge.errors import CalibrationError, CodecError
+import numpy as np
+
+from solar_edge.encode.allocate import (
+    Allocation,
+    AllocConfig,
+    allocation_for_budget,
+    allocation_for_error,
+    layer_options,
+)
+from solar_edge.encode.extras import ExtraRecords, extra_records
+from solar_edge.errors import AdapterError, CalibrationError, CodecError
 from solar_edge.format.bundle import Bundle
 from solar_edge.format.layout import fixed_overhead_bytes
 from solar_edge.format.packet import PacketHeader
-from solar_edge.format.records import CodecHeader, ValueFormat
+from solar_edge.format.records import (
+    CodecHeader,
+    LayerRecord,
+    QuantizedValues,
+    RecordKind,
+    ValueFormat,
+)
 from solar_edge.format.writer import encode_packet
 from solar_edge.methods.base import Adapter, LayerUpdate
-from solar_edge.methods.matching import match_to_bundle
+from solar_edge.methods.matching import MatchedExtras, match_extras, match_to_bundle
 from solar_edge.methods.peft_files import read_adapter
+
+from .head_specs import head_spec, num_labels
 
 METRICS = ("fro", "act", "fisher")
 PACKET_METADATA_KEYS = ("task", "labels", "head_seed")
@@ -46,6 +63,9 @@ MIN_CALIBRATION_TEXTS = 8
 class CompressOptions:
     budget: int | None = None         # largest packet in bytes (uncompressed bound)
     max_error: float | None = None    # or: largest overall relative error in ``metric``
+    max_drop: float | None = None     # or: largest measured accuracy drop, in points
+    eval_data: Path | None = None     # texts (+labels) the drop is measured on
+    holdout: float = 0.25             # share of calibration texts held back for it
     metric: str = "fro"
     calib: int = 64                   # calibration texts for act / fisher
     max_rank: int = 4
@@ -56,9 +76,14 @@ class CompressOptions:
     model_dir: Path | None = None     # the bundle's base model (default: the embedded one)
 
     def __post_init__(self) -> None:
-        modes = (self.budget is not None) + (self.max_error is not None) + bool(self.exact)
+        modes = (self.budget is not None) + (self.max_error is not None) + bool(self.exact) + (
+            self.max_drop is not None)
         if modes != 1:
-            raise CodecError("give exactly one of budget, max_error and exact")
+            raise CodecError("give exactly one of budget, max_error, max_drop and exact")
+        if self.max_drop is not None and not self.max_drop >= 0:
+            raise CodecError(f"max_drop must be >= 0 points, got {self.max_drop}")
+        if not 0 < self.holdout < 1:
+            raise CodecError(f"holdout must be in (0, 1), got {self.holdout}")
         if self.exact and (self.refit_steps or self.metric != "fro"):
             raise CodecError("exact carrying fits nothing: no metric, no refit")
         if self.exact_format not in ("float32", "float16"):
@@ -85,11 +110,54 @@ class Compressed:
     refit_texts: int = 0
     exact_error: float | None = None  # relative error of an exact carry (float rounding)
     calibration: str | None = None    # where calibration texts came from
+    extras_bytes: int = 0             # head tensors, bias and magnitude deltas
+    notes: list[str] = field(default_factory=list)  # what the user should know
+    curve: dict | None = None         # --max-drop: every budget measured, and the choice
+    eval_source: str | None = None    # what the drop was measured on
 
 
 def packet_metadata(task_meta: dict) -> dict:
     """What a packet carries about its task: name, label names, head seed."""
     return {k: task_meta[k] for k in PACKET_METADATA_KEYS if k in task_meta}
+
+
+@dataclass
+class _Prepared:
+    """The adapter matched to the bundle, with its extras encoded and its metadata."""
+
+    bundle: Bundle
+    adapter: Adapter
+    updates: dict[int, LayerUpdate]
+    matched: MatchedExtras
+    extras: ExtraRecords
+    metadata: dict[str, Any]
+    notes: list[str]
+
+
+def _prepare(adapter: Adapter, bundle: Bundle) -> _Prepared:
+    updates = match_to_bundle(adapter.updates, bundle.layers)
+    matched = match_extras(adapter.extras, bundle.layers)
+    unpatchable = sorted(lid for lid in matched.biases if bundle.base_bias(lid) is None)
+    if unpatchable:
+        raise AdapterError(f"the adapter trains biases of layers {unpatchable[:6]} that this "
+                           "bundle cannot patch (export the bundle again with this version)")
+    meta = packet_metadata(adapter.task_meta)
+    notes: list[str] = []
+    extras = extra_records(matched.head, matched.biases, matched.magnitudes, bundle)
+    if matched.head:
+        spec = head_spec(matched.head, lambda name: bundle.head_part(name) is not None)
+        labels = adapter.labels
+        count = num_labels(spec, matched.head)
+        if labels is None or len(labels) != count:
+            if labels is not None:
+                notes.append(f"{len(labels)} label names for a head of {count} outputs: "
+                             "using LABEL_i")
+            else:
+                notes.append("no label names (config.json id2label): using LABEL_i")
+            labels = [f"LABEL_{i}" for i in range(count)]
+        meta = {k: v for k, v in meta.items() if k not in ("labels", "head_seed")}
+        meta.update(labels=labels, head={**spec, "tensors": extras.head_tensors})
+    return _Prepared(bundle, adapter, updates, matched, extras, meta, notes)
 
 
 def _torch_side(purpose: str):
@@ -102,14 +170,18 @@ def _torch_side(purpose: str):
 
 
 class _Calibration:
-    """The bundle's base model and the calibration texts, opened once per compress."""
+    """The bundle's base model, the calibration texts and the adapter as the teacher,
+    opened once per compress."""
 
-    def __init__(self, bundle: Bundle, adapter: Adapter, options: CompressOptions,
+    def __init__(self, bundle: Bundle, prep: _Prepared, options: CompressOptions,
                  purpose: str) -> None:
         from solar_edge.exporters.calib_data import from_task, read_calibration_file
 
-        self.calibration, families, heads, self.refit = _torch_side(purpose)
-        labels = adapter.task_meta.get("labels")
+        self.calibration, families, self.heads, self.refit = _torch_side(purpose)
+        from solar_edge.exporters.patches import adapter_patches
+
+        adapter = prep.adapter
+        labels = prep.metadata.get("labels")
         if options.calib_data is not None:
             data = read_calibration_file(options.calib_data, labels)
         else:
@@ -120,7 +192,26 @@ class _Calibration:
         data.require(MIN_CALIBRATION_TEXTS, purpose)
         self.data = data
         self.model = families.open_bundle_model(bundle, options.model_dir, purpose)
-        self.head = heads.head_for(packet_metadata(adapter.task_meta), self.model.hidden_size)
+        self.bundle, self.metadata = bundle, prep.metadata
+        self.head = self.heads.head_for(prep.metadata, self.model.hidden_size,
+                                        prep.matched.head, bundle)
+        self.teacher = adapter_patches(bundle, prep.updates, prep.matched.biases,
+                                       prep.matched.magnitudes)
+
+    def require_head(self, purpose: str):
+        if self.head is None:
+            raise CalibrationError(f"{purpose} matches the adapter's task outputs and needs "
+                                   "its head (a trained classifier, or labels)")
+        return self.head
+
+    def packet_head(self, records: list) -> Any:
+        """The head as a packet's HEAD_TENSOR records decode (quantised), for the student."""
+        from solar_edge.decode import decode_factors
+
+        declared = self.metadata.get("head", {}).get("tensors", [])
+        tensors = {declared[r.layer_id]["name"]: decode_factors(r, None, CodecHeader(seed=0))
+                   for r in records if r.kind == RecordKind.HEAD_TENSOR}
+        return self.heads.head_for(self.metadata, self.model.hidden_size, tensors, self.bundle)
 
 
 def _statistics(cal: _Calibration, bundle: Bundle, updates: dict[int, LayerUpdate],
@@ -132,54 +223,134 @@ def _statistics(cal: _Calibration, bundle: Bundle, updates: dict[int, LayerUpdat
     if options.metric == "act":
         grams = cal.calibration.calibration_grams(cal.model, bundle, sub.texts, sorted(updates))
         return grams, None
-    if cal.head is None:
-        raise CalibrationError("metric fisher needs the adapter's task head (labels); "
-                               "use --metric act for an adapter without one")
-    dense = {lid: u.B @ u.A for lid, u in updates.items()}
-    return cal.calibration.calibration_fisher(cal.model, bundle, sub.texts, sub.labels, dense,
-                                              cal.head)
+    head = cal.require_head("metric fisher (use --metric act for an adapter without a head)")
+    return cal.calibration.calibration_fisher(cal.model, bundle, sub.texts, sub.labels,
+                                              cal.teacher, head)
+
+
+def lossless_records(prep: _Prepared) -> list[LayerRecord]:
+    """The uncompressed adapter as a packet: float32 factors and extras (the reference a
+    search measures packets against)."""
+    records = []
+    for lid, u in sorted(prep.updates.items()):
+        B, A = np.asarray(u.B, np.float64), np.asarray(u.A, np.float64)
+        if B.shape[1] > min(B.shape[0], A.shape[1]):  # wider than the weight: exact SVD
+            q1, r1 = np.linalg.qr(B)
+            q2, r2 = np.linalg.qr(A.T)
+            p, sv, qt = np.linalg.svd(r1 @ r2.T)
+            k = min(B.shape[0], A.shape[1])
+            B, A = (q1 @ p[:, :k]) * sv[:k], (q2 @ qt.T[:, :k]).T
+        values = np.concatenate([B.reshape(-1), A.T.reshape(-1)]).astype(np.float32)
+        records.append(LayerRecord(lid, RecordKind.DENSE_FACTORS, B.shape[0], A.shape[1],
+                                   B.shape[1], QuantizedValues(ValueFormat.FLOAT32, values.size,
+                                                               raw=values)))
+    return records + extra_records(prep.matched.head, prep.matched.biases,
+                                   prep.matched.magnitudes, prep.bundle, tolerance=0.0,
+                                   formats=(ValueFormat.FLOAT32,)).records
+
+
+def _eval_set(options: CompressOptions, cal: _Calibration | None, prep: _Prepared):
+    from solar_edge.exporters.calib_data import read_calibration_file
+
+    if options.eval_data is not None:
+        return read_calibration_file(options.eval_data, prep.metadata.get("labels"))
+    if cal is None:
+        raise CalibrationError("--max-drop measures packets on texts: give --eval-data FILE "
+                               "(or --calib-data, of which a part is held back)")
+    cal.data, held = cal.data.split(options.holdout)
+    return held
 
 
 def compress_adapter(adapter_dir: str | Path, bundle: Bundle, key, options: CompressOptions,
                      *, adapter_id: str | None = None, version: int = 1,
                      on_refit_step: Callable[[int, int, float], None] | None = None,
+                     on_point: Callable[[Any], None] | None = None,
                      ) -> Compressed:
     """Compress ``adapter_dir`` into a packet for ``bundle`` signed with ``key``."""
     adapter_dir = Path(adapter_dir)
-    adapter = read_adapter(adapter_dir)
-    updates = match_to_bundle(adapter.updates, bundle.layers)
+    prep = _prepare(read_adapter(adapter_dir), bundle)
+    adapter, updates, meta = prep.adapter, prep.updates, prep.metadata
     bases = {lid: bundle.layer_basis(lid) for lid in updates}
     adapter_id = adapter_id or adapter_dir.name
-    meta = packet_metadata(adapter.task_meta)
     header = PacketHeader(bundle.fingerprint, adapter_id, version, meta)
     names = {lid: u.name for lid, u in updates.items()}
+    extras = prep.extras.records
     if options.exact:
         from solar_edge.encode.carry import exact_records
 
         fmt = ValueFormat.FLOAT32 if options.exact_format == "float32" else ValueFormat.FLOAT16
         records, error = exact_records(adapter, updates, bases, fmt)
-        data = encode_packet(header, CodecHeader(seed=0), records, key)
-        return Compressed(data, None, meta, names, exact_error=error)
+        data = encode_packet(header, CodecHeader(seed=0), records + extras, key)
+        return Compressed(data, None, meta, names, exact_error=error,
+                          extras_bytes=prep.extras.nbytes, notes=prep.notes)
     purpose = f"metric {options.metric}" if options.metric != "fro" else "the refit"
-    cal = _Calibration(bundle, adapter, options, purpose) if options.needs_data else None
+    cal = _Calibration(bundle, prep, options, purpose) if options.needs_data else None
+    eval_set = _eval_set(options, cal, prep) if options.max_drop is not None else None
     grams, out_grams = _statistics(cal, bundle, updates, options) if cal else ({}, None)
-    alloc = encode_adapter(updates, bases, grams,
-                           AllocConfig(max_rank=options.max_rank,
-                                       overhead_bytes=fixed_overhead_bytes(adapter_id, meta)),
-                           budget_bytes=options.budget, max_error=options.max_error,
-                           out_grams=out_grams)
-    records, refit_loss, refit_texts = alloc.records, None, 0
-    if options.refit_steps:
+    overhead = fixed_overhead_bytes(adapter_id, meta) + prep.extras.nbytes
+    fits = layer_options(updates, bases, grams,
+                         AllocConfig(max_rank=options.max_rank, overhead_bytes=overhead),
+                         out_grams)
+
+    def records_at(budget: int | None) -> tuple[Allocation, list[LayerRecord], Any]:
+        if budget is not None:
+            alloc = allocation_for_budget(fits, budget, overhead)
+        else:
+            assert options.max_error is not None
+            alloc = allocation_for_error(fits, options.max_error, overhead)
+        records = alloc.records + extras
+        if not options.refit_steps:
+            return alloc, records, None
         assert cal is not None
-        if cal.head is None:
-            raise CalibrationError("the refit matches the adapter's task outputs and needs its "
-                                   "head (labels)")
-        report = cal.refit.refit_records(cal.model, bundle, alloc.records, updates, bases,
-                                         cal.data.texts, cal.head,
+        report = cal.refit.refit_records(cal.model, bundle, records, cal.teacher, bases,
+                                         cal.data.texts, cal.require_head("the refit"),
                                          cal.refit.RefitConfig(steps=options.refit_steps),
-                                         progress=on_refit_step)
-        records, refit_texts = report.records, len(cal.data)
-        refit_loss = (report.loss_before, report.loss_after)
+                                         progress=on_refit_step,
+                                         student_head=cal.packet_head(records))
+        return alloc, report.records, report
+
+    curve = None
+    if eval_set is None:
+        alloc, records, report = records_at(options.budget)
+    else:
+        alloc, records, report, curve = _smallest_within(prep, bundle, options, eval_set,
+                                                         records_at, fits, overhead, on_point)
     data = encode_packet(header, CodecHeader(seed=0), records, key)
-    return Compressed(data, alloc, meta, names, refit_loss, refit_texts,
-                      calibration=cal.data.source if cal else None)
+    return Compressed(data, alloc, meta, names,
+                      None if report is None else (report.loss_before, report.loss_after),
+                      len(cal.data) if report is not None and cal is not None else 0,
+                      calibration=cal.data.source if cal else None,
+                      extras_bytes=prep.extras.nbytes, notes=prep.notes, curve=curve,
+                      eval_source=None if eval_set is None else eval_set.source)
+
+
+def _smallest_within(prep: _Prepared, bundle: Bundle, options: CompressOptions, eval_set: Any,
+                     records_at: Callable[[int | None], tuple[Allocation, list, Any]],
+                     fits: dict, overhead: int, on_point: Callable[[Any], None] | None):
+    """The allocation of the smallest budget whose packet keeps the drop within target."""
+    from solar_edge.exporters.target_search import BoardMeter, search
+
+    meter = BoardMeter(str(bundle.root), eval_set.texts, eval_set.labels)
+
+    def candidate(records: list[LayerRecord]) -> bytes:
+        head = PacketHeader(bundle.fingerprint, "candidate", meter.next_version(),
+                            prep.metadata)
+        return encode_packet(head, CodecHeader(seed=0), records, meter.key)
+
+    reference = meter.measure(candidate(lossless_records(prep)))
+    built: dict[int, tuple] = {}
+
+    def build(budget: int) -> bytes:
+        built[budget] = records_at(budget)
+        return candidate(built[budget][1])
+
+    smallest = min((f.nbytes for opts in fits.values() for f in opts if f.kind), default=0)
+    largest = overhead + sum(max(f.nbytes for f in opts) for opts in fits.values())
+    lo = max(overhead + smallest, min(largest, 2 * overhead))
+    assert options.max_drop is not None
+    chosen, curve = search(build, meter.measure, reference, options.max_drop, lo, largest,
+                           on_point)
+    alloc, records, report = built[chosen]
+    return alloc, records, report, {"chosen": chosen, "max_drop": options.max_drop,
+                                    "reference_accuracy": reference.accuracy,
+                                    "points": [c.row() for c in curve]}

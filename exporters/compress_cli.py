@@ -73,7 +73,8 @@ def _summary(result: Compressed, out: Path, budget: int | None, max_error: float
              device: str | None) -> dict[str, Any]:
     info: dict[str, Any] = {"packet": str(out), "bytes": len(result.data),
                             "layers": len(result.layer_names), "metadata": result.metadata,
-                            "calibration": result.calibration}
+                            "calibration": result.calibration,
+                            "extras_bytes": result.extras_bytes, "notes": result.notes}
     if result.alloc is None:
         info["exact_error"] = result.exact_error
     else:
@@ -83,6 +84,8 @@ def _summary(result: Compressed, out: Path, budget: int | None, max_error: float
         if result.refit_loss:
             info["refit"] = {"texts": result.refit_texts, "loss_before": result.refit_loss[0],
                              "loss_after": result.refit_loss[1]}
+    if result.curve is not None:
+        info["search"] = {**result.curve, "measured_on": result.eval_source}
     info["download_s"] = _download_times(len(result.data), device)
     return info
 
@@ -101,8 +104,23 @@ def _print(info: dict[str, Any], metric: str, refit_steps: int, device: str | No
             r = info["refit"]
             click.echo(f"refit ({refit_steps} steps, {r['texts']} texts): output loss "
                        f"{r['loss_before']:.4f} -> {r['loss_after']:.4f}")
+    if info["extras_bytes"]:
+        head = info["metadata"].get("head")
+        what = "head, biases and magnitudes" if head else "biases and magnitudes"
+        click.echo(f"{what}: {info['extras_bytes']} B of the packet")
     if info["calibration"]:
         click.echo(f"calibration texts: {info['calibration']}")
+    if "search" in info:
+        sr = info["search"]
+        click.echo(f"--max-drop {sr['max_drop']:g}: measured on {sr['measured_on']}"
+                   + (f" (uncompressed adapter {sr['reference_accuracy']:.1f}%)"
+                      if sr["reference_accuracy"] is not None else ""))
+        click.echo(f"{'budget':>8} {'bytes':>8} {'agree %':>8} {'acc %':>7} {'drop':>6}")
+        for p in sr["points"]:
+            acc = "-" if p["accuracy"] is None else f"{p['accuracy']:.1f}"
+            mark = "  <- chosen" if p["budget"] == sr["chosen"] else ""
+            click.echo(f"{p['budget']:>8} {p['bytes']:>8} {p['agreement']:>8.1f} {acc:>7} "
+                       f"{p['drop']:>6.2f}{mark}")
     extra = ""
     if "uncompressed_bound" in info:
         extra = f" ({info['uncompressed_bound']} B uncompressed bound" + (
@@ -122,6 +140,14 @@ def _print(info: dict[str, Any], metric: str, refit_steps: int, device: str | No
               help="Largest packet in bytes (uncompressed bound; zstd only shrinks it).")
 @click.option("--max-error", type=click.FloatRange(min=0), default=None,
               help="Largest overall relative error in --metric; the budget is bisected.")
+@click.option("--max-drop", type=click.FloatRange(min=0), default=None,
+              help="Largest accuracy drop in points against the uncompressed adapter, "
+                   "measured as the board serves the packet; the smallest such packet wins.")
+@click.option("--eval-data", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Texts (.txt, or .jsonl with labels) the --max-drop is "
+                                 "measured on (default: a quarter of --calib-data held back).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="With --max-drop: write the bytes-against-drop curve (PNG).")
 @click.option("--metric", type=click.Choice(["fro", "act", "fisher"]), default="fro",
               show_default=True, help="Distortion: Frobenius, activation-weighted, or K-FAC "
                                       "loss estimate on calibration texts.")
@@ -155,13 +181,17 @@ def _print(info: dict[str, Any], metric: str, refit_steps: int, device: str | No
 @options.as_json()
 @options.quiet()
 def compress(adapter_dir: Path, bundle_dir: Path, budget: int | None, max_error: float | None,
+             max_drop: float | None, eval_data: Path | None, plot_path: Path | None,
              metric: str, calib_data: Path | None, calib: int, model_dir: Path | None,
              max_rank: int, exact: bool, exact_format: str, refit_steps: int,
              device: str | None, signing_key: Path | None, adapter_id: str | None,
              adapter_version: int, out: Path, as_json: bool, quiet: bool) -> None:
     """Compress ADAPTER_DIR (a PEFT adapter saved by save_pretrained) into a signed packet."""
-    if (budget is not None) + (max_error is not None) + exact != 1:
-        raise click.UsageError("give exactly one of --budget, --max-error and --exact")
+    if (budget is not None) + (max_error is not None) + exact + (max_drop is not None) != 1:
+        raise click.UsageError("give exactly one of --budget, --max-error, --max-drop and "
+                               "--exact")
+    if plot_path is not None and max_drop is None:
+        raise click.UsageError("--plot draws the --max-drop search")
     if exact and (refit_steps or metric != "fro"):
         raise click.UsageError("--exact fits nothing: it takes no --metric or --refit")
     if refit_steps and max_error is not None:
@@ -171,7 +201,7 @@ def compress(adapter_dir: Path, bundle_dir: Path, budget: int | None, max_error:
     opts = CompressOptions(budget=budget, max_error=max_error, metric=metric, calib=calib,
                            max_rank=max_rank, refit_steps=refit_steps, exact=exact,
                            exact_format=exact_format, calib_data=calib_data,
-                           model_dir=model_dir)
+                           model_dir=model_dir, max_drop=max_drop, eval_data=eval_data)
     bundle = load_bundle(bundle_dir)
     key = (signing.load_private_key(signing_key) if signing_key is not None
            else signing.generate_private_key())
@@ -180,16 +210,30 @@ def compress(adapter_dir: Path, bundle_dir: Path, budget: int | None, max_error:
         if step == total or step % 20 == 0:
             note(f"refit step {step}/{total}: loss {loss:.4f}")
 
+    def on_point(p: Any) -> None:
+        accuracy = "" if p.accuracy is None else f", accuracy {p.accuracy:.1f}%"
+        note(f"budget {p.budget} B: packet {p.nbytes} B, agreement {p.agreement:.1f}%"
+             f"{accuracy}, drop {p.drop:.2f} pt")
+
     try:
         result = compress_adapter(adapter_dir, bundle, key, opts, adapter_id=adapter_id,
-                                  version=adapter_version, on_refit_step=on_refit_step)
+                                  version=adapter_version, on_refit_step=on_refit_step,
+                                  on_point=on_point)
     except CalibrationError as exc:  # a missing extra, data or model: tell the user plainly
         raise click.ClickException(str(exc)) from exc
+    if plot_path is not None and result.curve is not None:
+        from .target_search import CurvePoint, plot
+
+        plot([CurvePoint(**{("nbytes" if k == "bytes" else k): v for k, v in p.items()})
+              for p in result.curve["points"]], max_drop or 0.0, result.curve["chosen"],
+             str(plot_path))
     out.write_bytes(result.data)
     if signing_key is None:
         pub = signing.save_public_key(key, out.with_name(out.name + ".pub"))
         note(f"signed with a new key; public key: {pub}")
     device = device or bundle.profile.get("name")
+    for line in result.notes:
+        note(f"note: {line}")
     info = _summary(result, out, budget, max_error, device)
     if as_json:
         options.emit_json(info)

@@ -7,14 +7,16 @@ patching mechanism needs is produced here, once, by the export stage:
   weight a stable initializer name ``<module>.weight_t`` holding ``W0.T`` (``in x out``)
   that feeds exactly one ``MatMul`` as its right operand; mechanisms ``initializer`` and
   ``recreate`` patch it.
-* :func:`weights_as_inputs` also lists those initializers as graph inputs, which makes them
-  overridable (ONNX IR >= 4): the ``iobinding`` mechanism feeds patched weights as inputs
-  and the initializer stays the base default.
-* :func:`add_lora_slots` adds, per adaptable weight, two inputs ``<init>.lora_A``
-  (``in x r``) and ``<init>.lora_B`` (``r x out``) with empty (``r = 0``) defaults and the
-  nodes ``y + (x @ A) @ B`` after the weight's ``MatMul``: the ``lora`` mechanism serves the
-  decoded low-rank update unmerged (``A = Rt``, ``B = L.T``), either through ORT's native
-  adapters (``RunOptions.add_active_adapter``) or as plain feeds.
+* :func:`weights_as_inputs` also lists those initializers (and the layers' bias
+  initializers ``<module>.bias``) as graph inputs, which makes them overridable (ONNX IR
+  >= 4): the ``iobinding`` mechanism feeds patched weights as inputs and the initializer
+  stays the base default.
+* :func:`add_lora_slots` adds, per adaptable weight, inputs ``<init>.lora_A`` (``in x r``),
+  ``<init>.lora_B`` (``r x out``), ``<init>.lora_scale`` and ``<init>.lora_bias``
+  (``out``) with neutral defaults, and ``(y + (x @ A) @ B) * scale + bias`` after the
+  weight's ``MatMul``: the ``lora`` mechanism serves the decoded update unmerged
+  (``A = Rt``, ``B = L.T``; DoRA's row scale and trained bias deltas in the other two),
+  either through ORT's native adapters (``RunOptions.add_active_adapter``) or as feeds.
 
 The names are :mod:`solar_edge.format.graph`'s, which the runtime patches by.
 """
@@ -28,7 +30,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from solar_edge.errors import ExportError
-from solar_edge.format.graph import lora_slot_names
+from solar_edge.format.graph import lora_extra_slot_names, lora_slot_names
 
 from .onnx_export import consumers
 
@@ -57,10 +59,13 @@ def weights_as_inputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.Mode
 
 
 def add_lora_slots(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
-    """Copy of ``model`` with ``y += (x @ A) @ B`` slots after each named weight's MatMul.
+    """Copy of ``model`` with ``y = (y + (x @ A) @ B) * scale + bias_delta`` slots after each
+    named weight's MatMul (before the layer's own bias).
 
-    Each slot pair is a graph input with an empty default initializer, so the graph runs
-    unchanged (``r = 0``) when no adapter is fed. The rank dimension is symbolic per weight.
+    Each slot is a graph input with a neutral default initializer (empty ``A``/``B``,
+    ``scale = 1``, ``bias_delta = 0``), so the graph computes the base model when nothing is
+    fed. The rank dimension is symbolic per weight. ``scale`` serves DoRA's row scaling,
+    ``bias_delta`` trained biases.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -78,15 +83,23 @@ def add_lora_slots(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelPr
         graph.input.append(helper.make_tensor_value_info(b_name, TensorProto.FLOAT, [rank, d_out]))
         graph.initializer.append(numpy_helper.from_array(np.zeros((d_in, 0), np.float32), a_name))
         graph.initializer.append(numpy_helper.from_array(np.zeros((0, d_out), np.float32), b_name))
+        scale_name, bias_name = lora_extra_slot_names(init.name)
+        for name, default in ((scale_name, np.ones(d_out, np.float32)),
+                              (bias_name, np.zeros(d_out, np.float32))):
+            graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [d_out]))
+            graph.initializer.append(numpy_helper.from_array(default, name))
         y = node.output[0]
         base_y = y + ".base"
         node.output[0] = base_y
         xa, delta = init.name + ".lora_xa", init.name + ".lora_delta"
+        summed, scaled = init.name + ".lora_sum", init.name + ".lora_scaled"
         idx = list(graph.node).index(node)
         new_nodes[idx] = [
             helper.make_node("MatMul", [node.input[0], a_name], [xa], name=xa),
             helper.make_node("MatMul", [xa, b_name], [delta], name=delta),
-            helper.make_node("Add", [base_y, delta], [y], name=init.name + ".lora_add"),
+            helper.make_node("Add", [base_y, delta], [summed], name=init.name + ".lora_add"),
+            helper.make_node("Mul", [summed, scale_name], [scaled], name=scaled),
+            helper.make_node("Add", [scaled, bias_name], [y], name=init.name + ".lora_bias_add"),
         ]
     ordered: list[onnx.NodeProto] = []
     for i, node in enumerate(graph.node):
@@ -120,14 +133,16 @@ def add_variants_to_bundle(bundle_dir: str, variants: Iterable[str] = ("inputs",
     # External data (the weights/NNNN.npy files) stays external: variants are small files
     # that point at the same weight bytes as the base graph.
     model = onnx.load(str(root / manifest["onnx"]["file"]), load_external_data=False)
-    names = [layer["onnx"]["initializer"] for layer in manifest["layers"]]
-    makers = {"inputs": weights_as_inputs, "lora": add_lora_slots}
+    weights = [layer["onnx"]["initializer"] for layer in manifest["layers"]]
+    biases = [layer["onnx"]["bias"] for layer in manifest["layers"] if layer["onnx"].get("bias")]
+    makers = {"inputs": lambda m: weights_as_inputs(m, weights + biases),
+              "lora": lambda m: add_lora_slots(m, weights)}
     table = dict(manifest["onnx"].get("variants") or {})
     for variant in variants:
         if variant not in makers:
             raise ExportError(f"unknown variant {variant!r}; known: {sorted(makers)}")
         rel = VARIANT_FILES[variant]
-        onnx.save(makers[variant](model, names), str(root / rel))
+        onnx.save(makers[variant](model), str(root / rel))
         manifest["files"][rel] = {"bytes": (root / rel).stat().st_size,
                                   "sha256": sha256_file(root / rel)}
         table[variant] = rel

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from solar_edge.format.bundle import (
@@ -21,15 +22,30 @@ from solar_edge.format.bundle import (
 )
 
 
-def layer_file_names(layer_id: int) -> dict[str, str]:
+def layer_file_names(layer_id: int, has_bias: bool = False) -> dict[str, str]:
     """Relative paths of a layer's files (``NNNN`` = zero-padded layer id)."""
     stem = f"{layer_id:04d}"
-    return {
+    files = {
         "weight": f"weights/{stem}.npy",
         "U": f"basis/{stem}.U.npy",
         "V": f"basis/{stem}.V.npy",
         "S": f"basis/{stem}.S.npy",
     }
+    if has_bias:
+        files["bias"] = f"weights/{stem}.bias.npy"
+    return files
+
+
+def write_head_parts(root: Path, parts: dict[str, np.ndarray]) -> dict[str, str]:
+    """Base-model tensors a task head may use (e.g. BERT's ``pooler.dense.weight``), written
+    to ``heads/<name>.npy``; returns name -> relative path."""
+    out = {}
+    for name, value in sorted(parts.items()):
+        rel = f"heads/{name}.npy"
+        (root / "heads").mkdir(exist_ok=True)
+        np.save(root / rel, np.asarray(value, np.float32), allow_pickle=False)
+        out[name] = rel
+    return out
 
 
 def onnx_io(path: Path) -> dict[str, list[dict[str, Any]]]:

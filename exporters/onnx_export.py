@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from solar_edge.errors import ExportError
-from solar_edge.format.graph import initializer_name
+from solar_edge.format.graph import bias_name, initializer_name
 
 from .families.base import LoadedModel
 from .targets import is_conv1d, weight_out_in
@@ -161,6 +161,32 @@ def link_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray],
     return result
 
 
+def link_biases(model: onnx.ModelProto, weight_inits: dict[str, str],
+                biases: dict[str, np.ndarray]) -> dict[str, str]:
+    """Rename each layer's bias initializer to ``<module>.bias`` where the graph adds it right
+    after the weight's ``MatMul`` (found by structure, checked by value). Layers whose bias
+    is not such an initializer are left out (their bias cannot be patched)."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    result: dict[str, str] = {}
+    for module, b0 in biases.items():
+        matmul = consumers(graph, weight_inits[module])[0][0]
+        uses = consumers(graph, matmul.output[0])
+        if len(uses) != 1 or uses[0][0].op_type != "Add":
+            continue
+        add = uses[0][0]
+        other = add.input[1 - uses[0][1]]
+        init = inits.get(other)
+        if init is None or tuple(init.dims) != b0.shape or len(consumers(graph, other)) != 1 or \
+                not np.array_equal(numpy_helper.to_array(init), b0.astype(np.float32)):
+            continue
+        new = bias_name(module)
+        init.name = new
+        _rename(graph, other, new)
+        result[module] = new
+    return result
+
+
 def npy_data_offset(path: Path) -> int:
     """Byte offset of the array data in a ``.npy`` file."""
     with open(path, "rb") as f:
@@ -177,6 +203,11 @@ def write_base_weight(w0: np.ndarray, path: Path) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, np.asfortranarray(w0, dtype=np.float32), allow_pickle=False)
     return npy_data_offset(path)
+
+
+def bias_file(weight_file: str) -> str:
+    """``weights/NNNN.npy`` -> ``weights/NNNN.bias.npy``."""
+    return weight_file.removesuffix(".npy") + ".bias.npy"
 
 
 def externalize(model: onnx.ModelProto, init_name: str, rel_path: str, offset: int,
@@ -200,11 +231,14 @@ def export_onnx(
     out_dir: Path,
     exporter: str = "torchscript",
     on_step: Callable[[str], None] | None = None,
-) -> dict[str, str]:
+    biases: dict[str, np.ndarray] | None = None,
+) -> tuple[dict[str, str], dict[str, str]]:
     """Export ``model.onnx`` into ``out_dir`` with each weight external in its ``.npy``.
 
     ``weights``: module -> W0 (after :func:`make_patchable`); ``layer_files``: module ->
-    relative path of its base-weight file. Returns module -> initializer name.
+    relative path of its base-weight file; ``biases``: module -> b0 of the layers that have
+    one, each written to :func:`bias_file` as the bias initializer's external data.
+    Returns (module -> weight initializer, module -> bias initializer).
     """
     raw_path = out_dir / "model.raw.onnx"
     torch_export(loaded, raw_path, exporter)
@@ -215,10 +249,16 @@ def export_onnx(
     if not any(o.domain in ("", "ai.onnx") and o.version >= 17 for o in model.opset_import):
         raise ExportError("exported graph has no default-domain opset >= 17")
     names = link_weights(model, weights)
+    bias_names = link_biases(model, names, biases or {})
     for module, w0 in weights.items():
         rel = layer_files[module]
         offset = write_base_weight(w0, out_dir / rel)
         externalize(model, names[module], rel, offset, w0.size * 4)
+        if module in bias_names:
+            b0 = np.asarray((biases or {})[module], np.float32)
+            np.save(out_dir / bias_file(rel), b0, allow_pickle=False)
+            externalize(model, bias_names[module], bias_file(rel),
+                        npy_data_offset(out_dir / bias_file(rel)), b0.size * 4)
     onnx.save(model, str(out_dir / "model.onnx"), save_as_external_data=True,
               all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
-    return names
+    return names, bias_names

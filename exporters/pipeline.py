@@ -157,7 +157,9 @@ def export_bundle(
         onnx_export.make_patchable(loaded.model, names)
         files = {n: manifest_mod.layer_file_names(i)["weight"] for i, n in enumerate(names)}
         with progress.step(f"ONNX export ({exporter}, opset {onnx_export.OPSET})"):
-            inits = onnx_export.export_onnx(loaded, weights, files, work, exporter)
+            inits, bias_inits = onnx_export.export_onnx(
+                loaded, weights, files, work, exporter,
+                biases={n: b for n, b in biases.items() if b is not None})
         diff = _onnx_vs_torch(loaded, work / "model.onnx")
         if not diff <= ORT_TOLERANCE:
             raise ExportError(f"ONNX Runtime output differs from torch by {diff:.3g}")
@@ -172,6 +174,7 @@ def export_bundle(
 
         if loaded.tokenizer_files:
             copy_tokenizer(loaded.tokenizer_files, work / "tokenizer")
+        head_parts = manifest_mod.write_head_parts(work, loaded.head_parts)
         body = {
             "model": loaded.identity,
             "profile": prof.to_dict(),
@@ -184,11 +187,14 @@ def export_bundle(
                      **manifest_mod.onnx_io(work / "model.onnx")},
             "tflite": tflite_section,
             "tokenizer": "tokenizer" if loaded.tokenizer_files else None,
+            "head_parts": head_parts,
             "layers": [
                 {"id": i, "name": n, "shape": list(weights[n].shape), "rank": ranks[i],
                  "basis_dtype": prof.basis_dtype, "has_bias": biases[n] is not None,
-                 "onnx": {"initializer": inits[n], "layout": onnx_export.ONNX_LAYOUT},
-                 "files": manifest_mod.layer_file_names(i), "tflite": tflite_layers[i]}
+                 "onnx": {"initializer": inits[n], "layout": onnx_export.ONNX_LAYOUT,
+                          "bias": bias_inits.get(n)},
+                 "files": manifest_mod.layer_file_names(i, n in bias_inits),
+                 "tflite": tflite_layers[i]}
                 for i, n in enumerate(names)
             ],
         }

@@ -27,13 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from solar_edge.decode import decode_factors
+from solar_edge.decode import decode_factors, decoder_of, shared_state
 from solar_edge.errors import CodecError
-from solar_edge.exporters.calibration import Head
-from solar_edge.exporters.families.base import TorchModel, unit
+from solar_edge.exporters.families.base import TorchModel, mean_pooled, unit
+from solar_edge.exporters.heads import Head
+from solar_edge.exporters.patches import TorchPatch, base_tensors, patched
 from solar_edge.format.bundle import Bundle, LayerBasis
 from solar_edge.format.records import CodecHeader, LayerRecord, QuantizedValues, RecordKind
-from solar_edge.methods.base import LayerUpdate
 
 
 @dataclass(frozen=True)
@@ -124,17 +124,44 @@ class _RecordParams:
                            r.variant, r.epsilon)
 
 
+def _student_parts(records: Sequence[LayerRecord], bases: Mapping[int, LayerBasis],
+                   bundle: Bundle) -> tuple[dict[int, _RecordParams], dict[int, TorchPatch]]:
+    """Learnable factor records, and every other layer record as a fixed part of a patch."""
+    import torch
+
+    params = {r.layer_id: _RecordParams(r, bases.get(r.layer_id)) for r in records
+              if _refittable(r)}
+    shared = shared_state(records)
+    fixed: dict[int, TorchPatch] = {}
+    for r in records:
+        part = decoder_of(r.kind).part
+        if part == "head" or (part == "factors" and r.layer_id in params):
+            continue
+        value = decode_factors(r, bases.get(r.layer_id), CodecHeader(seed=0), shared.get(r.kind))
+        patch = fixed.setdefault(r.layer_id, TorchPatch())
+        if part == "factors":
+            patch.left, patch.right_t = (torch.from_numpy(np.ascontiguousarray(x)) for x in value)
+        elif part == "bias":
+            patch.bias = torch.from_numpy(value.copy())
+        else:
+            patch.magnitude_delta = torch.from_numpy(value.copy())
+            patch.w0, patch.b0 = base_tensors(bundle, r.layer_id)
+    return params, fixed
+
+
 def refit_records(model: TorchModel, bundle: Bundle, records: Sequence[LayerRecord],
-                  updates: Mapping[int, LayerUpdate], bases: Mapping[int, LayerBasis],
-                  inputs: Sequence[Any], head: Head,
-                  config: RefitConfig = RefitConfig(),
-                  progress: Callable[[int, int, float], None] | None = None) -> RefitReport:
+                  teacher: Mapping[int, TorchPatch], bases: Mapping[int, LayerBasis],
+                  inputs: Sequence[Any], head: Head, config: RefitConfig = RefitConfig(),
+                  progress: Callable[[int, int, float], None] | None = None,
+                  student_head: Head | None = None) -> RefitReport:
     """Records with the same structure and bytes, values tuned to match the adapter's outputs.
 
     ``model``: the bundle's base model (:func:`~solar_edge.exporters.families.
-    open_bundle_model`); ``head``: features -> logits of the adapter's task. ``updates``: the
-    uncompressed adapter (the teacher). Records that cannot be refitted (sparse cores, float
-    values, perturbed bases) are carried unchanged and stay in the student as fixed updates."""
+    open_bundle_model`); ``teacher``: the uncompressed adapter as patches
+    (:func:`~solar_edge.exporters.patches.adapter_patches`); ``head``: its task head
+    (``(hidden, mask) -> logits``); ``student_head``: the packet's head (default: the same).
+    Records that cannot be refitted (sparse cores, float values, perturbed bases, biases,
+    magnitudes, head tensors) are carried unchanged and stay in the student as fixed parts."""
     import torch
 
     if not inputs:
@@ -143,34 +170,27 @@ def refit_records(model: TorchModel, bundle: Bundle, records: Sequence[LayerReco
     frozen = [(p, p.requires_grad) for p in module.parameters()]  # restored at the end
     for p, _ in frozen:
         p.requires_grad_(False)
-    modules = dict(module.named_modules())
-    names = {layer.id: layer.name for layer in bundle.layers}
-    params = {r.layer_id: _RecordParams(r, bases.get(r.layer_id)) for r in records
-              if _refittable(r)}
-    fixed = {r.layer_id: tuple(torch.from_numpy(x) for x in
-                               decode_factors(r, bases.get(r.layer_id), CodecHeader(seed=0)))
-             for r in records if r.layer_id not in params}
-    teacher = {lid: (torch.from_numpy(np.asarray(u.B, np.float32)),
-                     torch.from_numpy(np.asarray(u.A, np.float32).T.copy()))
-               for lid, u in updates.items()}
-    mode = ["teacher"]
-    current: dict[int, tuple] = {}
+    params, fixed = _student_parts(records, bases, bundle)
+    student_head = student_head or head
+    lids = sorted(set(teacher) | set(params) | set(fixed))
 
-    def hook_for(lid: int):
-        def hook(_mod, args, out):
-            lr = teacher.get(lid) if mode[0] == "teacher" else current.get(lid)
-            if lr is None:
-                return out
-            L, Rt = lr
-            return out + (args[0] @ Rt) @ L.T
-        return hook
+    def student(lid: int):
+        def current() -> TorchPatch:
+            base = fixed.get(lid, TorchPatch())
+            if lid not in params:
+                return base
+            left, right_t = params[lid].factors()
+            return TorchPatch(left, right_t, base.bias, base.magnitude_delta, base.w0, base.b0)
+        return current
 
-    used = sorted(set(teacher) | set(params) | set(fixed))
-    hooks = [modules[names[lid]].register_forward_hook(hook_for(lid)) for lid in used]
+    student_patches = {lid: student(lid) for lid in lids}
 
-    def forward(idx):
-        features = model.features(model.feeds([inputs[int(i)] for i in idx], config.max_len))
-        return head(features), unit(features)
+    def forward(idx, use_teacher: bool):
+        feeds = model.feeds([inputs[int(i)] for i in idx], config.max_len)
+        with patched(module, bundle, teacher if use_teacher else student_patches):
+            hidden, mask = model.hidden(feeds)
+        return (head if use_teacher else student_head)(hidden, mask), unit(
+            mean_pooled(hidden, mask))
 
     def loss_of(out, t_logits, t_unit):
         logits, embedding = out
@@ -179,29 +199,21 @@ def refit_records(model: TorchModel, bundle: Bundle, records: Sequence[LayerReco
                                         reduction="batchmean")
         return kl + config.embed_weight * ((embedding - t_unit) ** 2).sum(-1).mean()
 
-    def set_student() -> None:
-        current.clear()
-        current.update(fixed)
-        current.update({lid: p.factors() for lid, p in params.items()})
-
     n = len(inputs)
     order = torch.from_numpy(np.argsort([len(str(x)) for x in inputs], kind="stable"))
     chunks = [order[s : s + 64] for s in range(0, n, 64)]
     try:
         with torch.no_grad():
-            mode[0] = "teacher"
-            outs = [forward(c) for c in chunks]
+            outs = [forward(c, True) for c in chunks]
             t_logits = torch.empty(n, outs[0][0].shape[1])
             t_unit = torch.empty(n, outs[0][1].shape[1])
             for c, (logits, embedding) in zip(chunks, outs, strict=True):
                 t_logits[c], t_unit[c] = logits, embedding
-            mode[0] = "student"
 
             def full_loss() -> float:
-                set_student()
                 total = 0.0
                 for c in chunks:
-                    total += float(loss_of(forward(c), t_logits[c], t_unit[c])) * len(c)
+                    total += float(loss_of(forward(c, False), t_logits[c], t_unit[c])) * len(c)
                 return total / n
 
             before = full_loss()
@@ -213,8 +225,7 @@ def refit_records(model: TorchModel, bundle: Bundle, records: Sequence[LayerReco
             gen = torch.Generator().manual_seed(config.seed)
             for step in range(config.steps):
                 idx = torch.randint(0, n, (min(config.batch, n),), generator=gen)
-                set_student()
-                loss = loss_of(forward(idx), t_logits[idx], t_unit[idx])
+                loss = loss_of(forward(idx, False), t_logits[idx], t_unit[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -224,12 +235,10 @@ def refit_records(model: TorchModel, bundle: Bundle, records: Sequence[LayerReco
         with torch.no_grad():
             after = full_loss()
     finally:
-        for h in hooks:
-            h.remove()
         for p, flag in frozen:
             p.requires_grad_(flag)
     by_layer = {lid: p.to_record() for lid, p in params.items()}
-    out = [by_layer.get(r.layer_id, r) for r in records]
+    out = [by_layer[r.layer_id] if _refittable(r) else r for r in records]
     if after > before:  # never hand back something worse than the allocator's records
         out, after = list(records), before
     return RefitReport(out, before, after, config.steps)

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from solar_edge.exporters.families.base import unit
-from solar_edge.exporters.families.text_encoder import default_model_dir, mean_pooled, open_model
+from solar_edge.exporters.families.base import mean_pooled, unit
+from solar_edge.exporters.families.text_encoder import default_model_dir, open_model
 from solar_edge.exporters.heads import seeded_head
 from solar_edge.exporters.tasks import Split, Task, accuracy_ci
 from solar_edge.regen.heads import LOGIT_SCALE

@@ -9,7 +9,7 @@ under ``onnx.variants`` (``docs/architecture.md``) and hashed like every other f
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +43,40 @@ class _BaseWeights(Mapping[int, np.ndarray]):
         return len(self._bundle.layers)
 
 
+class _BaseBiases(Mapping[int, "np.ndarray | None"]):
+    """Lazy ``{layer id: b0 memmap or None}`` for layers whose bias the graph can patch."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        self._bundle = bundle
+
+    def __getitem__(self, layer_id: int) -> np.ndarray | None:
+        return self._bundle.base_bias(layer_id)
+
+    def __iter__(self):
+        return iter(range(len(self._bundle.layers)))
+
+    def __len__(self) -> int:
+        return len(self._bundle.layers)
+
+
 @dataclass
 class BundleParts:
     bundle: Bundle
     profile: dict[str, Any]
     slots: dict[int, WeightSlot]
     base: _BaseWeights
+    base_biases: _BaseBiases = field(init=False)
+    _row_norms: dict[int, np.ndarray] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        self.base_biases = _BaseBiases(self.bundle)
+
+    def row_norms(self, layer_id: int) -> np.ndarray:
+        """``|W0|`` per output row (float32), computed once per layer (DoRA)."""
+        if layer_id not in self._row_norms:
+            w0 = np.asarray(self.base[layer_id], np.float64)
+            self._row_norms[layer_id] = np.sqrt((w0 * w0).sum(axis=1)).astype(np.float32)
+        return self._row_norms[layer_id]
 
     @property
     def fingerprint(self) -> bytes:
@@ -115,7 +143,8 @@ def open_bundle(bundle_dir: str | Path, profile: Any = None) -> BundleParts:
                 f"layer {layer.name}: ONNX layout {layer.onnx_layout!r}, the runtime patches "
                 f"{SUPPORTED_LAYOUT!r} (W0.T as the right operand of MatMul)", path="manifest.json"
             )
-        slots[layer.id] = WeightSlot(layer.id, layer.onnx_initializer, layer.shape)
+        slots[layer.id] = WeightSlot(layer.id, layer.onnx_initializer, layer.shape,
+                                     layer.onnx_bias if "bias" in layer.files else None)
     return BundleParts(bundle, profile_dict(profile, bundle), slots, _BaseWeights(bundle))
 
 

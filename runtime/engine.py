@@ -10,8 +10,9 @@ it (finite outputs, else :class:`~solar_edge.errors.HealthCheckError`) -> cached
 that serves changes until :meth:`activate`, which commits in one step; :meth:`apply` is
 both. Any failure leaves the previous adapter serving.
 
-The cache keeps each adapter's factors ``(L, Rt)`` only: ``4 * (out + in) * k`` bytes per
-adapted weight, never a dense ``dW``. Base weights are the bundle's memory-mapped arrays and
+The cache keeps each adapter's patches only (:class:`~solar_edge.runtime.patching.LayerPatch`:
+factors ``(L, Rt)``, ``4 * (out + in) * k`` bytes per adapted weight, and bias deltas and
+DoRA row scales), never a dense ``dW``. Base weights are the bundle's memory-mapped arrays and
 are only read, so switching never accumulates error. The model family
 (:mod:`solar_edge.runtime.families`) turns inputs into feeds and outputs into features; the
 backend (:mod:`solar_edge.runtime.backends`) runs the graph.
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from solar_edge.decode import decode_records
+from solar_edge.decode import Decoded, decode_records
 from solar_edge.errors import (
     BaseMismatchError,
     HealthCheckError,
@@ -43,8 +44,8 @@ from solar_edge.format.reader import decode_packet
 from solar_edge.runtime.backends import open_backend
 from solar_edge.runtime.bundle_parts import open_bundle
 from solar_edge.runtime.families import open_family
-from solar_edge.runtime.heads import SeededHead, head_from_metadata, unit
-from solar_edge.runtime.patching import Factors, check_factors, factors_nbytes
+from solar_edge.runtime.heads import Head, embedding, head_from_packet
+from solar_edge.runtime.patching import LayerPatch, check_factors, dora_scale, patches_nbytes
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,8 @@ class AdapterInfo:
 @dataclass
 class _Cached:
     info: AdapterInfo
-    factors: dict[int, Factors]
-    head: SeededHead | None = None
+    patches: dict[int, LayerPatch]
+    head: Head | None = None
 
 
 class EdgeRuntime:
@@ -113,8 +114,8 @@ class EdgeRuntime:
         self.backend.check_link(self._health_feeds)
         first = self.backend.run(self._health_feeds)
         self._check(first)
-        features = self.family.features(first, self._health_feeds)
-        self.hidden = int(features.shape[-1])  # width of the features (task heads)
+        hidden, _ = self.family.hidden(first, self._health_feeds)
+        self.hidden = int(hidden.shape[-1])  # width of the hidden states (task heads)
 
     # --- state -------------------------------------------------------------------------
     @property
@@ -146,7 +147,7 @@ class EdgeRuntime:
         t2 = time.perf_counter()
         with self._lock:
             try:
-                staged = self.backend.prepare(cached.factors)
+                staged = self.backend.prepare(cached.patches)
                 t3 = time.perf_counter()
                 probe = self.backend.probe(staged, self._health_feeds)
             except SolarEdgeError:
@@ -182,7 +183,7 @@ class EdgeRuntime:
                 if ready is not None and new is not None and ready[0] is new:
                     staged = ready[1]  # prepared by stage() and nothing committed since
                 else:
-                    staged = self.backend.prepare(new.factors if new else {})
+                    staged = self.backend.prepare(new.patches if new else {})
                 t1 = time.perf_counter()
                 self.backend.commit(staged)
             except Exception as exc:
@@ -226,8 +227,8 @@ class EdgeRuntime:
             feeds = self.family.feeds(inputs)
             outputs = self.backend.run(feeds)
             head = self._active.head if self._active else None
-        features = self.family.features(outputs, feeds)
-        return head.logits(features) if head is not None else unit(features)
+        hidden, mask = self.family.hidden(outputs, feeds)
+        return head.logits(hidden, mask) if head is not None else embedding(hidden, mask)
 
     def classify(self, inputs: Sequence[Any] | str) -> list[str]:
         """Labels from the active adapter's task head."""
@@ -254,18 +255,36 @@ class EdgeRuntime:
         try:
             decoded = decode_records(packet.records, packet.codec, self.bundle.dims,
                                      self.bundle.basis)
+            meta = dict(packet.header.metadata)
+            head = head_from_packet(meta, decoded.head, self.hidden, self.bundle.bundle.head_part)
         except SolarEdgeError as exc:
             raise RuntimeApplyError(f"cannot decode the packet: {exc}") from exc
-        factors = {lid: check_factors(lid, self.bundle.slots[lid].shape, pair)
-                   for lid, pair in decoded.items()}
-        meta = dict(packet.header.metadata)
+        patches = self._patches(decoded)
         info = AdapterInfo(
             adapter_id=packet.header.adapter_id, version=packet.header.adapter_version,
-            metadata=meta, layers=len(factors),
-            rank=max((f[0].shape[1] for f in factors.values()), default=0),
-            cache_bytes=factors_nbytes(factors),
+            metadata=meta, layers=len(patches),
+            rank=max((p.rank for p in patches.values()), default=0),
+            cache_bytes=patches_nbytes(patches),
         )
-        return _Cached(info, factors, head_from_metadata(meta, self.hidden))
+        return _Cached(info, patches, head)
+
+    def _patches(self, decoded: Decoded) -> dict[int, LayerPatch]:
+        """Factors, bias deltas and DoRA row scales per layer (scales from the pristine W0)."""
+        patches = {}
+        for lid in sorted(set(decoded.factors) | set(decoded.biases) | set(decoded.magnitudes)):
+            shape = self.bundle.slots[lid].shape
+            factors = decoded.factors.get(lid)
+            if factors is not None:
+                factors = check_factors(lid, shape, factors)
+            bias = decoded.biases.get(lid)
+            if bias is not None and not np.isfinite(bias).all():
+                raise HealthCheckError(f"layer {lid}: non-finite bias delta")
+            scale = None
+            if lid in decoded.magnitudes:
+                scale = dora_scale(self.bundle.base[lid], factors, self.bundle.row_norms(lid),
+                                   decoded.magnitudes[lid])
+            patches[lid] = LayerPatch(factors, bias, scale)
+        return patches
 
     def _check(self, outputs: Sequence[np.ndarray]) -> None:
         if not outputs or any(not np.isfinite(o).all() for o in outputs):
@@ -281,5 +300,5 @@ class EdgeRuntime:
 
     def _restore_serving(self) -> None:
         """After a failed commit: put back exactly what served before."""
-        previous = self._active.factors if self._active else {}
+        previous = self._active.patches if self._active else {}
         self.backend.commit(self.backend.prepare(previous))

@@ -1,19 +1,28 @@
-"""Task heads on the board, built from a packet's metadata (the server builds the same ones).
+"""Task heads on the board, built from a packet: its metadata, its HEAD_TENSOR records, and
+base tensors the bundle carries (``head_parts``, e.g. BERT's pooler).
 
-Today one kind: the project's frozen seeded head (``labels`` + ``head_seed``), regenerated
-with the PRNG (:func:`solar_edge.regen.heads.task_head`): logits are
-``LOGIT_SCALE * unit(features) @ H.T``. A packet without a head serves embeddings.
+* a trained head (metadata ``head``, e.g. PEFT's ``modules_to_save`` classifier):
+  ``logits = pool(hidden) [-> tanh(pooler)] @ W.T + b`` with ``pooling`` ``"cls"`` (the
+  first position) or ``"mean"`` (attention-masked mean);
+* the project's seeded head (``labels`` + ``head_seed``, regenerated with the PRNG by
+  :func:`solar_edge.regen.heads.task_head`): ``LOGIT_SCALE * unit(mean) @ H.T``.
+
+A packet without a head serves embeddings: the unit-length masked mean.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
+from solar_edge.errors import RuntimeApplyError
 from solar_edge.regen.heads import LOGIT_SCALE, task_head
+
+ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "tanh": np.tanh, "relu": lambda x: np.maximum(x, 0), "identity": lambda x: x}
 
 
 def unit(features: np.ndarray) -> np.ndarray:
@@ -22,17 +31,97 @@ def unit(features: np.ndarray) -> np.ndarray:
     return (features / np.maximum(norms, np.float32(1e-12))).astype(np.float32)
 
 
+def pool(hidden: np.ndarray, mask: np.ndarray | None, how: str = "mean") -> np.ndarray:
+    """``(batch, seq, hidden) -> (batch, hidden)``: masked mean, or the first position."""
+    if hidden.ndim == 2:
+        return hidden.astype(np.float32)
+    if how == "cls":
+        return hidden[:, 0].astype(np.float32)
+    m = (np.ones(hidden.shape[:2], np.float32) if mask is None
+         else mask.astype(np.float32))[..., None]
+    summed = (hidden.astype(np.float32) * m).sum(axis=1)
+    return summed / np.maximum(m.sum(axis=1), np.float32(1e-9))
+
+
+def embedding(hidden: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    return unit(pool(hidden, mask, "mean"))
+
+
+class Head(Protocol):
+    @property
+    def labels(self) -> list[str]: ...
+
+    def logits(self, hidden: np.ndarray, mask: np.ndarray | None) -> np.ndarray: ...
+
+
 @dataclass(frozen=True)
 class SeededHead:
     labels: list[str]
     weight: np.ndarray  # (num_labels, hidden)
 
-    def logits(self, features: np.ndarray) -> np.ndarray:
-        return (np.float32(LOGIT_SCALE) * unit(features) @ self.weight.T).astype(np.float32)
+    def logits(self, hidden: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        features = unit(pool(hidden, mask, "mean"))
+        return (np.float32(LOGIT_SCALE) * features @ self.weight.T).astype(np.float32)
 
 
-def head_from_metadata(metadata: Mapping[str, Any], hidden: int) -> SeededHead | None:
-    labels = metadata.get("labels")
-    if not labels or "head_seed" not in metadata:
+@dataclass(frozen=True)
+class ClassifierHead:
+    labels: list[str]
+    weight: np.ndarray                    # (num_labels, hidden)
+    bias: np.ndarray | None
+    pooling: str = "cls"
+    pooler: tuple[np.ndarray, np.ndarray | None] | None = None
+    activation: str = "tanh"
+
+    def logits(self, hidden: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        x = pool(hidden, mask, self.pooling)
+        if self.pooler is not None:
+            w, b = self.pooler
+            x = ACTIVATIONS[self.activation](x @ w.T + (0 if b is None else b))
+        out = x @ self.weight.T + (0 if self.bias is None else self.bias)
+        return out.astype(np.float32)
+
+
+def _tensor(name: str | None, carried: Mapping[str, np.ndarray],
+            base_part: Callable[[str], np.ndarray | None]) -> np.ndarray | None:
+    if name is None:
         return None
-    return SeededHead(list(labels), task_head(int(metadata["head_seed"]), len(labels), hidden))
+    if name in carried:
+        return carried[name]
+    return base_part(name)
+
+
+def trained_head(spec: Mapping[str, Any], labels: list[str], tensors: Mapping[int, np.ndarray],
+                 base_part: Callable[[str], np.ndarray | None]) -> ClassifierHead:
+    """The head a packet's metadata ``head`` describes, from its tensors and the bundle's."""
+    declared = spec["tensors"]
+    carried = {t["name"]: tensors[i].reshape(t["shape"]) for i, t in enumerate(declared)
+               if i in tensors}
+    weight = _tensor(spec.get("weight"), carried, base_part)
+    if weight is None or weight.ndim != 2 or weight.shape[0] != len(labels):
+        raise RuntimeApplyError(f"head: weight {spec.get('weight')!r} missing or not "
+                                f"{len(labels)} x hidden")
+    bias = _tensor(spec.get("bias"), carried, base_part)
+    pooler = None
+    if spec.get("pooler"):
+        prefix = str(spec["pooler"])
+        w = _tensor(prefix + ".weight", carried, base_part)
+        if w is None:
+            raise RuntimeApplyError(f"head: pooler {prefix!r} is neither in the packet nor "
+                                    "in the bundle (head_parts)")
+        pooler = (w, _tensor(prefix + ".bias", carried, base_part))
+    activation = str(spec.get("activation", "tanh"))
+    if activation not in ACTIVATIONS or spec.get("pooling", "cls") not in ("cls", "mean"):
+        raise RuntimeApplyError(f"head: unknown activation or pooling in {dict(spec)}")
+    return ClassifierHead(labels, weight, bias, str(spec.get("pooling", "cls")), pooler,
+                          activation)
+
+
+def head_from_packet(metadata: Mapping[str, Any], tensors: Mapping[int, np.ndarray], hidden: int,
+                     base_part: Callable[[str], np.ndarray | None]) -> Head | None:
+    labels = [str(x) for x in metadata.get("labels") or []]
+    if "head" in metadata:
+        return trained_head(metadata["head"], labels, tensors, base_part)
+    if labels and "head_seed" in metadata:
+        return SeededHead(labels, task_head(int(metadata["head_seed"]), len(labels), hidden))
+    return None

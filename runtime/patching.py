@@ -1,10 +1,12 @@
-"""Pure numeric patching: ``W0 + L @ Rt.T`` into separate buffers, factor-cache sizes.
+"""Pure numeric patching: what serving an adapter changes in each layer, into new buffers.
 
 Graphs store an adaptable Linear weight transposed (``W0.T``, ``in x out``) as the right
-operand of a ``MatMul``; the update arrives as low-rank factors ``(L, Rt)`` with
-``dW = L @ Rt.T``. Everything here reads the pristine base weight (memory-mapped, never
-written) and writes a separate buffer, so switching adapters never accumulates error.
-Cost is ``in * out * k`` for rank ``k``: proportional to what the packet keeps.
+operand of a ``MatMul``. An adapter changes a layer by a :class:`LayerPatch`: low-rank
+factors ``(L, Rt)`` with ``dW = L @ Rt.T``, a bias delta, and a row scale (DoRA:
+``s = m / |W0 + dW|_row``), so the served layer is ``y = s * ((W0 + dW) x) + b0 + db``.
+Everything here reads the pristine base weight (memory-mapped, never written) and writes a
+separate buffer, so switching adapters never accumulates error. Cost is ``in * out * k`` for
+rank ``k``: proportional to what the packet keeps.
 """
 
 from __future__ import annotations
@@ -15,11 +17,27 @@ from dataclasses import dataclass
 import numpy as np
 
 from solar_edge.errors import HealthCheckError, RuntimeApplyError
-from solar_edge.format.graph import lora_slot_names
+from solar_edge.format.graph import lora_extra_slot_names, lora_slot_names
 
 F32_MAX = float(np.finfo(np.float32).max)
 
 Factors = tuple[np.ndarray, np.ndarray]  # (L: out x k, Rt: in x k), dW = L @ Rt.T
+
+
+@dataclass(frozen=True)
+class LayerPatch:
+    """One layer's change: ``W = diag(scale) (W0 + L @ Rt.T)``, ``b = b0 + bias``."""
+
+    factors: Factors | None = None
+    bias: np.ndarray | None = None    # (out,) added to the base bias
+    scale: np.ndarray | None = None   # (out,) row scale (DoRA), computed when staged
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.factors is None else int(self.factors[0].shape[1])
+
+
+Patches = Mapping[int, LayerPatch]
 
 
 def check_factors(layer_id: int, shape: tuple[int, int], factors: Factors) -> Factors:
@@ -38,15 +56,34 @@ def check_factors(layer_id: int, shape: tuple[int, int], factors: Factors) -> Fa
     k = left.shape[1]
     if k and k * float(np.abs(left).max()) * float(np.abs(right_t).max()) >= F32_MAX / 2:
         # rare: the cheap bound cannot rule out overflow, so look at the product itself
-        if not np.isfinite(left @ right_t.T).all():
+        with np.errstate(over="ignore", invalid="ignore"):
+            finite = np.isfinite(left @ right_t.T).all()
+        if not finite:
             raise HealthCheckError(f"layer {layer_id}: the update overflows float32")
     return left, right_t
 
 
-def patched_weight_t(
-    w0: np.ndarray, factors: Factors | None, out: np.ndarray | None = None
-) -> np.ndarray:
-    """``(W0 + L @ Rt.T).T`` as a C-contiguous float32 ``in x out`` buffer (``out`` if given).
+def dora_scale(w0: np.ndarray, factors: Factors | None, base_norms: np.ndarray,
+               magnitude_delta: np.ndarray) -> np.ndarray:
+    """``(|W0|_row + d) / |W0 + L Rt^T|_row`` from factors (``dW`` is never formed):
+    ``|w0 + dw|^2 = |w0|^2 + 2 (W0 Rt)_i . L_i + L_i (Rt^T Rt) L_i^T`` per row ``i``."""
+    sq = base_norms.astype(np.float64) ** 2
+    if factors is not None and factors[0].shape[1]:
+        left, right_t = (np.asarray(f, np.float64) for f in factors)
+        cross = ((np.asarray(w0, np.float64) @ right_t) * left).sum(axis=1)
+        sq = sq + 2 * cross + ((left @ (right_t.T @ right_t)) * left).sum(axis=1)
+    norms = np.sqrt(np.maximum(sq, 0.0))
+    magnitude = base_norms.astype(np.float64) + magnitude_delta.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(norms > 0, magnitude / norms, 0.0)
+    if not np.isfinite(scale).all():
+        raise HealthCheckError("DoRA row scale is not finite")
+    return scale.astype(np.float32)
+
+
+def patched_weight_t(w0: np.ndarray, patch: LayerPatch | None,
+                     out: np.ndarray | None = None) -> np.ndarray:
+    """``(diag(s) (W0 + L @ Rt.T)).T`` as a C-contiguous float32 ``in x out`` buffer.
 
     ``w0`` is the base weight ``out x in`` (a read-only memmap is fine); it is only read.
     """
@@ -54,29 +91,57 @@ def patched_weight_t(
     if out is None:
         out = np.empty(w0t.shape, np.float32)
     np.copyto(out, w0t)
-    if factors is not None:
-        left, right_t = factors
-        if left.shape[1]:
+    if patch is not None:
+        if patch.factors is not None and patch.factors[0].shape[1]:
+            left, right_t = patch.factors
             out += right_t @ left.T
+        if patch.scale is not None:
+            out *= patch.scale[None, :]
     return out
 
 
-def lora_feeds(init_name: str, factors: Factors) -> dict[str, np.ndarray]:
-    """The two unmerged slot inputs of one weight: ``A = Rt`` (in x k), ``B = L.T`` (k x out)."""
-    a_name, b_name = lora_slot_names(init_name)
-    left, right_t = factors
-    return {a_name: np.ascontiguousarray(right_t), b_name: np.ascontiguousarray(left.T)}
+def patched_bias(b0: np.ndarray, patch: LayerPatch | None,
+                 out: np.ndarray | None = None) -> np.ndarray:
+    """``b0 + bias`` into a float32 buffer (``out`` if given); ``b0`` is only read."""
+    if out is None:
+        out = np.empty(b0.shape, np.float32)
+    np.copyto(out, b0)
+    if patch is not None and patch.bias is not None:
+        out += patch.bias
+    return out
 
 
-def factors_nbytes(factors: Mapping[int, Factors]) -> int:
-    """Memory a cached adapter holds: its low-rank factors only, ``4 * (out + in) * k``."""
-    return int(sum(left.nbytes + right_t.nbytes for left, right_t in factors.values()))
+def lora_feeds(init_name: str, patch: LayerPatch) -> dict[str, np.ndarray]:
+    """The unmerged slot inputs of one weight: ``A = Rt`` (in x k), ``B = L.T`` (k x out),
+    and the row scale and bias delta where the patch has them (else the graph's defaults)."""
+    feeds: dict[str, np.ndarray] = {}
+    if patch.factors is not None:
+        a_name, b_name = lora_slot_names(init_name)
+        left, right_t = patch.factors
+        feeds[a_name], feeds[b_name] = np.ascontiguousarray(right_t), np.ascontiguousarray(left.T)
+    scale_name, bias_name = lora_extra_slot_names(init_name)
+    if patch.scale is not None:
+        feeds[scale_name] = np.ascontiguousarray(patch.scale, np.float32)
+    if patch.bias is not None:
+        feeds[bias_name] = np.ascontiguousarray(patch.bias, np.float32)
+    return feeds
+
+
+def patches_nbytes(patches: Patches) -> int:
+    """Memory a cached adapter holds: factors ``4 * (out + in) * k`` plus its vectors."""
+    total = 0
+    for p in patches.values():
+        if p.factors is not None:
+            total += p.factors[0].nbytes + p.factors[1].nbytes
+        total += sum(v.nbytes for v in (p.bias, p.scale) if v is not None)
+    return int(total)
 
 
 @dataclass(frozen=True)
 class WeightSlot:
-    """One adaptable weight: bundle layer id, graph initializer name, base shape ``(out, in)``."""
+    """One adaptable weight: bundle layer id, graph initializer names, base shape."""
 
     layer_id: int
     init_name: str
     shape: tuple[int, int]
+    bias_name: str | None = None  # the patchable bias initializer, if any

@@ -17,7 +17,7 @@ rounding of the summation order (stated in docs/packet-format.md), not bit for b
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -115,12 +115,41 @@ def _grouped_sum(cols: np.ndarray, member: np.ndarray, group: np.ndarray, n_grou
     return np.add.reduceat(contrib, starts, axis=1).astype(np.float32, copy=False)
 
 
+def _vector(record: LayerRecord, values: np.ndarray, basis: LayerBasis | None,
+            header: CodecHeader, shared: Any) -> np.ndarray:
+    return values.astype(np.float32).reshape(record.rows)
+
+
+def _tensor(record: LayerRecord, values: np.ndarray, basis: LayerBasis | None,
+            header: CodecHeader, shared: Any) -> np.ndarray:
+    return values.astype(np.float32).reshape(record.rows, record.cols)
+
+
 DECODERS: dict[RecordKind, KindDecoder] = {
     RecordKind.SPARSE_CORE: KindDecoder(_sparse, needs_basis=True),
     RecordKind.FACTORED_CORE: KindDecoder(_factored, needs_basis=True),
     RecordKind.DENSE_FACTORS: KindDecoder(_dense, needs_basis=False),
+    RecordKind.HEAD_TENSOR: KindDecoder(_tensor, needs_basis=False, part="head"),
+    RecordKind.BIAS_DELTA: KindDecoder(_vector, needs_basis=False, part="bias"),
+    RecordKind.MAGNITUDE_DELTA: KindDecoder(_vector, needs_basis=False, part="magnitude"),
     **methods.record_decoders(),
 }
+
+
+@dataclass
+class Decoded:
+    """A packet's records decoded: factors, bias and magnitude deltas by layer id, and the
+    head's tensors by their index in the metadata's head spec."""
+
+    factors: dict[int, Factors] = field(default_factory=dict)
+    biases: dict[int, np.ndarray] = field(default_factory=dict)
+    magnitudes: dict[int, np.ndarray] = field(default_factory=dict)
+    head: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def part(self, name: str) -> dict[int, Any]:
+        parts: dict[str, dict[int, Any]] = {"factors": self.factors, "bias": self.biases,
+                                            "magnitude": self.magnitudes, "head": self.head}
+        return parts[name]
 
 
 def decoder_of(kind: RecordKind) -> KindDecoder:
@@ -141,8 +170,9 @@ def shared_state(records: Sequence[LayerRecord]) -> dict[RecordKind, Any]:
 
 
 def decode_factors(record: LayerRecord, basis: LayerBasis | None, header: CodecHeader,
-                   shared: Any = None) -> Factors:
-    """``(L, Rt)`` float32 of one record. ``shared``: its kind's per-packet state
+                   shared: Any = None) -> Any:
+    """One record decoded: ``(L, Rt)`` float32 for factor kinds, else its vector or tensor
+    (:attr:`KindDecoder.part`). ``shared``: its kind's per-packet state
     (:func:`shared_state`), needed by kinds with shared projections only."""
     values = record.values.dequantize()
     expected = value_count(record.kind, record.rows, record.cols, record.rank,
@@ -157,7 +187,12 @@ def decode_factors(record: LayerRecord, basis: LayerBasis | None, header: CodecH
 def check_dims(record: LayerRecord, dims: LayerDims) -> None:
     """A record's dimensions against its bundle layer, before anything is allocated."""
     rule = rule_of(record.kind)
-    if rule.dims == "weight":
+    if rule.dims == "head":
+        return  # checked against the metadata's head spec by the reader
+    if rule.dims == "rows":
+        ok = record.rows == dims.out_features and record.cols == 1
+        want = f"a vector of the weight's {dims.out_features} outputs"
+    elif rule.dims == "weight":
         ok = (record.rows, record.cols) == (dims.out_features, dims.in_features)
         want = f"the weight's {dims.out_features}x{dims.in_features}"
     else:
@@ -170,26 +205,30 @@ def check_dims(record: LayerRecord, dims: LayerDims) -> None:
 
 def decode_records(records: Sequence[LayerRecord], header: CodecHeader,
                    dims_of: Callable[[int], LayerDims | None],
-                   basis_of: Callable[[int], LayerBasis]) -> dict[int, Factors]:
+                   basis_of: Callable[[int], LayerBasis]) -> Decoded:
     """Every record of a packet: dimension checks, shared state, then per-record decodes.
 
     ``dims_of(layer_id)`` is None for a layer the bundle does not have (a CodecError)."""
     for rec in records:
+        if rule_of(rec.kind).dims == "head":
+            continue  # head tensors have their own ids
         dims = dims_of(rec.layer_id)
         if dims is None:
             raise CodecError(f"packet names layer {rec.layer_id}, which the bundle does not have")
         check_dims(rec, dims)
     shared = shared_state(records)
-    out: dict[int, Factors] = {}
+    out = Decoded()
     for rec in records:
-        basis = basis_of(rec.layer_id) if decoder_of(rec.kind).needs_basis else None
-        out[rec.layer_id] = decode_factors(rec, basis, header, shared.get(rec.kind))
+        decoder = decoder_of(rec.kind)
+        basis = basis_of(rec.layer_id) if decoder.needs_basis else None
+        out.part(decoder.part)[rec.layer_id] = decode_factors(rec, basis, header,
+                                                              shared.get(rec.kind))
     return out
 
 
 def factors_by_layer(records: Sequence[LayerRecord], header: CodecHeader,
                      bases: Mapping[int, LayerBasis]) -> dict[int, Factors]:
-    """:func:`decode_factors` of each record against ``bases`` (encoder-side checks)."""
+    """:func:`decode_factors` of each factor record against ``bases`` (encoder side)."""
     shared = shared_state(records)
     return {r.layer_id: decode_factors(r, bases.get(r.layer_id), header, shared.get(r.kind))
-            for r in records}
+            for r in records if decoder_of(r.kind).part == "factors"}

@@ -2,8 +2,9 @@
 
 * ``calibration_grams``: a layer's input Gram equals the Gram of the hidden states that
   transformers returns for that layer's input (``output_hidden_states``), padding excluded;
-* ``calibration_fisher``: the output-side K-FAC factor equals the gradient second moment
-  computed here with ``retain_grad`` on the layer's output; without labels it uses labels
+* ``calibration_fisher`` (the adapter applied by hooks): the output-side K-FAC factor equals
+  the gradient second moment computed here with the adapter merged into the weights and
+  ``retain_grad`` on the layer's output; without labels it uses labels
   drawn from the adapter's own predictions (deterministic for a seed);
 * ``solar-edge compress --metric act|fisher --calib-data FILE`` end to end, and its refusals
   of bad calibration files: one line, exit code 1, nothing written.
@@ -24,6 +25,7 @@ from solar_edge.cli import cli  # noqa: E402
 from solar_edge.exporters.calibration import calibration_fisher, calibration_grams  # noqa: E402
 from solar_edge.exporters.families import open_bundle_model  # noqa: E402
 from solar_edge.exporters.heads import head_for  # noqa: E402
+from solar_edge.exporters.patches import adapter_patches  # noqa: E402
 from solar_edge.format.bundle import load_bundle  # noqa: E402
 from solar_edge.methods.matching import match_to_bundle  # noqa: E402
 from solar_edge.methods.peft_files import read_adapter  # noqa: E402
@@ -83,11 +85,11 @@ def _gradient_moment(model, bundle, texts, labels, dense, head, name):
         handle = modules[name].register_forward_hook(
             lambda mod, args, out: captured.setdefault("out", out))
         try:
-            features = model.features({k: enc[k] for k in ("input_ids", "attention_mask")})
+            hidden, mask = model.hidden({k: enc[k] for k in ("input_ids", "attention_mask")})
         finally:
             handle.remove()
         captured["out"].retain_grad()
-        loss = torch.nn.functional.cross_entropy(head(features), torch.tensor(labels),
+        loss = torch.nn.functional.cross_entropy(head(hidden, mask), torch.tensor(labels),
                                                  reduction="sum")
         loss.backward()
         g = captured["out"].grad[enc["attention_mask"].bool()].double().numpy()
@@ -106,7 +108,8 @@ def test_output_factor_equals_the_gradient_moment(world):
     dense = {lid: u.B @ u.A for lid, u in updates.items()}
     labels = [i % len(adapter.task_meta["labels"]) for i in range(len(TEXTS))]
     name = bundle.layer(max(updates)).name
-    _, gamma = calibration_fisher(model, bundle, TEXTS, labels, dense, head, batch=len(TEXTS))
+    patches = adapter_patches(bundle, updates)
+    _, gamma = calibration_fisher(model, bundle, TEXTS, labels, patches, head, batch=len(TEXTS))
     want = _gradient_moment(model, bundle, TEXTS, labels, dense, head, name)
     got = gamma[max(updates)]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
@@ -115,9 +118,9 @@ def test_output_factor_equals_the_gradient_moment(world):
 def test_unlabelled_fisher_uses_the_adapters_own_predictions(world):
     bundle, adapter, updates, model = world
     head = head_for(adapter.task_meta, model.hidden_size)
-    dense = {lid: u.B @ u.A for lid, u in updates.items()}
-    g1, gamma1 = calibration_fisher(model, bundle, TEXTS, None, dense, head, seed=3)
-    _, gamma2 = calibration_fisher(model, bundle, TEXTS, None, dense, head, seed=3)
+    patches = adapter_patches(bundle, updates)
+    g1, gamma1 = calibration_fisher(model, bundle, TEXTS, None, patches, head, seed=3)
+    _, gamma2 = calibration_fisher(model, bundle, TEXTS, None, patches, head, seed=3)
     lid = max(updates)  # a late layer: the adapter's earlier layers change its inputs
     assert np.array_equal(gamma1[lid], gamma2[lid])
     eig = np.linalg.eigvalsh(gamma1[lid])

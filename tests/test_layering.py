@@ -3,7 +3,8 @@
 * The import graph (function-local imports included): the core (everything in ``solar_edge/``)
   imports none of the outer packages (exporters, runtime, devices) and no torch-side library;
   the wire formats import only the core's errors and each other; the runtime imports neither
-  the delivery side, the export stage nor torch; the delivery side not the export stage.
+  the delivery side, the export stage nor torch; the delivery side not the export stage, and
+  the export stage not the delivery side (it may run the runtime to measure packets).
 * The board path run for real with torch, transformers, peft, onnx, onnxscript, safetensors
   and ``solar_edge.exporters`` made unimportable: apply, switch, infer, classify, and an agent
   install over HTTP on loopback.
@@ -78,9 +79,10 @@ def test_runtime_imports_neither_delivery_nor_export_nor_torch(edges):
 
 
 def test_delivery_and_export_stay_apart(edges):
+    """The export stage may run the board runtime (to measure packets as served) but never
+    the delivery side; delivery never the export stage."""
     assert violations(edges, "solar_edge.devices", ("solar_edge.exporters", *TORCH_SIDE)) == []
-    assert violations(edges, "solar_edge.exporters",
-                      ("solar_edge.runtime", "solar_edge.devices")) == []
+    assert violations(edges, "solar_edge.exporters", ("solar_edge.devices",)) == []
 
 
 # --- the board path, executed with the server-side libraries blocked ------------------------

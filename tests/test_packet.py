@@ -278,3 +278,47 @@ def test_keyring_rejects_mislabelled_keys():
     a, b = signing.generate_private_key(), signing.generate_private_key()
     with pytest.raises(ValueError):
         signing.keyring({signing.key_id(a): b.public_key()})
+
+
+# --- heads, biases and DoRA magnitudes -----------------------------------------------------
+
+HEAD_META = {"labels": ["a", "b", "c"],
+             "head": {"type": "classifier", "tensors": [{"name": "classifier.weight",
+                                                         "shape": [3, 4]},
+                                                        {"name": "classifier.bias",
+                                                         "shape": [3]}]}}
+
+
+def _vec(lid: int, kind: RecordKind, n: int, cols: int = 1) -> LayerRecord:
+    values = QuantizedValues(ValueFormat.FLOAT16, n * cols,
+                             raw=np.arange(n * cols, dtype=np.float16))
+    return LayerRecord(lid, kind, n, cols, 0, values)
+
+
+def test_a_layer_may_carry_factors_bias_and_magnitude_and_heads_their_own_ids(key):
+    factors = LayerRecord(0, RecordKind.DENSE_FACTORS, 5, 4, 1,
+                          QuantizedValues(ValueFormat.FLOAT32, 9, raw=np.ones(9, np.float32)))
+    records = [_vec(0, RecordKind.MAGNITUDE_DELTA, 5), factors, _vec(0, RecordKind.BIAS_DELTA, 5),
+               _vec(1, RecordKind.HEAD_TENSOR, 3), _vec(0, RecordKind.HEAD_TENSOR, 3, 4)]
+    header = PacketHeader(bytes(32), "cls", 1, HEAD_META)
+    back = decode_packet(encode_packet(header, CodecHeader(0), records, key), [key.public_key()])
+    assert [(r.layer_id, r.kind) for r in back.records] == [
+        (0, RecordKind.DENSE_FACTORS), (0, RecordKind.HEAD_TENSOR), (0, RecordKind.BIAS_DELTA),
+        (0, RecordKind.MAGNITUDE_DELTA), (1, RecordKind.HEAD_TENSOR)]
+    assert back.header.metadata == HEAD_META
+
+
+@pytest.mark.parametrize(("records", "meta", "message"), [
+    ([_vec(0, RecordKind.HEAD_TENSOR, 3, 4)], HEAD_META, "2 declared"),
+    ([_vec(0, RecordKind.HEAD_TENSOR, 3, 4), _vec(1, RecordKind.HEAD_TENSOR, 4)], HEAD_META,
+     "declares shape"),
+    ([_vec(0, RecordKind.HEAD_TENSOR, 3, 4), _vec(2, RecordKind.HEAD_TENSOR, 3)], HEAD_META,
+     "ids must be"),
+    ([_vec(0, RecordKind.HEAD_TENSOR, 3)], {"labels": ["a"]}, "0 declared"),
+    ([_vec(0, RecordKind.BIAS_DELTA, 3), _vec(0, RecordKind.BIAS_DELTA, 3)], {}, "duplicate"),
+    ([], {"head": {"type": "x", "tensors": [{"name": "w", "shape": [0]}]}}, "shape"),
+    ([], {"head": {"tensors": []}}, "type"),
+])
+def test_head_and_vector_records_are_checked_by_the_writer(records, meta, message, key):
+    with pytest.raises(PacketError, match=message):
+        encode_packet(PacketHeader(bytes(32), "cls", 1, meta), CodecHeader(0), records, key)

@@ -167,10 +167,13 @@ def test_packet_size_cap_comes_first():
 
 NAN16, INF16, NEG16 = b"\x00\x7e", b"\x00\x7c", b"\x00\xb8"
 BODY_CASES = [
-    ("ids-equal", entry(1, id=1), InvalidFieldError, "layer[1].layer_id"),
+    ("ids-and-kind-equal", entry(1, id=1, kind=1), InvalidFieldError, "layer[1].layer_id"),
     ("ids-decreasing", entry(2, id=0), InvalidFieldError, "layer[2].layer_id"),
     ("kind-0", entry(0, kind=0), InvalidFieldError, "layer[0].kind"),
-    ("kind-5", entry(2, kind=5), InvalidFieldError, "layer[2].kind"),
+    ("kind-8", entry(2, kind=8), InvalidFieldError, "layer[2].kind"),
+    ("head-tensor-undeclared", entry(2, kind=5, rank=0), InvalidFieldError, "layer_table"),
+    ("bias-with-rank", entry(2, kind=6), InvalidFieldError, "layer[2].rank"),
+    ("bias-not-a-vector", entry(2, kind=6, rank=0), InvalidFieldError, "layer[2].cols"),
     ("format-9", entry(1, fmt=9), InvalidFieldError, "layer[1].format"),
     ("format-255", entry(1, fmt=255), InvalidFieldError, "layer[1].format"),
     ("rows-0", entry(1, rows=0), InvalidFieldError, "layer[1].rows"),

@@ -27,6 +27,7 @@ refit = pytest.importorskip("solar_edge.exporters.refit")
 
 from solar_edge.exporters.families import open_bundle_model  # noqa: E402
 from solar_edge.exporters.heads import head_for  # noqa: E402
+from solar_edge.exporters.patches import adapter_patches  # noqa: E402
 
 
 def _record(kind: RecordKind, fmt: ValueFormat, rng: np.random.Generator) -> LayerRecord:
@@ -93,7 +94,8 @@ def allocated(minilm_bundle: Path, lora_adapter_dir: Path):
 def test_refit_keeps_structure_and_bytes_and_lowers_the_output_loss(allocated) -> None:
     bundle, adapter, updates, bases, alloc, texts, model, head = allocated
     seen: list[int] = []
-    report = refit.refit_records(model, bundle, alloc.records, updates, bases, texts, head,
+    teacher = adapter_patches(bundle, updates)
+    report = refit.refit_records(model, bundle, alloc.records, teacher, bases, texts, head,
                                  refit.RefitConfig(steps=10, batch=8),
                                  progress=lambda step, total, loss: seen.append(step))
     assert seen == list(range(1, 11))

@@ -162,9 +162,11 @@ def test_the_exported_lora_graph_has_the_slots_the_runtime_feeds(bundle_dir, bun
     graph = onnx.load(str(bundle_dir / rel), load_external_data=False).graph
     inputs = {i.name for i in graph.input}
     for layer in bundle.layers:
-        fed = patching.lora_feeds(layer.onnx_initializer,
-                                  (np.zeros((layer.shape[0], 1)), np.zeros((layer.shape[1], 1))))
-        assert set(fed) <= inputs, layer.name
+        out = layer.shape[0]
+        patch = patching.LayerPatch((np.zeros((out, 1)), np.zeros((layer.shape[1], 1))),
+                                    bias=np.zeros(out), scale=np.ones(out))
+        fed = patching.lora_feeds(layer.onnx_initializer, patch)
+        assert len(fed) == 4 and set(fed) <= inputs, layer.name
 
 
 @pytest.mark.parametrize("mechanism", MECHANISMS)

@@ -19,12 +19,14 @@ flatbuffers = pytest.importorskip("flatbuffers")
 
 from ai_edge_litert import schema_py_generated as schema  # noqa: E402
 
+from solar_edge.errors import RuntimeApplyError  # noqa: E402
 from solar_edge.runtime.backends.tflite import (  # noqa: E402
     Placement,
     TfliteBackend,
     interpreter_class,
     patch_flatbuffer,
 )
+from solar_edge.runtime.patching import LayerPatch  # noqa: E402
 
 IN, HID, OUT = 8, 12, 5
 
@@ -121,6 +123,10 @@ def _factors(seed):
                 rng.standard_normal((HID, 3)).astype(np.float32) * 0.2)}
 
 
+def _patches(factors):
+    return {lid: LayerPatch(factors=f) for lid, f in factors.items()}
+
+
 def test_patched_flatbuffer_matches_numpy_with_folded_layernorm(folded_model):
     m = folded_model
     placements, found = _placements(m)
@@ -130,7 +136,7 @@ def test_patched_flatbuffer_matches_numpy_with_folded_layernorm(folded_model):
     assert np.allclose(_run(m.data, x), _reference(m, x, *zero), atol=1e-5)
     factors = _factors(2)
     pristine = bytes(m.data)
-    patched = patch_flatbuffer(pristine, placements, factors)
+    patched = patch_flatbuffer(pristine, placements, _patches(factors))
     dws = [factors[i][0] @ factors[i][1].T for i in (0, 1)]
     got = _run(bytes(patched), x)
     assert np.allclose(got, _reference(m, x, *dws), atol=1e-5)
@@ -170,7 +176,7 @@ def test_backend_stages_probes_and_swaps(folded_model, tmp_path):
     x = np.random.default_rng(3).standard_normal((4, IN)).astype(np.float32)
     base = backend.run({"x": x})[0]
     factors = _factors(4)
-    staged = backend.prepare(factors)
+    staged = backend.prepare(_patches(factors))
     assert np.array_equal(backend.run({"x": x})[0], base)  # staging changes nothing served
     probe = backend.probe(staged, {"x": x})[0]
     backend.commit(staged)
@@ -183,6 +189,25 @@ def test_backend_stages_probes_and_swaps(folded_model, tmp_path):
 
 
 
+def test_dora_scale_and_bias_delta_through_a_folded_layernorm(folded_model):
+    """W = diag(s)(W0 + dW), b = b0 + db on a layer whose LayerNorm the converter folded."""
+    m = folded_model
+    placements, _ = _placements(m)
+    factors = _factors(3)
+    rng = np.random.default_rng(4)
+    s1, db1 = (1 + 0.1 * rng.standard_normal(HID)).astype(np.float32), \
+        (0.1 * rng.standard_normal(HID)).astype(np.float32)
+    db2 = (0.1 * rng.standard_normal(OUT)).astype(np.float32)
+    patches = {0: LayerPatch(factors[0], bias=db1, scale=s1), 1: LayerPatch(bias=db2)}
+    x = np.random.default_rng(5).standard_normal((1, IN)).astype(np.float32)
+    got = _run(bytes(patch_flatbuffer(m.data, placements, patches, {0: m.b1, 1: m.b2})), x)
+    dw1 = factors[0][0] @ factors[0][1].T
+    h = s1 * ((x * m.gamma + m.beta) @ (m.w1 + dw1).T) + m.b1 + db1
+    assert np.allclose(got, h @ m.w2.T + m.b2 + db2, atol=1e-5)
+    with pytest.raises(RuntimeApplyError, match="base bias"):
+        patch_flatbuffer(m.data, placements, {0: LayerPatch(scale=s1)})
+
+
 def test_attention_scale_fold_patches_weight_and_bias(folded_model):
     """A scalar folded on top of the LayerNorm (attention's d**-0.25 on query and key)."""
     m = folded_model
@@ -193,7 +218,7 @@ def test_attention_scale_fold_patches_weight_and_bias(folded_model):
     assert np.allclose(found["fc1"]["input_scale"], c * m.gamma, rtol=1e-5)
     factors = _factors(5)
     x = np.random.default_rng(6).standard_normal((1, IN)).astype(np.float32)
-    got = _run(bytes(patch_flatbuffer(scaled.data, placements, factors)), x)
+    got = _run(bytes(patch_flatbuffer(scaled.data, placements, _patches(factors))), x)
     dw1, dw2 = (factors[i][0] @ factors[i][1].T for i in (0, 1))
     h = c * ((x * m.gamma + m.beta) @ (m.w1 + dw1).T + m.b1)
     assert np.allclose(got, h @ (m.w2 + dw2).T + m.b2, atol=1e-5)

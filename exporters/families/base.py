@@ -64,6 +64,7 @@ class LoadedModel:
     identity: dict[str, Any]
     output_name: str = "last_hidden_state"
     tokenizer_files: list[Path] = field(default_factory=list)
+    head_parts: dict[str, np.ndarray] = field(default_factory=dict)  # base tensors heads use
 
     @property
     def input_names(self) -> list[str]:
@@ -99,14 +100,21 @@ class TorchModel(Protocol):
         """``(batch, positions)`` bool: which positions carry real input (no padding)."""
         ...
 
-    def features(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``(batch, hidden)``: what a task head reads (pooled sentence features)."""
+    def hidden(self, feeds: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(batch, positions, hidden)`` states and the ``(batch, positions)`` mask heads
+        pool (:mod:`solar_edge.exporters.heads`)."""
         ...
 
 
 def unit(features: torch.Tensor) -> torch.Tensor:
     """Features scaled to unit length (e.g. the sentence embedding of a text encoder)."""
     return features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def mean_pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention-masked mean over positions: ``(batch, seq, hidden) -> (batch, hidden)``."""
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1e-9)
 
 
 def check_matches_bundle(module: nn.Module, bundle: Bundle, layer_ids: Sequence[int]) -> None:

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -85,19 +86,25 @@ def load_for_export(path: Path, name: str | None = None) -> LoadedModel:
         "hidden_size": getattr(config, "hidden_size", None),
         "parameters": int(sum(p.numel() for p in model.parameters())),
     }
-    return LoadedModel(model, inputs, identity, "last_hidden_state", tokenizer_files)
+    return LoadedModel(model, inputs, identity, "last_hidden_state", tokenizer_files,
+                       head_parts(model))
+
+
+def head_parts(model: nn.Module) -> dict[str, np.ndarray]:
+    """BERT's pooler (``tanh(dense(h[CLS]))``), which a sequence-classification head reads."""
+    pooler = getattr(getattr(model, "pooler", None), "dense", None)
+    if not isinstance(pooler, nn.Linear):
+        return {}
+    parts = {"pooler.dense.weight": pooler.weight.detach().float().numpy().copy()}
+    if pooler.bias is not None:
+        parts["pooler.dense.bias"] = pooler.bias.detach().float().numpy().copy()
+    return parts
 
 
 def copy_tokenizer(files: Sequence[Path], dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for f in files:
         shutil.copyfile(f, dest / f.name)
-
-
-def mean_pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention-masked mean over positions: ``(batch, seq, hidden) -> (batch, hidden)``."""
-    m = mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1e-9)
 
 
 class TextEncoderModel:
@@ -118,9 +125,8 @@ class TextEncoderModel:
     def token_mask(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
         return feeds["attention_mask"].bool()
 
-    def features(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden = self.module(**feeds).last_hidden_state
-        return mean_pooled(hidden, feeds["attention_mask"])
+    def hidden(self, feeds: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.module(**feeds).last_hidden_state, feeds["attention_mask"]
 
 
 def open_model(path: Path) -> TextEncoderModel:

@@ -1,6 +1,7 @@
 """What the runtime needs from an inference backend: four steps and the graph's inputs.
 
-``prepare(factors)`` computes everything an adapter needs into new buffers (nothing the
+``prepare(patches)`` (one :class:`~solar_edge.runtime.patching.LayerPatch` per changed
+layer) computes everything an adapter needs into new buffers (nothing the
 serving model sees changes); ``probe(staged, feeds)`` runs the staged adapter without
 serving it; ``commit(staged)`` makes it serve; ``run(feeds)`` infers with what serves.
 ``check_link(feeds)`` raises :class:`~solar_edge.errors.ProfileError` when patching would not
@@ -15,7 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from solar_edge.runtime.patching import Factors
+from solar_edge.runtime.patching import Patches
 
 Feeds = Mapping[str, np.ndarray]
 
@@ -28,7 +29,7 @@ class Backend(Protocol):
         """Graph inputs a model family feeds (not the weights or LoRA slots)."""
         ...
 
-    def prepare(self, factors: Mapping[int, Factors]) -> Any: ...
+    def prepare(self, patches: Patches) -> Any: ...
 
     def probe(self, staged: Any, feeds: Feeds) -> list[np.ndarray]: ...
 

@@ -26,10 +26,17 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from solar_edge.errors import ProfileError
+from solar_edge.errors import ProfileError, RuntimeApplyError
 from solar_edge.runtime.backends.providers import select_providers, uses_device_memory
 from solar_edge.runtime.bundle_parts import BundleParts
-from solar_edge.runtime.patching import Factors, WeightSlot, lora_feeds, patched_weight_t
+from solar_edge.runtime.patching import (
+    LayerPatch,
+    Patches,
+    WeightSlot,
+    lora_feeds,
+    patched_bias,
+    patched_weight_t,
+)
 
 MECHANISMS = ("initializer", "iobinding", "lora", "lora-native", "recreate")
 # Graph variant (manifest ``onnx.variants`` key) each mechanism needs; None: the base graph.
@@ -70,10 +77,12 @@ class OrtMechanism:
         providers: Sequence[str],
         *,
         threads: int = 0,
+        base_biases: Mapping[int, np.ndarray | None] | None = None,
     ) -> None:
         self.model_path = model_path
         self.slots = {s.layer_id: s for s in slots}
         self.base = base_weights
+        self.base_bias = base_biases or {}
         self.providers = list(providers)
         self.threads = threads
         self.session = self._create()
@@ -83,12 +92,30 @@ class OrtMechanism:
             self.model_path, session_options(threads=self.threads), providers=self.providers
         )
 
-    def _merged(self, factors: Mapping[int, Factors]) -> dict[int, np.ndarray]:
-        return {lid: patched_weight_t(self.base[lid], f) for lid, f in factors.items()}
+    def _buffers(self, lid: int, patch: LayerPatch | None) -> dict[str, np.ndarray]:
+        """The merged weight (and bias) of one layer, by initializer name."""
+        slot = self.slots[lid]
+        out = {slot.init_name: patched_weight_t(self.base[lid], patch)}
+        if slot.bias_name is not None:
+            b0 = self.base_bias.get(lid)
+            if b0 is None:
+                raise RuntimeApplyError(f"layer {lid}: no base bias for {slot.bias_name}")
+            out[slot.bias_name] = patched_bias(b0, patch)
+        elif patch is not None and patch.bias is not None:
+            raise RuntimeApplyError(f"layer {lid}: the packet changes a bias this bundle's "
+                                    "graph cannot patch")
+        return out
+
+    def _merged(self, patches: Mapping[int, LayerPatch | None]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for lid, patch in patches.items():
+            out.update(self._buffers(lid, patch))
+        return out
 
     def input_names(self) -> list[str]:
-        """Graph inputs that are not weights or LoRA slots (input_ids, attention_mask, ...)."""
+        """Graph inputs that are not weights, biases or LoRA slots (input_ids, ...)."""
         names = {s.init_name for s in self.slots.values()}
+        names |= {s.bias_name for s in self.slots.values() if s.bias_name}
         return [i.name for i in self.session.get_inputs()
                 if i.name not in names and not i.name.startswith(tuple(names))]
 
@@ -96,7 +123,7 @@ class OrtMechanism:
         return [o.name for o in self.session.get_outputs()]
 
     # the four steps -----------------------------------------------------------------------
-    def prepare(self, factors: Mapping[int, Factors]) -> Any:
+    def prepare(self, patches: Patches) -> Any:
         raise NotImplementedError
 
     def probe(self, staged: Any, feeds: Feeds) -> list[np.ndarray]:
@@ -113,57 +140,62 @@ class OrtMechanism:
 
 
 class InitializerMechanism(OrtMechanism):
-    """Weights in our buffers via ``add_initializer``; commit copies staged -> live in place."""
+    """Weights (and biases) in our buffers via ``add_initializer``; commit copies staged ->
+    live in place."""
 
     name = "initializer"
 
     def _create(self) -> ort.InferenceSession:
-        self.live = {lid: patched_weight_t(self.base[lid], None) for lid in self.slots}
-        self._values = {lid: ort.OrtValue.ortvalue_from_numpy(b) for lid, b in self.live.items()}
+        self.live = self._merged({lid: None for lid in self.slots})
+        self._values = {n: ort.OrtValue.ortvalue_from_numpy(b) for n, b in self.live.items()}
         so = session_options(prepacking=False, threads=self.threads)
-        for lid, value in self._values.items():
-            so.add_initializer(self.slots[lid].init_name, value)
+        for name, value in self._values.items():
+            so.add_initializer(name, value)
         self.adapted: set[int] = set()
         return ort.InferenceSession(self.model_path, so, providers=self.providers)
 
-    def prepare(self, factors: Mapping[int, Factors]) -> tuple[dict[int, np.ndarray], set[int]]:
-        """New buffers for every weight the new or the serving adapter touches."""
-        touched = sorted(set(factors) | self.adapted)
-        bufs = {lid: patched_weight_t(self.base[lid], factors.get(lid)) for lid in touched}
-        return bufs, set(factors)
+    def prepare(self, patches: Patches) -> tuple[dict[str, np.ndarray], set[int]]:
+        """New buffers for every layer the new or the serving adapter touches."""
+        touched = sorted(set(patches) | self.adapted)
+        bufs: dict[str, np.ndarray] = {}
+        for lid in touched:
+            bufs.update(self._buffers(lid, patches.get(lid)))
+        return bufs, set(patches)
 
-    def probe(self, staged: tuple[dict[int, np.ndarray], set[int]],
+    def probe(self, staged: tuple[dict[str, np.ndarray], set[int]],
               feeds: Feeds) -> list[np.ndarray]:
         """The session reads only the live buffers: swap the staged ones in for one run and
         back (the runtime holds its lock, so no other inference sees them)."""
         bufs, _ = staged
-        saved = {lid: self.live[lid].copy() for lid in bufs}
+        saved = {name: self.live[name].copy() for name in bufs}
         try:
-            for lid, buf in bufs.items():
-                np.copyto(self.live[lid], buf)
+            for name, buf in bufs.items():
+                np.copyto(self.live[name], buf)
             return self.run(feeds)
         finally:
-            for lid, buf in saved.items():
-                np.copyto(self.live[lid], buf)
+            for name, buf in saved.items():
+                np.copyto(self.live[name], buf)
 
-    def commit(self, staged: tuple[dict[int, np.ndarray], set[int]]) -> None:
+    def commit(self, staged: tuple[dict[str, np.ndarray], set[int]]) -> None:
         bufs, adapted = staged
         # until every copy is done any written layer may differ from base: a restore after a
         # failure half-way re-stages all of them
-        self.adapted = self.adapted | set(bufs)
-        for lid, buf in bufs.items():
-            np.copyto(self.live[lid], buf)
+        by_name = {s.init_name: lid for lid, s in self.slots.items()}
+        self.adapted = self.adapted | {by_name[n] for n in bufs if n in by_name}
+        for name, buf in bufs.items():
+            np.copyto(self.live[name], buf)
         self.adapted = adapted
 
     def check_link(self, feeds: Feeds) -> None:
         before = self.run(feeds)[0]
-        for buf in self.live.values():
-            buf.fill(0.0)
+        weights = [s.init_name for s in self.slots.values()]
+        for name in weights:
+            self.live[name].fill(0.0)
         try:
             zeroed = self.run(feeds)[0]
         finally:
-            for lid, buf in self.live.items():
-                patched_weight_t(self.base[lid], None, out=buf)
+            for lid, slot in self.slots.items():
+                patched_weight_t(self.base[lid], None, out=self.live[slot.init_name])
             self.adapted = set()
         if np.array_equal(before, zeroed):
             raise ProfileError(
@@ -181,12 +213,9 @@ class IOBindingMechanism(OrtMechanism):
         self.current: dict[str, ort.OrtValue] = {}
         return super()._create()
 
-    def prepare(self, factors: Mapping[int, Factors]) -> dict[str, Any]:
-        merged = self._merged(factors)
-        return {
-            self.slots[lid].init_name: (buf, ort.OrtValue.ortvalue_from_numpy(buf))
-            for lid, buf in merged.items()
-        }
+    def prepare(self, patches: Patches) -> dict[str, Any]:
+        return {name: (buf, ort.OrtValue.ortvalue_from_numpy(buf))
+                for name, buf in self._merged(patches).items()}
 
     def _run_bound(self, weights: Mapping[str, Any], feeds: Feeds) -> list[np.ndarray]:
         binding = self.session.io_binding()
@@ -218,10 +247,10 @@ class LoraMechanism(OrtMechanism):
         self.current: dict[str, np.ndarray] = {}
         return super()._create()
 
-    def prepare(self, factors: Mapping[int, Factors]) -> Any:
+    def prepare(self, patches: Patches) -> Any:
         feeds: dict[str, np.ndarray] = {}
-        for lid, f in factors.items():
-            feeds.update(lora_feeds(self.slots[lid].init_name, f))
+        for lid, patch in patches.items():
+            feeds.update(lora_feeds(self.slots[lid].init_name, patch))
         return feeds
 
     def probe(self, staged: Any, feeds: Feeds) -> list[np.ndarray]:
@@ -245,8 +274,8 @@ class LoraNativeMechanism(LoraMechanism):
         self.current_options: tuple[ort.RunOptions, Any] = (ort.RunOptions(), None)
         return super()._create()
 
-    def prepare(self, factors: Mapping[int, Factors]) -> tuple[ort.RunOptions, Any]:
-        feeds = super().prepare(factors)
+    def prepare(self, patches: Patches) -> tuple[ort.RunOptions, Any]:
+        feeds = super().prepare(patches)
         options, adapter = ort.RunOptions(), None
         if feeds:
             fmt = ort.AdapterFormat()
@@ -275,14 +304,13 @@ class RecreateMechanism(OrtMechanism):
 
     name = "recreate"
 
-    def prepare(self, factors: Mapping[int, Factors]) -> tuple[ort.InferenceSession, list]:
-        merged = self._merged(factors)
+    def prepare(self, patches: Patches) -> tuple[ort.InferenceSession, list]:
         so = session_options(threads=self.threads)
         keep = []
-        for lid, buf in merged.items():
+        for name, buf in self._merged(patches).items():
             value = ort.OrtValue.ortvalue_from_numpy(buf)
             keep.append((buf, value))
-            so.add_initializer(self.slots[lid].init_name, value)
+            so.add_initializer(name, value)
         return ort.InferenceSession(self.model_path, so, providers=self.providers), keep
 
     def probe(self, staged: tuple, feeds: Feeds) -> list[np.ndarray]:
@@ -326,7 +354,7 @@ def open_backend(parts: BundleParts, mechanism: str | None, threads: int = 0) ->
                            f"{', '.join(MECHANISMS)}")
     path = parts.graph_path(GRAPH_VARIANT[name])
     return create_mechanism(name, str(path), list(parts.slots.values()), parts.base, providers,
-                            threads=threads)
+                            threads=threads, base_biases=parts.base_biases)
 
 
 def create_mechanism(
@@ -337,8 +365,10 @@ def create_mechanism(
     providers: Sequence[str],
     *,
     threads: int = 0,
+    base_biases: Mapping[int, np.ndarray | None] | None = None,
 ) -> OrtMechanism:
     """Build mechanism ``name`` on the graph at ``model_path`` (the variant it needs)."""
     if name not in _CLASSES:
         raise ProfileError(f"unknown patching mechanism {name!r}; known: {', '.join(MECHANISMS)}")
-    return _CLASSES[name](model_path, slots, base_weights, providers, threads=threads)
+    return _CLASSES[name](model_path, slots, base_weights, providers, threads=threads,
+                          base_biases=base_biases)

@@ -24,7 +24,7 @@ import numpy as np
 
 from solar_edge.errors import BundleError, ProfileError, RuntimeApplyError
 from solar_edge.runtime.bundle_parts import BundleParts
-from solar_edge.runtime.patching import Factors
+from solar_edge.runtime.patching import Patches
 
 MECHANISMS = ("tflite",)
 
@@ -63,24 +63,42 @@ class Placement:
             raise BundleError(f"TFLite bias at {self.bias_offset} outside the model")
 
 
-def patch_flatbuffer(
-    pristine: Any, placements: Mapping[int, Placement], factors: Mapping[int, Factors]
-) -> bytearray:
-    """A new ``bytearray`` of the model with ``factors`` applied; ``pristine`` is only read."""
+def patch_flatbuffer(pristine: Any, placements: Mapping[int, Placement], patches: Patches,
+                     base_bias: Mapping[int, np.ndarray | None] | None = None) -> bytearray:
+    """A new ``bytearray`` of the model with ``patches`` applied; ``pristine`` is only read.
+
+    With folded ``g`` (input_scale) and ``beta`` (input_shift) the stored tensors are
+    ``W_tfl0 = W0 * g`` and ``b_tfl0 = b0 + W0 beta``; the patched layer
+    ``diag(s) (W0 + dW)``, ``b0 + db`` becomes ``W_tfl = diag(s) (W_tfl0 + dW * g)`` and
+    ``b_tfl = b0 + db + s * (b_tfl0 - b0 + dW beta)`` (``b0`` is needed only with ``s``)."""
     buf = bytearray(pristine)
-    for lid, (left, right_t) in factors.items():
+    for lid, patch in patches.items():
         p = placements[lid]
         out_f, in_f = p.shape
-        dw = left @ right_t.T
+        dw = (patch.factors[0] @ patch.factors[1].T if patch.factors is not None
+              else np.zeros(p.shape, np.float32))
         w0 = np.frombuffer(pristine, "<f4", out_f * in_f, p.weight_offset).reshape(p.shape)
         scaled = dw * p.input_scale[None, :] if p.input_scale is not None else dw
         dst = np.frombuffer(buf, "<f4", out_f * in_f, p.weight_offset).reshape(p.shape)
         np.add(w0, scaled, out=dst)
-        if p.input_shift is not None:
-            if p.bias_offset is None:
-                raise RuntimeApplyError(f"layer {lid}: folded shift without a bias tensor")
-            b0 = np.frombuffer(pristine, "<f4", out_f, p.bias_offset)
-            np.add(b0, dw @ p.input_shift, out=np.frombuffer(buf, "<f4", out_f, p.bias_offset))
+        if patch.scale is not None:
+            dst *= patch.scale[:, None]
+        if p.input_shift is None and patch.bias is None:
+            continue
+        if p.bias_offset is None:
+            raise RuntimeApplyError(f"layer {lid}: the patch changes a bias the TFLite graph "
+                                    "does not have")
+        b_tfl0 = np.frombuffer(pristine, "<f4", out_f, p.bias_offset)
+        shifted = b_tfl0 + (dw @ p.input_shift if p.input_shift is not None else 0.0)
+        if patch.scale is not None:
+            b0 = None if base_bias is None else base_bias.get(lid)
+            if b0 is None:
+                raise RuntimeApplyError(f"layer {lid}: DoRA on a folded TFLite bias needs the "
+                                        "bundle's base bias")
+            shifted = b0 + patch.scale * (shifted - b0)
+        if patch.bias is not None:
+            shifted = shifted + patch.bias
+        np.copyto(np.frombuffer(buf, "<f4", out_f, p.bias_offset), shifted.astype(np.float32))
     return buf
 
 
@@ -114,6 +132,7 @@ class TfliteBackend:
         }
         for p in self.placements.values():
             p.check(len(self.pristine))
+        self.base_bias = getattr(parts, "base_biases", None)
         self.inputs = list(section.get("inputs", []))
         self.input_map = {row["name"]: _graph_input(row, i) for i, row in enumerate(self.inputs)}
         self.fixed_seq_len = int(section.get("seq_len", 0)) or int(
@@ -162,8 +181,9 @@ class TfliteBackend:
     def check_link(self, feeds: Mapping[str, np.ndarray]) -> None:
         """Nothing to check: every adapter gets a freshly built interpreter."""
 
-    def prepare(self, factors: Mapping[int, Factors]) -> Any:
-        return self._interpreter(bytes(patch_flatbuffer(self.pristine, self.placements, factors)))
+    def prepare(self, patches: Patches) -> Any:
+        return self._interpreter(bytes(patch_flatbuffer(self.pristine, self.placements, patches,
+                                                        self.base_bias)))
 
     def probe(self, staged: Any, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         return self._run_with(staged, feeds)

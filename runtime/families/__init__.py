@@ -2,7 +2,7 @@
 
 The bundle manifest names the family its model was exported with (``model.family``); a
 family turns the caller's inputs (texts, arrays) into graph feeds, names a health input,
-and computes from the graph outputs the features a task head reads.
+and picks from the graph outputs the hidden states (and mask) task heads pool.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ class Family(Protocol):
 
     def feeds(self, inputs: Any) -> dict[str, np.ndarray]: ...
 
-    def features(self, outputs: Sequence[np.ndarray], feeds: Mapping[str, np.ndarray]
-                 ) -> np.ndarray: ...
+    def hidden(self, outputs: Sequence[np.ndarray], feeds: Mapping[str, np.ndarray]
+               ) -> tuple[np.ndarray, np.ndarray | None]: ...
 
 
 FAMILIES: dict[str, Callable[[BundleParts, Backend], Family]] = {}

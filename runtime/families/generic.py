@@ -1,4 +1,4 @@
-"""Family ``generic`` on the board: arrays in, the graph's first output as features.
+"""Family ``generic`` on the board: arrays in, the graph's first output as hidden states.
 
 For bundles exported from a ``module:function`` (nothing is known of what their inputs mean).
 The health input is zeros of each graph input's dtype, with symbolic axes set to 1 (batch)
@@ -40,6 +40,6 @@ class GenericFamily:
             raise RuntimeApplyError("this bundle's model takes arrays: pass {input name: array}")
         return {str(k): np.asarray(v) for k, v in inputs.items()}
 
-    def features(self, outputs: Sequence[np.ndarray], feeds: Mapping[str, np.ndarray]
-                 ) -> np.ndarray:
-        return np.asarray(outputs[0])
+    def hidden(self, outputs: Sequence[np.ndarray], feeds: Mapping[str, np.ndarray]
+               ) -> tuple[np.ndarray, np.ndarray | None]:
+        return np.asarray(outputs[0]), None

@@ -1,9 +1,9 @@
-"""Family ``text-encoder`` on the board: texts -> token feeds, mean pooling, embeddings.
+"""Family ``text-encoder`` on the board: texts -> token feeds; hidden states and mask out.
 
 Tokenisation uses the Rust ``tokenizers`` package with the bundle's ``tokenizer.json`` (no
-transformers, no torch). A text's features are the attention-masked mean of the graph's
-first output (``last_hidden_state``); its embedding is those features at unit length. The
-server side is :mod:`solar_edge.exporters.families.text_encoder`.
+transformers, no torch). A text's hidden states are the graph's first output
+(``last_hidden_state``); heads pool them (:mod:`solar_edge.runtime.heads`). The server side
+is :mod:`solar_edge.exporters.families.text_encoder`.
 """
 
 from __future__ import annotations
@@ -57,13 +57,6 @@ class TextEncoder:
         return {name: arrays[name] for name in input_names if name in arrays}
 
 
-def mean_pool(hidden_states: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-    """Attention-masked mean over tokens: ``(batch, seq, hidden) -> (batch, hidden)``."""
-    mask = attention_mask.astype(np.float32)[..., None]
-    summed = (hidden_states.astype(np.float32) * mask).sum(axis=1)
-    return summed / np.maximum(mask.sum(axis=1), np.float32(1e-9))
-
-
 class TextEncoderFamily:
     """Texts in; features are mean-pooled hidden states (see the module docstring)."""
 
@@ -84,6 +77,7 @@ class TextEncoderFamily:
             raise RuntimeApplyError("a text encoder takes a text or a list of texts")
         return self.encoder(texts, self.input_names)
 
-    def features(self, outputs: Sequence[np.ndarray], feeds: Mapping[str, np.ndarray]
-                 ) -> np.ndarray:
-        return mean_pool(outputs[0], feeds["attention_mask"])
+    def hidden(self, outputs: Sequence[np.ndarray], feeds: Mapping[str, np.ndarray]
+               ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The last hidden states and the attention mask (heads pool them)."""
+        return outputs[0], feeds["attention_mask"]

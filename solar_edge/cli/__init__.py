@@ -19,6 +19,8 @@ COMMANDS: dict[str, str] = {
     "inspect": "solar_edge.cli.inspect_packet:inspect",
     "compress": "solar_edge.exporters.compress_cli:compress",
     "export": "solar_edge.exporters.cli:export",
+    "unpack": "solar_edge.exporters.unpack:unpack",
+    "eval": "solar_edge.exporters.eval_cmd:eval_packet",
     "run": "solar_edge.runtime.cli:run",
     "publish": "solar_edge.devices.cli:publish",
     "serve": "solar_edge.devices.cli:serve",

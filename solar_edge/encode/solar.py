@@ -289,8 +289,8 @@ def encode(
         best = None
         for cand in _build_records(opt, upd, fits.get((lid, opt.variant)), config,
                                    (basis.out_features, basis.in_features)):
-            factors = decode_factors(cand, basis, header)
-            err = _rel_error(upd, *factors, e0s[lid])
+            lf, rt = factors = decode_factors(cand, basis, header)
+            err = _rel_error(upd, lf, rt, e0s[lid])
             if best is None or err < best[0]:
                 best = (err, cand, factors)
         assert best is not None

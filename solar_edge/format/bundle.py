@@ -103,6 +103,7 @@ class BundleLayer:
     onnx_layout: str
     files: dict[str, str]
     tflite: dict[str, Any] | None
+    onnx_bias: str | None = None  # the bias initializer, when the layer's bias is patchable
 
     @property
     def out_features(self) -> int:
@@ -125,6 +126,7 @@ def _layer_from_dict(index: int, raw: dict[str, Any]) -> BundleLayer:
             onnx_layout=str(raw["onnx"]["layout"]),
             files={str(k): str(v) for k, v in raw["files"].items()},
             tflite=raw.get("tflite"),
+            onnx_bias=None if raw["onnx"].get("bias") is None else str(raw["onnx"]["bias"]),
         )
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise BundleError(f"layer {index} is malformed: {exc!r}", path=MANIFEST) from exc
@@ -215,6 +217,22 @@ class Bundle:
             raise BundleError(f"layer {layer_id}: no singular values stored")
         return self._load(layer.files["S"], (layer.rank,)).astype(np.float32)
 
+    def base_bias(self, layer_id: int) -> np.ndarray | None:
+        """The layer's base bias (``out`` float32, read-only), None when it has none the
+        runtime can patch."""
+        layer = self.layer(layer_id)
+        if "bias" not in layer.files:
+            return None
+        return self._load(layer.files["bias"], (layer.out_features,), mmap=True)
+
+    def head_part(self, name: str) -> np.ndarray | None:
+        """A base-model tensor a task head reads (e.g. ``pooler.dense.weight``), if exported."""
+        rel = (self.manifest.get("head_parts") or {}).get(name)
+        if rel is None:
+            return None
+        arr = np.load(self.file_path(rel), allow_pickle=False)
+        return np.asarray(arr, np.float32)
+
     def base_weight(self, layer_id: int) -> np.ndarray:
         """Pristine ``W0`` (``out x in`` float32), memory-mapped read-only.
 
@@ -297,6 +315,10 @@ def load_bundle(path: str | Path) -> Bundle:
                 referenced.append(str(layer.tflite[key]))
     if manifest.get("tflite"):
         referenced.append(manifest["tflite"]["file"])
+    head_parts = manifest.get("head_parts") or {}
+    if not isinstance(head_parts, dict):
+        raise BundleError("'head_parts' must be an object", path=MANIFEST)
+    referenced += [str(rel) for rel in head_parts.values()]
     for rel in referenced:
         if rel not in files:
             raise BundleIntegrityError("referenced but not listed with a hash", path=rel)

@@ -70,10 +70,34 @@ def _u64(value: Any) -> str | None:
     return None
 
 
+MAX_HEAD_TENSORS = 16
+MAX_HEAD_DIM = 1 << 16
+
+
+def _head(value: Any) -> str | None:
+    """A trained task head: ``type`` (what the runtime computes) and its ``tensors``, each
+    ``{"name": str, "shape": [d] or [d0, d1]}``; carried by HEAD_TENSOR records in order."""
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        return 'must be an object with a "type" string'
+    tensors = value.get("tensors")
+    if not isinstance(tensors, list) or not 1 <= len(tensors) <= MAX_HEAD_TENSORS:
+        return f'"tensors" must be a list of 1..{MAX_HEAD_TENSORS} tensors'
+    for t in tensors:
+        shape = t.get("shape") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str) or \
+                not isinstance(shape, list) or not 1 <= len(shape) <= 2 or \
+                not all(isinstance(d, int) and not isinstance(d, bool) and
+                        1 <= d <= MAX_HEAD_DIM for d in shape):
+            return (f'each tensor needs a "name" string and a "shape" of 1 or 2 integers in '
+                    f"1..{MAX_HEAD_DIM}")
+    return None
+
+
 KNOWN_FIELDS: dict[str, Callable[[Any], str | None]] = {
     "task": _string,
     "labels": _labels,
     "head_seed": _u64,
+    "head": _head,
 }
 
 

@@ -167,9 +167,15 @@ def check_entry(i: int, e: Entry, limits: PacketLimits) -> tuple[int, int]:
     else:
         if e.position_count or e.positions_bytes:
             raise InvalidFieldError(f"{kind.name} carries no positions", field=f"{f}.positions")
-        check_range(e.rank, 1, limits.max_rank, f"{f}.rank")
+        if rule.has_rank:
+            check_range(e.rank, 1, limits.max_rank, f"{f}.rank")
+        elif e.rank != 0:
+            raise InvalidFieldError(f"{kind.name} has no rank: it must be 0", field=f"{f}.rank")
         if rule.rank_within_shape and e.rank > min(e.rows, e.cols):
             raise InvalidFieldError(f"rank {e.rank} > min(rows, cols)", field=f"{f}.rank")
+        if rule.dims == "rows" and e.cols != 1:
+            raise InvalidFieldError(f"{kind.name} is a vector: cols must be 1",
+                                    field=f"{f}.cols")
     count = rule.count(e.rows, e.cols, e.rank, e.position_count)
     check_range(count, 0, limits.max_values_per_layer, f"{f}.value_count")
     if fmt.is_integer:
@@ -177,6 +183,31 @@ def check_entry(i: int, e: Entry, limits: PacketLimits) -> tuple[int, int]:
     elif e.group_size:
         raise InvalidFieldError("float formats have group_size 0", field=f"{f}.group_size")
     return count, values_nbytes(fmt, count, e.group_size)
+
+
+def record_key(layer_id: int, kind: int) -> tuple[int, int]:
+    """Records are ordered, and unique, by ``(layer id, kind)``."""
+    return layer_id, kind
+
+
+def check_head_records(metadata: dict[str, Any], kinds_ids_shapes: list[tuple[int, int, int,
+                                                                            int]]) -> None:
+    """HEAD_TENSOR records are exactly the tensors ``metadata["head"]["tensors"]`` declares,
+    each with that many values (``rows * cols``)."""
+    heads = [(lid, rows, cols) for kind, lid, rows, cols in kinds_ids_shapes
+             if kind == RecordKind.HEAD_TENSOR]
+    declared = metadata.get("head", {}).get("tensors", []) if heads or "head" in metadata \
+        else []
+    if len(heads) != len(declared) or sorted(lid for lid, _, _ in heads) != list(
+            range(len(declared))):
+        raise InvalidFieldError(f"{len(heads)} HEAD_TENSOR records for {len(declared)} declared "
+                                "head tensors (ids must be 0..n-1)", field="layer_table")
+    for lid, rows, cols in heads:
+        want = math.prod(declared[lid]["shape"])
+        if rows * cols != want:
+            raise InvalidFieldError(f"head tensor {lid} has {rows}x{cols} values, metadata "
+                                    f"declares shape {declared[lid]['shape']}",
+                                    field=f"head.tensors[{lid}]")
 
 
 def check_shared_projections(kinds_ranks_variants: list[tuple[int, int, int]]) -> None:

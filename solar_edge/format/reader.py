@@ -50,9 +50,11 @@ from solar_edge.format.packet import (
     check_adapter_id,
     check_adapter_version,
     check_entry,
+    check_head_records,
     check_range,
     check_shared_projections,
     enum_value,
+    record_key,
 )
 from solar_edge.format.records import (
     CodecHeader,
@@ -172,20 +174,24 @@ def _read_values(r: _Reader, f: str, fmt: ValueFormat, count: int, group: int) -
     return QuantizedValues(fmt, count, group, codes=codes, scales=scales.astype(np.float16))
 
 
-def _read_body(raw: bytes, layer_count: int, limits: PacketLimits) -> list[LayerRecord]:
+def _read_body(raw: bytes, layer_count: int, limits: PacketLimits,
+               metadata: dict) -> list[LayerRecord]:
     r = _Reader(raw)
     table = r.take(layer_count * LAYER_ENTRY_BYTES, "layer_table")
     entries: list[tuple[Entry, int]] = []
     payload = 0
     for i, fields in enumerate(ENTRY.iter_unpack(table)):
         e = Entry(*fields)
-        if i and e.layer_id <= entries[-1][0].layer_id:
-            raise InvalidFieldError("layer ids must be strictly increasing",
+        prev = entries[-1][0] if entries else None
+        if prev is not None and record_key(e.layer_id, e.kind) <= record_key(prev.layer_id,
+                                                                             prev.kind):
+            raise InvalidFieldError("(layer id, kind) must be strictly increasing",
                                     field=f"layer[{i}].layer_id")
         count, nbytes = check_entry(i, e, limits)
         entries.append((e, count))
         payload += e.positions_bytes + nbytes
     check_shared_projections([(e.kind, e.rank, e.variant) for e, _ in entries])
+    check_head_records(metadata, [(e.kind, e.layer_id, e.rows, e.cols) for e, _ in entries])
     left = len(raw) - r.pos
     if payload > left:
         raise TruncatedPacketError(f"layers declare {payload} payload bytes, {left} present",
@@ -239,5 +245,5 @@ def decode_packet(
     if trusted_keys is not None:
         _verify(data[: -signing.SIGNATURE_BYTES], kid, signature, trusted_keys)
     raw = _decompress(body, layer_count, limits) if flags & FLAG_ZSTD else body
-    records = _read_body(raw, layer_count, limits)
+    records = _read_body(raw, layer_count, limits, header.metadata)
     return Packet(header, codec, records, kid, signature, compressed=bool(flags & FLAG_ZSTD))

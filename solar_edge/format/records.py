@@ -26,6 +26,14 @@ Conventions (see docs/packet-format.md for the bytes):
   ``P_A`` (``rank x max cols``), ``P_B`` (``max rows x rank``) are regenerated on the device
   from ``variant`` (PEFT's ``projection_prng_key``) by :mod:`solar_edge.methods.vera`; the
   maxima are over the packet's VERA_SCALES records. No positions, ``epsilon = 0``.
+* ``HEAD_TENSOR``: tensor ``layer_id`` of the list ``metadata["head"]["tensors"]`` (its own
+  id space), ``rows x cols`` values row-major (a vector has ``cols = 1``). ``rank = 0``.
+* ``BIAS_DELTA``: ``rows = out`` values added to the layer's base bias. ``cols = 1``.
+* ``MAGNITUDE_DELTA`` (DoRA): ``rows = out`` values ``d``; the layer's weight becomes
+  ``diag(m / |W0 + dW|_row) (W0 + dW)`` with ``m = |W0|_row + d`` (row norms of the pristine
+  base weight, and of the patched one). ``cols = 1``.
+
+A layer may have one record of each kind; records are ordered by ``(layer_id, kind)``.
 """
 
 from __future__ import annotations
@@ -41,6 +49,9 @@ class RecordKind(IntEnum):
     FACTORED_CORE = 2
     DENSE_FACTORS = 3
     VERA_SCALES = 4
+    HEAD_TENSOR = 5      # a tensor of the adapter's task head, named in metadata["head"]
+    BIAS_DELTA = 6       # trained bias minus the bundle's base bias of a layer
+    MAGNITUDE_DELTA = 7  # DoRA: magnitude minus the base weight's row norms of a layer
 
 
 class ValueFormat(IntEnum):

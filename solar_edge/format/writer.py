@@ -32,9 +32,11 @@ from solar_edge.format.packet import (
     PacketHeader,
     PacketLimits,
     check_entry,
+    check_head_records,
     check_header,
     check_range,
     check_shared_projections,
+    record_key,
 )
 from solar_edge.format.records import CodecHeader, LayerRecord, QuantizedValues, ValueFormat
 
@@ -113,16 +115,20 @@ def encode_packet(
     metadata = canonical_metadata(header.metadata)
     check_range(len(metadata), 2, min(limits.max_metadata_bytes, MAX_METADATA_BYTES),
                 "header.metadata")
-    ordered = sorted(records, key=lambda r: r.layer_id)
+    ordered = sorted(records, key=lambda r: record_key(r.layer_id, int(r.kind)))
     check_range(len(ordered), 0, min(limits.max_layers, 0xFFFF), "header.layer_count")
     table, payload = [], []
     for i, rec in enumerate(ordered):
-        if i and rec.layer_id == ordered[i - 1].layer_id:
-            raise InvalidFieldError(f"duplicate layer id {rec.layer_id}", field=f"layer[{i}]")
+        prev = ordered[i - 1] if i else None
+        if prev is not None and (prev.layer_id, prev.kind) == (rec.layer_id, rec.kind):
+            raise InvalidFieldError(f"duplicate record {rec.kind.name} for layer {rec.layer_id}",
+                                    field=f"layer[{i}]")
         entry, data = _encode_record(i, rec, limits)
         table.append(entry)
         payload.append(data)
     check_shared_projections([(int(r.kind), r.rank, r.variant) for r in ordered])
+    check_head_records(header.metadata, [(int(r.kind), r.layer_id, r.rows, r.cols)
+                                         for r in ordered])
     body = b"".join(table) + b"".join(payload)
     flags = 0
     if compress or compress is None:

@@ -12,15 +12,22 @@ from typing import Any
 import numpy as np
 
 from solar_edge.errors import AdapterError
-from solar_edge.methods.base import LayerUpdate, Method, Tensors
-from solar_edge.methods.tensors import checked_update, group, reject_unknown, require
+from solar_edge.methods.base import Extras, LayerUpdate, Method, Tensors
+from solar_edge.methods.tensors import (
+    checked_update,
+    group,
+    reject_unknown,
+    require,
+    split_extras,
+)
 
 ADALORA_EPS = 1e-5  # PEFT's AdaLoRA adds this to the rank it divides by
 SUFFIXES = ("lora_A", "lora_B", "lora_E")
 
 
 def read(config: Mapping[str, Any], tensors: Tensors,
-         task_meta: Mapping[str, Any]) -> tuple[dict[str, LayerUpdate], None]:
+         task_meta: Mapping[str, Any]) -> tuple[dict[str, LayerUpdate], None, Extras]:
+    tensors, extras = split_extras(config, tensors)
     reject_unknown(tensors, SUFFIXES)
     alpha = float(config["lora_alpha"])
     init_r = int(config["init_r"])
@@ -33,7 +40,7 @@ def read(config: Mapping[str, Any], tensors: Tensors,
         if A.shape[0] == 0:
             continue  # every rank of this module was pruned: no update
         updates[module] = checked_update(module, B * np.float32(scaling), A * E)
-    return updates, None
+    return updates, None, extras
 
 
 METHOD = Method("adalora", read)

@@ -34,15 +34,52 @@ class LayerUpdate:
 
 
 @dataclass(frozen=True)
+class Extras:
+    """What an adapter trains besides its low-rank updates, by base-model-relative name.
+
+    ``head``: tensors of ``modules_to_save`` modules (a task head such as
+    ``classifier.weight``), in the adapter's order; ``biases``: trained biases of adapted
+    modules (PEFT ``bias="lora_only"|"all"``), whole values; ``magnitudes``: DoRA's
+    magnitude vector per module (``use_dora=True``)."""
+
+    head: dict[str, np.ndarray] = field(default_factory=dict)
+    biases: dict[str, np.ndarray] = field(default_factory=dict)
+    magnitudes: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.head or self.biases or self.magnitudes)
+
+
+@dataclass(frozen=True)
 class Adapter:
     """A PEFT adapter as per-layer updates. ``kind`` is PEFT's type in lower case;
-    ``parts`` is whatever the method needs beyond the updates (VeRA: its scales and key)."""
+    ``extras`` what it trains besides them; ``parts`` whatever the method needs beyond
+    (VeRA: its scales and key)."""
 
     kind: str
     config: dict[str, Any]
     task_meta: dict[str, Any]
     updates: dict[str, LayerUpdate] = field(default_factory=dict)
     parts: Any = None
+    extras: Extras = field(default_factory=Extras)
+    model_config: dict[str, Any] = field(default_factory=dict)  # config.json saved beside it
+
+    @property
+    def is_dora(self) -> bool:
+        return bool(self.extras.magnitudes)
+
+    @property
+    def labels(self) -> list[str] | None:
+        """Label names: the project's task.json, else the saved model config's ``id2label``."""
+        if self.task_meta.get("labels"):
+            return [str(x) for x in self.task_meta["labels"]]
+        id2label = self.model_config.get("id2label")
+        if isinstance(id2label, dict) and id2label:
+            try:
+                return [str(id2label[k]) for k in sorted(id2label, key=int)]
+            except (TypeError, ValueError):
+                return None
+        return None
 
     def dense(self, name: str) -> np.ndarray:
         u = self.updates[name]
@@ -56,23 +93,27 @@ class Adapter:
 
 @dataclass(frozen=True)
 class KindDecoder:
-    """How one record kind decodes: ``decode(record, values, basis, header, shared)``."""
+    """How one record kind decodes: ``decode(record, values, basis, header, shared)``.
 
-    decode: Callable[[LayerRecord, np.ndarray, LayerBasis | None, CodecHeader, Any], Factors]
+    ``part`` says what the result is: ``"factors"`` (``(L, Rt)``), ``"bias"``,
+    ``"magnitude"`` (vectors of ``out`` values) or ``"head"`` (a ``rows x cols`` tensor)."""
+
+    decode: Callable[[LayerRecord, np.ndarray, LayerBasis | None, CodecHeader, Any], Any]
     needs_basis: bool
     prepare: Callable[[Sequence[LayerRecord]], Any] | None = None  # per-packet shared state
+    part: str = "factors"
 
 
-Reader = Callable[[Mapping[str, Any], Tensors, Mapping[str, Any]], tuple[dict[str, LayerUpdate],
-                                                                       Any]]
+Reader = Callable[[Mapping[str, Any], Tensors, Mapping[str, Any]],
+                  tuple[dict[str, LayerUpdate], Any, Extras]]
 Carrier = Callable[[Adapter, Mapping[int, LayerUpdate], Mapping[int, "LayerBasis"], ValueFormat],
                    list[LayerRecord]]
 
 
 @dataclass(frozen=True)
 class Method:
-    """One adapter method. ``read(config, tensors, task_meta) -> (updates, parts)`` parses
-    PEFT's saved tensors (pure); ``carry`` builds exact coefficient-only records, if any."""
+    """One adapter method. ``read(config, tensors, task_meta) -> (updates, parts, extras)``
+    parses PEFT's saved tensors (pure); ``carry`` builds exact coefficient-only records."""
 
     name: str                      # PEFT's peft_type in lower case
     read: Reader

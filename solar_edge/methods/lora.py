@@ -1,8 +1,10 @@
-"""PEFT LoRA: ``dW = B @ A * s`` with ``s = lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA).
+"""PEFT LoRA and DoRA: ``dW = B @ A * s`` with ``s = lora_alpha / r`` (``/ sqrt(r)``, rsLoRA).
 
-Per-module ``rank_pattern`` / ``alpha_pattern`` are honoured. LoRA has no frozen basis the
-device can regenerate, so it is compressed (never carried exactly) and needs no record
-kind of its own.
+Per-module ``rank_pattern`` / ``alpha_pattern`` are honoured. DoRA (``use_dora=True``) adds
+a magnitude vector ``m`` per module: the merged weight is ``diag(m / |W0 + dW|_row) (W0 + dW)``.
+Heads (``modules_to_save``), trained biases and magnitudes are read by
+:func:`~solar_edge.methods.tensors.split_extras`. LoRA has no frozen basis the device can
+regenerate, so it is compressed (never carried exactly).
 """
 
 from __future__ import annotations
@@ -14,24 +16,27 @@ from typing import Any
 import numpy as np
 
 from solar_edge.errors import AdapterError
-from solar_edge.methods.base import LayerUpdate, Method, Tensors
+from solar_edge.methods.base import Extras, LayerUpdate, Method, Tensors
 from solar_edge.methods.tensors import (
     checked_update,
     group,
     pattern_value,
     reject_unknown,
     require,
+    split_extras,
 )
 
 SUFFIXES = ("lora_A.weight", "lora_B.weight")
 
 
 def read(config: Mapping[str, Any], tensors: Tensors,
-         task_meta: Mapping[str, Any]) -> tuple[dict[str, LayerUpdate], None]:
-    if config.get("use_dora"):
-        raise AdapterError("DoRA adapters are not supported (the magnitude vector is not low-rank)")
-    if config.get("bias", "none") != "none" or config.get("lora_bias"):
-        raise AdapterError("LoRA adapters with trained biases are not supported")
+         task_meta: Mapping[str, Any]) -> tuple[dict[str, LayerUpdate], None, Extras]:
+    if config.get("lora_bias"):
+        raise AdapterError("lora_bias=True (a bias on lora_B) is not supported; PEFT's "
+                           'bias="lora_only" or "all" is')
+    tensors, extras = split_extras(config, tensors)
+    if config.get("use_dora") and not extras.magnitudes:
+        raise AdapterError("a DoRA adapter (use_dora=True) without lora_magnitude_vector tensors")
     reject_unknown(tensors, SUFFIXES)
     updates = {}
     for module, parts in sorted(group(tensors, SUFFIXES).items()):
@@ -43,7 +48,10 @@ def read(config: Mapping[str, Any], tensors: Tensors,
         alpha = float(pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         updates[module] = checked_update(module, B * np.float32(scaling), A)
-    return updates, None
+    stray = sorted(set(extras.magnitudes) - set(updates))
+    if stray:
+        raise AdapterError(f"DoRA magnitudes for modules without LoRA factors: {stray[:5]}")
+    return updates, None, extras
 
 
 METHOD = Method("lora", read)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from solar_edge.errors import AdapterError
-from solar_edge.methods.base import LayerUpdate
+from solar_edge.methods.base import Extras, LayerUpdate
 from solar_edge.methods.tensors import normalise_name
 
 
@@ -66,3 +67,38 @@ def match_to_bundle(updates: Mapping[str, LayerUpdate],
             update = fit_shapes({name: update}, {name: shape})[name]
         result[layer_id] = update
     return result
+
+
+@dataclass(frozen=True)
+class MatchedExtras:
+    """An adapter's :class:`~solar_edge.methods.base.Extras` against a bundle: biases and
+    magnitudes by layer id (checked to be one value per output), head tensors by name."""
+
+    head: dict[str, np.ndarray]
+    biases: dict[int, np.ndarray]
+    magnitudes: dict[int, np.ndarray]
+
+
+def match_extras(extras: Extras, manifest_layers: Sequence[Any]) -> MatchedExtras:
+    ids = {_layer_name(entry): i for i, entry in enumerate(manifest_layers)}
+
+    def by_layer(values: Mapping[str, np.ndarray], what: str) -> dict[int, np.ndarray]:
+        unknown = sorted(name for name in values if normalise_name(name) not in ids)
+        if unknown:
+            raise AdapterError(f"trained {what} of modules the bundle cannot patch: {unknown[:6]}"
+                               " (only adaptable layers are carried; LayerNorm and embedding "
+                               "biases are not, so train with bias='lora_only')")
+        out = {}
+        for name, value in values.items():
+            lid = ids[normalise_name(name)]
+            entry = manifest_layers[lid]
+            shape = entry.get("shape") if isinstance(entry, Mapping) else getattr(entry, "shape",
+                                                                                  None)
+            if shape is not None and value.shape != (int(shape[0]),):
+                raise AdapterError(f"{name}: {what} of shape {value.shape} for a layer of "
+                                   f"{int(shape[0])} outputs")
+            out[lid] = value
+        return out
+
+    return MatchedExtras(dict(extras.head), by_layer(extras.biases, "biases"),
+                         by_layer(extras.magnitudes, "DoRA magnitudes"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from solar_edge.methods.matching import fit_shapes
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 TASK_FILE = "task.json"
+MODEL_CONFIG_FILE = "config.json"  # the classifier's config, if saved beside the adapter
 MAX_CONFIG_BYTES = 1 << 20
 
 
@@ -54,13 +56,13 @@ def adapter_from_tensors(peft_type: str, config: Mapping[str, Any],
     """The adapter from PEFT's config and state dict (pure: no disk)."""
     method = method_for(peft_type)
     try:
-        updates, parts = method.read(config, tensors, task_meta or {})
+        updates, parts, extras = method.read(config, tensors, task_meta or {})
     except KeyError as exc:
         raise AdapterError(f"adapter_config.json lacks {exc}") from exc
     if not updates:
         raise AdapterError("adapter holds no layer updates")
     return Adapter(kind=method.name, config=dict(config), task_meta=dict(task_meta or {}),
-                   updates=updates, parts=parts)
+                   updates=updates, parts=parts, extras=extras)
 
 
 def read_adapter(path: str | Path) -> Adapter:
@@ -81,8 +83,9 @@ def read_adapter(path: str | Path) -> Adapter:
     if not isinstance(peft_type, str):
         raise AdapterError(f"{config_path}: no peft_type")
     adapter = adapter_from_tensors(peft_type, config, _load_tensors(weights_path), meta)
+    if (root / MODEL_CONFIG_FILE).is_file():
+        adapter = replace(adapter, model_config=_load_json(root / MODEL_CONFIG_FILE))
     shapes = meta.get("module_shapes")
     if isinstance(shapes, Mapping):
-        adapter = Adapter(adapter.kind, adapter.config, adapter.task_meta,
-                          fit_shapes(adapter.updates, shapes), adapter.parts)
+        adapter = replace(adapter, updates=fit_shapes(adapter.updates, shapes))
     return adapter

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from solar_edge.errors import AdapterError
-from solar_edge.methods.base import LayerUpdate, Tensors
+from solar_edge.methods.base import Extras, LayerUpdate, Tensors
 
 PEFT_PREFIX = "base_model.model."
 MODEL_PREFIXES = ("bert.", "model.")
@@ -70,8 +70,50 @@ def reject_unknown(tensors: Tensors, known: Iterable[str]) -> None:
     extra = sorted(k for k in tensors if not any(k.endswith(s) for s in known))
     if extra:
         raise AdapterError(
-            f"tensors solar-edge cannot carry (biases, modules_to_save, embeddings?): {extra[:8]}"
+            f"tensors solar-edge cannot carry (embeddings? modules outside modules_to_save?): "
+            f"{extra[:8]}"
         )
+
+
+MAGNITUDE_SUFFIXES = (".lora_magnitude_vector", ".lora_magnitude_vector.weight")
+SAVED_COPY = ".modules_to_save.default"  # how some PEFT versions name a saved module's copy
+
+
+def _matches_module(name: str, modules: Iterable[str]) -> bool:
+    return any(name == m or name.endswith("." + m) or name.startswith(m + ".")
+               or f".{m}." in f".{name}." for m in modules)
+
+
+def split_extras(config: Mapping[str, Any], tensors: Tensors) -> tuple[dict[str, np.ndarray],
+                                                                       Extras]:
+    """PEFT's state dict -> (the method's own tensors, :class:`Extras`).
+
+    Head tensors are those of the config's ``modules_to_save`` (``classifier.weight``...);
+    biases are saved when ``bias`` is ``"lora_only"`` or ``"all"`` (``<module>.base_layer.
+    bias`` or ``<module>.bias``); DoRA's magnitudes are ``<module>.lora_magnitude_vector``.
+    Names are base-model relative. Values stay float32 numpy arrays."""
+    to_save = [str(m) for m in (config.get("modules_to_save") or [])]
+    biases_on = config.get("bias", "none") != "none"
+    own: dict[str, np.ndarray] = {}
+    head: dict[str, np.ndarray] = {}
+    biases: dict[str, np.ndarray] = {}
+    magnitudes: dict[str, np.ndarray] = {}
+    for key, value in tensors.items():
+        name = normalise_name(key).replace(SAVED_COPY, "")
+        arr = np.asarray(value, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            raise AdapterError(f"{key}: non-finite values")
+        magnitude = next((s for s in MAGNITUDE_SUFFIXES if key.endswith(s)), None)
+        if magnitude is not None:
+            magnitudes[name[: -len(magnitude)]] = arr.reshape(-1)
+        elif to_save and key.startswith(PEFT_PREFIX) and _matches_module(name, to_save):
+            head[name] = arr
+        elif biases_on and key.endswith(".bias") and ".lora_" not in key:
+            module = name[: -len(".bias")].removesuffix(".base_layer")
+            biases[module] = arr.reshape(-1)
+        else:
+            own[key] = value
+    return own, Extras(head, biases, magnitudes)
 
 
 def per_module(tensors: Tensors) -> dict[str, np.ndarray]:

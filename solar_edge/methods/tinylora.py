@@ -21,7 +21,7 @@ from solar_edge.encode.quant import quantize
 from solar_edge.errors import AdapterError
 from solar_edge.format.bundle import LayerBasis
 from solar_edge.format.records import LayerRecord, RecordKind, ValueFormat
-from solar_edge.methods.base import Adapter, LayerUpdate, Method, Tensors
+from solar_edge.methods.base import Adapter, Extras, LayerUpdate, Method, Tensors
 from solar_edge.methods.tensors import (
     PEFT_PREFIX,
     checked_update,
@@ -29,6 +29,7 @@ from solar_edge.methods.tensors import (
     per_module,
     reject_unknown,
     require,
+    split_extras,
 )
 
 SUFFIXES = ("tinylora_A", "tinylora_B", "tinylora_P")
@@ -50,7 +51,8 @@ def bert_module_order(names: Iterable[str]) -> list[str]:
 
 
 def read(config: Mapping[str, Any], tensors: Tensors,
-         task_meta: Mapping[str, Any]) -> tuple[dict[str, LayerUpdate], None]:
+         task_meta: Mapping[str, Any]) -> tuple[dict[str, LayerUpdate], None, Extras]:
+    tensors, extras = split_extras(config, tensors)
     modules = per_module(tensors)
     reject_unknown(modules, SUFFIXES)
     groups = group(modules, SUFFIXES)
@@ -77,7 +79,7 @@ def read(config: Mapping[str, Any], tensors: Tensors,
                 f"{module}: projections {P.shape}, expected ({v.shape[0]}, {r}, {r})")
         R = np.einsum("i,ijk->jk", v.astype(np.float64), P.astype(np.float64)).astype(np.float32)
         updates[module] = checked_update(module, B @ R, A)
-    return updates, None
+    return updates, None, extras
 
 
 def core_records(updates: Mapping[int, LayerUpdate], bases: Mapping[int, LayerBasis], r: int,

@@ -32,7 +32,14 @@ import numpy as np
 from solar_edge.encode.quant import quantize
 from solar_edge.errors import AdapterError, CodecError
 from solar_edge.format.records import LayerRecord, RecordKind, ValueFormat
-from solar_edge.methods.base import Adapter, KindDecoder, LayerUpdate, Method, Tensors
+from solar_edge.methods.base import (
+    Adapter,
+    Extras,
+    KindDecoder,
+    LayerUpdate,
+    Method,
+    Tensors,
+)
 from solar_edge.methods.tensors import (
     PEFT_PREFIX,
     checked_update,
@@ -40,6 +47,7 @@ from solar_edge.methods.tensors import (
     per_module,
     reject_unknown,
     require,
+    split_extras,
 )
 
 MAX_KEY = 0xFFFF
@@ -188,11 +196,10 @@ def _shared(tensors: Tensors, name: str) -> np.ndarray:
 
 
 def read(config: Mapping[str, Any], tensors: Tensors,
-         task_meta: Mapping[str, Any]) -> tuple[dict[str, LayerUpdate], VeraParts]:
+         task_meta: Mapping[str, Any]) -> tuple[dict[str, LayerUpdate], VeraParts, Extras]:
     """``dW = (diag(lambda_b) B_shared[:out]) @ (diag(lambda_d) A_shared)``; ``A`` is cut to
     each layer's ``in`` when the layers are matched to a bundle."""
-    if config.get("bias", "none") != "none":
-        raise AdapterError("VeRA adapters with trained biases are not supported")
+    tensors, extras = split_extras(config, tensors)
     shared_A, shared_B = _shared(tensors, "vera_A"), _shared(tensors, "vera_B")
     modules = per_module(tensors)
     reject_unknown(modules, SUFFIXES)
@@ -210,7 +217,7 @@ def read(config: Mapping[str, Any], tensors: Tensors,
                                          lam_d[:, None] * shared_A)
         scales[module] = (lam_b, lam_d)
     key = int(config.get("projection_prng_key", 0))
-    return updates, VeraParts(key, scales, shared_A, shared_B)
+    return updates, VeraParts(key, scales, shared_A, shared_B), extras
 
 
 METHOD = Method("vera", read, carry=carry, record_decoders={

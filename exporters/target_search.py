@@ -1,0 +1,164 @@
+"""The smallest packet whose measured accuracy drop is within a target (``--max-drop``).
+
+Packets are measured as a board serves them: each candidate is applied to a real
+:class:`~solar_edge.runtime.engine.EdgeRuntime` on the bundle and answers the evaluation
+texts. The reference is the uncompressed adapter served the same way (a lossless packet of
+float32 factors and extras). The drop, in points, is ``100 * (reference accuracy - packet
+accuracy)`` when the texts are labelled, else ``100 - agreement`` (the share of texts where
+the packet's prediction equals the reference's).
+
+The search walks budgets up a doubling ladder from the smallest useful one until a packet
+passes, then bisects between the last failing and the first passing budget. Every point it
+measured is returned as the curve, so a user sees the trade-off it walked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from solar_edge.errors import BudgetError, CodecError
+from solar_edge.format import signing
+
+MAX_POINTS = 12
+BISECT_STEPS = 3
+
+
+@dataclass(frozen=True)
+class Measured:
+    predictions: np.ndarray      # argmax labels (classification) or -1 (embeddings)
+    outputs: np.ndarray          # logits or unit embeddings
+    accuracy: float | None       # with labels
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    budget: int
+    nbytes: int
+    agreement: float             # % of texts predicted as the reference does
+    cosine: float                # mean cosine to the reference's outputs
+    accuracy: float | None
+    drop: float                  # points
+
+    def row(self) -> dict:
+        return {"budget": self.budget, "bytes": self.nbytes, "agreement": self.agreement,
+                "cosine": self.cosine, "accuracy": self.accuracy, "drop": self.drop}
+
+
+class BoardMeter:
+    """Measures packets on one runtime with a throwaway trusted key (the final packet is
+    signed with the user's key afterwards)."""
+
+    def __init__(self, bundle_dir: str, texts: Sequence[str], labels: Sequence[int] | None
+                 ) -> None:
+        from solar_edge.runtime.engine import EdgeRuntime
+
+        self.key = signing.generate_private_key()
+        self.runtime = EdgeRuntime(bundle_dir, [self.key.public_key()])
+        self.texts, self.labels = list(texts), None if labels is None else np.asarray(labels)
+        self.count = 0
+
+    def measure(self, packet: bytes) -> Measured:
+        self.runtime.apply(packet)
+        outputs = np.concatenate([self.runtime.infer(self.texts[i:i + 64])
+                                  for i in range(0, len(self.texts), 64)])
+        has_head = self.runtime.active is not None and self.runtime.active.labels is not None
+        predictions = outputs.argmax(-1) if has_head else np.full(len(outputs), -1)
+        accuracy = None
+        if self.labels is not None and has_head:
+            accuracy = float((predictions == self.labels).mean() * 100)
+        return Measured(predictions, outputs, accuracy)
+
+    def next_version(self) -> int:
+        self.count += 1
+        return self.count
+
+
+def compare(point: Measured, reference: Measured, budget: int, nbytes: int) -> CurvePoint:
+    agree = float((point.predictions == reference.predictions).mean() * 100)
+    a, b = point.outputs.astype(np.float64), reference.outputs.astype(np.float64)
+    cos = float(np.mean((a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1)
+                                                    * np.linalg.norm(b, axis=-1), 1e-12)))
+    if point.accuracy is not None and reference.accuracy is not None:
+        drop = reference.accuracy - point.accuracy
+    elif (reference.predictions >= 0).any():
+        drop = 100.0 - agree
+    else:  # embeddings: the drop is the lost cosine, in points
+        drop = 100.0 * (1.0 - cos)
+    return CurvePoint(budget, nbytes, agree, cos, point.accuracy, drop)
+
+
+def search(build: Callable[[int], bytes], measure: Callable[[bytes], Measured],
+           reference: Measured, max_drop: float, lo: int, hi: int,
+           on_point: Callable[[CurvePoint], None] | None = None,
+           ) -> tuple[int, list[CurvePoint]]:
+    """``build(budget) -> packet`` (signed with the meter's key); returns the smallest passing
+    budget and every point measured. Raises BudgetError when even ``hi`` misses the target."""
+    if not max_drop >= 0:
+        raise CodecError(f"max_drop must be >= 0, got {max_drop}")
+    curve: list[CurvePoint] = []
+    cache: dict[int, CurvePoint] = {}
+
+    def point(budget: int) -> CurvePoint | None:
+        if budget not in cache:
+            try:
+                data = build(budget)
+            except BudgetError:
+                return None
+            cache[budget] = compare(measure(data), reference, budget, len(data))
+            curve.append(cache[budget])
+            if on_point is not None:
+                on_point(cache[budget])
+        return cache[budget]
+
+    failing, budget = lo, lo
+    passing: int | None = None
+    while len(curve) < MAX_POINTS:
+        p = point(budget)
+        if p is not None and p.drop <= max_drop:
+            passing = budget
+            break
+        failing = budget
+        if budget >= hi:
+            break
+        budget = min(hi, budget * 2)
+    if passing is None:
+        best = min(curve, key=lambda c: c.drop) if curve else None
+        raise BudgetError(f"no packet up to {hi} B keeps the drop within {max_drop:g} points"
+                          + (f" (best: {best.drop:.2f} at {best.nbytes} B)" if best else ""))
+    for _ in range(BISECT_STEPS):
+        mid = (failing + passing) // 2
+        if passing - failing <= max(64, passing // 20) or len(curve) >= MAX_POINTS:
+            break
+        p = point(mid)
+        if p is not None and p.drop <= max_drop:
+            passing = mid
+        else:
+            failing = mid
+    return passing, sorted(curve, key=lambda c: c.budget)
+
+
+def plot(curve: Sequence[CurvePoint], max_drop: float, chosen: int, path: str) -> None:
+    """Bytes against drop, the target line and the chosen packet (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise CodecError("--plot needs matplotlib (pip install matplotlib)") from exc
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [c.nbytes for c in curve]
+    ax.plot(xs, [c.drop for c in curve], "o-", label="measured drop")
+    ax.axhline(max_drop, color="grey", linestyle="--", label=f"target {max_drop:g} pt")
+    pick = next(c for c in curve if c.budget == chosen)
+    ax.plot([pick.nbytes], [pick.drop], "r*", markersize=14, label=f"chosen: {pick.nbytes} B")
+    ax.set_xscale("log")
+    ax.set_xlabel("packet bytes")
+    ax.set_ylabel("drop against the uncompressed adapter (points)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

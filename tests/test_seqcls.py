@@ -1,0 +1,166 @@
+"""Standard PEFT sequence-classification adapters on the real MiniLM bundle, end to end.
+
+Adapters are built the way users build them (``AutoModelForSequenceClassification`` +
+``LoraConfig(task_type="SEQ_CLS")``, saved with ``save_pretrained``), with every trainable
+part moved off its initial value so that each one matters: LoRA factors, the classifier in
+``modules_to_save``, trained biases (``bias="lora_only"``) and DoRA magnitudes. A packet that
+carries them at float32 must serve PEFT's own logits on every patching mechanism.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+from solar_edge.encode.extras import extra_records  # noqa: E402
+from solar_edge.errors import AdapterError  # noqa: E402
+from solar_edge.exporters.head_specs import head_spec  # noqa: E402
+from solar_edge.format import signing  # noqa: E402
+from solar_edge.format.bundle import load_bundle  # noqa: E402
+from solar_edge.format.packet import PacketHeader  # noqa: E402
+from solar_edge.format.records import (  # noqa: E402  # noqa: E402
+    CodecHeader,
+    LayerRecord,
+    QuantizedValues,
+    RecordKind,
+    ValueFormat,
+)
+from solar_edge.format.writer import encode_packet  # noqa: E402
+from solar_edge.methods.matching import match_extras, match_to_bundle  # noqa: E402
+from solar_edge.methods.peft_files import read_adapter  # noqa: E402
+
+TEXTS = ["Return the absolute value of the argument.", "Open a file and return a stream.",
+         "Split the string at the first occurrence of sep."]
+LABELS = ["numeric", "files", "text"]
+
+
+def _make(out: Path, minilm_model_dir: Path, **config) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from solar_edge.exporters.families.text_encoder import quiet_loading
+
+    with quiet_loading():
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(minilm_model_dir), num_labels=3, id2label=dict(enumerate(LABELS)),
+            label2id={v: i for i, v in enumerate(LABELS)})
+    pm = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                          target_modules=["query", "value"], **config))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:  # every trainable part, off its initial value
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    pm.save_pretrained(str(out))
+    model.config.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, minilm_model_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("seqcls")
+    return {"lora": _make(root / "lora", minilm_model_dir),
+            "dora-bias": _make(root / "dora", minilm_model_dir, use_dora=True,
+                               bias="lora_only")}
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory, minilm_bundle) -> Path:
+    from solar_edge.exporters import graph_variants
+
+    out = tmp_path_factory.mktemp("seqcls-bundle") / "bundle"
+    shutil.copytree(minilm_bundle, out)
+    graph_variants.add_variants_to_bundle(str(out))
+    return out
+
+
+def _peft_logits(adapter_dir: Path, minilm_model_dir: Path) -> np.ndarray:
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from solar_edge.exporters.families.text_encoder import quiet_loading
+
+    with quiet_loading():
+        base = AutoModelForSequenceClassification.from_pretrained(str(minilm_model_dir),
+                                                                  num_labels=3)
+        tok = AutoTokenizer.from_pretrained(str(minilm_model_dir))
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    enc = tok(TEXTS, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    with torch.no_grad():
+        return model(**enc).logits.numpy()
+
+
+def _float32(values: np.ndarray) -> QuantizedValues:
+    x = np.asarray(values, np.float32).reshape(-1)
+    return QuantizedValues(ValueFormat.FLOAT32, x.size, raw=x)
+
+
+def _lossless_packet(adapter_dir: Path, bundle_dir: Path, key) -> bytes:
+    """Every part at float32: LoRA factors as DENSE_FACTORS, extras as they are."""
+    bundle = load_bundle(bundle_dir)
+    adapter = read_adapter(adapter_dir)
+    updates = match_to_bundle(adapter.updates, bundle.layers)
+    matched = match_extras(adapter.extras, bundle.layers)
+    records = [LayerRecord(lid, RecordKind.DENSE_FACTORS, u.B.shape[0], u.A.shape[1],
+                           u.B.shape[1], _float32(np.concatenate([u.B.reshape(-1),
+                                                                  u.A.T.reshape(-1)])))
+               for lid, u in updates.items()]
+    extras = extra_records(matched.head, matched.biases, matched.magnitudes, bundle,
+                           tolerance=0.0, formats=(ValueFormat.FLOAT32,))
+    spec = head_spec(matched.head, lambda name: bundle.head_part(name) is not None)
+    meta = {"labels": adapter.labels, "head": {**spec, "tensors": extras.head_tensors}}
+    return encode_packet(PacketHeader(bundle.fingerprint, adapter_dir.name, 1, meta),
+                         CodecHeader(seed=0), records + extras.records, key)
+
+
+def test_what_peft_writes_is_read_as_it_is(adapters):
+    lora, dora = read_adapter(adapters["lora"]), read_adapter(adapters["dora-bias"])
+    assert set(lora.extras.head) == {"classifier.weight", "classifier.bias"}
+    assert lora.labels == LABELS and not lora.extras.biases and not lora.is_dora
+    assert dora.is_dora and len(dora.extras.magnitudes) == 12 and len(dora.extras.biases) == 12
+    assert all(name.endswith(("query", "value")) for name in dora.extras.biases)
+
+
+@pytest.mark.parametrize("mechanism", ["lora", "initializer", "recreate", "iobinding"])
+@pytest.mark.parametrize("kind", ["lora", "dora-bias"])
+def test_lossless_packet_serves_peft_logits(adapters, bundle_dir, minilm_model_dir, kind,
+                                            mechanism):
+    from solar_edge.runtime.engine import EdgeRuntime
+
+    key = signing.generate_private_key()
+    data = _lossless_packet(adapters[kind], bundle_dir, key)
+    rt = EdgeRuntime(str(bundle_dir), [key.public_key()], mechanism=mechanism)
+    info = rt.apply(data)
+    got = rt.infer(TEXTS)
+    want = _peft_logits(adapters[kind], minilm_model_dir)
+    assert got.shape == want.shape == (3, 3)
+    np.testing.assert_allclose(got, want, atol=2e-4)
+    assert info.labels == LABELS
+    assert rt.classify(TEXTS) == [LABELS[i] for i in want.argmax(-1)]
+
+
+def test_a_trained_bias_the_bundle_cannot_patch_is_refused(adapters, minilm_bundle, tmp_path):
+    src = load_bundle(minilm_bundle)
+    layers = [{"name": layer.name, "shape": list(layer.shape)} for layer in src.layers
+              if "value" not in layer.name]  # a bundle without the value layers
+    adapter = read_adapter(adapters["dora-bias"])
+    with pytest.raises(AdapterError, match="cannot patch"):
+        match_extras(adapter.extras, layers)
+
+
+def test_id2label_comes_from_the_saved_model_config(adapters, tmp_path):
+    adir = tmp_path / "a"
+    shutil.copytree(adapters["lora"], adir)
+    config = json.loads((adir / "config.json").read_text())
+    config["id2label"] = {"1": "b", "0": "a", "2": "c"}
+    (adir / "config.json").write_text(json.dumps(config))
+    assert read_adapter(adir).labels == ["a", "b", "c"]
+    (adir / "config.json").unlink()
+    assert read_adapter(adir).labels is None
