@@ -43,7 +43,6 @@ from solar_edge.format.packet import PacketHeader
 from solar_edge.format.records import (
     CodecHeader,
     LayerRecord,
-    QuantizedValues,
     RecordKind,
     ValueFormat,
 )
@@ -51,7 +50,9 @@ from solar_edge.format.writer import encode_packet
 from solar_edge.methods.base import Adapter, LayerUpdate
 from solar_edge.methods.matching import MatchedExtras, match_extras, match_to_bundle
 from solar_edge.methods.peft_files import read_adapter
+from solar_edge.regen import canary
 
+from .compress_measure import eval_set, served_digest, smallest_within
 from .head_specs import head_spec, num_labels
 
 METRICS = ("fro", "act", "fisher")
@@ -66,6 +67,7 @@ class CompressOptions:
     max_drop: float | None = None     # or: largest measured accuracy drop, in points
     eval_data: Path | None = None     # texts (+labels) the drop is measured on
     holdout: float = 0.25             # share of calibration texts held back for it
+    canary: bool = True               # carry the served outputs of the bundle's canary inputs
     metric: str = "fro"
     calib: int = 64                   # calibration texts for act / fisher
     max_rank: int = 4
@@ -134,6 +136,33 @@ class _Prepared:
     notes: list[str]
 
 
+DORA_BASE_TOLERANCE = 0.5  # median |m - |W0|_row| / |W0|_row a DoRA adapter of this base keeps
+
+
+def check_magnitudes(magnitudes: dict[int, np.ndarray], bundle: Bundle) -> None:
+    """DoRA starts from ``m = |W0|_row`` and training moves it a little: magnitudes far from
+    this bundle's row norms mean the adapter was trained on another base model."""
+    for lid, m in magnitudes.items():
+        w0 = np.asarray(bundle.base_weight(lid), np.float64)
+        norms = np.sqrt((w0 * w0).sum(axis=1))
+        deviation = float(np.median(np.abs(m - norms) / np.maximum(norms, 1e-12)))
+        if deviation > DORA_BASE_TOLERANCE:
+            raise AdapterError(f"{bundle.layer(lid).name}: the adapter's DoRA magnitudes are "
+                               f"{100 * deviation:.0f}% away from this bundle's weight norms: it "
+                               "was trained on another base model")
+
+
+def check_head_width(spec: dict[str, Any], tensors: dict[str, np.ndarray],
+                     hidden: Any) -> None:
+    """The head reads the base model's hidden states: its input width must be theirs."""
+    first = spec.get("pooler")
+    name = f"{first}.weight" if first and f"{first}.weight" in tensors else spec["weight"]
+    width = int(np.asarray(tensors[name]).shape[-1])
+    if isinstance(hidden, int) and width != hidden:
+        raise AdapterError(f"the head's {name} reads {width} features, but this bundle's model "
+                           f"has {hidden}: the adapter is for another base model")
+
+
 def _prepare(adapter: Adapter, bundle: Bundle) -> _Prepared:
     updates = match_to_bundle(adapter.updates, bundle.layers)
     matched = match_extras(adapter.extras, bundle.layers)
@@ -143,9 +172,11 @@ def _prepare(adapter: Adapter, bundle: Bundle) -> _Prepared:
                            "bundle cannot patch (export the bundle again with this version)")
     meta = packet_metadata(adapter.task_meta)
     notes: list[str] = []
+    check_magnitudes(matched.magnitudes, bundle)
     extras = extra_records(matched.head, matched.biases, matched.magnitudes, bundle)
     if matched.head:
         spec = head_spec(matched.head, lambda name: bundle.head_part(name) is not None)
+        check_head_width(spec, matched.head, bundle.manifest.get("model", {}).get("hidden_size"))
         labels = adapter.labels
         count = num_labels(spec, matched.head)
         if labels is None or len(labels) != count:
@@ -228,39 +259,6 @@ def _statistics(cal: _Calibration, bundle: Bundle, updates: dict[int, LayerUpdat
                                               cal.teacher, head)
 
 
-def lossless_records(prep: _Prepared) -> list[LayerRecord]:
-    """The uncompressed adapter as a packet: float32 factors and extras (the reference a
-    search measures packets against)."""
-    records = []
-    for lid, u in sorted(prep.updates.items()):
-        B, A = np.asarray(u.B, np.float64), np.asarray(u.A, np.float64)
-        if B.shape[1] > min(B.shape[0], A.shape[1]):  # wider than the weight: exact SVD
-            q1, r1 = np.linalg.qr(B)
-            q2, r2 = np.linalg.qr(A.T)
-            p, sv, qt = np.linalg.svd(r1 @ r2.T)
-            k = min(B.shape[0], A.shape[1])
-            B, A = (q1 @ p[:, :k]) * sv[:k], (q2 @ qt.T[:, :k]).T
-        values = np.concatenate([B.reshape(-1), A.T.reshape(-1)]).astype(np.float32)
-        records.append(LayerRecord(lid, RecordKind.DENSE_FACTORS, B.shape[0], A.shape[1],
-                                   B.shape[1], QuantizedValues(ValueFormat.FLOAT32, values.size,
-                                                               raw=values)))
-    return records + extra_records(prep.matched.head, prep.matched.biases,
-                                   prep.matched.magnitudes, prep.bundle, tolerance=0.0,
-                                   formats=(ValueFormat.FLOAT32,)).records
-
-
-def _eval_set(options: CompressOptions, cal: _Calibration | None, prep: _Prepared):
-    from solar_edge.exporters.calib_data import read_calibration_file
-
-    if options.eval_data is not None:
-        return read_calibration_file(options.eval_data, prep.metadata.get("labels"))
-    if cal is None:
-        raise CalibrationError("--max-drop measures packets on texts: give --eval-data FILE "
-                               "(or --calib-data, of which a part is held back)")
-    cal.data, held = cal.data.split(options.holdout)
-    return held
-
-
 def compress_adapter(adapter_dir: str | Path, bundle: Bundle, key, options: CompressOptions,
                      *, adapter_id: str | None = None, version: int = 1,
                      on_refit_step: Callable[[int, int, float], None] | None = None,
@@ -272,22 +270,36 @@ def compress_adapter(adapter_dir: str | Path, bundle: Bundle, key, options: Comp
     adapter, updates, meta = prep.adapter, prep.updates, prep.metadata
     bases = {lid: bundle.layer_basis(lid) for lid in updates}
     adapter_id = adapter_id or adapter_dir.name
-    header = PacketHeader(bundle.fingerprint, adapter_id, version, meta)
     names = {lid: u.name for lid, u in updates.items()}
     extras = prep.extras.records
+    canary_inputs = (bundle.manifest.get("canary") or {}).get("inputs") if options.canary \
+        else None
+    budgeted = dict(meta)  # what the header will weigh (a canary digest at its longest)
+    if canary_inputs:
+        budgeted["canary"] = {"digest": canary.placeholder(len(canary_inputs)),
+                              "tolerance": canary.DEFAULT_TOLERANCE}
+
+    def sign(records: list[LayerRecord]) -> tuple[bytes, dict[str, Any]]:
+        final = dict(meta)
+        if canary_inputs:
+            final["canary"] = {"digest": served_digest(bundle, records, meta, canary_inputs),
+                               "tolerance": canary.DEFAULT_TOLERANCE}
+        header = PacketHeader(bundle.fingerprint, adapter_id, version, final)
+        return encode_packet(header, CodecHeader(seed=0), records, key), final
+
     if options.exact:
         from solar_edge.encode.carry import exact_records
 
         fmt = ValueFormat.FLOAT32 if options.exact_format == "float32" else ValueFormat.FLOAT16
         records, error = exact_records(adapter, updates, bases, fmt)
-        data = encode_packet(header, CodecHeader(seed=0), records + extras, key)
+        data, meta = sign(records + extras)
         return Compressed(data, None, meta, names, exact_error=error,
                           extras_bytes=prep.extras.nbytes, notes=prep.notes)
     purpose = f"metric {options.metric}" if options.metric != "fro" else "the refit"
     cal = _Calibration(bundle, prep, options, purpose) if options.needs_data else None
-    eval_set = _eval_set(options, cal, prep) if options.max_drop is not None else None
+    held = eval_set(options, cal, prep) if options.max_drop is not None else None
     grams, out_grams = _statistics(cal, bundle, updates, options) if cal else ({}, None)
-    overhead = fixed_overhead_bytes(adapter_id, meta) + prep.extras.nbytes
+    overhead = fixed_overhead_bytes(adapter_id, budgeted) + prep.extras.nbytes
     fits = layer_options(updates, bases, grams,
                          AllocConfig(max_rank=options.max_rank, overhead_bytes=overhead),
                          out_grams)
@@ -310,47 +322,15 @@ def compress_adapter(adapter_dir: str | Path, bundle: Bundle, key, options: Comp
         return alloc, report.records, report
 
     curve = None
-    if eval_set is None:
+    if held is None:
         alloc, records, report = records_at(options.budget)
     else:
-        alloc, records, report, curve = _smallest_within(prep, bundle, options, eval_set,
-                                                         records_at, fits, overhead, on_point)
-    data = encode_packet(header, CodecHeader(seed=0), records, key)
+        alloc, records, report, curve = smallest_within(prep, bundle, options, held,
+                                                        records_at, fits, overhead, on_point)
+    data, meta = sign(records)
     return Compressed(data, alloc, meta, names,
                       None if report is None else (report.loss_before, report.loss_after),
                       len(cal.data) if report is not None and cal is not None else 0,
                       calibration=cal.data.source if cal else None,
                       extras_bytes=prep.extras.nbytes, notes=prep.notes, curve=curve,
-                      eval_source=None if eval_set is None else eval_set.source)
-
-
-def _smallest_within(prep: _Prepared, bundle: Bundle, options: CompressOptions, eval_set: Any,
-                     records_at: Callable[[int | None], tuple[Allocation, list, Any]],
-                     fits: dict, overhead: int, on_point: Callable[[Any], None] | None):
-    """The allocation of the smallest budget whose packet keeps the drop within target."""
-    from solar_edge.exporters.target_search import BoardMeter, search
-
-    meter = BoardMeter(str(bundle.root), eval_set.texts, eval_set.labels)
-
-    def candidate(records: list[LayerRecord]) -> bytes:
-        head = PacketHeader(bundle.fingerprint, "candidate", meter.next_version(),
-                            prep.metadata)
-        return encode_packet(head, CodecHeader(seed=0), records, meter.key)
-
-    reference = meter.measure(candidate(lossless_records(prep)))
-    built: dict[int, tuple] = {}
-
-    def build(budget: int) -> bytes:
-        built[budget] = records_at(budget)
-        return candidate(built[budget][1])
-
-    smallest = min((f.nbytes for opts in fits.values() for f in opts if f.kind), default=0)
-    largest = overhead + sum(max(f.nbytes for f in opts) for opts in fits.values())
-    lo = max(overhead + smallest, min(largest, 2 * overhead))
-    assert options.max_drop is not None
-    chosen, curve = search(build, meter.measure, reference, options.max_drop, lo, largest,
-                           on_point)
-    alloc, records, report = built[chosen]
-    return alloc, records, report, {"chosen": chosen, "max_drop": options.max_drop,
-                                    "reference_accuracy": reference.accuracy,
-                                    "points": [c.row() for c in curve]}
+                      eval_source=None if held is None else held.source)

@@ -188,6 +188,7 @@ def export_bundle(
             "tflite": tflite_section,
             "tokenizer": "tokenizer" if loaded.tokenizer_files else None,
             "head_parts": head_parts,
+            "canary": {"inputs": loaded.canary_inputs} if loaded.canary_inputs else None,
             "layers": [
                 {"id": i, "name": n, "shape": list(weights[n].shape), "rank": ranks[i],
                  "basis_dtype": prof.basis_dtype, "has_bias": biases[n] is not None,

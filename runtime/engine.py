@@ -41,6 +41,7 @@ from solar_edge.errors import (
 from solar_edge.format import signing
 from solar_edge.format.packet import Packet, PacketLimits
 from solar_edge.format.reader import decode_packet
+from solar_edge.regen import canary
 from solar_edge.runtime.backends import open_backend
 from solar_edge.runtime.bundle_parts import open_bundle
 from solar_edge.runtime.families import open_family
@@ -155,6 +156,7 @@ class EdgeRuntime:
             except Exception as exc:
                 raise RuntimeApplyError(f"staging the adapter failed: {exc}") from exc
             self._check(probe)
+            self._check_canary(staged, cached)
             self._installed[header.adapter_id] = header.adapter_version
             # a newer version of the serving adapter replaces the cache entry; the old entry
             # keeps serving (it is self._active) until activate()
@@ -285,6 +287,24 @@ class EdgeRuntime:
                                    decoded.magnitudes[lid])
             patches[lid] = LayerPatch(factors, bias, scale)
         return patches
+
+    def _check_canary(self, staged: Any, cached: _Cached) -> None:
+        """The packet's signed canary digest against the staged model's outputs on the
+        bundle's canary inputs (:mod:`solar_edge.regen.canary`)."""
+        expected = cached.info.metadata.get("canary")
+        if expected is None:
+            return
+        inputs = (self.bundle.bundle.manifest.get("canary") or {}).get("inputs")
+        if not inputs:
+            raise HealthCheckError("the packet carries a canary but the bundle has no canary "
+                                   "inputs")
+        feeds = self.family.feeds(inputs)
+        hidden, mask = self.family.hidden(self.backend.probe(staged, feeds), feeds)
+        outputs = cached.head.logits(hidden, mask) if cached.head else embedding(hidden, mask)
+        problem = canary.mismatch(outputs, expected["digest"], float(expected["tolerance"]))
+        if problem:
+            raise HealthCheckError(f"canary: {problem}; the adapter does not do what its "
+                                   "packet says it does")
 
     def _check(self, outputs: Sequence[np.ndarray]) -> None:
         if not outputs or any(not np.isfinite(o).all() for o in outputs):

@@ -164,3 +164,46 @@ def test_id2label_comes_from_the_saved_model_config(adapters, tmp_path):
     assert read_adapter(adir).labels == ["a", "b", "c"]
     (adir / "config.json").unlink()
     assert read_adapter(adir).labels is None
+
+
+# --- the adapter-effect canary -----------------------------------------------------------
+
+def _cli(*args: str):
+    from click.testing import CliRunner
+
+    from solar_edge.cli import cli
+
+    return CliRunner().invoke(cli, list(args))
+
+
+def _compress_cli(adapter: Path, bundle: Path, out: Path, *extra: str):
+    return _cli("compress", str(adapter), "--bundle", str(bundle), "--budget", "30000",
+                "--quiet", "--out", str(out), *extra)
+
+
+def test_a_packet_that_does_not_do_what_it_says_never_serves(adapters, bundle_dir, tmp_path):
+    from solar_edge.errors import HealthCheckError
+    from solar_edge.format.reader import decode_packet
+    from solar_edge.runtime.engine import EdgeRuntime
+
+    key_dir, out = tmp_path / "k", tmp_path / "p.slr"
+    assert _cli("keygen", "--out", str(key_dir)).exit_code == 0
+    result = _compress_cli(adapters["lora"], bundle_dir, out, "--signing-key",
+                           str(key_dir / "signing.key"))
+    assert result.exit_code == 0, result.output
+    key = signing.load_private_key(key_dir / "signing.key")
+    packet = decode_packet(out.read_bytes(), [key.public_key()])
+    assert len(packet.header.metadata["canary"]["digest"]) == 3
+    rt = EdgeRuntime(str(bundle_dir), [key.public_key()])
+    rt.apply(out.read_bytes())  # the honest packet passes its own canary
+    serving = rt.infer(TEXTS)
+    # the same signed claim over records that do less: the LoRA factors dropped
+    lazy = [r for r in packet.records if r.kind == RecordKind.HEAD_TENSOR]
+    forged = encode_packet(PacketHeader(packet.header.fingerprint, "lora", 2,
+                                        packet.header.metadata), packet.codec, lazy, key)
+    with pytest.raises(HealthCheckError, match="canary"):
+        rt.apply(forged)
+    assert rt.active.version == 1 and np.array_equal(rt.infer(TEXTS), serving)
+    no_canary = tmp_path / "n.slr"
+    assert _compress_cli(adapters["lora"], bundle_dir, no_canary, "--no-canary").exit_code == 0
+    assert "canary" not in decode_packet(no_canary.read_bytes()).header.metadata

@@ -65,6 +65,7 @@ class LoadedModel:
     output_name: str = "last_hidden_state"
     tokenizer_files: list[Path] = field(default_factory=list)
     head_parts: dict[str, np.ndarray] = field(default_factory=dict)  # base tensors heads use
+    canary_inputs: list[Any] = field(default_factory=list)  # fixed inputs packets vouch for
 
     @property
     def input_names(self) -> list[str]:

@@ -34,6 +34,11 @@ EXAMPLE_SENTENCES = (
     "Edge boards receive small signed adapter packets.",
     "The base model stays on the device; only coefficients travel.",
 )
+CANARY_TEXTS = (  # varied on purpose: a patch that does nothing shows on at least one
+    "Return the absolute value of a number.",
+    "The meeting was moved to Thursday afternoon because of the storm.",
+    "Open the file, read every line and close it again.",
+)
 
 
 def default_model_dir() -> Path:
@@ -87,7 +92,7 @@ def load_for_export(path: Path, name: str | None = None) -> LoadedModel:
         "parameters": int(sum(p.numel() for p in model.parameters())),
     }
     return LoadedModel(model, inputs, identity, "last_hidden_state", tokenizer_files,
-                       head_parts(model))
+                       head_parts(model), list(CANARY_TEXTS))
 
 
 def head_parts(model: nn.Module) -> dict[str, np.ndarray]:

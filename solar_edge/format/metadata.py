@@ -93,11 +93,30 @@ def _head(value: Any) -> str | None:
     return None
 
 
+MAX_CANARY = 16
+
+
+def _canary(value: Any) -> str | None:
+    """Expected output digest of the bundle's canary inputs (:mod:`solar_edge.regen.canary`)."""
+    if not isinstance(value, dict):
+        return 'must be an object with "digest" and "tolerance"'
+    tol, rows = value.get("tolerance"), value.get("digest")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol <= 1:
+        return '"tolerance" must be a number in (0, 1]'
+    if not isinstance(rows, list) or not 1 <= len(rows) <= MAX_CANARY or not all(
+            isinstance(r, list) and 1 <= len(r) <= MAX_CANARY and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in r)
+            for r in rows):
+        return f'"digest" must be 1..{MAX_CANARY} lists of 1..{MAX_CANARY} numbers'
+    return None
+
+
 KNOWN_FIELDS: dict[str, Callable[[Any], str | None]] = {
     "task": _string,
     "labels": _labels,
     "head_seed": _u64,
     "head": _head,
+    "canary": _canary,
 }
 
 

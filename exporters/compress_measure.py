@@ -1,0 +1,109 @@
+"""Measuring packets as a board serves them, for the compress pipeline.
+
+* :func:`lossless_records`: the uncompressed adapter as a packet (float32 factors and
+  extras), the reference accuracy targets are measured against;
+* :func:`smallest_within`: the ``--max-drop`` search (:mod:`.target_search`) over budgets;
+* :func:`served_digest`: the canary digest a packet carries (:mod:`solar_edge.regen.canary`).
+
+``prep`` is the pipeline's matched adapter (``exporters.compress._Prepared``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from solar_edge.encode.allocate import Allocation
+from solar_edge.encode.extras import extra_records
+from solar_edge.errors import CalibrationError
+from solar_edge.format.bundle import Bundle
+from solar_edge.format.packet import PacketHeader
+from solar_edge.format.records import (
+    CodecHeader,
+    LayerRecord,
+    QuantizedValues,
+    RecordKind,
+    ValueFormat,
+)
+from solar_edge.format.writer import encode_packet
+from solar_edge.regen import canary
+
+
+def lossless_records(prep: Any) -> list[LayerRecord]:
+    """The uncompressed adapter as a packet: float32 factors and extras (the reference a
+    search measures packets against)."""
+    records = []
+    for lid, u in sorted(prep.updates.items()):
+        B, A = np.asarray(u.B, np.float64), np.asarray(u.A, np.float64)
+        if B.shape[1] > min(B.shape[0], A.shape[1]):  # wider than the weight: exact SVD
+            q1, r1 = np.linalg.qr(B)
+            q2, r2 = np.linalg.qr(A.T)
+            p, sv, qt = np.linalg.svd(r1 @ r2.T)
+            k = min(B.shape[0], A.shape[1])
+            B, A = (q1 @ p[:, :k]) * sv[:k], (q2 @ qt.T[:, :k]).T
+        values = np.concatenate([B.reshape(-1), A.T.reshape(-1)]).astype(np.float32)
+        records.append(LayerRecord(lid, RecordKind.DENSE_FACTORS, B.shape[0], A.shape[1],
+                                   B.shape[1], QuantizedValues(ValueFormat.FLOAT32, values.size,
+                                                               raw=values)))
+    return records + extra_records(prep.matched.head, prep.matched.biases,
+                                   prep.matched.magnitudes, prep.bundle, tolerance=0.0,
+                                   formats=(ValueFormat.FLOAT32,)).records
+
+
+def served_digest(bundle: Bundle, records: list[LayerRecord], metadata: dict[str, Any],
+                  inputs: list[Any]) -> list[list[float]]:
+    """What a board serving ``records`` outputs on the canary inputs, as a digest."""
+    from solar_edge.format import signing
+    from solar_edge.runtime.engine import EdgeRuntime
+
+    key = signing.generate_private_key()
+    runtime = EdgeRuntime(str(bundle.root), [key.public_key()])
+    runtime.apply(encode_packet(PacketHeader(bundle.fingerprint, "canary", 1, metadata),
+                                CodecHeader(seed=0), records, key))
+    return canary.digest(runtime.infer(inputs))
+
+
+def eval_set(options: Any, cal: Any, prep: Any) -> Any:
+    from solar_edge.exporters.calib_data import read_calibration_file
+
+    if options.eval_data is not None:
+        return read_calibration_file(options.eval_data, prep.metadata.get("labels"))
+    if cal is None:
+        raise CalibrationError("--max-drop measures packets on texts: give --eval-data FILE "
+                               "(or --calib-data, of which a part is held back)")
+    cal.data, held = cal.data.split(options.holdout)
+    return held
+
+
+def smallest_within(prep: Any, bundle: Bundle, options: Any, eval_set: Any,
+                     records_at: Callable[[int | None], tuple[Allocation, list, Any]],
+                     fits: dict, overhead: int, on_point: Callable[[Any], None] | None):
+    """The allocation of the smallest budget whose packet keeps the drop within target."""
+    from solar_edge.exporters.target_search import BoardMeter, search
+
+    meter = BoardMeter(str(bundle.root), eval_set.texts, eval_set.labels)
+
+    def candidate(records: list[LayerRecord]) -> bytes:
+        head = PacketHeader(bundle.fingerprint, "candidate", meter.next_version(),
+                            prep.metadata)
+        return encode_packet(head, CodecHeader(seed=0), records, meter.key)
+
+    reference = meter.measure(candidate(lossless_records(prep)))
+    built: dict[int, tuple] = {}
+
+    def build(budget: int) -> bytes:
+        built[budget] = records_at(budget)
+        return candidate(built[budget][1])
+
+    smallest = min((f.nbytes for opts in fits.values() for f in opts if f.kind), default=0)
+    largest = overhead + sum(max(f.nbytes for f in opts) for opts in fits.values())
+    lo = max(overhead + smallest, min(largest, 2 * overhead))
+    assert options.max_drop is not None
+    chosen, curve = search(build, meter.measure, reference, options.max_drop, lo, largest,
+                           on_point)
+    alloc, records, report = built[chosen]
+    return alloc, records, report, {"chosen": chosen, "max_drop": options.max_drop,
+                                    "reference_accuracy": reference.accuracy,
+                                    "points": [c.row() for c in curve]}
