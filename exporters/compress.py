@@ -305,11 +305,12 @@ def compress_adapter(adapter_dir: str | Path, bundle: Bundle, key, options: Comp
                          out_grams)
 
     def records_at(budget: int | None) -> tuple[Allocation, list[LayerRecord], Any]:
+        balance = options.metric == "fro"  # data-free: every layer counts alike
         if budget is not None:
-            alloc = allocation_for_budget(fits, budget, overhead)
+            alloc = allocation_for_budget(fits, budget, overhead, balance)
         else:
             assert options.max_error is not None
-            alloc = allocation_for_error(fits, options.max_error, overhead)
+            alloc = allocation_for_error(fits, options.max_error, overhead, balance)
         records = alloc.records + extras
         if not options.refit_steps:
             return alloc, records, None

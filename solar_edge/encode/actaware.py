@@ -163,10 +163,28 @@ def quantized_fit(upd: LayerUpdate, lid: int, w: Whitener, k: int, fmt: ValueFor
     return LayerFit(lid, k, fmt.bits, kind, record_nbytes(record), err, record)
 
 
+def own_factor_fit(upd: LayerUpdate, lid: int, w: Whitener, fmt: ValueFormat, group: int,
+                   left: Whitener | None = None) -> LayerFit:
+    """The adapter's own factors ``B``, ``A`` quantised as they are (entries balanced so both
+    share the quantisation grid): the plain "LoRA at b bits" operating point, full rank."""
+    B, A = np.asarray(upd.B, np.float64), np.asarray(upd.A, np.float64)
+    t = float(np.sqrt(np.sqrt((A * A).mean()) / max(np.sqrt((B * B).mean()), 1e-30)))
+    values = best_quantize(np.concatenate([(B * t).reshape(-1), (A.T / t).reshape(-1)]),
+                           fmt, group)
+    record = LayerRecord(lid, RecordKind.DENSE_FACTORS, B.shape[0], A.shape[1], B.shape[1],
+                         values)
+    lf, rf = decode_factors(record, None, CodecHeader(seed=0))
+    err = weighted_sq_error(B, A, lf.astype(np.float64), rf.astype(np.float64), w.gram,
+                            None if left is None else left.gram)
+    return LayerFit(lid, B.shape[1], fmt.bits, RecordKind.DENSE_FACTORS, record_nbytes(record),
+                    err, record)
+
+
 def fit_layer(upd: LayerUpdate, lid: int, w: Whitener, *, max_rank: int,
               formats: tuple[ValueFormat, ...], group: int,
               basis: LayerBasis | None, left: Whitener | None = None) -> list[LayerFit]:
-    """Every operating point of one layer: 'left out', then rank x bits x representation.
+    """Every operating point of one layer: 'left out', then rank x bits x representation,
+    then the adapter's own factors at each width when its rank is above ``max_rank``.
 
     The representation is chosen per point by measured distortion (ties: plain factors)."""
     e0 = update_energy(upd, w.gram, left)
@@ -182,4 +200,7 @@ def fit_layer(upd: LayerUpdate, lid: int, w: Whitener, *, max_rank: int,
             cands = [quantized_fit(upd, lid, w, k, fmt, group, kind, basis, start, left)
                      for kind in kinds]
             fits.append(min(cands, key=lambda f: (f.err, f.nbytes, f.kind)))
+    r = upd.B.shape[1]
+    if max_rank < r <= min(upd.B.shape[0], upd.A.shape[1]):
+        fits += [own_factor_fit(upd, lid, w, fmt, group, left) for fmt in formats]
     return fits

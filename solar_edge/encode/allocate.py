@@ -15,7 +15,7 @@ encode_packet`, with per-layer bytes and measured errors.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -117,33 +117,91 @@ def _layer_options(updates: Mapping[int, LayerUpdate], bases: Mapping[int, Layer
     return options
 
 
-def allocation_for_budget(options: Mapping[int, Sequence[LayerFit]], budget_bytes: int,
-                          overhead_bytes: int) -> Allocation:
-    avail = budget_bytes - overhead_bytes
-    smallest = min((f.nbytes for opts in options.values() for f in opts if f.kind), default=None)
-    if smallest is None or avail < smallest:
-        raise BudgetError(f"budget {budget_bytes} B cannot hold the {overhead_bytes} B overhead "
-                          f"plus one smallest record ({smallest} B)")
-    chosen = allocate(options, avail)
+def balanced(options: Mapping[int, Sequence[LayerFit]]) -> dict[int, list[LayerFit]]:
+    """Each layer's distortions divided by its own ``e0`` (what leaving it out costs), so
+    every layer counts alike: the data-free objective (a layer whose update is large is not
+    more important to the task for it)."""
+    out = {}
+    for lid, opts in options.items():
+        e0 = opts[0].err
+        out[lid] = [replace(f, err=f.err / e0 if e0 > 0 else 0.0) for f in opts]
+    return out
+
+
+def mean_relative_error(chosen: Mapping[int, LayerFit], e0: Mapping[int, float]) -> float:
+    """``mean_l err_l / e0_l``: the balanced objective's value."""
+    terms = [f.err / e0[lid] for lid, f in chosen.items() if e0[lid] > 0]
+    return float(np.mean(terms)) if terms else 0.0
+
+
+def _allocation(options: Mapping[int, Sequence[LayerFit]], chosen_idx: Mapping[int, int],
+                overhead_bytes: int) -> Allocation:
+    chosen = {lid: options[lid][i] for lid, i in chosen_idx.items()}
     e0 = {lid: opts[0].err for lid, opts in options.items()}
     records = [f.record for _, f in sorted(chosen.items()) if f.record is not None]
     return Allocation(chosen, e0, overhead_bytes, records)
 
 
+def uniform_baselines(options: Mapping[int, Sequence[LayerFit]], avail: int
+                      ) -> list[dict[int, int]]:
+    """The plain baselines inside a byte budget: every layer at one rank and one bit width
+    (rank re-truncation, or the adapter's own factors at b bits), as option indices."""
+    keys = sorted({(f.rank, f.bits) for opts in options.values() for f in opts if f.kind})
+    out = []
+    for key in keys:
+        pick: dict[int, int] = {}
+        for lid, opts in options.items():
+            idx = [i for i, f in enumerate(opts) if f.kind and (f.rank, f.bits) == key]
+            if not idx:  # a layer of lower rank: its highest rank at that width
+                same = [i for i, f in enumerate(opts) if f.kind and f.bits == key[1]
+                        and f.rank <= key[0]]
+                idx = sorted(same, key=lambda i: opts[i].rank)[-1:]
+            if not idx:
+                break
+            pick[lid] = idx[0]
+        if len(pick) == len(options) and sum(options[lid][i].nbytes
+                                              for lid, i in pick.items()) <= avail:
+            out.append(pick)
+    return out
+
+
+def allocation_for_budget(options: Mapping[int, Sequence[LayerFit]], budget_bytes: int,
+                          overhead_bytes: int, balance: bool = False) -> Allocation:
+    """One point per layer within the budget. ``balance``: the data-free objective
+    (:func:`balanced`), with a fall back to the best uniform baseline when the greedy
+    allocation predicts worse than it."""
+    avail = budget_bytes - overhead_bytes
+    smallest = min((f.nbytes for opts in options.values() for f in opts if f.kind), default=None)
+    if smallest is None or avail < smallest:
+        raise BudgetError(f"budget {budget_bytes} B cannot hold the {overhead_bytes} B overhead "
+                          f"plus one smallest record ({smallest} B)")
+    pools = balanced(options) if balance else options
+    index = {id(f): i for opts in pools.values() for i, f in enumerate(opts)}
+    chosen_idx = {lid: index[id(f)] for lid, f in allocate(pools, avail).items()}
+    if not balance:
+        return _allocation(options, chosen_idx, overhead_bytes)
+    candidates = [chosen_idx, *uniform_baselines(options, avail)]
+
+    def objective(pick: Mapping[int, int]) -> float:
+        return float(sum(pools[lid][i].err for lid, i in pick.items()))
+
+    return _allocation(options, min(candidates, key=objective), overhead_bytes)
+
+
 def allocation_for_error(options: Mapping[int, Sequence[LayerFit]], max_error: float,
-                         overhead_bytes: int) -> Allocation:
+                         overhead_bytes: int, balance: bool = False) -> Allocation:
     """Smallest budget (bisection) whose allocation has ``total_error <= max_error``."""
     if not max_error >= 0:
         raise CodecError(f"max_error must be >= 0, got {max_error}")
     hi = overhead_bytes + sum(max(f.nbytes for f in opts) for opts in options.values())
-    best = allocation_for_budget(options, hi, overhead_bytes)
+    best = allocation_for_budget(options, hi, overhead_bytes, balance)
     if best.total_error > max_error:
         raise BudgetError(f"even the largest packet ({best.total_bytes} B) has error "
                           f"{best.total_error:.4g} > {max_error:.4g}")
     lo = overhead_bytes + min(f.nbytes for opts in options.values() for f in opts if f.kind) - 1
     while hi - lo > 1:  # invariant: allocation at hi meets the bound, at lo it does not
         mid = (lo + hi) // 2
-        alloc = allocation_for_budget(options, mid, overhead_bytes)
+        alloc = allocation_for_budget(options, mid, overhead_bytes, balance)
         if alloc.total_error <= max_error:
             hi, best = mid, alloc
         else:
