@@ -219,3 +219,15 @@ def test_match_to_bundle_maps_ids_checks_shapes_and_lists_unmatched():
         match_to_bundle(upd, [dict(d, shape=[4, 5]) for d in layers])
     with pytest.raises(AdapterError, match=r"1 adapter modules.*self\.value'\]"):
         match_to_bundle(upd, [d["name"] for d in layers[:2]])
+
+
+def test_a_task_model_prefix_other_than_bert_still_finds_its_layer():
+    """A RoBERTa classifier keeps its transformer under ``roberta.``: the same layers."""
+    rng = np.random.default_rng(2)
+    name = "roberta.encoder.layer.0.attention.self.query"
+    upd = {name: LayerUpdate(name, rng.standard_normal((4, 1)), rng.standard_normal((1, 3)))}
+    layers = [{"name": "encoder.layer.0.attention.self.key", "shape": [4, 3]},
+              {"name": "encoder.layer.0.attention.self.query", "shape": [4, 3]}]
+    assert sorted(match_to_bundle(upd, layers)) == [1]
+    with pytest.raises(AdapterError, match="no bundle layer"):
+        match_to_bundle({"roberta.pooler.dense": upd[name]}, layers)

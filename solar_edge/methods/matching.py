@@ -10,7 +10,7 @@ import numpy as np
 
 from solar_edge.errors import AdapterError
 from solar_edge.methods.base import Extras, LayerUpdate
-from solar_edge.methods.tensors import normalise_name
+from solar_edge.methods.tensors import PEFT_PREFIX, normalise_name
 
 
 def fit_shapes(updates: Mapping[str, LayerUpdate],
@@ -46,6 +46,16 @@ def _layer_name(entry: Any) -> str:
     return normalise_name(name.removesuffix(".weight"))
 
 
+def _lookup(name: str, ids: Mapping[str, int]) -> int | None:
+    """The bundle layer id of an adapter module: its normalised name, else the name without
+    its first component (the task model's attribute for its transformer, e.g. ``roberta.``)."""
+    normal = normalise_name(name)
+    if normal in ids:
+        return ids[normal]
+    _, _, rest = name.removeprefix(PEFT_PREFIX).partition(".")
+    return ids.get(rest) if rest else None
+
+
 def match_to_bundle(updates: Mapping[str, LayerUpdate],
                     manifest_layers: Sequence[Any]) -> dict[int, LayerUpdate]:
     """Map updates to bundle layer ids (positions in ``manifest["layers"]``).
@@ -55,12 +65,14 @@ def match_to_bundle(updates: Mapping[str, LayerUpdate],
     than the layer are sliced to its input size. Every update must find its layer.
     """
     ids = {_layer_name(entry): i for i, entry in enumerate(manifest_layers)}
-    unmatched = sorted(name for name in updates if normalise_name(name) not in ids)
+    found = {name: _lookup(name, ids) for name in updates}
+    unmatched = sorted(name for name, lid in found.items() if lid is None)
     if unmatched:
         raise AdapterError(f"{len(unmatched)} adapter modules have no bundle layer: {unmatched}")
     result: dict[int, LayerUpdate] = {}
     for name, update in updates.items():
-        layer_id = ids[normalise_name(name)]
+        layer_id = found[name]
+        assert layer_id is not None
         entry = manifest_layers[layer_id]
         shape = entry.get("shape") if isinstance(entry, Mapping) else getattr(entry, "shape", None)
         if shape is not None:
@@ -83,14 +95,16 @@ def match_extras(extras: Extras, manifest_layers: Sequence[Any]) -> MatchedExtra
     ids = {_layer_name(entry): i for i, entry in enumerate(manifest_layers)}
 
     def by_layer(values: Mapping[str, np.ndarray], what: str) -> dict[int, np.ndarray]:
-        unknown = sorted(name for name in values if normalise_name(name) not in ids)
+        found = {name: _lookup(name, ids) for name in values}
+        unknown = sorted(name for name, lid in found.items() if lid is None)
         if unknown:
             raise AdapterError(f"trained {what} of modules the bundle cannot patch: {unknown[:6]}"
                                " (only adaptable layers are carried; LayerNorm and embedding "
                                "biases are not, so train with bias='lora_only')")
         out = {}
         for name, value in values.items():
-            lid = ids[normalise_name(name)]
+            lid = found[name]
+            assert lid is not None
             entry = manifest_layers[lid]
             shape = entry.get("shape") if isinstance(entry, Mapping) else getattr(entry, "shape",
                                                                                   None)
