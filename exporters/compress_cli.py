@@ -163,7 +163,9 @@ def _defaults(metric: str | None, refit: int | None, calib_data: Path | None, ex
               help="Largest overall relative error in --metric; the budget is bisected.")
 @click.option("--max-drop", type=click.FloatRange(min=0), default=None,
               help="Largest accuracy drop in points against the uncompressed adapter, "
-                   "measured as the board serves the packet; the smallest such packet wins.")
+                   "measured as the board serves the packet: the share of texts the adapter "
+                   "gets right and the packet wrong (unlabelled: that disagree); the "
+                   "smallest such packet wins.")
 @click.option("--eval-data", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="Texts (.txt, or .jsonl with labels) the --max-drop is "
                                  "measured on (default: a quarter of --calib-data held back).")

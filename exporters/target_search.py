@@ -3,9 +3,13 @@
 Packets are measured as a board serves them: each candidate is applied to a real
 :class:`~solar_edge.runtime.engine.EdgeRuntime` on the bundle and answers the evaluation
 texts. The reference is the uncompressed adapter served the same way (a lossless packet of
-float32 factors and extras). The drop, in points, is ``100 * (reference accuracy - packet
-accuracy)`` when the texts are labelled, else ``100 - agreement`` (the share of texts where
-the packet's prediction equals the reference's).
+float32 factors and extras). The drop, in points, is, with labelled texts, the share of texts
+the reference classifies right and the packet gets wrong (``100 * lost / n``); texts the
+packet gets right where the reference did not do not pay for the ones it lost, so a packet
+passes on what it keeps, not on a lucky balance of errors (the net accuracy change alone
+swings by several points between two samples of a few hundred texts). Without labels it is
+``100 - agreement`` (agreement: the share of texts where the packet's prediction equals the
+reference's); without a head, ``100 * (1 - mean cosine)``.
 
 The search walks budgets up a doubling ladder from the smallest useful one until a packet
 passes, then bisects between the last failing and the first passing budget. Every point it
@@ -31,6 +35,7 @@ class Measured:
     predictions: np.ndarray      # argmax labels (classification) or -1 (embeddings)
     outputs: np.ndarray          # logits or unit embeddings
     accuracy: float | None       # with labels
+    correct: np.ndarray | None = None  # per text, with labels
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,7 @@ class CurvePoint:
     agreement: float             # % of texts predicted as the reference does
     cosine: float                # mean cosine to the reference's outputs
     accuracy: float | None
-    drop: float                  # points
+    drop: float                  # points (see the module docstring)
 
     def row(self) -> dict:
         return {"budget": self.budget, "bytes": self.nbytes, "agreement": self.agreement,
@@ -66,10 +71,11 @@ class BoardMeter:
                                   for i in range(0, len(self.texts), 64)])
         has_head = self.runtime.active is not None and self.runtime.active.labels is not None
         predictions = outputs.argmax(-1) if has_head else np.full(len(outputs), -1)
-        accuracy = None
+        accuracy = correct = None
         if self.labels is not None and has_head:
-            accuracy = float((predictions == self.labels).mean() * 100)
-        return Measured(predictions, outputs, accuracy)
+            correct = predictions == self.labels
+            accuracy = float(correct.mean() * 100)
+        return Measured(predictions, outputs, accuracy, correct)
 
     def next_version(self) -> int:
         self.count += 1
@@ -81,8 +87,8 @@ def compare(point: Measured, reference: Measured, budget: int, nbytes: int) -> C
     a, b = point.outputs.astype(np.float64), reference.outputs.astype(np.float64)
     cos = float(np.mean((a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1)
                                                     * np.linalg.norm(b, axis=-1), 1e-12)))
-    if point.accuracy is not None and reference.accuracy is not None:
-        drop = reference.accuracy - point.accuracy
+    if point.correct is not None and reference.correct is not None:
+        drop = float((reference.correct & ~point.correct).mean() * 100)
     elif (reference.predictions >= 0).any():
         drop = 100.0 - agree
     else:  # embeddings: the drop is the lost cosine, in points

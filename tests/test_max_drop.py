@@ -73,3 +73,21 @@ def test_max_drop_without_texts_is_one_clear_line(minilm_bundle, lora_adapter_di
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "--eval-data" in lines[0]
+
+
+def test_a_lost_text_is_not_paid_for_by_a_gained_one():
+    """Net accuracy would call this packet lossless; it lost one text in four."""
+    import numpy as np
+
+    from solar_edge.exporters.target_search import Measured, compare
+
+    labels = np.array([0, 1, 2, 0])
+    ref_pred, pkt_pred = np.array([0, 1, 2, 1]), np.array([0, 1, 1, 0])
+    logits = np.eye(3)[ref_pred]
+
+    def measured(pred):
+        return Measured(pred, logits, float((pred == labels).mean() * 100), pred == labels)
+
+    point = compare(measured(pkt_pred), measured(ref_pred), 100, 90)
+    assert point.accuracy == 75.0 and point.agreement == 50.0
+    assert point.drop == 25.0
