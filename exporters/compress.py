@@ -191,6 +191,27 @@ def _prepare(adapter: Adapter, bundle: Bundle) -> _Prepared:
     return _Prepared(bundle, adapter, updates, matched, extras, meta, notes)
 
 
+def prepare_adapter(adapter: Adapter, bundle: Bundle) -> _Prepared:
+    """The adapter matched to ``bundle``, its extras (head, biases, magnitudes) encoded and
+    its packet metadata, exactly as :func:`compress_adapter` makes them: for tools that build
+    other packets from the same parts (``bench/rd_served.py``)."""
+    return _prepare(adapter, bundle)
+
+
+def sign_packet(prep: _Prepared, records: list[LayerRecord], key, adapter_id: str,
+                version: int = 1, *, with_canary: bool = True) -> tuple[bytes, dict[str, Any]]:
+    """``records`` signed as :func:`compress_adapter` signs its packets: ``prep``'s metadata
+    and (``with_canary``, when the bundle names canary inputs) the digest of their served outputs.
+    Returns the packet and its final metadata."""
+    bundle, final = prep.bundle, dict(prep.metadata)
+    inputs = (bundle.manifest.get("canary") or {}).get("inputs") if with_canary else None
+    if inputs:
+        final["canary"] = {"digest": served_digest(bundle, records, prep.metadata, inputs),
+                           "tolerance": canary.DEFAULT_TOLERANCE}
+    header = PacketHeader(bundle.fingerprint, adapter_id, version, final)
+    return encode_packet(header, CodecHeader(seed=0), records, key), final
+
+
 def _torch_side(purpose: str):
     """The torch-side modules, or a CalibrationError saying which extra is missing."""
     try:
@@ -241,6 +262,7 @@ class _Calibration:
 
         declared = self.metadata.get("head", {}).get("tensors", [])
         tensors = {declared[r.layer_id]["name"]: decode_factors(r, None, CodecHeader(seed=0))
+                   .reshape(declared[r.layer_id]["shape"])  # as the board does (a bias is 1-D)
                    for r in records if r.kind == RecordKind.HEAD_TENSOR}
         return self.heads.head_for(self.metadata, self.model.hidden_size, tensors, self.bundle)
 
@@ -280,12 +302,8 @@ def compress_adapter(adapter_dir: str | Path, bundle: Bundle, key, options: Comp
                               "tolerance": canary.DEFAULT_TOLERANCE}
 
     def sign(records: list[LayerRecord]) -> tuple[bytes, dict[str, Any]]:
-        final = dict(meta)
-        if canary_inputs:
-            final["canary"] = {"digest": served_digest(bundle, records, meta, canary_inputs),
-                               "tolerance": canary.DEFAULT_TOLERANCE}
-        header = PacketHeader(bundle.fingerprint, adapter_id, version, final)
-        return encode_packet(header, CodecHeader(seed=0), records, key), final
+        return sign_packet(prep, records, key, adapter_id, version,
+                           with_canary=options.canary)
 
     if options.exact:
         from solar_edge.encode.carry import exact_records

@@ -21,6 +21,7 @@ import copy
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -220,7 +221,9 @@ def train_adapter(task: Task, out_dir: str | Path, config: TrainConfig,
 
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     total_steps = config.steps or max(1, round(steps_per_epoch * config.epochs))
-    peft_model = get_peft_model(model, spec.make_config(total_steps))
+    with warnings.catch_warnings():  # transformers' deprecation notes, seen by PEFT
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(model, spec.make_config(total_steps))
     if spec.post_init is not None:
         spec.post_init(peft_model)
     params = [p for p in peft_model.parameters() if p.requires_grad]
