@@ -70,6 +70,35 @@ def test_inspect_json_parts_add_up():
     assert info["metadata"]["labels"] == ["neg", "pos"]
 
 
+def test_inspect_columns_align_for_the_longest_record_kind(tmp_path):
+    """MAGNITUDE_DELTA (15 characters) must not push its row's columns right of the header's."""
+    import numpy as np
+
+    from solar_edge.format.packet import PacketHeader
+    from solar_edge.format.records import CodecHeader, LayerRecord, QuantizedValues, RecordKind
+    from solar_edge.format.records import ValueFormat
+    from solar_edge.format.writer import encode_packet
+
+    def vec(kind: RecordKind) -> LayerRecord:
+        return LayerRecord(0, kind, 5, 1, 0, QuantizedValues(ValueFormat.FLOAT16, 5,
+                                                             raw=np.ones(5, np.float16)))
+
+    key = signing.generate_private_key()
+    records = [vec(RecordKind.BIAS_DELTA), vec(RecordKind.MAGNITUDE_DELTA)]
+    path = tmp_path / "p.slr"
+    path.write_bytes(encode_packet(PacketHeader(bytes(32), "a", 1, {}), CodecHeader(0), records,
+                                   key))
+    result = CliRunner().invoke(cli, ["inspect", str(path)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    header = next(line for line in lines if line.lstrip().startswith("layer"))
+    rows = [line for line in lines if "_DELTA" in line]
+    assert [row.split()[1] for row in rows] == ["BIAS_DELTA", "MAGNITUDE_DELTA"]
+    for row in rows:
+        assert row.index("FLOAT16") == header.index("format"), (header, row)
+        assert len(row) == len(header), (header, row)  # right-aligned columns end together
+
+
 def _entry_point(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "solar_edge.cli", *args],
                           capture_output=True, text=True, timeout=60)

@@ -12,6 +12,9 @@ from solar_edge.cli import options
 from solar_edge.format import layout, signing
 from solar_edge.format.packet import Packet
 from solar_edge.format.reader import decode_packet
+from solar_edge.format.records import RecordKind
+
+KIND_WIDTH = max(len(kind.name) for kind in RecordKind)  # MAGNITUDE_DELTA: 15
 
 
 def describe(data: bytes, pkt: Packet) -> dict[str, Any]:
@@ -65,13 +68,13 @@ def _text(info: dict[str, Any], signature: str) -> str:
         f"{' (zstd)' if info['compressed'] else ''} + key id/signature {b['key_id_and_signature']}",
         f"body      layer table {b['layer_table']} + positions {b['positions']} "
         f"+ values {b['values']} (uncompressed)",
-        f"{'layer':>5} {'kind':<13} {'format':<7} {'rows x cols':>11} {'rank':>4} "
+        f"{'layer':>5} {'kind':<{KIND_WIDTH}} {'format':<7} {'rows x cols':>11} {'rank':>4} "
         f"{'pos':>6} {'values':>7} {'group':>5} {'var':>3} {'eps':>8} {'bytes':>7}",
     ]
     for lay in info["layers"]:
         shape = f"{lay['rows']}x{lay['cols']}"
         lines.append(
-            f"{lay['layer_id']:>5} {lay['kind']:<13} {lay['format']:<7} {shape:>11} "
+            f"{lay['layer_id']:>5} {lay['kind']:<{KIND_WIDTH}} {lay['format']:<7} {shape:>11} "
             f"{lay['rank']:>4} {lay['positions']:>6} {lay['values']:>7} {lay['group_size']:>5} "
             f"{lay['variant']:>3} {lay['epsilon']:>8.4g} "
             f"{layout.LAYER_ENTRY_BYTES + lay['positions_bytes'] + lay['values_bytes']:>7}"
