@@ -75,8 +75,13 @@ def test_inspect_columns_align_for_the_longest_record_kind(tmp_path):
     import numpy as np
 
     from solar_edge.format.packet import PacketHeader
-    from solar_edge.format.records import CodecHeader, LayerRecord, QuantizedValues, RecordKind
-    from solar_edge.format.records import ValueFormat
+    from solar_edge.format.records import (
+        CodecHeader,
+        LayerRecord,
+        QuantizedValues,
+        RecordKind,
+        ValueFormat,
+    )
     from solar_edge.format.writer import encode_packet
 
     def vec(kind: RecordKind) -> LayerRecord:
