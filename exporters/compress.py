@@ -163,7 +163,61 @@ def check_head_width(spec: dict[str, Any], tensors: dict[str, np.ndarray],
                            f"has {hidden}: the adapter is for another base model")
 
 
+SERVED_TASK_TYPES = ("SEQ_CLS", "FEATURE_EXTRACTION")  # or no task_type: embeddings
+HEAD_MODULES = ("classifier", "pooler")  # the modules_to_save a board's head applies
+POOLER_MODEL_TYPES = ("bert", "ernie", "megatron-bert", "nezha")  # classifier reads the pooler
+
+
+def check_task_type(adapter: Adapter) -> None:
+    """The board serves a sequence-classification head or embeddings: any other PEFT task
+    (TOKEN_CLS, CAUSAL_LM, QUESTION_ANS, ...) would be served as something it is not."""
+    task_type = adapter.config.get("task_type")
+    if task_type is not None and str(task_type).upper() not in SERVED_TASK_TYPES:
+        raise AdapterError(f"task_type {task_type!r} is not served by the board: supported are "
+                           "SEQ_CLS (sequence classification) and FEATURE_EXTRACTION (or no "
+                           "task_type: embeddings)")
+
+
+def _modules(names: Any) -> list[str]:
+    return sorted({str(n).rsplit(".", 1)[0] if str(n).endswith((".weight", ".bias")) else str(n)
+                   for n in names})
+
+
+def check_head_modules(tensors: dict[str, np.ndarray], spec: dict[str, Any] | None) -> None:
+    """Every ``modules_to_save`` tensor must be one the board's head applies (the classifier
+    and its pooler): anything else would be carried in the packet and never used."""
+    if spec is None:
+        stray = [n for n in tensors if n.split(".", 1)[0] not in HEAD_MODULES]
+    else:
+        pooler = spec.get("pooler")
+        used = {spec["weight"], spec.get("bias")} | (
+            {f"{pooler}.weight", f"{pooler}.bias"} if pooler else set())
+        stray = [n for n in tensors if n not in used]
+    if stray:
+        modules = _modules(stray)
+        shown = ", ".join(modules[:6]) + (f" and {len(modules) - 6} more" if len(modules) > 6
+                                          else "")
+        raise AdapterError(f"modules_to_save {shown}: neither the classifier head nor its "
+                           "pooler, so the board would never apply them (save only "
+                           "'classifier', and 'pooler' if trained)")
+
+
+def check_pooler(spec: dict[str, Any], adapter: Adapter, bundle: Bundle) -> None:
+    """A BERT-style classifier reads ``tanh(pooler(h[CLS]))``: without the pooler in the
+    adapter or in the bundle (``head_parts``) the board would feed it ``h[CLS]`` instead."""
+    if spec.get("pooler") or spec["weight"] != "classifier.weight":
+        return
+    model_type = (adapter.model_config.get("model_type")
+                  or bundle.manifest.get("model", {}).get("model_type"))
+    if model_type in POOLER_MODEL_TYPES:
+        raise AdapterError(f"the {model_type} classifier reads the base model's pooler "
+                           "(pooler.dense), which neither the adapter nor this bundle carries "
+                           "(no head_parts in its manifest): export the bundle again with this "
+                           "version, or save the pooler with modules_to_save")
+
+
 def _prepare(adapter: Adapter, bundle: Bundle) -> _Prepared:
+    check_task_type(adapter)
     updates = match_to_bundle(adapter.updates, bundle.layers)
     matched = match_extras(adapter.extras, bundle.layers)
     unpatchable = sorted(lid for lid in matched.biases if bundle.base_bias(lid) is None)
@@ -175,7 +229,10 @@ def _prepare(adapter: Adapter, bundle: Bundle) -> _Prepared:
     check_magnitudes(matched.magnitudes, bundle)
     extras = extra_records(matched.head, matched.biases, matched.magnitudes, bundle)
     if matched.head:
+        check_head_modules(matched.head, None)
         spec = head_spec(matched.head, lambda name: bundle.head_part(name) is not None)
+        check_head_modules(matched.head, spec)
+        check_pooler(spec, adapter, bundle)
         check_head_width(spec, matched.head, bundle.manifest.get("model", {}).get("hidden_size"))
         labels = adapter.labels
         count = num_labels(spec, matched.head)

@@ -207,3 +207,61 @@ def test_a_packet_that_does_not_do_what_it_says_never_serves(adapters, bundle_di
     no_canary = tmp_path / "n.slr"
     assert _compress_cli(adapters["lora"], bundle_dir, no_canary, "--no-canary").exit_code == 0
     assert "canary" not in decode_packet(no_canary.read_bytes()).header.metadata
+
+
+# --- what the board cannot serve is refused at compress -------------------------------------
+
+def _compress(adapter_dir: Path, bundle):
+    from solar_edge.exporters.compress import CompressOptions, compress_adapter
+
+    return compress_adapter(adapter_dir, bundle, signing.generate_private_key(),
+                            CompressOptions(budget=300_000, canary=False))
+
+
+def test_a_task_type_the_board_cannot_serve_is_refused(adapters, minilm_bundle, tmp_path):
+    adir = tmp_path / "tok"
+    shutil.copytree(adapters["lora"], adir)  # classifier.weight/bias, as TOKEN_CLS saves them
+    config = json.loads((adir / "adapter_config.json").read_text())
+    config["task_type"] = "TOKEN_CLS"
+    (adir / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match="TOKEN_CLS.*SEQ_CLS.*FEATURE_EXTRACTION") as info:
+        _compress(adir, load_bundle(minilm_bundle))
+    assert "\n" not in str(info.value)
+
+
+def test_modules_to_save_the_board_never_applies_are_refused(minilm_model_dir, minilm_bundle,
+                                                             tmp_path):
+    adir = _make(tmp_path / "ln", minilm_model_dir, modules_to_save=["LayerNorm"])
+    assert any("LayerNorm" in name for name in read_adapter(adir).extras.head)
+    with pytest.raises(AdapterError, match=r"modules_to_save embeddings\.LayerNorm, "
+                                           r"encoder\.layer\.0\..*LayerNorm.* more") as info:
+        _compress(adir, load_bundle(minilm_bundle))
+    assert "\n" not in str(info.value)
+
+
+def test_a_trained_pooler_is_carried_and_served(minilm_model_dir, minilm_bundle, tmp_path):
+    from solar_edge.format.reader import decode_packet
+
+    adir = _make(tmp_path / "pool", minilm_model_dir, modules_to_save=["pooler"])
+    meta = decode_packet(_compress(adir, load_bundle(minilm_bundle)).data).header.metadata
+    assert meta["head"]["pooler"] == "pooler.dense"
+    assert {t["name"] for t in meta["head"]["tensors"]} == {
+        "classifier.weight", "classifier.bias", "pooler.dense.weight", "pooler.dense.bias"}
+
+
+def _without_head_parts(bundle_dir: Path):
+    from solar_edge.format.bundle import Bundle
+
+    src = load_bundle(bundle_dir)
+    assert src.head_part("pooler.dense.weight") is not None
+    manifest = {k: v for k, v in src.manifest.items() if k != "head_parts"}
+    return Bundle(src.root, manifest, src.layers)
+
+
+def test_a_bundle_that_cannot_apply_the_pooler_is_refused(adapters, minilm_model_dir,
+                                                          minilm_bundle, tmp_path):
+    old = _without_head_parts(minilm_bundle)
+    with pytest.raises(AdapterError, match="pooler.*head_parts"):
+        _compress(adapters["lora"], old)  # classifier only: it reads the base pooler
+    carried = _make(tmp_path / "pool", minilm_model_dir, modules_to_save=["pooler"])
+    assert _compress(carried, old).metadata["head"]["pooler"] == "pooler.dense"
