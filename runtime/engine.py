@@ -151,12 +151,12 @@ class EdgeRuntime:
                 staged = self.backend.prepare(cached.patches)
                 t3 = time.perf_counter()
                 probe = self.backend.probe(staged, self._health_feeds)
+                self._check(probe)
+                self._check_canary(staged, cached)
             except SolarEdgeError:
                 raise
             except Exception as exc:
                 raise RuntimeApplyError(f"staging the adapter failed: {exc}") from exc
-            self._check(probe)
-            self._check_canary(staged, cached)
             self._installed[header.adapter_id] = header.adapter_version
             # a newer version of the serving adapter replaces the cache entry; the old entry
             # keeps serving (it is self._active) until activate()

@@ -91,9 +91,23 @@ def _tensor(name: str | None, carried: Mapping[str, np.ndarray],
     return base_part(name)
 
 
+def _check_linear(what: str, weight: np.ndarray, bias: np.ndarray | None, width: int) -> None:
+    """A head layer must read ``width`` features: checked before anything runs, so that a
+    packet made for another model is a typed error, not numpy's."""
+    if weight.ndim != 2 or weight.shape[1] != width:
+        raise RuntimeApplyError(f"head: {what} weight of shape {list(weight.shape)} does not read "
+                                f"this bundle's {width} features: the packet is for another "
+                                "model")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise RuntimeApplyError(f"head: {what} bias of shape {list(bias.shape)} for "
+                                f"{weight.shape[0]} outputs")
+
+
 def trained_head(spec: Mapping[str, Any], labels: list[str], tensors: Mapping[int, np.ndarray],
-                 base_part: Callable[[str], np.ndarray | None]) -> ClassifierHead:
-    """The head a packet's metadata ``head`` describes, from its tensors and the bundle's."""
+                 base_part: Callable[[str], np.ndarray | None],
+                 hidden: int | None = None) -> ClassifierHead:
+    """The head a packet's metadata ``head`` describes, from its tensors and the bundle's;
+    with ``hidden``, every layer's width is checked against the bundle's hidden states."""
     declared = spec["tensors"]
     carried = {t["name"]: tensors[i].reshape(t["shape"]) for i, t in enumerate(declared)
                if i in tensors}
@@ -110,6 +124,11 @@ def trained_head(spec: Mapping[str, Any], labels: list[str], tensors: Mapping[in
             raise RuntimeApplyError(f"head: pooler {prefix!r} is neither in the packet nor "
                                     "in the bundle (head_parts)")
         pooler = (w, _tensor(prefix + ".bias", carried, base_part))
+        if hidden is not None:
+            _check_linear(f"pooler {prefix!r}", *pooler, hidden)
+    if hidden is not None:
+        _check_linear(repr(spec.get("weight")), weight, bias,
+                      hidden if pooler is None else int(pooler[0].shape[0]))
     activation = str(spec.get("activation", "tanh"))
     if activation not in ACTIVATIONS or spec.get("pooling", "cls") not in ("cls", "mean"):
         raise RuntimeApplyError(f"head: unknown activation or pooling in {dict(spec)}")
@@ -121,7 +140,7 @@ def head_from_packet(metadata: Mapping[str, Any], tensors: Mapping[int, np.ndarr
                      base_part: Callable[[str], np.ndarray | None]) -> Head | None:
     labels = [str(x) for x in metadata.get("labels") or []]
     if "head" in metadata:
-        return trained_head(metadata["head"], labels, tensors, base_part)
+        return trained_head(metadata["head"], labels, tensors, base_part, hidden)
     if labels and "head_seed" in metadata:
         return SeededHead(labels, task_head(int(metadata["head_seed"]), len(labels), hidden))
     return None

@@ -265,3 +265,39 @@ def test_a_bundle_that_cannot_apply_the_pooler_is_refused(adapters, minilm_model
         _compress(adapters["lora"], old)  # classifier only: it reads the base pooler
     carried = _make(tmp_path / "pool", minilm_model_dir, modules_to_save=["pooler"])
     assert _compress(carried, old).metadata["head"]["pooler"] == "pooler.dense"
+
+
+@pytest.mark.parametrize("pooler", [False, True])
+@pytest.mark.parametrize("with_canary", [False, True])
+def test_a_head_of_another_width_is_a_typed_error_before_staging(minilm_bundle, pooler,
+                                                                 with_canary, monkeypatch):
+    """A signed, hand-made packet whose classifier reads 7 features on a 384-wide model."""
+    from solar_edge.errors import RuntimeApplyError
+    from solar_edge.regen import canary
+    from solar_edge.runtime.engine import EdgeRuntime
+
+    bundle = load_bundle(minilm_bundle)
+    key = signing.generate_private_key()
+    head = {"type": "sequence-classification", "pooling": "cls", "activation": "tanh",
+            "weight": "classifier.weight", "bias": "classifier.bias",
+            "tensors": [{"name": "classifier.weight", "shape": [3, 7]},
+                        {"name": "classifier.bias", "shape": [3]}]}
+    if pooler:
+        head["pooler"] = "pooler.dense"  # the bundle's, 384 -> 384
+    meta: dict = {"labels": LABELS, "head": head}
+    if with_canary:
+        meta["canary"] = {"digest": canary.placeholder(len(bundle.manifest["canary"]["inputs"])),
+                          "tolerance": canary.DEFAULT_TOLERANCE}
+    records = [LayerRecord(0, RecordKind.HEAD_TENSOR, 3, 7, 0, _float32(np.ones(21))),
+               LayerRecord(1, RecordKind.HEAD_TENSOR, 3, 1, 0, _float32(np.zeros(3)))]
+    data = encode_packet(PacketHeader(bundle.fingerprint, "wide", 1, meta), CodecHeader(seed=0),
+                         records, key)
+    rt = EdgeRuntime(str(minilm_bundle), [key.public_key()])
+
+    def no_allocation(patches):
+        raise AssertionError("the backend prepared buffers for a packet it must refuse")
+
+    monkeypatch.setattr(rt.backend, "prepare", no_allocation)
+    with pytest.raises(RuntimeApplyError, match=r"\[3, 7\].*384 features"):
+        rt.stage(data)
+    assert rt.cached == [] and rt.active is None
