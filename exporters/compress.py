@@ -139,6 +139,14 @@ class _Prepared:
 DORA_BASE_TOLERANCE = 0.5  # median |m - |W0|_row| / |W0|_row a DoRA adapter of this base keeps
 
 
+def has_task_head(adapter: Adapter) -> bool:
+    """Whether the adapter has class outputs: a trained head (``modules_to_save``) or the
+    project's seeded head (``task.json`` labels and head seed). Fisher and the refit match
+    them; without, only embeddings are served."""
+    return bool(adapter.extras.head) or (bool(adapter.task_meta.get("labels"))
+                                         and "head_seed" in adapter.task_meta)
+
+
 def check_magnitudes(magnitudes: dict[int, np.ndarray], bundle: Bundle) -> None:
     """DoRA starts from ``m = |W0|_row`` and training moves it a little: magnitudes far from
     this bundle's row norms mean the adapter was trained on another base model."""

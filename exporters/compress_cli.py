@@ -5,15 +5,21 @@ bits, plain factors or W0-singular-basis coordinates, one global byte allocation
 compress pipeline (:mod:`solar_edge.exporters.compress`). Distortion is measured on the
 quantised values the device decodes:
 
-* ``--metric fro`` (default, data-free): ``|dW - dW_hat|_F^2``;
+* ``--metric fro`` (data-free): ``|dW - dW_hat|_F^2``, each layer's divided by its own
+  (what leaving the layer out costs) so that every layer counts alike, and never worse than
+  the best uniform baseline (:func:`solar_edge.encode.allocate.balanced`);
 * ``--metric act``: activation-weighted ``tr(E G E^T)`` with ``G`` the base model's
   per-layer input Gram on ``--calib`` calibration texts;
 * ``--metric fisher``: ``tr(Gamma E G E^T)`` (K-FAC loss estimate at the adapted model;
   labels from the calibration file, else the adapter's own predictions).
 
-``--refit STEPS`` (with ``--budget``) then tunes the chosen records' values so the
+``--refit STEPS`` (with ``--budget`` or ``--max-drop``) then tunes the chosen records' values so the
 compressed model's outputs match the uncompressed adapter's on the calibration texts
 (:mod:`solar_edge.exporters.refit`): same records, same bytes.
+
+Defaults: with ``--calib-data``, ``--metric fisher`` and ``--refit 120`` (no refit with
+``--max-error``); for an adapter without a task head (no class outputs to match),
+``--metric act`` and no refit. Without it, ``--metric fro`` and no refit.
 
 Calibration texts: ``--calib-data FILE`` (``.txt``, one per line, or ``.jsonl`` with
 ``"text"`` and optional ``"label"``), else the built-in task named by the adapter's
@@ -37,10 +43,11 @@ from solar_edge.errors import CalibrationError
 from solar_edge.format import signing
 from solar_edge.format.bundle import load_bundle
 from solar_edge.format.records import RecordKind
+from solar_edge.methods.peft_files import read_adapter
 from solar_edge.profiles.device import load_profile
 from solar_edge.profiles.links import load_links, transfer_time
 
-from .compress import Compressed, CompressOptions, compress_adapter
+from .compress import Compressed, CompressOptions, compress_adapter, has_task_head
 
 
 def _layers(alloc: Allocation, names: dict[int, str]) -> list[dict[str, Any]]:
@@ -132,21 +139,30 @@ def _print(info: dict[str, Any], metric: str, refit_steps: int, device: str | No
 
 
 DEFAULT_REFIT = 120
-WITHOUT_DATA = ("no calibration data: data-free allocation (Frobenius error). With "
+WITHOUT_DATA = ("no calibration data: data-free allocation (each layer's weight error "
+                "relative to its own, so every layer counts alike). With "
                 "--calib-data (a few hundred of your task's texts, unlabelled is fine) compress "
                 "weighs errors by what the model sees and refits the packet to the adapter's "
                 "outputs: 3.5-10.7x smaller than the best plain baseline at the same accuracy "
                 "on the project's benchmark (docs/rate-distortion.md).")
 
 
+WITHOUT_HEAD = ("the adapter has no task head (no class outputs, only embeddings): with "
+                "--calib-data the defaults are --metric act and no refit (fisher and the refit "
+                "match class outputs)")
+
+
 def _defaults(metric: str | None, refit: int | None, calib_data: Path | None, exact: bool,
-              max_error: float | None) -> tuple[str, int, list[str]]:
-    """With calibration data the measured-best pipeline (fisher + refit), else data-free
-    (and a note of what data would buy)."""
+              max_error: float | None, has_head: bool = True) -> tuple[str, int, list[str]]:
+    """With calibration data the measured-best pipeline (fisher + refit; for an adapter
+    without a head, act and no refit), else data-free (and a note of what data would buy)."""
     if exact:
         return "fro", 0, []
     if calib_data is None:
         return metric or "fro", refit or 0, [] if metric else [WITHOUT_DATA]
+    if not has_head:
+        advice = [WITHOUT_HEAD] if metric is None or refit is None else []
+        return metric or "act", refit or 0, advice
     if refit is None:
         refit = 0 if max_error is not None else DEFAULT_REFIT
     return metric or "fisher", refit, []
@@ -173,7 +189,8 @@ def _defaults(metric: str | None, refit: int | None, calib_data: Path | None, ex
               default=None, help="With --max-drop: write the bytes-against-drop curve (PNG).")
 @click.option("--metric", type=click.Choice(["fro", "act", "fisher"]), default=None,
               help="Distortion: Frobenius (data-free), activation-weighted, or K-FAC loss "
-                   "estimate on calibration texts. Default: fisher with --calib-data, else fro.")
+                   "estimate on calibration texts. Default: fisher with --calib-data (act for an "
+                   "adapter without a task head), else fro.")
 @click.option("--calib-data", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="Calibration texts: .txt (one per line) or .jsonl "
                                  "(\"text\", optional \"label\"). Default: the built-in task "
@@ -191,7 +208,8 @@ def _defaults(metric: str | None, refit: int | None, calib_data: Path | None, ex
               default="float32", show_default=True, help="Value format with --exact.")
 @click.option("--refit", "refit_steps", type=click.IntRange(min=0), default=None,
               help="Output-matching refit steps on the calibration texts (0: off). Default: "
-                   f"{DEFAULT_REFIT} with --calib-data and --budget or --max-drop, else 0.")
+                   f"{DEFAULT_REFIT} with --calib-data and --budget or --max-drop (0 for an "
+                   "adapter without a task head), else 0.")
 @click.option("--device", "device", default=None,
               help="Device profile for the download-time estimate (default: the bundle's).")
 @click.option("--no-canary", "no_canary", is_flag=True,
@@ -225,7 +243,11 @@ def compress(adapter_dir: Path, bundle_dir: Path, budget: int | None, max_error:
         raise click.UsageError("--refit changes the weight error, so it goes with --budget, "
                                "not --max-error")
     note = options.progress_echo(quiet)
-    metric, refit_steps, advice = _defaults(metric, refit_steps, calib_data, exact, max_error)
+    has_head = True
+    if calib_data is not None and not exact and (metric is None or refit_steps is None):
+        has_head = has_task_head(read_adapter(adapter_dir))
+    metric, refit_steps, advice = _defaults(metric, refit_steps, calib_data, exact, max_error,
+                                            has_head)
     opts = CompressOptions(budget=budget, max_error=max_error, metric=metric, calib=calib,
                            max_rank=max_rank, refit_steps=refit_steps, exact=exact,
                            exact_format=exact_format, calib_data=calib_data,

@@ -144,3 +144,37 @@ def test_refit_without_a_task_name_is_a_calibration_error(minilm_bundle: Path,
     result = _run([str(adir), "--bundle", str(minilm_bundle), "--budget", "3000",
                    "--refit", "2", "--out", str(tmp_path / "x.slr")])
     assert result.exit_code == 1 and "calib-data" in result.output
+
+
+def test_calib_data_defaults_for_an_adapter_without_a_head(minilm_bundle: Path, minilm_base,
+                                                           tmp_path: Path) -> None:
+    """A feature-extraction LoRA (no classifier, no seeded head) has no class outputs for
+    fisher or the refit to match: --calib-data alone must still compress, with act."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from solar_edge.exporters.compress import has_task_head
+
+    _, model = minilm_base
+    peft_model = get_peft_model(copy.deepcopy(model),
+                                LoraConfig(r=4, target_modules=["query", "value"]))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    adir = tmp_path / "embed"
+    peft_model.save_pretrained(str(adir))
+    assert not has_task_head(read_adapter(adir))
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(f"Return the item number {i} of the list." for i in range(16)))
+    out = tmp_path / "e.slr"
+    result = _run([str(adir), "--bundle", str(minilm_bundle), "--budget", "6000",
+                   "--calib-data", str(calib), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "metric act:" in result.output and not re.search(r"refit \(\d+ steps",
+                                                             result.output)
+    assert "no task head" in result.output and "--metric act and no refit" in result.output
+    assert len(out.read_bytes()) <= 6000
