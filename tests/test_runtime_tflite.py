@@ -208,6 +208,24 @@ def test_dora_scale_and_bias_delta_through_a_folded_layernorm(folded_model):
         patch_flatbuffer(m.data, placements, {0: LayerPatch(scale=s1)})
 
 
+def test_dora_scale_and_bias_delta_without_a_fold_need_no_base_bias(folded_model):
+    """fc2 has no folded LayerNorm: its stored bias is b0 itself, so DoRA + bias patches it
+    without the bundle's base bias."""
+    m = folded_model
+    placements, found = _placements(m)
+    assert found["fc2"]["input_shift"] is None
+    factors = _factors(3)
+    rng = np.random.default_rng(7)
+    s2 = (1 + 0.1 * rng.standard_normal(OUT)).astype(np.float32)
+    db2 = (0.1 * rng.standard_normal(OUT)).astype(np.float32)
+    x = np.random.default_rng(8).standard_normal((1, IN)).astype(np.float32)
+    got = _run(bytes(patch_flatbuffer(m.data, placements,
+                                      {1: LayerPatch(factors[1], bias=db2, scale=s2)})), x)
+    h = (x * m.gamma + m.beta) @ m.w1.T + m.b1
+    dw2 = factors[1][0] @ factors[1][1].T
+    assert np.allclose(got, s2 * (h @ (m.w2 + dw2).T) + m.b2 + db2, atol=1e-5)
+
+
 def test_attention_scale_fold_patches_weight_and_bias(folded_model):
     """A scalar folded on top of the LayerNorm (attention's d**-0.25 on query and key)."""
     m = folded_model

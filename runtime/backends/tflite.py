@@ -70,7 +70,8 @@ def patch_flatbuffer(pristine: Any, placements: Mapping[int, Placement], patches
     With folded ``g`` (input_scale) and ``beta`` (input_shift) the stored tensors are
     ``W_tfl0 = W0 * g`` and ``b_tfl0 = b0 + W0 beta``; the patched layer
     ``diag(s) (W0 + dW)``, ``b0 + db`` becomes ``W_tfl = diag(s) (W_tfl0 + dW * g)`` and
-    ``b_tfl = b0 + db + s * (b_tfl0 - b0 + dW beta)`` (``b0`` is needed only with ``s``)."""
+    ``b_tfl = b0 + db + s * (b_tfl0 - b0 + dW beta)``. ``b0`` is needed only with both ``s``
+    and a folded ``beta``: unfolded, ``b_tfl0`` is ``b0`` and ``b_tfl = b_tfl0 + db``."""
     buf = bytearray(pristine)
     for lid, patch in patches.items():
         p = placements[lid]
@@ -90,7 +91,7 @@ def patch_flatbuffer(pristine: Any, placements: Mapping[int, Placement], patches
                                     "does not have")
         b_tfl0 = np.frombuffer(pristine, "<f4", out_f, p.bias_offset)
         shifted = b_tfl0 + (dw @ p.input_shift if p.input_shift is not None else 0.0)
-        if patch.scale is not None:
+        if patch.scale is not None and p.input_shift is not None:
             b0 = None if base_bias is None else base_bias.get(lid)
             if b0 is None:
                 raise RuntimeApplyError(f"layer {lid}: DoRA on a folded TFLite bias needs the "
