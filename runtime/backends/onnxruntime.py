@@ -1,10 +1,10 @@
 """onnxruntime backend: one class per patching mechanism, all with the same four steps.
 
-``prepare(factors)`` computes everything an adapter needs into new buffers (nothing the
-serving session sees changes); ``probe(staged, feeds)`` runs the staged adapter before it
-serves; ``commit(staged)`` makes it
-serve; ``run(feeds)`` infers. Mechanisms and the graph variant each needs
-(``docs/runtime.md``):
+``prepare(patches)`` (one :class:`~solar_edge.runtime.patching.LayerPatch` per changed
+layer: factors, bias delta, DoRA row scale) computes everything an adapter needs into new
+buffers (nothing the serving session sees changes); ``probe(staged, feeds)`` runs the staged
+adapter before it serves; ``commit(staged)`` makes it serve; ``run(feeds)`` infers.
+Mechanisms and the graph variant each needs (``docs/runtime.md``):
 
 * ``initializer``: base graph; patched weights live in our numpy buffers handed to ORT with
   ``SessionOptions.add_initializer`` (prepacking off, so ORT reads them in place); commit

@@ -7,9 +7,12 @@ over layers is small: greedy along each layer's lower convex hull, largest disto
 per byte first, then a fill pass with single-layer upgrades that still fit. Layers whose
 update barely moves their outputs get rank 0 (no record) first; others rank 1-2 at few bits.
 
-:func:`encode_adapter` is the entry point: updates + bases + input Grams + a budget (or an
-error bound, met by bisection on the budget) -> records for :func:`solar_edge.format.packet.
-encode_packet`, with per-layer bytes and measured errors.
+:func:`layer_options` gives every layer's points; :func:`allocation_for_budget` (or
+:func:`allocation_for_error`, bisection on the budget) picks them, on the summed distortions
+or, with ``balance`` (the data-free default of ``solar-edge compress``), on each layer's
+distortion relative to its own (:func:`balanced`). The result is an :class:`Allocation`:
+its ``records`` (for :func:`solar_edge.format.writer.encode_packet`), per-layer bytes and
+measured errors. :func:`encode_adapter` runs both steps unbalanced in one call.
 """
 
 from __future__ import annotations
@@ -214,7 +217,11 @@ def encode_adapter(updates: Mapping[int, LayerUpdate], bases: Mapping[int, Layer
                    budget_bytes: int | None = None,
                    max_error: float | None = None,
                    out_grams: Mapping[int, np.ndarray] | None = None) -> Allocation:
-    """Records for one adapter under ``budget_bytes`` or meeting ``max_error`` (exactly one)."""
+    """The :class:`Allocation` (records, bytes and errors) of one adapter under
+    ``budget_bytes`` or meeting ``max_error`` (exactly one), on the summed per-layer
+    distortions: ``grams`` / ``out_grams`` weigh them (empty: Frobenius). Not balanced: the
+    compress pipeline calls :func:`layer_options` and ``allocation_for_*(..., balance=True)``
+    itself for its data-free default."""
     if (budget_bytes is None) == (max_error is None):
         raise CodecError("give exactly one of budget_bytes and max_error")
     options = layer_options(updates, bases, grams, config, out_grams)
