@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -301,3 +302,35 @@ def test_a_head_of_another_width_is_a_typed_error_before_staging(minilm_bundle, 
     with pytest.raises(RuntimeApplyError, match=r"\[3, 7\].*384 features"):
         rt.stage(data)
     assert rt.cached == [] and rt.active is None
+
+
+def test_a_dora_adapter_trained_on_another_base_is_one_clear_line(adapters, minilm_bundle,
+                                                                  tmp_path, monkeypatch,
+                                                                  capsys):
+    """DoRA's magnitudes start at the base rows' norms: an adapter whose magnitudes are far from
+    this bundle's weights (here: as if its base had weights twice as large) is refused before
+    any packet is written, since the board would rescale this bundle's rows to them."""
+    from safetensors.numpy import load_file, save_file
+
+    from solar_edge.cli import main
+
+    adir = tmp_path / "other-base"
+    shutil.copytree(adapters["dora-bias"], adir)
+    tensors = load_file(str(adir / "adapter_model.safetensors"))
+    scaled = {k: (2 * v if "lora_magnitude_vector" in k else v) for k, v in tensors.items()}
+    assert scaled.keys() == tensors.keys() and any("magnitude" in k for k in scaled)
+    save_file(scaled, str(adir / "adapter_model.safetensors"))
+    out = tmp_path / "never.slr"
+    monkeypatch.setattr(sys, "argv", ["solar-edge", "compress", str(adir), "--bundle",
+                                      str(minilm_bundle), "--budget", "30000", "--quiet",
+                                      "--out", str(out)])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code != 0
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: AdapterError:"), lines
+    assert "trained on another base model" in lines[0] and not captured.out
+    assert not out.exists()
+    assert _compress_cli(adapters["dora-bias"], minilm_bundle, tmp_path / "ok.slr"
+                         ).exit_code == 0  # the same adapter, unscaled, compresses
