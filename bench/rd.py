@@ -3,7 +3,18 @@
     python bench/rd.py --bundle artifacts/bundle-x86-64 --adapters artifacts/adapters \
         --out out/rd.json [--max-eval 1000] [--only pydoc-topics/lora-qv-r8 ...]
 
-For every adapter directory ``ADAPTERS/<task>/<kind>/`` (trained by
+Standard PEFT classifiers (``adapter_config.json`` with ``"task_type": "SEQ_CLS"``, trained by
+``exporters/train_peft.py``, and their ``seqcls-head-only`` references) go to the served path,
+``rd_served.py``: every packet applied to the real runtime and scored with the head it
+carries, against plain baselines, the data-free and the calibrated ``compress`` pipeline
+(``--val``, ``--max-eval``, ``--calib-texts``, ``--max-drop``, ``--curve``; see its docstring):
+
+    nice -n 10 python bench/rd.py --bundle /tmp/rd-bundle --adapters artifacts/seqcls \
+        --out out/rd-seqcls.json
+
+When a folder holds both kinds, the served results go to ``<out stem>-served.*``.
+
+For every other adapter directory ``ADAPTERS/<task>/<kind>/`` (trained by
 ``scripts/train_adapters.py``) and every method below, it builds the real signed packet
 (``encode_packet``: header, layer table, positions, values, zstd when smaller, Ed25519
 signature), measures ``len(bytes)``, decodes the packet back, and measures on what the
@@ -43,8 +54,8 @@ Points are cached in ``<out>.cache.json`` (keyed by adapter file hash, method, h
 so re-runs only evaluate what is new. A PNG (accuracy vs bytes, log x, one panel per
 adapter) is written beside the JSON, and a markdown table (``<out>.md``).
 
-This file is the command line and the main loop (one bundle, its base model opened once in
-torch, one evaluator and one set of calibration Grams per task); the methods are in
+This file is the command line, the dispatch and this main loop (one bundle, its base model
+opened once in torch, one evaluator and one set of calibration Grams per task); the methods are in
 ``rd_points.py`` (``rd_packets.py``: packets, baseline records, errors), the evaluator in
 ``rd_eval.py``, the summary, tables and plot in ``rd_report.py``.
 """
@@ -65,6 +76,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import rd_served  # noqa: E402
 from rd_eval import PatchedEvaluator  # noqa: E402
 from rd_points import AdapterBench  # noqa: E402
 from rd_report import (  # noqa: E402
@@ -93,14 +105,13 @@ def subset(n_total: int, n: int | None) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from solar_edge.exporters.tasks import load_task
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", default="artifacts/bundle-x86-64")
     ap.add_argument("--adapters", default="artifacts/adapters")
     ap.add_argument("--out", default="out/rd.json")
     ap.add_argument("--max-eval", type=int, default=1000,
-                    help="held-out examples per task (evenly spaced; all when fewer)")
+                    help="held-out examples per task (evenly spaced; all when fewer); "
+                         "SEQ_CLS: report texts after the validation ones")
     ap.add_argument("--calib", type=int, default=128, help="calibration texts (training split)")
     ap.add_argument("--only", nargs="*", default=None, help="task/kind names to run")
     ap.add_argument("--fracs", default="0.3,0.5,1.0",
@@ -108,28 +119,56 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--refit-fracs", default="0.1,0.2,0.3,0.5",
                     help="refit budgets (fractions of the best baseline), smallest first")
     ap.add_argument("--refit-steps", type=int, default=RefitConfig().steps,
-                    help="optimiser steps of the output-matching refit")
+                    help="optimiser steps of the output-matching refit (SEQ_CLS: of the "
+                         "calibrated codec; the default is compress's)")
     ap.add_argument("--ablation", action="store_true",
                     help="also run the activation-only and Frobenius allocators, and more "
                          "sparse-basis budgets")
     ap.add_argument("--recheck", action="store_true",
                     help="rebuild and re-evaluate each adapter's smallest codec and baseline "
                          "packets within the tolerance when they lack prediction agreement")
+    served = ap.add_argument_group("standard PEFT classifiers (SEQ_CLS, rd_served.py)")
+    served.add_argument("--val", type=int, default=200,
+                        help="validation texts (choices are made on these)")
+    served.add_argument("--calib-texts", type=int, default=256,
+                        help="unlabelled training texts written as calibration data")
+    served.add_argument("--max-drop", type=float, default=0.5,
+                        help="accuracy drop target in points (compress --max-drop, and the "
+                             "tolerance of the best baseline on validation)")
+    served.add_argument("--curve", action="store_true",
+                        help="also the calibrated codec at fixed budgets (a refit each)")
+    served.add_argument("--packets", default=None,
+                        help="write every packet built to this folder (ADAPTER/FAMILY.SETTING.slr)")
     args = ap.parse_args(argv)
+
+    out = Path(args.out)
+    names_of = lambda ds: [f"{d.parent.name}/{d.name}" for d in ds]  # noqa: E731
+    seqcls = rd_served.seqcls_dirs(Path(args.adapters))
+    if args.only:
+        seqcls = [d for d, n in zip(seqcls, names_of(seqcls), strict=True) if n in args.only]
+    dirs = sorted(p.parent for p in Path(args.adapters).glob("*/*/task.json")
+                  if p.parent not in seqcls)
+    if args.only:
+        dirs = [d for d, n in zip(dirs, names_of(dirs), strict=True) if n in args.only]
+    if seqcls:
+        rd_served.run(args, seqcls, out.with_name(out.stem + "-served.json") if dirs else out)
+    if dirs or not seqcls:
+        legacy(args, dirs, out)
+    return 0
+
+
+def legacy(args: argparse.Namespace, dirs: list[Path], out: Path) -> None:
+    """The weight-space benchmark of the project's own adapters (seeded heads)."""
+    from solar_edge.exporters.tasks import load_task
 
     bundle = load_bundle(args.bundle)
     model = open_bundle_model(bundle, purpose="the rate-distortion benchmark")  # once per run
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     cache_path = out.with_suffix(".cache.json")
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     key = signing.generate_private_key()
     fracs = tuple(float(f) for f in args.fracs.split(","))
     refit_fracs = tuple(float(f) for f in args.refit_fracs.split(","))
-    dirs = sorted(p.parent for p in Path(args.adapters).glob("*/*/task.json"))
-    names = [f"{d.parent.name}/{d.name}" for d in dirs]
-    if args.only:
-        dirs = [d for d, n in zip(dirs, names, strict=True) if n in args.only]
     previous = json.loads(out.read_text()) if out.is_file() else {}
     results: dict = previous.get("adapters", {})
     by_task: dict[str, list[Path]] = {}
@@ -177,7 +216,6 @@ def main(argv: list[str] | None = None) -> int:
     plot(results, out.with_suffix(".png"))
     out.with_suffix(".md").write_text(markdown_table(results))
     print_table(results)
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,196 @@
+"""Reports of the served benchmark (``bench/rd_served.py``): summary, JSON, markdown, plot.
+
+Per adapter (:func:`summarise`), with ``D`` = ``--max-drop`` points (default 0.5):
+
+* the best plain baseline: the smallest ``lora-int`` / ``rank`` packet whose VALIDATION
+  accuracy is within ``D`` of the reference packet's (chosen on validation; its report
+  accuracy is what is reported);
+* the calibrated codec's ``--max-drop`` packet, and ``ratio`` = its bytes / the baseline's;
+  the goal is met when ``ratio <= 1/3``;
+* the data-free check: at each baseline's bytes, the data-free packet with that budget must
+  reach at least the baseline's report accuracy; ``worst_margin`` is the smallest
+  difference in points (negative: a miss), ``None`` entries mean no data-free packet fits.
+
+:func:`write` writes ``<out>.json``, ``<out>.md`` (tables to paste) and ``<out>.png``
+(report accuracy vs bytes, log x, one panel per adapter).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+BASELINES = ("lora-int", "rank")
+GOAL = 1 / 3
+STYLE = {"reference": ("k", "*"), "lora-int": ("tab:blue", "o"), "rank": ("tab:orange", "^"),
+         "data-free": ("tab:green", "s"), "calibrated": ("tab:red", "D")}
+
+
+def point_line(r: dict) -> str:
+    if "bytes" not in r:
+        return f"{r['family']:<11} {r['setting']:<18} -- {r['error']}"
+    cpu = f"cpu {r['cpu_s']:.0f}s" if "cpu_s" in r else ""
+    return (f"{r['family']:<11} {r['setting']:<18} {r['bytes']:>9} B  val "
+            f"{100 * r['val_accuracy']:5.1f}%  report {100 * r['accuracy']:5.1f}%  {cpu}")
+
+
+def find(points: list[dict], family: str, setting: str) -> dict | None:
+    return next((p for p in points if p["family"] == family and p["setting"] == setting
+                 and "bytes" in p), None)
+
+
+def best_baseline(points: list[dict], max_drop: float = 0.5) -> dict | None:
+    """Smallest plain baseline within ``max_drop`` points of the reference on validation."""
+    ref = next(p for p in points if p["family"] == "reference")
+    ok = [p for p in points if p["family"] in BASELINES and "bytes" in p
+          and 100 * (ref["val_accuracy"] - p["val_accuracy"]) <= max_drop + 1e-9]
+    return min(ok, key=lambda p: p["bytes"]) if ok else None
+
+
+def summarise(points: list[dict], max_drop: float) -> dict[str, Any]:
+    best = best_baseline(points, max_drop)
+    cal = find(points, "calibrated", f"max-drop {max_drop:g}")
+    ratio = cal["bytes"] / best["bytes"] if cal and best else None
+    margins = []
+    for b in (p for p in points if p["family"] in BASELINES and "bytes" in p):
+        d = find(points, "data-free", f"budget {b['bytes']}")
+        margins.append({"baseline": b["setting"], "bytes": b["bytes"],
+                        "margin": None if d is None else 100 * (d["accuracy"] - b["accuracy"])})
+    known = [m["margin"] for m in margins if m["margin"] is not None]
+    return {"best_baseline": best and {k: best[k] for k in ("setting", "bytes", "val_accuracy",
+                                                            "accuracy", "ci95")},
+            "calibrated": cal and {k: cal.get(k) for k in ("bytes", "val_accuracy", "accuracy",
+                                                           "ci95", "agreement", "cpu_s")},
+            "ratio": ratio, "goal_met": None if ratio is None else ratio <= GOAL,
+            "data_free_margins": margins, "worst_margin": min(known) if known else None,
+            "data_free_ok": bool(margins) and all(m is not None and m >= -1e-9
+                                                  for m in (x["margin"] for x in margins))}
+
+
+def adapter_result(rows: list[dict], torch_row: dict, head_only: bool,
+                   max_drop: float) -> dict[str, Any]:
+    """Rows without predictions, with agreement (report split) with the reference packet."""
+    ref = rows[0]["predictions"]
+    points = []
+    for r in rows:
+        p = {k: v for k, v in r.items() if k != "predictions"}
+        if "predictions" in r:
+            p["agreement"] = sum(a == b for a, b in zip(r["predictions"], ref, strict=True)
+                                 ) / len(ref)
+        points.append(p)
+    torch = {k: v for k, v in torch_row.items() if k != "predictions"}
+    torch["agreement_with_served"] = sum(
+        a == b for a, b in zip(torch_row["predictions"], ref, strict=True)) / len(ref)
+    return {"head_only": head_only, "points": points, "torch": torch,
+            "summary": None if head_only else summarise(points, max_drop)}
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def markdown(results: dict, max_drop: float) -> str:
+    d = f"{max_drop:g}"
+    lines = [f"| adapter | torch PEFT | served lossless packet | adapter file / lossless packet "
+             f"| best plain baseline (within {d} pt on val) | calibrated codec (max-drop {d}) "
+             f"| calibrated / baseline (goal <= 1/3) | data-free (max-drop {d}) "
+             "| data-free >= baseline at equal bytes (worst margin) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in sorted(results.items()):
+        ref, t, s = r["points"][0], r["torch"], r["summary"]
+        lo, hi = ref["ci95"]
+        served = f"{_pct(ref['accuracy'])} [{100 * lo:.1f}, {100 * hi:.1f}] (n={ref['n']})"
+        sizes = f"{ref['file_bytes']} B / {ref['bytes']} B"
+        if r["head_only"]:
+            lines.append(f"| {name} (base + trained head) | {_pct(t['accuracy'])} | {served} "
+                         f"| {sizes} | - | - | - | - | - |")
+            continue
+        best, cal = s["best_baseline"], s["calibrated"]
+        base = f"{best['bytes']} B ({best['setting']}, {_pct(best['accuracy'])})" if best \
+            else "none"
+        calc = (f"{cal['bytes']} B ({_pct(cal['accuracy'])}, agree {_pct(cal['agreement'])})"
+                if cal else "none")
+        ratio = "-" if s["ratio"] is None else (
+            f"{s['ratio']:.3f} ({'met' if s['goal_met'] else 'missed'})")
+        df = next((p for p in r["points"] if p["family"] == "data-free"
+                   and p["setting"] == f"max-drop {d}"), None)
+        dfc = f"{df['bytes']} B ({_pct(df['accuracy'])})" if df and "bytes" in df else "none"
+        worst = s["worst_margin"]
+        check = "-" if worst is None else (f"{'yes' if s['data_free_ok'] else 'no'} "
+                                           f"({worst:+.1f} pt)")
+        lines.append(f"| {name} | {_pct(t['accuracy'])} | {served} | {sizes} | {base} | {calc} "
+                     f"| {ratio} | {dfc} | {check} |")
+    lines += ["", "Report accuracy of every packet (agreement: report predictions equal to "
+              "the lossless packet's):"]
+    for name, r in sorted(results.items()):
+        lines += ["", f"**{name}**", "",
+                  "| family | setting | bytes | val acc | report acc [95% CI] | agree "
+                  "| calib texts (fisher / refit) | CPU s |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for p in sorted(r["points"], key=lambda p: (p["family"], p.get("bytes", 0))):
+            if "bytes" not in p:
+                lines.append(f"| {p['family']} | {p['setting']} | - | - | {p['error'][:60]} "
+                             "| - | - | - |")
+                continue
+            lo, hi = p["ci95"]
+            calib = (f"{p.get('fisher_texts', 0)} / {p['refit_texts']}"
+                     if p.get("calibration") else "-")
+            lines.append(f"| {p['family']} | {p['setting']} | {p['bytes']} | "
+                         f"{_pct(p['val_accuracy'])} | {_pct(p['accuracy'])} [{100 * lo:.1f}, "
+                         f"{100 * hi:.1f}] | {_pct(p['agreement'])} | {calib} | "
+                         f"{p.get('cpu_s', '-')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, r in sorted(results.items()) if not r["head_only"]]
+    if not names:
+        return
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.4 * cols, 4.0 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        pts = results[name]["points"]
+        head = results.get(f"{name.split('/')[0]}/seqcls-head-only")
+        if head:
+            ax.axhline(100 * head["points"][0]["accuracy"], color="0.5", ls="--", lw=0.8,
+                       label="base + trained head")
+        ax.axhline(100 * pts[0]["accuracy"], color="k", lw=0.8)
+        for fam, (color, marker) in STYLE.items():
+            fp = sorted((p for p in pts if p["family"] == fam and "bytes" in p
+                         and not p["setting"].startswith("max-drop")), key=lambda p: p["bytes"])
+            if fp:
+                ax.plot([p["bytes"] for p in fp], [100 * p["accuracy"] for p in fp],
+                        marker=marker, color=color, label=fam, lw=1 if len(fp) > 1 else 0)
+            for p in pts:
+                if p["family"] == fam and p["setting"].startswith("max-drop") and "bytes" in p:
+                    ax.plot([p["bytes"]], [100 * p["accuracy"]], marker="*", markersize=15,
+                            color=color, ls="", label=f"{fam} max-drop")
+        ax.set_xscale("log")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("signed packet bytes")
+        ax.set_ylabel("served report accuracy %")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(out: Path, bundle: Any, args: Any, results: dict, wall_s: float) -> None:
+    meta = {"bundle": str(bundle.root), "fingerprint": bundle.fingerprint.hex(),
+            "split": "task test split in a fixed seeded order: validation = first --val, "
+                     "report = the next --max-eval; calibration = evenly spaced training texts",
+            "val": args.val, "max_eval": args.max_eval, "calib_texts": args.calib_texts,
+            "max_drop": args.max_drop, "wall_s": round(wall_s, 1)}
+    out.write_text(json.dumps({**meta, "adapters": results}, indent=1, default=float))
+    out.with_suffix(".md").write_text(markdown(results, args.max_drop))
+    plot(results, out.with_suffix(".png"))

@@ -1,0 +1,130 @@
+"""The served benchmark of standard PEFT classifiers (``bench/rd.py`` -> ``bench/rd_served.py``).
+
+One tiny SEQ_CLS LoRA adapter (``save_pretrained``, classifier in ``modules_to_save``) on the
+real MiniLM and a head-only reference, on a bundle whose only adaptable weights are the two
+the adapter trains (a quick export), with tiny splits: every row's bytes are the length of the
+packet it measured, every packet carries the head, the lossless packet serves what PEFT
+computes in torch, and the JSON, markdown table and plot are written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+pytest.importorskip("matplotlib")
+
+from solar_edge.format.reader import decode_packet  # noqa: E402
+from solar_edge.format.records import RecordKind  # noqa: E402
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+TASK = "pydoc-topics"
+LABELS = ["lexical", "expressions", "statements", "datamodel", "stdtypes"]
+TARGETS = ["encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.value"]
+
+
+def _adapters(root: Path, model_dir: Path) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import AutoModelForSequenceClassification
+
+    from solar_edge.exporters.families.text_encoder import quiet_loading
+
+    with quiet_loading():
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(model_dir), num_labels=len(LABELS), id2label=dict(enumerate(LABELS)),
+            label2id={v: i for i, v in enumerate(LABELS)})
+    pm = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4,
+                                          target_modules=TARGETS))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:  # every trainable part off its initial value
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    lora, head = root / TASK / "seqcls-lora-tiny", root / TASK / "seqcls-head-only"
+    pm.save_pretrained(str(lora))
+    model.config.save_pretrained(str(lora))
+    head.mkdir(parents=True)
+    classifier = pm.base_model.model.classifier.modules_to_save["default"]
+    save_file({k: v.detach().contiguous() for k, v in classifier.state_dict().items()},
+              str(head / "head.safetensors"))
+    model.config.save_pretrained(str(head))
+    for d in (lora, head):
+        (d / "metrics.json").write_text(json.dumps({"task": TASK}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def small_bundle(tmp_path_factory) -> Path:
+    from solar_edge.exporters.pipeline import export_bundle
+
+    out = tmp_path_factory.mktemp("rd-served") / "bundle"
+    export_bundle(None, "x86-64", out, target_modules=TARGETS)
+    return out
+
+
+def test_served_bench_measures_every_packet_it_signs(small_bundle, minilm_model_dir, tmp_path,
+                                                     monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import rd
+    import rd_served
+
+    monkeypatch.setattr(rd_served, "LORA_INT", ("int4",))
+    monkeypatch.setattr(rd_served, "RANKS", (1,))
+    monkeypatch.setattr(rd_served, "RANK_INT", ("int4",))
+    adapters = _adapters(tmp_path / "adapters", minilm_model_dir)
+    out, packets = tmp_path / "out" / "rd.json", tmp_path / "packets"
+    assert rd.main(["--bundle", str(small_bundle), "--adapters", str(adapters), "--out",
+                    str(out), "--val", "16", "--max-eval", "16", "--calib-texts", "16",
+                    "--refit-steps", "2", "--max-drop", "100", "--packets", str(packets)]) == 0
+    report = json.loads(out.read_text())
+    lora, head = (report["adapters"][f"{TASK}/{k}"] for k in ("seqcls-lora-tiny",
+                                                               "seqcls-head-only"))
+    families = {p["family"] for p in lora["points"]}
+    assert families == {"reference", "lora-int", "rank", "data-free", "calibrated"}
+    points = [(name, p) for name, r in report["adapters"].items() for p in r["points"]]
+    smallest = min(p["bytes"] for _, p in points if p["family"] in ("lora-int", "rank"))
+    failed = [p for _, p in points if "bytes" not in p]
+    # Only a data-free ladder budget below every baseline may fail to hold its overhead.
+    assert all(p["family"] == "data-free" and int(p["setting"].split()[-1]) < smallest
+               and "cannot hold" in p["error"] for p in failed), failed
+    built = [(name, p) for name, p in points if "bytes" in p]
+    for name, p in built:
+        path = packets / name.replace("/", ".") / (
+            f"{p['family']}.{p['setting'].replace(' ', '_')}.slr")
+        data = path.read_bytes()
+        assert len(data) == p["bytes"], (name, p["setting"])
+        packet = decode_packet(data, None)
+        kinds = [r.kind for r in packet.records]
+        assert kinds.count(RecordKind.HEAD_TENSOR) == 2, (name, p["setting"])  # weight, bias
+        assert packet.header.metadata["labels"] == LABELS
+        assert packet.header.metadata["head"]["weight"] == "classifier.weight"
+        assert p["n"] == p["val_n"] == 16 and 0 <= p["agreement"] <= 1
+    ref = lora["points"][0]
+    assert ref["family"] == "reference" and ref["agreement"] == 1.0
+    assert ref["file_bytes"] == (adapters / TASK / "seqcls-lora-tiny" /
+                                 "adapter_model.safetensors").stat().st_size
+    for r in (lora, head):  # the lossless packet serves what torch computes
+        assert r["torch"]["agreement_with_served"] >= 15 / 16
+        assert abs(r["torch"]["accuracy"] - r["points"][0]["accuracy"]) <= 1 / 16 + 1e-9
+    calibrated = next(p for p in lora["points"] if p["family"] == "calibrated")
+    assert calibrated["refit_steps"] == 2 and calibrated["refit_texts"] == 16
+    assert calibrated["metric"] == "fisher" and calibrated["search"]["points"]
+    s = lora["summary"]
+    baselines = [p for p in lora["points"] if p["family"] in ("lora-int", "rank")]
+    assert s["best_baseline"]["bytes"] == min(p["bytes"] for p in baselines)  # 100-pt drop
+    assert s["ratio"] == pytest.approx(calibrated["bytes"] / s["best_baseline"]["bytes"])
+    assert len(s["data_free_margins"]) == len(baselines)
+    for m in s["data_free_margins"]:  # the data-free packet at each baseline's size fits it
+        df = next(p for p in lora["points"] if p["setting"] == f"budget {m['bytes']}")
+        assert df["bytes"] <= m["bytes"]
+    md = out.with_suffix(".md").read_text()
+    assert f"| {TASK}/seqcls-lora-tiny |" in md and "(base + trained head)" in md
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert (out.parent / "calib" / f"{TASK}.txt").read_text().count("\n") == 16
+    cached = json.loads(out.with_suffix(".cache.json").read_text())
+    assert len(cached) == len(points) + 2  # every point and both torch runs
