@@ -195,7 +195,7 @@ class ServedBench:
         self.tag = (f"{name}|{file_hash(weights)}|{bundle.fingerprint.hex()[:12]}|"
                     f"val={len(splits.val_texts)}|n={len(splits.texts)}|calib={args.calib_texts}")
         self.rows: list[dict] = []
-        self.save: Callable[[], None] = lambda: None
+        self.save: Callable[[], object] = lambda: None
 
     def point(self, family: str, setting: str, build: Callable[[], tuple[bytes, dict]]) -> dict:
         """Build the packet (CPU seconds), serve it, score it; cached."""
