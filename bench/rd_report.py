@@ -100,12 +100,22 @@ def plot(results: dict, path: Path) -> None:
             if fp:
                 ax.plot([p["bytes"] for p in fp], [100 * p["accuracy"] for p in fp],
                         marker=marker, color=color, label=fam, lw=1 if len(fp) > 1 else 0)
-        ax.set_xscale("log")
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel("signed packet bytes")
-        ax.set_ylabel("held-out accuracy %")
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(names):]:
+        style_panel(ax, name, "held-out accuracy %")
+    save_panels(fig, axes, len(names), path)
+
+
+def style_panel(ax, name: str, ylabel: str) -> None:
+    """One adapter's panel: log bytes on x, accuracy on y."""
+    ax.set_xscale("log")
+    ax.set_title(name, fontsize=10)
+    ax.set_xlabel("signed packet bytes")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
+def save_panels(fig, axes, used: int, path: Path) -> None:
+    """Blank the unused panels, put the legend on the first, write the PNG."""
+    for ax in list(axes.flat)[used:]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()

@@ -21,6 +21,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rd_report import save_panels, style_panel
+
 BASELINES = ("lora-int", "rank")
 GOAL = 1 / 3
 STYLE = {"reference": ("k", "*"), "lora-int": ("tab:blue", "o"), "rank": ("tab:orange", "^"),
@@ -172,16 +174,8 @@ def plot(results: dict, path: Path) -> None:
                 if p["family"] == fam and p["setting"].startswith("max-drop") and "bytes" in p:
                     ax.plot([p["bytes"]], [100 * p["accuracy"]], marker="*", markersize=15,
                             color=color, ls="", label=f"{fam} max-drop")
-        ax.set_xscale("log")
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel("signed packet bytes")
-        ax.set_ylabel("served report accuracy %")
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        style_panel(ax, name, "served report accuracy %")
+    save_panels(fig, axes, len(names), path)
     plt.close(fig)
 
 
