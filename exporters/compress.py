@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from solar_edge.encode.allocate import (
     Allocation,
     AllocConfig,
@@ -52,6 +50,13 @@ from solar_edge.methods.matching import MatchedExtras, match_extras, match_to_bu
 from solar_edge.methods.peft_files import read_adapter
 from solar_edge.regen import canary
 
+from .adapter_checks import (
+    check_head_modules,
+    check_head_width,
+    check_magnitudes,
+    check_pooler,
+    check_task_type,
+)
 from .compress_measure import eval_set, served_digest, smallest_within
 from .head_specs import head_spec, num_labels
 
@@ -134,94 +139,6 @@ class _Prepared:
     extras: ExtraRecords
     metadata: dict[str, Any]
     notes: list[str]
-
-
-DORA_BASE_TOLERANCE = 0.5  # median |m - |W0|_row| / |W0|_row a DoRA adapter of this base keeps
-
-
-def has_task_head(adapter: Adapter) -> bool:
-    """Whether the adapter has class outputs: a trained head (``modules_to_save``) or the
-    project's seeded head (``task.json`` labels and head seed). Fisher and the refit match
-    them; without, only embeddings are served."""
-    return bool(adapter.extras.head) or (bool(adapter.task_meta.get("labels"))
-                                         and "head_seed" in adapter.task_meta)
-
-
-def check_magnitudes(magnitudes: dict[int, np.ndarray], bundle: Bundle) -> None:
-    """DoRA starts from ``m = |W0|_row`` and training moves it a little: magnitudes far from
-    this bundle's row norms mean the adapter was trained on another base model."""
-    for lid, m in magnitudes.items():
-        w0 = np.asarray(bundle.base_weight(lid), np.float64)
-        norms = np.sqrt((w0 * w0).sum(axis=1))
-        deviation = float(np.median(np.abs(m - norms) / np.maximum(norms, 1e-12)))
-        if deviation > DORA_BASE_TOLERANCE:
-            raise AdapterError(f"{bundle.layer(lid).name}: the adapter's DoRA magnitudes are "
-                               f"{100 * deviation:.0f}% away from this bundle's weight norms: it "
-                               "was trained on another base model")
-
-
-def check_head_width(spec: dict[str, Any], tensors: dict[str, np.ndarray],
-                     hidden: Any) -> None:
-    """The head reads the base model's hidden states: its input width must be theirs."""
-    first = spec.get("pooler")
-    name = f"{first}.weight" if first and f"{first}.weight" in tensors else spec["weight"]
-    width = int(np.asarray(tensors[name]).shape[-1])
-    if isinstance(hidden, int) and width != hidden:
-        raise AdapterError(f"the head's {name} reads {width} features, but this bundle's model "
-                           f"has {hidden}: the adapter is for another base model")
-
-
-SERVED_TASK_TYPES = ("SEQ_CLS", "FEATURE_EXTRACTION")  # or no task_type: embeddings
-HEAD_MODULES = ("classifier", "pooler")  # the modules_to_save a board's head applies
-POOLER_MODEL_TYPES = ("bert", "ernie", "megatron-bert", "nezha")  # classifier reads the pooler
-
-
-def check_task_type(adapter: Adapter) -> None:
-    """The board serves a sequence-classification head or embeddings: any other PEFT task
-    (TOKEN_CLS, CAUSAL_LM, QUESTION_ANS, ...) would be served as something it is not."""
-    task_type = adapter.config.get("task_type")
-    if task_type is not None and str(task_type).upper() not in SERVED_TASK_TYPES:
-        raise AdapterError(f"task_type {task_type!r} is not served by the board: supported are "
-                           "SEQ_CLS (sequence classification) and FEATURE_EXTRACTION (or no "
-                           "task_type: embeddings)")
-
-
-def _modules(names: Any) -> list[str]:
-    return sorted({str(n).rsplit(".", 1)[0] if str(n).endswith((".weight", ".bias")) else str(n)
-                   for n in names})
-
-
-def check_head_modules(tensors: dict[str, np.ndarray], spec: dict[str, Any] | None) -> None:
-    """Every ``modules_to_save`` tensor must be one the board's head applies (the classifier
-    and its pooler): anything else would be carried in the packet and never used."""
-    if spec is None:
-        stray = [n for n in tensors if n.split(".", 1)[0] not in HEAD_MODULES]
-    else:
-        pooler = spec.get("pooler")
-        used = {spec["weight"], spec.get("bias")} | (
-            {f"{pooler}.weight", f"{pooler}.bias"} if pooler else set())
-        stray = [n for n in tensors if n not in used]
-    if stray:
-        modules = _modules(stray)
-        shown = ", ".join(modules[:6]) + (f" and {len(modules) - 6} more" if len(modules) > 6
-                                          else "")
-        raise AdapterError(f"modules_to_save {shown}: neither the classifier head nor its "
-                           "pooler, so the board would never apply them (save only "
-                           "'classifier', and 'pooler' if trained)")
-
-
-def check_pooler(spec: dict[str, Any], adapter: Adapter, bundle: Bundle) -> None:
-    """A BERT-style classifier reads ``tanh(pooler(h[CLS]))``: without the pooler in the
-    adapter or in the bundle (``head_parts``) the board would feed it ``h[CLS]`` instead."""
-    if spec.get("pooler") or spec["weight"] != "classifier.weight":
-        return
-    model_type = (adapter.model_config.get("model_type")
-                  or bundle.manifest.get("model", {}).get("model_type"))
-    if model_type in POOLER_MODEL_TYPES:
-        raise AdapterError(f"the {model_type} classifier reads the base model's pooler "
-                           "(pooler.dense), which neither the adapter nor this bundle carries "
-                           "(no head_parts in its manifest): export the bundle again with this "
-                           "version, or save the pooler with modules_to_save")
 
 
 def _prepare(adapter: Adapter, bundle: Bundle) -> _Prepared:

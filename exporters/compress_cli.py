@@ -47,7 +47,8 @@ from solar_edge.methods.peft_files import read_adapter
 from solar_edge.profiles.device import load_profile
 from solar_edge.profiles.links import load_links, transfer_time
 
-from .compress import Compressed, CompressOptions, compress_adapter, has_task_head
+from .adapter_checks import has_task_head
+from .compress import Compressed, CompressOptions, compress_adapter
 
 
 def _layers(alloc: Allocation, names: dict[int, str]) -> list[dict[str, Any]]:

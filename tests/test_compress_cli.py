@@ -155,7 +155,7 @@ def test_calib_data_defaults_for_an_adapter_without_a_head(minilm_bundle: Path, 
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from solar_edge.exporters.compress import has_task_head
+    from solar_edge.exporters.adapter_checks import has_task_head
 
     _, model = minilm_base
     peft_model = get_peft_model(copy.deepcopy(model),
