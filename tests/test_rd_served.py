@@ -105,7 +105,8 @@ def test_served_bench_measures_every_packet_it_signs(small_bundle, minilm_model_
         assert packet.header.metadata["head"]["weight"] == "classifier.weight"
         assert p["n"] == p["val_n"] == 16 and 0 <= p["agreement"] <= 1
     ref = lora["points"][0]
-    assert ref["family"] == "reference" and ref["agreement"] == 1.0
+    assert ref["family"] == "reference" and ref["agreement"] == 1.0 and ref["val_lost"] == 0
+    assert all(0 <= p["val_lost"] <= 100 * (1 - p["val_accuracy"]) + 1e-9 for _, p in built)
     assert ref["file_bytes"] == (adapters / TASK / "seqcls-lora-tiny" /
                                  "adapter_model.safetensors").stat().st_size
     for r in (lora, head):  # the lossless packet serves what torch computes
@@ -128,3 +129,20 @@ def test_served_bench_measures_every_packet_it_signs(small_bundle, minilm_model_
     assert (out.parent / "calib" / f"{TASK}.txt").read_text().count("\n") == 16
     cached = json.loads(out.with_suffix(".cache.json").read_text())
     assert len(cached) == len(points) + 2  # every point and both torch runs
+
+
+def test_the_best_baseline_is_chosen_on_lost_texts_not_net_accuracy(monkeypatch):
+    """A baseline as accurate as the reference on validation that loses 2 points of its texts
+    (and gains 2 others) is not within 0.5: the codec's --max-drop would not accept it."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import rd_served_report as report
+
+    ref = {"family": "reference", "setting": "lossless fp32", "bytes": 9000,
+           "val_accuracy": 0.7, "val_lost": 0.0}
+    swaps = {"family": "rank", "setting": "r1-int4", "bytes": 1000, "val_accuracy": 0.7,
+             "val_lost": 2.0}
+    close = {"family": "lora-int", "setting": "int4", "bytes": 3000, "val_accuracy": 0.695,
+             "val_lost": 0.5}
+    assert report.best_baseline([ref, swaps, close], 0.5)["setting"] == "int4"
+    assert report.best_baseline([ref, swaps], 0.5) is None
+    assert report.best_baseline([ref, swaps, close], 2.0)["setting"] == "r1-int4"
