@@ -74,6 +74,7 @@ LORA_INT = ("int8", "int4", "int3")   # the adapter's own factors
 RANKS, RANK_INT = (1, 2, 4), ("int4", "int8")  # re-truncation (and the adapter's rank)
 SPLIT_SEED = 0
 CURVE_FRACS = (1 / 6, 1 / 3, 2 / 3)
+NO_REFIT = "no refit"  # setting suffix of the calibrated search without the refit
 CHOSEN_ON_LOST = ("reference", "head-only", "lora-int", "rank")  # need val_lost when cached
 
 
@@ -304,6 +305,11 @@ class ServedBench:
                 "refit_steps": self.args.refit_steps if refit else 0}
         self.compress("calibrated", f"max-drop {self.args.max_drop:g}", CompressOptions(
             max_drop=self.args.max_drop, eval_data=self.splits.val_file, **data))
+        if data["refit_steps"]:  # what the refit adds: the same search without it
+            self.compress("calibrated", f"max-drop {self.args.max_drop:g} {NO_REFIT}",
+                          CompressOptions(max_drop=self.args.max_drop,
+                                          eval_data=self.splits.val_file,
+                                          **{**data, "refit_steps": 0}))
         best = report.best_baseline(self.rows, self.args.max_drop)
         for frac in CURVE_FRACS if curve and best else ():
             budget = int(frac * best["bytes"])

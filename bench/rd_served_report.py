@@ -54,6 +54,7 @@ def best_baseline(points: list[dict], max_drop: float = 0.5) -> dict | None:
 def summarise(points: list[dict], max_drop: float) -> dict[str, Any]:
     best = best_baseline(points, max_drop)
     cal = find(points, "calibrated", f"max-drop {max_drop:g}")
+    bare = find(points, "calibrated", f"max-drop {max_drop:g} no refit")
     ratio = cal["bytes"] / best["bytes"] if cal and best else None
     margins = []
     for b in (p for p in points if p["family"] in BASELINES and "bytes" in p):
@@ -65,6 +66,9 @@ def summarise(points: list[dict], max_drop: float) -> dict[str, Any]:
                                                             "val_lost", "accuracy", "ci95")},
             "calibrated": cal and {k: cal.get(k) for k in ("bytes", "val_accuracy", "accuracy",
                                                            "ci95", "agreement", "cpu_s")},
+            "calibrated_no_refit": bare and {k: bare.get(k) for k in (
+                "bytes", "val_accuracy", "accuracy", "ci95", "agreement", "cpu_s")},
+            "ratio_no_refit": bare["bytes"] / best["bytes"] if bare and best else None,
             "ratio": ratio, "goal_met": None if ratio is None else ratio <= GOAL,
             "data_free_margins": margins, "worst_margin": min(known) if known else None,
             "data_free_ok": bool(margins) and all(m is not None and m >= -1e-9
@@ -101,9 +105,10 @@ def markdown(results: dict, max_drop: float) -> str:
     d = f"{max_drop:g}"
     lines = [f"| adapter | torch PEFT | served lossless packet | adapter file / lossless packet "
              f"| best plain baseline (within {d} pt on val) | calibrated codec (max-drop {d}) "
-             f"| calibrated / baseline (goal <= 1/3) | data-free (max-drop {d}) "
+             f"| calibrated / baseline (goal <= 1/3) | fisher without refit (max-drop {d}) "
+             f"| data-free (max-drop {d}) "
              "| data-free >= baseline at equal bytes (worst margin) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in sorted(results.items()):
         ref, t, s = r["points"][0], r["torch"], r["summary"]
         lo, hi = ref["ci95"]
@@ -111,7 +116,7 @@ def markdown(results: dict, max_drop: float) -> str:
         sizes = f"{ref['file_bytes']} B / {ref['bytes']} B"
         if r["head_only"]:
             lines.append(f"| {name} (base + trained head) | {_pct(t['accuracy'])} | {served} "
-                         f"| {sizes} | - | - | - | - | - |")
+                         f"| {sizes} | - | - | - | - | - | - |")
             continue
         best, cal = s["best_baseline"], s["calibrated"]
         base = f"{best['bytes']} B ({best['setting']}, {_pct(best['accuracy'])})" if best \
@@ -120,6 +125,10 @@ def markdown(results: dict, max_drop: float) -> str:
                 if cal else "none")
         ratio = "-" if s["ratio"] is None else (
             f"{s['ratio']:.3f} ({'met' if s['goal_met'] else 'missed'})")
+        bare = s.get("calibrated_no_refit")
+        barec = "-" if not bare else (
+            f"{bare['bytes']} B ({_pct(bare['accuracy'])}, ratio {s['ratio_no_refit']:.3f})"
+            if s["ratio_no_refit"] is not None else f"{bare['bytes']} B")
         df = next((p for p in r["points"] if p["family"] == "data-free"
                    and p["setting"] == f"max-drop {d}"), None)
         dfc = f"{df['bytes']} B ({_pct(df['accuracy'])})" if df and "bytes" in df else "none"
@@ -127,7 +136,7 @@ def markdown(results: dict, max_drop: float) -> str:
         check = "-" if worst is None else (f"{'yes' if s['data_free_ok'] else 'no'} "
                                            f"({worst:+.1f} pt)")
         lines.append(f"| {name} | {_pct(t['accuracy'])} | {served} | {sizes} | {base} | {calc} "
-                     f"| {ratio} | {dfc} | {check} |")
+                     f"| {ratio} | {barec} | {dfc} | {check} |")
     lines += ["", "Report accuracy of every packet (agreement: report predictions equal to "
               "the lossless packet's):"]
     for name, r in sorted(results.items()):
