@@ -34,6 +34,7 @@ def _adapters(root: Path, model_dir: Path) -> Path:
 
     from solar_edge.exporters.families.text_encoder import quiet_loading
 
+    torch.manual_seed(0)  # classifier and LoRA A initialisation: one adapter in every process
     with quiet_loading():
         model = AutoModelForSequenceClassification.from_pretrained(
             str(model_dir), num_labels=len(LABELS), id2label=dict(enumerate(LABELS)),

@@ -48,6 +48,7 @@ def _make(out: Path, minilm_model_dir: Path, **config) -> Path:
 
     from solar_edge.exporters.families.text_encoder import quiet_loading
 
+    torch.manual_seed(0)  # classifier and LoRA A initialisation: one adapter in every process
     with quiet_loading():
         model = AutoModelForSequenceClassification.from_pretrained(
             str(minilm_model_dir), num_labels=3, id2label=dict(enumerate(LABELS)),
