@@ -178,3 +178,16 @@ def test_calib_data_defaults_for_an_adapter_without_a_head(minilm_bundle: Path, 
                                                              result.output)
     assert "no task head" in result.output and "--metric act and no refit" in result.output
     assert len(out.read_bytes()) <= 6000
+
+
+def test_calibration_defaults_refit_a_budget_but_not_an_accuracy_target() -> None:
+    """With calibration data: fisher everywhere; the refit only with --budget (it measured
+    larger packets at --max-drop targets on the served benchmark)."""
+    from solar_edge.exporters.compress_cli import DEFAULT_REFIT, _defaults
+
+    calib = Path("texts.txt")
+    assert _defaults(None, None, calib, False, None) == ("fisher", DEFAULT_REFIT, [])
+    assert _defaults(None, None, calib, False, None, max_drop=0.5) == ("fisher", 0, [])
+    assert _defaults(None, None, calib, False, 0.1) == ("fisher", 0, [])
+    assert _defaults(None, 30, calib, False, None, max_drop=0.5) == ("fisher", 30, [])
+    assert _defaults(None, None, None, False, None, max_drop=0.5)[:2] == ("fro", 0)

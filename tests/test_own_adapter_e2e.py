@@ -68,7 +68,7 @@ def test_compress_run_and_unpack_a_users_seqcls_adapter(trained, minilm_bundle,
     packet = root / "task.slr"
     info = json.loads(_ok(["compress", str(trained["dir"]), "--bundle", str(minilm_bundle),
                            "--calib-data", str(trained["calib"]), "--max-drop", "0.5",
-                           "--refit", "8", "--out", str(packet), "--quiet", "--json"]))
+                           "--out", str(packet), "--quiet", "--json"]))
     assert info["bytes"] == packet.stat().st_size
     search = info["search"]
     assert search["points"][-1]["drop"] is not None
