@@ -303,13 +303,18 @@ class ServedBench:
         metric, refit, _ = cli_defaults(None, None, self.splits.calib, False, None)
         data = {"calib_data": self.splits.calib, "metric": metric,
                 "refit_steps": self.args.refit_steps if refit else 0}
-        self.compress("calibrated", f"max-drop {self.args.max_drop:g}", CompressOptions(
-            max_drop=self.args.max_drop, eval_data=self.splits.val_file, **data))
-        if data["refit_steps"]:  # what the refit adds: the same search without it
-            self.compress("calibrated", f"max-drop {self.args.max_drop:g} {NO_REFIT}",
-                          CompressOptions(max_drop=self.args.max_drop,
-                                          eval_data=self.splits.val_file,
-                                          **{**data, "refit_steps": 0}))
+        default_refit = cli_defaults(None, None, self.splits.calib, False, None,
+                                     max_drop=self.args.max_drop)[1]
+        # The search with and without the refit (what the refit adds); the command line's
+        # default for --max-drop is marked ``cli_default``.
+        for refit_steps, suffix in ((data["refit_steps"], ""), (0, f" {NO_REFIT}")):
+            row = self.compress("calibrated", f"max-drop {self.args.max_drop:g}{suffix}",
+                                CompressOptions(max_drop=self.args.max_drop,
+                                                eval_data=self.splits.val_file,
+                                                **{**data, "refit_steps": refit_steps}))
+            row["cli_default"] = (refit_steps > 0) == (default_refit > 0)
+            if not data["refit_steps"]:
+                break
         best = report.best_baseline(self.rows, self.args.max_drop)
         for frac in CURVE_FRACS if curve and best else ():
             budget = int(frac * best["bytes"])

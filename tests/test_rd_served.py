@@ -113,13 +113,19 @@ def test_served_bench_measures_every_packet_it_signs(small_bundle, minilm_model_
     for r in (lora, head):  # the lossless packet serves what torch computes
         assert r["torch"]["agreement_with_served"] >= 15 / 16
         assert abs(r["torch"]["accuracy"] - r["points"][0]["accuracy"]) <= 1 / 16 + 1e-9
-    calibrated = next(p for p in lora["points"] if p["family"] == "calibrated")
-    assert calibrated["refit_steps"] == 2 and calibrated["refit_texts"] == 16
-    assert calibrated["metric"] == "fisher" and calibrated["search"]["points"]
+    refit, bare = (next(p for p in lora["points"] if p["family"] == "calibrated"
+                        and p["setting"] == setting)
+                   for setting in ("max-drop 100", "max-drop 100 no refit"))
+    assert refit["refit_steps"] == 2 and refit["refit_texts"] == 16 and bare["refit_steps"] == 0
+    for p in (refit, bare):
+        assert p["metric"] == "fisher" and p["search"]["points"]
+    assert bare["cli_default"] and not refit["cli_default"]  # --max-drop: no refit
+    calibrated = bare
     s = lora["summary"]
     baselines = [p for p in lora["points"] if p["family"] in ("lora-int", "rank")]
     assert s["best_baseline"]["bytes"] == min(p["bytes"] for p in baselines)  # 100-pt drop
     assert s["ratio"] == pytest.approx(calibrated["bytes"] / s["best_baseline"]["bytes"])
+    assert s["calibrated_other"]["bytes"] == refit["bytes"]
     assert len(s["data_free_margins"]) == len(baselines)
     for m in s["data_free_margins"]:  # the data-free packet at each baseline's size fits it
         df = next(p for p in lora["points"] if p["setting"] == f"budget {m['bytes']}")
