@@ -20,6 +20,8 @@ import pytest
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
+from seqcls_adapter import LABELS, make_seqcls_adapter  # noqa: E402
+
 from solar_edge.encode.extras import extra_records  # noqa: E402
 from solar_edge.errors import AdapterError  # noqa: E402
 from solar_edge.exporters.head_specs import head_spec  # noqa: E402
@@ -39,30 +41,9 @@ from solar_edge.methods.peft_files import read_adapter  # noqa: E402
 
 TEXTS = ["Return the absolute value of the argument.", "Open a file and return a stream.",
          "Split the string at the first occurrence of sep."]
-LABELS = ["numeric", "files", "text"]
 
 
-def _make(out: Path, minilm_model_dir: Path, **config) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification
-
-    from solar_edge.exporters.families.text_encoder import quiet_loading
-
-    torch.manual_seed(0)  # classifier and LoRA A initialisation: one adapter in every process
-    with quiet_loading():
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(minilm_model_dir), num_labels=3, id2label=dict(enumerate(LABELS)),
-            label2id={v: i for i, v in enumerate(LABELS)})
-    pm = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
-                                          target_modules=["query", "value"], **config))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:  # every trainable part, off its initial value
-                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    pm.save_pretrained(str(out))
-    model.config.save_pretrained(str(out))
-    return out
+_make = make_seqcls_adapter
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
 from click.testing import CliRunner  # noqa: E402
+from seqcls_adapter import LABELS, make_seqcls_adapter  # noqa: E402
 
 from solar_edge.cli import cli, main  # noqa: E402
 from solar_edge.format import signing  # noqa: E402
@@ -30,33 +31,9 @@ from solar_edge.format.writer import encode_packet  # noqa: E402
 
 TEXTS = ["Return the absolute value of the argument.", "Open a file and return a stream.",
          "Split the string at the first occurrence of sep.", "Join the words with commas."]
-LABELS = ["numeric", "files", "text"]
 
 
-def _make(out: Path, model_dir: Path, **config) -> Path:
-    """A user's SEQ_CLS adapter (as tests/test_seqcls.py builds it), every part perturbed."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification
-
-    from solar_edge.exporters.families.text_encoder import quiet_loading
-
-    torch.manual_seed(0)  # classifier and LoRA A initialisation: one adapter in every process
-    with quiet_loading():
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(model_dir), num_labels=3, id2label=dict(enumerate(LABELS)),
-            label2id={v: i for i, v in enumerate(LABELS)})
-    pm = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
-                                          target_modules=["query", "value"], **config))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        pm.save_pretrained(str(out))
-    model.config.save_pretrained(str(out))
-    return out
+_make = make_seqcls_adapter
 
 
 @pytest.fixture(scope="module")
