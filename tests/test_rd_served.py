@@ -18,6 +18,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 pytest.importorskip("matplotlib")
 
+from seqcls_adapter import save_adapter, seqcls_peft_model  # noqa: E402
+
 from solar_edge.format.reader import decode_packet  # noqa: E402
 from solar_edge.format.records import RecordKind  # noqa: E402
 
@@ -28,27 +30,11 @@ TARGETS = ["encoder.layer.0.attention.self.query", "encoder.layer.0.attention.se
 
 
 def _adapters(root: Path, model_dir: Path) -> Path:
-    from peft import LoraConfig, get_peft_model
     from safetensors.torch import save_file
-    from transformers import AutoModelForSequenceClassification
 
-    from solar_edge.exporters.families.text_encoder import quiet_loading
-
-    torch.manual_seed(0)  # classifier and LoRA A initialisation: one adapter in every process
-    with quiet_loading():
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(model_dir), num_labels=len(LABELS), id2label=dict(enumerate(LABELS)),
-            label2id={v: i for i, v in enumerate(LABELS)})
-    pm = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4,
-                                          target_modules=TARGETS))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:  # every trainable part off its initial value
-                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    pm, model = seqcls_peft_model(model_dir, LABELS, r=2, targets=TARGETS, noise=0.1)
     lora, head = root / TASK / "seqcls-lora-tiny", root / TASK / "seqcls-head-only"
-    pm.save_pretrained(str(lora))
-    model.config.save_pretrained(str(lora))
+    save_adapter(pm, model, lora)
     head.mkdir(parents=True)
     classifier = pm.base_model.model.classifier.modules_to_save["default"]
     save_file({k: v.detach().contiguous() for k, v in classifier.state_dict().items()},
