@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,6 @@ from solar_edge.regen.heads import task_head
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
-from solar_edge.exporters import graph_variants  # noqa: E402
 from solar_edge.runtime import patching  # noqa: E402
 from solar_edge.runtime.backends import onnxruntime as backends_ort  # noqa: E402
 from solar_edge.runtime.engine import EdgeRuntime  # noqa: E402
@@ -54,11 +52,8 @@ TOL = 1e-4
 # --- bundle and model fixtures ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory, minilm_bundle) -> Path:
-    out = tmp_path_factory.mktemp("rt") / "bundle"
-    shutil.copytree(minilm_bundle, out)
-    graph_variants.add_variants_to_bundle(str(out))
-    return out
+def bundle_dir(minilm_variants_bundle) -> Path:
+    return minilm_variants_bundle
 
 
 @pytest.fixture(scope="module")

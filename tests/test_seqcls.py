@@ -55,13 +55,8 @@ def adapters(tmp_path_factory, minilm_model_dir) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory, minilm_bundle) -> Path:
-    from solar_edge.exporters import graph_variants
-
-    out = tmp_path_factory.mktemp("seqcls-bundle") / "bundle"
-    shutil.copytree(minilm_bundle, out)
-    graph_variants.add_variants_to_bundle(str(out))
-    return out
+def bundle_dir(minilm_variants_bundle) -> Path:
+    return minilm_variants_bundle
 
 
 def _peft_logits(adapter_dir: Path, minilm_model_dir: Path) -> np.ndarray:
