@@ -86,7 +86,7 @@ def adapter_result(rows: list[dict], torch_row: dict, head_only: bool,
     ref = rows[0]["predictions"]
     points = []
     for r in rows:
-        p = {k: v for k, v in r.items() if k != "predictions"}
+        p = {k: v for k, v in r.items() if k not in ("predictions", "val_predictions")}
         if "predictions" in r:
             p["agreement"] = sum(a == b for a, b in zip(r["predictions"], ref, strict=True)
                                  ) / len(ref)

@@ -123,6 +123,17 @@ def test_served_bench_measures_every_packet_it_signs(small_bundle, minilm_model_
     cached = json.loads(out.with_suffix(".cache.json").read_text())
     assert len(cached) == len(points) + 2  # every point and both torch runs
 
+    # A second run from the cache with one baseline more: the new row is measured against
+    # the cached reference's validation predictions.
+    monkeypatch.setattr(rd_served, "RANK_INT", ("int4", "int8"))
+    assert rd.main(["--bundle", str(small_bundle), "--adapters", str(adapters), "--out",
+                    str(out), "--val", "16", "--max-eval", "16", "--calib-texts", "16",
+                    "--refit-steps", "2", "--max-drop", "100"]) == 0
+    again = json.loads(out.read_text())["adapters"][f"{TASK}/seqcls-lora-tiny"]["points"]
+    new = next(p for p in again if p["setting"] == "r1-int8")
+    assert new["val_lost"] is not None and 0 <= new["val_lost"] <= 100
+    assert "val_predictions" not in again[0]
+
 
 def test_the_best_baseline_is_chosen_on_lost_texts_not_net_accuracy(monkeypatch):
     """A baseline as accurate as the reference on validation that loses 2 points of its texts
