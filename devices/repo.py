@@ -8,13 +8,19 @@ HTTP server, object store or CDN)::
 
 A target's name is ``adapters/<adapter_id>/v<version>.slr``; its ``custom`` info carries
 ``adapter_id``, ``version``, ``size`` and ``fingerprint`` (base bundle), read from the
-packet itself. Packets keep their own Ed25519 signature, so the same file can also travel
+packet itself, and ``rollout`` (the fraction of devices that may install it,
+devices/rollout.py). Packets keep their own Ed25519 signature, so the same file can also travel
 by USB or MQTT and still be checked on the device.
 
 Keys: the four roles (root, targets, snapshot, timestamp) may share one Ed25519 key (the
 demo does); production splits them and keeps root offline (docs/security.md).
 Publishing again adds targets (or replaces them all with ``replace=True``) and re-signs
 targets, snapshot and timestamp with higher versions; root stays version 1.
+
+Refused, before anything is written (:class:`PublishRefusedError`): a published id+version
+with other bytes (devices that installed it would never see the change; the same bytes
+again are fine and may change the rollout fraction), and a repository whose root does not
+trust the signing key for targets, snapshot and timestamp.
 """
 
 from __future__ import annotations
@@ -39,8 +45,9 @@ from tuf.api.metadata import (
 from tuf.api.serialization.json import JSONSerializer
 
 from solar_edge.devices.packetinfo import FactsReader, PacketFacts, read_facts
+from solar_edge.devices.rollout import fraction_text
 from solar_edge.devices.state import atomic_write
-from solar_edge.errors import RepositoryError
+from solar_edge.errors import PublishRefusedError, RepositoryError
 from solar_edge.format.ids import ID_RULE, is_valid_id
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
@@ -106,31 +113,63 @@ class Repository:
             root.add_key(public, role)
         self._write(Metadata(root), "1.root.json")
 
+    def check_signer(self) -> None:
+        """PublishRefusedError unless the latest root trusts this signer for every role it signs."""
+        root = self._latest("root")
+        if root is None:
+            return
+        keyid = self.signer.public_key.keyid
+        for role in ("targets", "snapshot", "timestamp"):
+            trusted = root.signed.roles[role].keyids
+            if keyid not in trusted:
+                raise PublishRefusedError(
+                    f"the repository's root does not trust this signing key for {role} "
+                    f"(key {keyid[:16]}..., root trusts {', '.join(k[:16] for k in trusted)}...)")
+
     def publish(self, packets: Iterable[bytes], expiry: Expiry = Expiry(),
-                facts_reader: FactsReader = read_facts, replace: bool = False) -> list[str]:
+                facts_reader: FactsReader = read_facts, replace: bool = False,
+                rollout: float = 1.0) -> list[str]:
         """Add packets as targets and re-sign targets, snapshot, timestamp. Returns names."""
-        if self._latest("root") is None:
-            self.init(expiry)
-        now = self._now()
+        fraction = fraction_text(rollout)
+        self.check_signer()
         previous = self._latest("targets")
-        targets = previous.signed if previous is not None else Targets()
-        if replace:
-            targets.targets.clear()
-        names = []
-        for data in packets:
+        published = dict(previous.signed.targets) if previous is not None else {}
+        staged: dict[str, tuple[bytes, PacketFacts, str]] = {}
+        for data in packets:   # check every packet before writing any file
             facts = facts_reader(data)
             name = target_name(facts)
             digest = hashlib.sha256(data).hexdigest()
+            before = published.get(name)
+            if before is not None and before.hashes.get("sha256") != digest:
+                raise PublishRefusedError(
+                    f"{facts.adapter_id} v{facts.version} is already published with other bytes "
+                    f"(sha256 {before.hashes.get('sha256', '?')[:16]}...); publish a new version")
+            if name in staged and staged[name][2] != digest:
+                raise PublishRefusedError(f"two different packets claim {facts.adapter_id} "
+                                          f"v{facts.version}")
+            staged[name] = (data, facts, digest)
+        if self._latest("root") is None:
+            self.init(expiry)
+        targets = previous.signed if previous is not None else Targets()
+        if replace:
+            targets.targets.clear()
+        for name, (data, facts, digest) in staged.items():
             store = self.targets_dir / Path(name).parent / f"{digest}.{Path(name).name}"
             store.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(store, data)
             info = TargetFile.from_data(name, data, ["sha256"])
             info.unrecognized_fields["custom"] = {
                 "adapter_id": facts.adapter_id, "version": facts.version,
-                "size": facts.size, "fingerprint": facts.fingerprint,
+                "size": facts.size, "fingerprint": facts.fingerprint, "rollout": fraction,
             }
             targets.targets[name] = info
-            names.append(name)
+        self.write_targets(targets, expiry)
+        return list(staged)
+
+    def write_targets(self, targets: Targets, expiry: Expiry = Expiry()) -> None:
+        """Sign ``targets`` as the next targets version, then snapshot and timestamp over it."""
+        now = self._now()
+        previous = self._latest("targets")
         targets.version = (previous.signed.version + 1) if previous is not None else 1
         targets.expires = now + expiry.targets
         self._write(Metadata(targets), f"{targets.version}.targets.json")
@@ -146,15 +185,15 @@ class Repository:
         timestamp = Timestamp(version=ts_version, expires=now + expiry.timestamp,
                               snapshot_meta=MetaFile(version=snapshot.version))
         self._write(Metadata(timestamp), "timestamp.json")
-        return names
 
 
 def publish(packet_paths: Sequence[str | Path], key: Ed25519PrivateKey, out: str | Path,
             expiry: Expiry = Expiry(), replace: bool = False,
-            facts_reader: FactsReader = read_facts) -> list[str]:
+            facts_reader: FactsReader = read_facts, rollout: float = 1.0) -> list[str]:
     """Publish packet files into the repository folder ``out`` (created if needed)."""
     data = [Path(p).read_bytes() for p in packet_paths]
-    return Repository(out, signer_from_key(key)).publish(data, expiry, facts_reader, replace)
+    return Repository(out, signer_from_key(key)).publish(data, expiry, facts_reader, replace,
+                                                         rollout)
 
 
 def root_path(repo_dir: str | Path) -> Path:

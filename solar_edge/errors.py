@@ -119,6 +119,22 @@ class DownloadError(SolarEdgeError):
     """A transfer failed (connection, HTTP status, length mismatch)."""
 
 
+class HTTPStatusError(DownloadError):
+    """The server answered with an HTTP status other than 200/206 (redirects included)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class MalformedResponseError(DownloadError):
+    """The server's HTTP response breaks the protocol (status line, headers, lengths)."""
+
+
+class SlowRetrievalError(DownloadError):
+    """A fetch, headers included, did not finish before its deadline or stalled."""
+
+
 class RepositoryError(SolarEdgeError):
     """Signed repository metadata is invalid, expired, or rolled back."""
 
@@ -141,6 +157,10 @@ class MetadataRollbackError(RepositoryError):
 
 class IntegrityError(RepositoryError):
     """A downloaded file's length or SHA-256 differs from the signed metadata."""
+
+
+class PublishRefusedError(RepositoryError):
+    """Publishing would replace a published id+version, or the root does not trust the key."""
 
 
 class StateError(SolarEdgeError):

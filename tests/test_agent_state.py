@@ -22,7 +22,7 @@ def test_round_trip_and_no_temp_files_left(tmp_path):
 
 
 @pytest.mark.parametrize("text", [
-    "", "{", "[]", '{"format": 2, "adapters": {}, "active": null}',
+    "", "{", "[]", '{"format": 3, "adapters": {}, "active": null}',
     '{"format": 1, "adapters": {}, "active": "ghost"}',
     '{"format": 1, "adapters": {"a": {"version": "x", "sha256": "0"}}, "active": null}',
 ])

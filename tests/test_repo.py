@@ -16,7 +16,7 @@ from tuf.ngclient import Updater
 from solar_edge.devices.packetinfo import PacketFacts
 from solar_edge.devices.repo import Expiry, Repository, root_path, signer_from_key, target_name
 from solar_edge.devices.server import RepoServer
-from solar_edge.errors import RepositoryError
+from solar_edge.errors import PublishRefusedError, RepositoryError
 
 
 @pytest.fixture()
@@ -44,7 +44,7 @@ def test_publish_writes_content_addressed_targets_and_signed_roles(tmp_path, key
     targets = Metadata.from_file(str(repo_dir / "metadata/1.targets.json"))
     info = targets.signed.targets["adapters/sentiment/v2.slr"]
     assert info.custom == {"adapter_id": "sentiment", "version": 2, "size": len(p2),
-                           "fingerprint": "b" * 64}
+                           "fingerprint": "b" * 64, "rollout": "1"}
     assert info.length == len(p2)
     root = Metadata.from_file(str(repo_dir / "metadata/1.root.json"))
     assert root.signed.consistent_snapshot
@@ -101,3 +101,58 @@ def test_ids_that_packets_allow_can_be_published():
     """One id rule for packets and the repository: a leading underscore is a valid id."""
     assert target_name(PacketFacts("_private-task.v2", 3, "b" * 64, 10, "0" * 64)) == \
         "adapters/_private-task.v2/v3.slr"
+
+
+def _files(repo_dir):
+    return sorted((p.relative_to(repo_dir).as_posix(), p.read_bytes())
+                  for p in repo_dir.rglob("*") if p.is_file())
+
+
+def test_publishing_other_bytes_as_a_published_version_is_refused(tmp_path, key):
+    repo_dir = tmp_path / "repo"
+    repo = Repository(repo_dir, signer_from_key(key))
+    first = make_test_packet(key, "a", 1, scale=2.0)
+    repo.publish([first], facts_reader=double_facts)
+    before = _files(repo_dir)
+    other = make_test_packet(key, "a", 1, scale=9.0)
+    for replace in (False, True):
+        with pytest.raises(PublishRefusedError, match="a v1 is already published with other"):
+            repo.publish([make_test_packet(key, "b", 1), other], facts_reader=double_facts,
+                         replace=replace)
+    assert _files(repo_dir) == before   # nothing written, not even the valid "b"
+    with pytest.raises(PublishRefusedError, match="two different packets claim b v1"):
+        repo.publish([make_test_packet(key, "b", 1), make_test_packet(key, "b", 1, scale=3.0)],
+                     facts_reader=double_facts)
+    assert _files(repo_dir) == before
+
+
+def test_same_bytes_again_is_idempotent_and_may_raise_the_rollout(tmp_path, key):
+    repo_dir = tmp_path / "repo"
+    repo = Repository(repo_dir, signer_from_key(key))
+    packet = make_test_packet(key, "a", 1)
+    repo.publish([packet], facts_reader=double_facts, rollout=0.1)
+    repo.publish([packet], facts_reader=double_facts, rollout=0.5)
+    latest = Metadata.from_file(str(repo_dir / "metadata/2.targets.json")).signed
+    assert latest.targets["adapters/a/v1.slr"].custom["rollout"] == "0.5"
+    assert Metadata.from_file(str(repo_dir / "metadata/1.targets.json")).signed \
+        .targets["adapters/a/v1.slr"].custom["rollout"] == "0.1"
+
+
+@pytest.mark.parametrize("fraction", [0, -0.5, 1.5, float("nan"), 1e-9, True])
+def test_rollout_outside_zero_to_one_is_refused(tmp_path, key, fraction):
+    with pytest.raises(RepositoryError, match="0 < f <= 1"):
+        Repository(tmp_path / "repo", signer_from_key(key)).publish(
+            [make_test_packet(key, "a", 1)], facts_reader=double_facts, rollout=fraction)
+    assert not (tmp_path / "repo").exists()
+
+
+def test_publishing_into_a_root_that_trusts_another_key_is_refused(tmp_path, key):
+    repo_dir = tmp_path / "repo"
+    Repository(repo_dir, signer_from_key(key)).publish([make_test_packet(key, "a", 1)],
+                                                       facts_reader=double_facts)
+    before = _files(repo_dir)
+    stranger = Ed25519PrivateKey.generate()
+    with pytest.raises(PublishRefusedError, match="does not trust this signing key for targets"):
+        Repository(repo_dir, signer_from_key(stranger)).publish(
+            [make_test_packet(stranger, "a", 2)], facts_reader=double_facts)
+    assert _files(repo_dir) == before
