@@ -7,14 +7,21 @@ down), and the response bytes are paced at :func:`~solar_edge.profiles.links.goo
 Loss is not injected: its cost is folded into the paced rate. Tests can make the server
 drop a connection after a given number of body bytes (:meth:`Faults.drop`).
 
-Bounded: at most ``max_connections`` handler threads, a socket timeout per read, a cap on
-request header size (``http.server`` limits lines to 64 KiB and headers to 100).
+Bounded against hostile clients: request headers are collected by one selector loop
+(:mod:`.intake`) under ``header_timeout_s`` and a 16 KiB cap, so slow senders hold no
+worker; at most ``max_connections`` are open (the longest-waiting header sender makes room
+for a newcomer); ``workers`` threads answer complete requests; every response must be
+taken by the client within ``timeout_s`` plus its length at ``min_send_bps`` (slow
+readers are cut). Malformed paths (NUL and other control characters, invalid percent
+escapes or UTF-8, over :data:`MAX_PATH_CHARS` or :data:`MAX_SEGMENTS`) get 400.
 """
 
 from __future__ import annotations
 
 import http.server
+import io
 import os
+import queue
 import re
 import socket
 import sys
@@ -24,11 +31,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from solar_edge.devices.intake import Conn, Intake
 from solar_edge.errors import ProfileError
 from solar_edge.profiles.links import LinkProfile, goodput_bps
 
 BLOCK = 64 * 1024
+MAX_HEADER_BYTES = 16 * 1024
+MAX_PATH_CHARS = 1024
+MAX_SEGMENTS = 32
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
 
 
 @dataclass
@@ -91,13 +104,13 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return first, min(last, size - 1)
 
 
-class RepoServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 16
+class RepoServer:
+    """Serves ``root``; use ``start``/``stop``, a ``with`` block, or ``serve_forever``."""
 
     def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 0,
-                 link: LinkProfile | None = None, max_connections: int = 32,
-                 timeout_s: float = 30.0) -> None:
+                 link: LinkProfile | None = None, max_connections: int = 1024,
+                 timeout_s: float = 30.0, header_timeout_s: float = 10.0,
+                 workers: int = 32, min_send_bps: float = 16_384.0) -> None:
         if link is not None and link.kind != "tcp":
             raise ProfileError(f"link {link.name!r} ({link.kind}) carries no HTTP/TCP; its times "
                                "are computed by the link model (solar-edge linkbench)")
@@ -105,40 +118,69 @@ class RepoServer(http.server.ThreadingHTTPServer):
         self.link = link
         self.faults = Faults()
         self.timeout_s = timeout_s
-        self.slots = threading.BoundedSemaphore(max_connections)
+        self.min_send_bps = min_send_bps
         self.bytes_sent = 0
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header), for tests
+        self.errors: list[str] = []   # one line per unexpected handler failure
         self._count_lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        super().__init__((host, port), _Handler)
+        listener = socket.create_server((host, port), backlog=512)
+        self.server_address = listener.getsockname()
+        self.intake = Intake(listener, self._queue_request, max_connections, header_timeout_s,
+                             MAX_HEADER_BYTES)
+        self._work: queue.Queue[tuple[Conn, bytes] | None] = queue.Queue()
+        self._workers = [threading.Thread(target=self._work_loop, daemon=True)
+                         for _ in range(workers)]
+        for worker in self._workers:
+            worker.start()
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        host = host.decode() if isinstance(host, bytes) else host
         return f"http://{host}:{port}"
 
     def add_sent(self, n: int) -> None:
         with self._count_lock:
             self.bytes_sent += n
 
-    def process_request(self, request, client_address):
-        if not self.slots.acquire(blocking=False):
-            request.close()  # over the connection cap: refuse rather than queue unboundedly
-            return
-        super().process_request(request, client_address)
+    def _queue_request(self, conn: Conn, head: bytes) -> None:
+        self._work.put((conn, head))
 
-    def process_request_thread(self, request, client_address):
+    def _work_loop(self) -> None:
+        while (item := self._work.get()) is not None:
+            self._answer(*item)
+
+    def _answer(self, conn: Conn, head: bytes) -> None:
+        keep = False
         try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.slots.release()
+            conn.sock.setblocking(True)
+            conn.sock.settimeout(self.timeout_s)
+            if conn.served == 0 and self.link is not None:
+                time.sleep(self.link.rtt_s)  # TCP handshake
+            handler = _Handler(conn.sock, conn.addr, self, head)
+            conn.served += 1
+            keep = not handler.close_connection
+        except OSError:   # reset, broken pipe, timeout: normal on a flaky link
+            pass
+        except Exception as exc:  # noqa: BLE001 - one line, never a traceback or a dead worker
+            line = f"{conn.addr[0]}: {type(exc).__name__}: {exc}"
+            self.errors.append(line)
+            print(f"solar-edge-repo: {line}", file=sys.stderr)
+        if keep:
+            self.intake.resume(conn)
+        else:
+            self.intake.release(conn)
 
-    def handle_error(self, request, client_address):
-        """A client that hangs up mid-body is normal on a flaky link: no traceback."""
-        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-            return
-        super().handle_error(request, client_address)
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self.intake.serve_forever(poll_interval)
+
+    def shutdown(self) -> None:
+        self.intake.shutdown()
+
+    def server_close(self) -> None:
+        self.intake.close()
+        for _ in self._workers:
+            self._work.put(None)
 
     def start(self) -> RepoServer:
         """Serve from a daemon thread; returns self (use ``stop`` or a ``with`` block)."""
@@ -160,32 +202,96 @@ class RepoServer(http.server.ThreadingHTTPServer):
         self.stop()
 
 
+class _DeadlineWriter:
+    """``wfile`` for a handler: every write must finish before the response's deadline."""
+
+    def __init__(self, sock: socket.socket, first_s: float) -> None:
+        self.sock = sock
+        self.deadline = time.monotonic() + first_s
+        self.closed = False
+
+    def write(self, data: bytes | memoryview) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("client too slow to take the response")
+        self.sock.settimeout(left)
+        self.sock.sendall(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def clean_path(raw: str) -> tuple[str | None, str]:
+    """``(relative path, "")`` for a well-formed request target, else ``(None, reason)``.
+
+    The path may still name nothing (answer 404); a reason means answer 400.
+    """
+    path = urlsplit(raw).path
+    if len(path) > MAX_PATH_CHARS:
+        return None, f"path longer than {MAX_PATH_CHARS} characters"
+    if _BAD_ESCAPE.search(path):
+        return None, "invalid percent-encoding"
+    try:
+        rel = unquote(path, errors="strict").lstrip("/")
+    except UnicodeDecodeError:
+        return None, "path is not UTF-8"
+    if _CONTROL.search(rel):
+        return None, "control character or backslash in path"
+    if rel.count("/") >= MAX_SEGMENTS:
+        return None, f"more than {MAX_SEGMENTS} path segments"
+    return rel, ""
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
-    server: RepoServer
+    """Answers one request whose header block the intake loop has already read."""
+
+    server: RepoServer  # type: ignore[assignment]
     protocol_version = "HTTP/1.1"
     server_version = "solar-edge-repo/1"
 
+    def __init__(self, sock: socket.socket, addr: tuple[str, int], server: RepoServer,
+                 head: bytes) -> None:
+        self._head = head
+        super().__init__(sock, addr, server)  # type: ignore[arg-type]
+
     def setup(self) -> None:
-        super().setup()
-        self.connection.settimeout(self.server.timeout_s)
+        self.connection = self.request
+        self.rfile = io.BytesIO(self._head)
+        self.writer = _DeadlineWriter(self.connection, self.server.timeout_s)
+        self.wfile = self.writer  # type: ignore[assignment]
         self.throttle: Throttle | None = None
         link = self.server.link
         if link is not None:
-            time.sleep(link.rtt_s)  # TCP handshake
             self.throttle = Throttle(goodput_bps(link), link.mss)
+
+    def handle(self) -> None:
+        self.handle_one_request()
+
+    def finish(self) -> None:
+        self.rfile.close()
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
         if os.environ.get("SOLAR_EDGE_SERVER_LOG"):
             super().log_message(format, *args)
 
-    def _resolve(self) -> Path | None:
-        rel = unquote(urlsplit(self.path).path).lstrip("/")
-        if not rel or any(part in ("", ".", "..") for part in rel.split("/")):
+    def _resolve(self, rel: str) -> Path | None:
+        if not rel or any(part in ("", ".", "..") or len(part) > 255 for part in rel.split("/")):
             return None
-        target = (self.server.root / rel).resolve()
-        if self.server.root not in target.parents or not target.is_file():
+        try:
+            target = (self.server.root / rel).resolve()
+            if self.server.root not in target.parents or not target.is_file():
+                return None
+        except (OSError, ValueError):
             return None
         return target
+
+    def _allow(self, nbytes: int) -> None:
+        """Deadline for the next ``nbytes`` of response: a slow reader is cut, not waited on."""
+        rate = self.server.min_send_bps
+        if self.throttle:
+            rate = min(rate, self.throttle.rate_bps / 16)   # bytes/s at half the paced rate
+        self.writer.deadline = time.monotonic() + self.server.timeout_s + nbytes / rate
 
     def _send(self, data: bytes) -> None:
         view = memoryview(data)
@@ -206,14 +312,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _serve(self, body: bool) -> None:
         if len(self.server.requests) < 10000:
             self.server.requests.append((self.path, self.headers.get("Range")))
+        self._allow(1024)
         if self.throttle:
             time.sleep(2 * self.server.link.latency_s if self.server.link else 0)  # request RTT
             self.throttle.start, self.throttle.sent = time.monotonic(), 0
-        target = self._resolve()
+        rel, reason = clean_path(self.path)
+        if rel is None:
+            self._error(400, f"bad request: {reason}")
+            return
+        target = self._resolve(rel)
         if target is None:
             self._error(404, "not found")
             return
-        size = target.stat().st_size
+        try:
+            size = target.stat().st_size
+            src = open(target, "rb")
+        except OSError:
+            self._error(404, "not found")
+            return
+        with src:
+            self._send_file(src, size, body, target)
+
+    def _send_file(self, src: io.BufferedReader, size: int, body: bool, target: Path) -> None:
         try:
             span = parse_range(self.headers.get("Range"), size)
         except ValueError:
@@ -226,29 +346,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 "Accept-Ranges: bytes", "Cache-Control: no-store"]
         if span:
             head.append(f"Content-Range: bytes {first}-{last}/{size}")
+        self._allow(1024 + (length if body else 0))
         self._send(("\r\n".join(head) + "\r\n\r\n").encode())
         if not body:
             return
         drop = self.server.faults.take("/" + target.relative_to(self.server.root).as_posix())
-        with open(target, "rb") as src:
-            src.seek(first)
-            remaining = length
-            while remaining > 0:
-                block = src.read(min(BLOCK, remaining))
-                if not block:
-                    break
-                if drop is not None and drop < len(block):
-                    self._send(block[:drop])
-                    self._abort()
-                    return
-                if drop is not None:
-                    drop -= len(block)
-                self._send(block)
-                remaining -= len(block)
+        src.seek(first)
+        remaining = length
+        while remaining > 0:
+            block = src.read(min(BLOCK, remaining))
+            if not block:
+                break
+            if drop is not None and drop < len(block):
+                self._send(block[:drop])
+                self._abort()
+                return
+            if drop is not None:
+                drop -= len(block)
+            self._send(block)
+            remaining -= len(block)
 
     def _abort(self) -> None:
         """Drop the connection mid-body, as a lost link does."""
-        self.wfile.flush()
         try:
             self.connection.shutdown(socket.SHUT_RDWR)
         except OSError:
