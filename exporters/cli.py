@@ -9,6 +9,7 @@ import click
 from solar_edge.cli import options
 from solar_edge.profiles.device import known_profiles, load_profile
 
+from .backend_choice import CHOICES, resolve_backend
 from .progress import Progress
 
 # Same as onnx_export.EXPORTERS; repeated so that `--help` and a bad --device answer
@@ -42,18 +43,22 @@ def _targets(value: str | None) -> str | list[str] | None:
 @click.option("--graph-variants", default=None,
               help="Comma-separated extra ONNX graphs for runtime patching mechanisms "
                    "(inputs, lora). Default: the profile's graph_variants.")
+@click.option("--backend", type=click.Choice(sorted(CHOICES)), default=None,
+              help="Graph backend, overriding the profile's: onnx (ONNX Runtime only) or "
+                   "tflite (needs the convert extra). Default: the profile's backend.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
 @options.quiet()
 @options.as_json()
 def export(model: str | None, device: str, out: Path, target_modules: str | None,
-           exporter: str, graph_variants: str | None, force: bool, quiet: bool,
-           as_json: bool) -> None:
+           exporter: str, graph_variants: str | None, backend: str | None, force: bool,
+           quiet: bool, as_json: bool) -> None:
     """Export MODEL for a device: ONNX (and TFLite) graph, SVD bases, manifest.
 
     MODEL is a Hugging Face transformers directory or 'module:function' returning
     (nn.Module, dict of example inputs); omitted, the embedded all-MiniLM-L6-v2.
     """
-    profile = load_profile(device)  # fail fast, before torch is imported
+    # fail fast, before torch is imported: unknown profile, missing TFLite converter
+    profile = resolve_backend(load_profile(device), backend)
     from .pipeline import export_bundle
 
     result = export_bundle(model, profile, out, target_modules=_targets(target_modules),

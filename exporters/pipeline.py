@@ -28,6 +28,7 @@ from solar_edge.profiles.device import DeviceProfile, choose_ranks, load_profile
 from . import basis as basis_mod
 from . import manifest as manifest_mod
 from . import onnx_export, tflite_export
+from .backend_choice import resolve_backend
 from .families import LoadedModel, load_model
 from .families.text_encoder import copy_tokenizer
 from .progress import Progress
@@ -125,14 +126,18 @@ def export_bundle(
     overwrite: bool = False,
     progress: Progress | None = None,
     graph_variants: Sequence[str] | None = None,
+    backend: str | None = None,
 ) -> ExportResult:
     """Export ``model`` (spec as in :func:`~.models.load_model`) for ``profile`` to ``out_dir``.
 
     ``graph_variants``: extra ONNX graphs for runtime patching mechanisms
     (:mod:`.graph_variants`); ``None`` takes the profile's ``graph_variants`` list.
+    ``backend``: ``onnx`` or ``tflite`` overrides the profile's backend; checked (with the
+    TFLite converter's presence) before the model is loaded.
     """
     progress = progress or Progress(enabled=False)
-    prof = load_profile(profile) if isinstance(profile, str) else profile
+    prof = resolve_backend(load_profile(profile) if isinstance(profile, str) else profile,
+                           backend)
     out = Path(out_dir)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
