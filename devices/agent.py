@@ -4,7 +4,10 @@ One cycle (:meth:`Agent.check_once`)::
 
     REFRESH   TUF ngclient refresh: root -> timestamp -> snapshot -> targets, verified
               (forged, rolled-back, expired or mixed metadata is rejected here)
-    SELECT    newest version per adapter id; older than installed -> RollbackError
+    SELECT    every listed target is checked first (hash, id, path: packetinfo.listed_target;
+              an unusable one is "rejected", the others still count); per adapter id the
+              newest version that the operator's pin allows and whose staged rollout
+              includes this device (devices/rollout.py); older than installed -> RollbackError
     DOWNLOAD  resumable (partial file + HTTP Range), never more than the signed length
     VERIFY    length and SHA-256 against TUF; metadata == packet header (after STAGE)
     STAGE     the runtime verifies (signature, fields, base model, version: the one
@@ -15,7 +18,8 @@ One cycle (:meth:`Agent.check_once`)::
 
 A kill at any point restarts into the committed state: :meth:`Agent.start` re-applies
 exactly the stored packets the state names. Transport failures are retried with bounded
-exponential backoff (:meth:`Agent.run`); the runtime keeps serving meanwhile.
+exponential backoff (:meth:`Agent.run`); the runtime keeps serving meanwhile. After every
+cycle the agent writes ``status.json`` and, if configured, POSTs it (devices/report.py).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuf.api import exceptions as tuf_exc
-from tuf.api.metadata import Metadata, TargetFile, Targets
+from tuf.api.metadata import Metadata, Targets
 from tuf.ngclient import Updater
 
 from solar_edge.devices.applier import Applier
@@ -38,6 +42,9 @@ from solar_edge.devices.fetcher import (
     TufFetcher,
     download_resumable,
 )
+from solar_edge.devices.packetinfo import ListedTarget, listed_target
+from solar_edge.devices.report import Outcome, Reporter, exit_code, status_doc
+from solar_edge.devices.rollout import eligible
 from solar_edge.devices.state import AgentState, Installed, StateStore
 from solar_edge.errors import (
     DownloadError,
@@ -51,8 +58,12 @@ from solar_edge.errors import (
     RollbackError,
     RuntimeApplyError,
     SolarEdgeError,
+    StateError,
     UnknownAdapterError,
 )
+from solar_edge.format.ids import ID_RULE, is_valid_id
+
+__all__ = ["Agent", "AgentConfig", "Outcome", "RetryPolicy"]
 
 log = logging.getLogger("solar_edge.agent")
 
@@ -77,26 +88,9 @@ class AgentConfig:
     max_packet_bytes: int = 16 << 20
     download: DownloadPolicy = field(default_factory=DownloadPolicy)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-
-
-@dataclass
-class Outcome:
-    """What happened to one adapter id in one cycle."""
-
-    adapter_id: str
-    version: int
-    action: str                  # "installed", "current", "rejected", "failed"
-    error: SolarEdgeError | None = None
-    seconds: float = 0.0         # download + verify + apply + health check
-    bytes: int = 0
-    download_s: float = 0.0      # transfer incl. resumes and backoff, and hash check
-    apply_s: float = 0.0         # packet verify, runtime apply, health check, commit
-
-    def __str__(self) -> str:
-        why = f" ({type(self.error).__name__}: {self.error})" if self.error else ""
-        timing = (f" [{self.bytes} B, download {self.download_s:.2f} s, apply "
-                  f"{self.apply_s:.2f} s]" if self.action == "installed" else "")
-        return f"{self.adapter_id} v{self.version}: {self.action}{why}{timing}"
+    device_id: str | None = None     # None: generated once, kept in STATE_DIR/device_id
+    report_url: str | None = None    # POST status.json here after every cycle (best effort)
+    report_timeout_s: float = 5.0
 
 
 _TUF_ERRORS: list[tuple[type[Exception], type[RepositoryError]]] = [
@@ -127,35 +121,71 @@ class Agent:
         self.sleep = sleep
         self.hook = hook or (lambda phase: None)
         self.store = StateStore(config.state_dir)
+        if config.device_id is not None and not is_valid_id(config.device_id):
+            raise StateError(f"device id {config.device_id!r:.80} does not follow the id rule "
+                             f"({ID_RULE})")
+        self.device_id: str = config.device_id or self.store.device_id() or ""
+        self.reporter = Reporter(config.report_url, config.report_timeout_s) \
+            if config.report_url else None
         self.state = AgentState()
+        self._applied: tuple[dict[str, Installed], str | None] = ({}, None)
+        self.last_outcomes: list[Outcome] = []
+        self.last_error: SolarEdgeError | None = None
         self.base = config.server_url.rstrip("/")
+
+    @property
+    def exit_code(self) -> int:
+        """Of the last cycle: 0 all current/installed, 1 some rejected/failed, 2 cycle failed."""
+        return exit_code(self.last_outcomes, self.last_error)
 
     # --- start-up ----------------------------------------------------------------------
 
     def start(self) -> AgentState:
         """Load the committed state and bring the runtime to exactly it."""
         self.state = self.store.load()
-        packets = [self.store.read_packet(inst.sha256) for _, inst in
-                   sorted(self.state.adapters.items())]
-        self.applier.restore(packets, self.state.active)
+        self._restore(self.state)
         self.hook("restored")
         return self.state
+
+    def _restore(self, state: AgentState) -> None:
+        packets = [self.store.read_packet(inst.sha256) for _, inst in
+                   sorted(state.adapters.items())]
+        self.applier.restore(packets, state.active)
+        self._applied = (dict(state.adapters), state.active)
 
     # --- one cycle ---------------------------------------------------------------------
 
     def _updater(self) -> Updater:
         meta = self.store.metadata
-        bootstrap = self.config.trusted_root
-        if (meta / "root.json").exists():
-            bootstrap = None  # the cached root chain is newer than the provisioned one
-        elif bootstrap is None:
-            raise RepositoryError("no trusted root: provision the device with the repo's root.json")
-        return Updater(str(meta), f"{self.base}/metadata/", str(self.store.partial),
-                       f"{self.base}/targets/", fetcher=TufFetcher(self.transport),
-                       bootstrap=bootstrap)
 
-    def refresh(self) -> tuple[Updater, dict[str, list[TargetFile]]]:
-        """Verified metadata, and the listed targets grouped by adapter id."""
+        def make(bootstrap: bytes | None) -> Updater:
+            return Updater(str(meta), f"{self.base}/metadata/", str(self.store.partial),
+                           f"{self.base}/targets/", fetcher=TufFetcher(self.transport),
+                           bootstrap=bootstrap)
+
+        provisioned = self.config.trusted_root
+        cached = meta / "root.json"
+        if cached.exists():
+            try:
+                return make(None)  # the cached root chain is newer than the provisioned one
+            except (tuf_exc.RepositoryError, OSError) as exc:
+                why = f"{type(exc).__name__}: {exc}"
+                if provisioned is None:
+                    raise RepositoryError(f"cached {cached} is unusable ({why}) and no root is "
+                                          f"provisioned: provision the repo's root.json") from exc
+                log.warning("cached %s is unusable (%s); falling back to the provisioned root",
+                            cached, why)
+                cached.unlink(missing_ok=True)
+        elif provisioned is None:
+            raise RepositoryError("no trusted root: provision the device with the repo's root.json")
+        try:
+            return make(provisioned)
+        except (tuf_exc.RepositoryError, OSError) as exc:
+            raise RepositoryError(f"the provisioned root is unusable: {type(exc).__name__}: "
+                                  f"{exc}") from exc
+
+    def refresh(self) -> tuple[Updater, dict[str, list[ListedTarget]], list[Outcome]]:
+        """Verified metadata; the usable targets grouped by adapter id; the unusable ones."""
         updater = self._updater()
         try:
             updater.refresh()
@@ -163,49 +193,71 @@ class Agent:
             raise _translate(exc) from exc
         # refresh() persists targets.json only after verifying it: safe to list from.
         signed = Metadata[Targets].from_file(str(self.store.metadata / "targets.json")).signed
-        listed = signed.targets
-        by_id: dict[str, list[TargetFile]] = {}
-        for info in listed.values():
-            custom = info.custom
-            if not isinstance(custom.get("adapter_id"), str) or \
-                    not isinstance(custom.get("version"), int):
+        by_id: dict[str, list[ListedTarget]] = {}
+        unusable = []
+        for path, info in sorted(signed.targets.items()):
+            try:
+                target = listed_target(path, info)
+            except RepositoryError as exc:
+                custom = info.custom if isinstance(info.custom, dict) else {}
+                name, version = custom.get("adapter_id"), custom.get("version")
+                unusable.append(Outcome(name if is_valid_id(name) else repr(path)[:80],
+                                        version if type(version) is int else 0,
+                                        "rejected", exc))
                 continue
-            by_id.setdefault(custom["adapter_id"], []).append(info)
+            by_id.setdefault(target.adapter_id, []).append(target)
         self.hook("refreshed")
-        return updater, by_id
+        return updater, by_id, unusable
 
     def check_once(self) -> list[Outcome]:
         """One REFRESH..COMMIT cycle over every adapter id the repository lists."""
-        self.state = self.store.load()
-        updater, by_id = self.refresh()
-        outcomes = []
+        state = self.store.load()
+        if (state.adapters, state.active) != self._applied:
+            log.warning("state.json changed outside the agent (an operator command); "
+                        "the runtime now follows it")
+            self._restore(state)
+        self.state = state
+        updater, by_id, outcomes = self.refresh()
         for adapter_id in sorted(by_id):
-            best = max(by_id[adapter_id], key=lambda t: t.custom["version"])
-            outcomes.append(self._consider(updater, adapter_id, best))
+            chosen = self._select(adapter_id, by_id[adapter_id])
+            outcomes.append(chosen if isinstance(chosen, Outcome)
+                            else self._consider(updater, chosen))
         for outcome in outcomes:
             log.info("%s", outcome)
         return outcomes
 
-    def _consider(self, updater: Updater, adapter_id: str, listed: TargetFile) -> Outcome:
-        version = int(listed.custom["version"])
+    def _select(self, adapter_id: str, listed: list[ListedTarget]) -> ListedTarget | Outcome:
+        """The target to install, or the outcome that says why none is."""
         installed = self.state.adapters.get(adapter_id)
-        if installed is not None and version == installed.version:
-            return Outcome(adapter_id, version, "current")
-        if installed is not None and version < installed.version:
-            err = RollbackError(f"repository offers v{version}, device has v{installed.version}",
+        have = installed.version if installed is not None else 0
+        newest = max(t.version for t in listed)
+        if newest < have:
+            err = RollbackError(f"repository offers v{newest}, device has v{have}",
                                 field="header.adapter_version")
-            return Outcome(adapter_id, version, "rejected", err)
-        info = updater.get_targetinfo(listed.path)
-        if info is None:
-            return Outcome(adapter_id, version, "failed", RepositoryError("target vanished"))
-        sha = info.hashes["sha256"]
+            return Outcome(adapter_id, newest, "rejected", err)
+        pin = self.state.pinned.get(adapter_id)
+        allowed = [t for t in listed if pin is None or t.version <= pin]
+        ready = [t for t in allowed
+                 if eligible(self.device_id, adapter_id, t.version, t.rollout)]
+        best = max(ready, key=lambda t: t.version, default=None)
+        if best is not None and best.version > have:
+            return best
+        waiting = [t.version for t in allowed if t.version > have]
+        if waiting:
+            return Outcome(adapter_id, max(waiting), "deferred")
+        if newest > have:
+            return Outcome(adapter_id, newest, "pinned")
+        return Outcome(adapter_id, have, "current")
+
+    def _consider(self, updater: Updater, listed: ListedTarget) -> Outcome:
+        adapter_id, version, sha = listed.adapter_id, listed.version, listed.sha256
         if sha in self.state.rejected:
             return Outcome(adapter_id, version, "rejected",
                            PacketError(f"rejected before: {self.state.rejected[sha]}"))
         start = time.monotonic()
         downloaded = start
         try:
-            data = self._download(info)
+            data = self._download(updater, listed)
             downloaded = time.monotonic()
             self._install(adapter_id, version, data)
         except (PacketError, RuntimeApplyError, RepositoryError) as exc:
@@ -214,31 +266,34 @@ class Agent:
                 self.store.save(self.state)
             return Outcome(adapter_id, version, "rejected", exc, time.monotonic() - start)
         end = time.monotonic()
-        return Outcome(adapter_id, version, "installed", None, end - start, info.length,
+        return Outcome(adapter_id, version, "installed", None, end - start, listed.length,
                        downloaded - start, end - downloaded)
 
-    def _download(self, info: TargetFile) -> bytes:
-        if info.length > self.config.max_packet_bytes:
-            raise LimitExceededError(f"packet of {info.length} bytes exceeds the device limit "
+    def _download(self, updater: Updater, listed: ListedTarget) -> bytes:
+        info = updater.get_targetinfo(listed.path)
+        if info is None or info.hashes.get("sha256") != listed.sha256:
+            raise RepositoryError(f"target {listed.path} vanished from the verified metadata")
+        if listed.length > self.config.max_packet_bytes:
+            raise LimitExceededError(f"packet of {listed.length} bytes exceeds the device limit "
                                      f"{self.config.max_packet_bytes}")
-        sha = info.hashes["sha256"]
-        parent, name = info.path.rsplit("/", 1)
-        url = f"{self.base}/targets/{parent}/{sha}.{name}"
-        part = self.store.partial / f"{sha}.part"
+        # Only checked values reach the URL and the file name (packetinfo.listed_target).
+        url = (f"{self.base}/targets/adapters/{listed.adapter_id}/{listed.sha256}."
+               f"v{listed.version}.slr")
+        part = self.store.partial / f"{listed.sha256}.part"
         self.hook("downloading")
-        download_resumable(self.transport, url, part, info.length, self.config.download,
+        download_resumable(self.transport, url, part, listed.length, self.config.download,
                            sleep=self.sleep, on_progress=lambda n: self.hook("chunk"))
         data = part.read_bytes()
         try:
             info.verify_length_and_hashes(data)
         except tuf_exc.LengthOrHashMismatchError as exc:
             part.unlink(missing_ok=True)  # do not resume from corrupt bytes
-            raise IntegrityError(f"{info.path}: {exc}") from exc
+            raise IntegrityError(f"{listed.path}: {exc}") from exc
         self.hook("verified")
         return data
 
     def _install(self, adapter_id: str, version: int, data: bytes) -> None:
-        old = AgentState(dict(self.state.adapters), self.state.active, dict(self.state.rejected))
+        old = self.state.copy()
         facts = self.applier.stage(data)  # the packet's one verification, decode and probe
         self.hook("staged")
         try:
@@ -251,16 +306,19 @@ class Agent:
             if serve:
                 self.applier.activate(adapter_id)
                 self.hook("activated")
+            before = self.state.adapters.get(adapter_id)
+            if before is not None:
+                self.state.previous[adapter_id] = before   # kept for an operator's rollback
             self.state.adapters[adapter_id] = Installed(version, sha)
             if serve:
                 self.state.active = adapter_id
             self.store.save(self.state)
         except BaseException:
             self.state = old
-            self.applier.restore([self.store.read_packet(i.sha256)
-                                  for _, i in sorted(old.adapters.items())], old.active)
+            self._restore(old)
             self.hook("rolled-back")
             raise
+        self._applied = (dict(self.state.adapters), self.state.active)
         self.hook("committed")
         self.store.prune_packets(self.state)
         (self.store.partial / f"{sha}.part").unlink(missing_ok=True)
@@ -282,12 +340,24 @@ class Agent:
             if cycle:
                 self.sleep(interval_s)
             try:
-                outcomes += self._cycle_with_backoff()
+                self.last_outcomes, self.last_error = self._cycle_with_backoff(), None
+                outcomes += self.last_outcomes
             except (DownloadError, RepositoryError) as exc:
+                self.last_outcomes, self.last_error = [], exc
                 if not keep_going:
                     raise
                 log.error("update cycle %d failed: %s: %s", cycle + 1, type(exc).__name__, exc)
+            finally:
+                self.report()
         return outcomes
+
+    def report(self) -> dict[str, object]:
+        """Write status.json for the last cycle and POST it if a report URL is configured."""
+        doc = status_doc(self.device_id, self.state, self.last_outcomes, self.last_error)
+        self.store.write_status(doc)
+        if self.reporter is not None:
+            self.reporter.send(doc)
+        return doc
 
     def _cycle_with_backoff(self) -> list[Outcome]:
         for failure in range(1, self.config.retry.attempts + 1):
@@ -309,3 +379,4 @@ class Agent:
         self.applier.activate(adapter_id)
         self.state.active = adapter_id
         self.store.save(self.state)
+        self._applied = (dict(self.state.adapters), self.state.active)

@@ -8,6 +8,7 @@ directly: :func:`~solar_edge.devices.repo.publish`, :class:`RepoServer`,
 from __future__ import annotations
 
 import logging
+import sys
 import tempfile
 from datetime import timedelta
 from pathlib import Path
@@ -19,6 +20,7 @@ from solar_edge.cli import options
 from solar_edge.devices.agent import Agent, AgentConfig, RetryPolicy
 from solar_edge.devices.repo import Expiry, root_path
 from solar_edge.devices.repo import publish as publish_packets
+from solar_edge.devices.report import outcome_row
 from solar_edge.devices.server import RepoServer
 from solar_edge.format import signing
 from solar_edge.profiles.links import get_link, load_links
@@ -33,18 +35,24 @@ from solar_edge.profiles.links import get_link, load_links
 @click.option("--timestamp-hours", type=float, default=None,
               help="Lifetime of timestamp metadata (overrides the default 1/30 of targets).")
 @click.option("--replace", is_flag=True, help="List only these packets (drop earlier targets).")
+@click.option("--rollout", default=1.0, show_default=True, type=float,
+              help="Fraction (0 < f <= 1) of devices that may install these packets now; "
+                   "publish the same packets again with a larger one to widen the rollout.")
 @options.as_json()
 def publish(packets: tuple[Path, ...], signing_key: Path, out: Path, expires_days: float,
-            timestamp_hours: float | None, replace: bool, as_json: bool) -> None:
-    """Publish signed PACKETs as content-addressed targets of a TUF repository."""
+            timestamp_hours: float | None, replace: bool, rollout: float, as_json: bool) -> None:
+    """Publish signed PACKETs as content-addressed targets of a TUF repository.
+
+    Refuses (exit 2) to publish other bytes under a published id+version, or into a
+    repository whose root does not trust the signing key."""
     life = timedelta(days=expires_days)
     expiry = Expiry(root=life * 12, targets=life, snapshot=life / 4,
                     timestamp=timedelta(hours=timestamp_hours) if timestamp_hours is not None
                     else life / 30)
     names = publish_packets(list(packets), signing.load_private_key(signing_key), out, expiry,
-                            replace)
+                            replace, rollout=rollout)
     if as_json:
-        options.emit_json({"targets": names, "root": str(root_path(out))})
+        options.emit_json({"targets": names, "root": str(root_path(out)), "rollout": rollout})
         return
     for name in names:
         click.echo(name)
@@ -78,22 +86,23 @@ def serve(repo: str, host: str, port: int, link: str | None, links_file: str | N
 
 def build_runtime_agent(server_url: str, bundle_dir: str | Path, device: str | None,
                         state_dir: str | Path, trusted_keys: list[Any],
-                        root: bytes | None = None, retry: RetryPolicy | None = None) -> Agent:
+                        root: bytes | None = None, retry: RetryPolicy | None = None,
+                        device_id: str | None = None, report_url: str | None = None) -> Agent:
     """An :class:`Agent` driving a real ``EdgeRuntime`` on ``bundle_dir`` (not yet started)."""
     from solar_edge.devices.applier import RuntimeApplier
     from solar_edge.runtime.engine import EdgeRuntime
 
     applier = RuntimeApplier(lambda: EdgeRuntime(str(bundle_dir), trusted_keys, device))
     config = AgentConfig(server_url, Path(state_dir), trusted_root=root,
-                         retry=retry or RetryPolicy())
+                         retry=retry or RetryPolicy(), device_id=device_id,
+                         report_url=report_url)
     return Agent(config, applier)
 
 
-def _outcome_row(o: Any) -> dict[str, Any]:
-    return {"adapter_id": o.adapter_id, "version": o.version, "action": o.action,
-            "error": None if o.error is None else f"{type(o.error).__name__}: {o.error}",
-            "bytes": o.bytes, "download_s": round(o.download_s, 3),
-            "apply_s": round(o.apply_s, 3)}
+def _report_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not value.startswith(("http://", "https://")):
+        raise click.BadParameter("must be an http:// or https:// URL")
+    return value
 
 
 @click.command("agent")
@@ -110,27 +119,38 @@ def _outcome_row(o: Any) -> dict[str, Any]:
 @click.option("--interval", default=60.0, show_default=True, help="Seconds between cycles.")
 @click.option("--attempts", default=6, show_default=True, type=click.IntRange(1, 100),
               help="Tries per cycle while the server is unreachable (exponential backoff).")
+@click.option("--device-id", default=None,
+              help="This device's id for staged rollouts and reports [default: a random id "
+                   "generated once and kept in the state folder].")
+@click.option("--report-url", default=None, callback=_report_url,
+              help="POST each cycle's status.json here (best effort, 5 s timeout).")
 @options.as_json()
 def agent(server_url: str, bundle: str, device: str | None, trusted_keys: tuple[Path, ...],
           root: str | None, state_dir: str | None, once: bool, cycles: int, interval: float,
-          attempts: int, as_json: bool) -> None:
-    """Fetch, verify and apply adapter updates; roll back on failure; state is crash-safe."""
+          attempts: int, device_id: str | None, report_url: str | None, as_json: bool) -> None:
+    """Fetch, verify and apply adapter updates; roll back on failure; state is crash-safe.
+
+    Exit code of the last cycle: 0 every listed update installed, current, deferred by its
+    rollout or held by a pin; 1 some were rejected or failed; 2 the cycle failed
+    (repository or transport) or the command could not start."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     keys = [signing.load_public_key(p) for p in trusted_keys]
     runner = build_runtime_agent(server_url, bundle, device,
                                  state_dir or f"{bundle.rstrip('/')}.agent", keys,
                                  Path(root).read_bytes() if root else None,
-                                 RetryPolicy(attempts=attempts))
+                                 RetryPolicy(attempts=attempts), device_id, report_url)
     state = runner.start()
     installed = {k: v.version for k, v in state.adapters.items()}
     outcomes = runner.run(cycles=1 if once else cycles, interval_s=interval, keep_going=not once)
     if as_json:
         options.emit_json({"restored": {"active": state.active, "installed": installed},
-                           "outcomes": [_outcome_row(o) for o in outcomes]})
-        return
-    click.echo(f"restored: active={state.active} installed={installed}")
-    for outcome in outcomes:
-        click.echo(str(outcome))
+                           "device_id": runner.device_id, "exit_code": runner.exit_code,
+                           "outcomes": [outcome_row(o) for o in outcomes]})
+    else:
+        click.echo(f"restored: active={state.active} installed={installed}")
+        for outcome in outcomes:
+            click.echo(str(outcome))
+    sys.exit(runner.exit_code)
 
 
 @click.command("linkbench")

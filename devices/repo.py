@@ -46,7 +46,7 @@ from tuf.api.serialization.json import JSONSerializer
 
 from solar_edge.devices.packetinfo import FactsReader, PacketFacts, read_facts
 from solar_edge.devices.rollout import fraction_text
-from solar_edge.devices.state import atomic_write
+from solar_edge.devices.state import atomic_write, is_version
 from solar_edge.errors import PublishRefusedError, RepositoryError
 from solar_edge.format.ids import ID_RULE, is_valid_id
 
@@ -71,6 +71,9 @@ def target_name(facts: PacketFacts) -> str:
     if not is_valid_id(facts.adapter_id):
         raise RepositoryError(f"adapter id {facts.adapter_id!r} is not a safe path component "
                               f"({ID_RULE})")
+    if not is_version(facts.version):
+        raise RepositoryError(f"version {facts.version!r} of {facts.adapter_id} is not in "
+                              f"1..2^64-2")
     return f"adapters/{facts.adapter_id}/v{facts.version}.slr"
 
 
@@ -165,6 +168,11 @@ class Repository:
             targets.targets[name] = info
         self.write_targets(targets, expiry)
         return list(staged)
+
+    def targets(self) -> Targets:
+        """The latest signed targets (empty if nothing was published yet)."""
+        latest = self._latest("targets")
+        return latest.signed if latest is not None else Targets()
 
     def write_targets(self, targets: Targets, expiry: Expiry = Expiry()) -> None:
         """Sign ``targets`` as the next targets version, then snapshot and timestamp over it."""

@@ -96,7 +96,7 @@ def test_partial_file_survives_a_failed_cycle_and_is_resumed_next_time(rig):
 
 def test_corrupted_bytes_are_rejected_with_integrity_error(rig):
     good = rig.packet("a", 1, scale=2.0)
-    rig.publish(rig.packet("a", 0), good)
+    rig.publish(good)
     rig.start()
     target = rig.target_file(good, "a", 1)
     flipped = bytearray(good)
