@@ -155,9 +155,14 @@ def agent(server_url: str, bundle: str, device: str | None, trusted_keys: tuple[
 
 @click.command("linkbench")
 @options.packets(required=False)
-@click.option("--full-model", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--bundle", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Exported bundle: the full model is its ONNX graph with every external "
+                   "data file the graph names.")
+@click.option("--full-model", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A model file instead of --bundle (an .onnx brings its external data).")
 @click.option("--lora", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="adapter_model.safetensors (fp16); its zstd form is computed here.")
+              help="adapter_model.safetensors (its dtype is read from the header); its zstd "
+                   "form is computed here.")
 @click.option("--packet", "legacy_packets", multiple=True, hidden=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--links", "link_names", default=None,
@@ -167,26 +172,52 @@ def agent(server_url: str, bundle: str, device: str | None, trusted_keys: tuple[
               help="Longest real download per cell; beyond it a prefix is measured.")
 @options.out_dir("the table (JSON, Markdown) and chart (PNG).", default="linkbench-out")
 @options.as_json()
-def linkbench(packets: tuple[Path, ...], full_model: str, lora: str,
+def linkbench(packets: tuple[Path, ...], bundle: str | None, full_model: str | None, lora: str,
               legacy_packets: tuple[Path, ...], link_names: str | None, links_file: str | None,
               budget_s: float, out: Path, as_json: bool) -> None:
-    """Bytes and download time per link for model, LoRA, LoRA+zstd and the SOLAR PACKET."""
-    from solar_edge.devices.linkbench import run_linkbench, table, write_outputs, zstd_file
+    """Bytes and download time per link for the full model, LoRA, LoRA+zstd and the PACKET."""
+    from solar_edge.devices import artifact_info as info
+    from solar_edge.devices.linkbench import (
+        parts_table,
+        run_linkbench,
+        table,
+        tar_parts,
+        write_outputs,
+        zstd_file,
+    )
 
     if len(packets + legacy_packets) != 1:
         raise click.UsageError("give exactly one PACKET")
+    if (bundle is None) == (full_model is None):
+        raise click.UsageError("give the full model as --bundle DIR (or --full-model FILE)")
     packet = (packets + legacy_packets)[0]
     links = load_links(links_file)
     chosen = [links[n] for n in link_names.split(",")] if link_names else list(links.values())
-    with tempfile.TemporaryDirectory(prefix="linkbench-zstd-") as tmp:
-        files = {"full model": Path(full_model), "LoRA fp16": Path(lora),
+    if bundle is not None:
+        folder, parts = Path(bundle), info.bundle_model_parts(Path(bundle))
+    elif full_model is not None and full_model.endswith(".onnx"):
+        folder, parts = Path(full_model).parent, info.model_parts(Path(full_model))
+    else:
+        model = Path(str(full_model))
+        folder, parts = model.parent, [info.FilePart(model.name, model.stat().st_size,
+                                                     "unknown (not an ONNX graph)")]
+    lora_dtype = info.dtype_summary(info.safetensors_dtypes(Path(lora)))
+    dtypes = {"full model": info.parts_dtype(parts) if len(parts) > 1 else parts[0].dtype,
+              "LoRA": lora_dtype, "LoRA zstd": f"{lora_dtype} (zstd)",
+              "SOLAR packet": info.dtype_summary(info.packet_dtypes(Path(packet)))}
+    with tempfile.TemporaryDirectory(prefix="linkbench-") as tmp:
+        files = {"full model": folder / parts[0].rel if len(parts) == 1
+                 else tar_parts(folder, parts, Path(tmp) / "model.tar"),
+                 "LoRA": Path(lora),
                  "LoRA zstd": zstd_file(Path(lora), Path(tmp) / "lora.safetensors.zst"),
                  "SOLAR packet": Path(packet)}
-        rows = run_linkbench(files, chosen, budget_s)
-    paths = write_outputs(rows, Path(out))
+        rows = run_linkbench(files, chosen, budget_s, dtypes)
+    paths = write_outputs(rows, Path(out), parts)
     if as_json:
         options.emit_json({"rows": [r.__dict__ for r in rows],
+                           "full_model_files": [p.__dict__ for p in parts],
                            "files": {k: str(v) for k, v in paths.items()}})
         return
     click.echo(table(rows))
+    click.echo(parts_table(parts))
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -1,7 +1,11 @@
 """Bytes and download time of each update artifact over each link profile.
 
-Artifacts: the full model file, the LoRA adapter (fp16 safetensors), the same compressed
-with zstd (level 19, computed here), and the SOLAR packet. Per link and artifact:
+Artifacts: the full model (a bundle's ONNX graph with every external data file it names,
+shipped as one uncompressed tar; see :mod:`.artifact_info`), the LoRA adapter
+(safetensors), the same compressed with zstd (level 19, computed here), and the SOLAR
+packet. Each row carries the artifact's real dtype, read from the file (ONNX initializer
+types, the safetensors header, the packet's value formats), never assumed. Per link and
+artifact:
 
 * ``computed``: the link's time model (solar_edge/profiles/links.py; TCP/IP + HTTP overheads, loss;
   LoRaWAN fragments, airtime and duty cycle).
@@ -20,6 +24,7 @@ import json
 import math
 import os
 import shutil
+import tarfile
 import tempfile
 import time
 from collections.abc import Sequence
@@ -28,11 +33,12 @@ from pathlib import Path
 
 import zstandard
 
+from solar_edge.devices.artifact_info import FilePart
 from solar_edge.devices.fetcher import HttpTransport
 from solar_edge.devices.server import RepoServer
 from solar_edge.profiles.links import LinkProfile, transfer_time, wire_bytes
 
-ARTIFACTS = ("full model", "LoRA fp16", "LoRA zstd", "SOLAR packet")
+ARTIFACTS = ("full model", "LoRA", "LoRA zstd", "SOLAR packet")
 MIN_PREFIX = 1024
 
 
@@ -45,6 +51,15 @@ class Row:
     computed_s: float
     measured_s: float | None
     method: str
+    dtype: str = "-"
+
+
+def tar_parts(folder: Path, parts: Sequence[FilePart], dst: Path) -> Path:
+    """One uncompressed tar of ``parts`` (paths relative to ``folder``): one download."""
+    with tarfile.open(dst, "w", format=tarfile.GNU_FORMAT) as tar:
+        for part in parts:
+            tar.add(folder / part.rel, arcname=part.rel, recursive=False)
+    return dst
 
 
 def zstd_file(src: Path, dst: Path, level: int = 19) -> Path:
@@ -100,8 +115,9 @@ def prefix_for(size: int, link: LinkProfile, budget_s: float) -> int | None:
 
 
 def run_linkbench(files: dict[str, Path], links: Sequence[LinkProfile],
-                  budget_s: float = 3.0) -> list[Row]:
-    """Rows for every (link, artifact); ``files`` maps artifact name -> path."""
+                  budget_s: float = 3.0, dtypes: dict[str, str] | None = None) -> list[Row]:
+    """Rows for every (link, artifact); ``files`` maps artifact name -> path, ``dtypes``
+    artifact name -> its dtype summary."""
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="linkbench-") as tmp:
         root = Path(tmp)
@@ -120,7 +136,8 @@ def run_linkbench(files: dict[str, Path], links: Sequence[LinkProfile],
                         measured, method = measure(f"{server.url}/{names[artifact]}", size,
                                                    prefix_for(size, link, budget_s))
                     rows.append(Row(link.name, artifact, size, wire_bytes(size, link),
-                                    computed, measured, method))
+                                    computed, measured, method,
+                                    (dtypes or {}).get(artifact, "-")))
             finally:
                 if server is not None:
                     server.stop()
@@ -145,10 +162,10 @@ def human_time(s: float | None) -> str:
 
 
 def table(rows: Sequence[Row]) -> str:
-    lines = ["| link | artifact | bytes | on the wire | computed | measured | method |",
-             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| link | artifact | dtype | bytes | on the wire | computed | measured | method |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
-        lines.append(f"| {r.link} | {r.artifact} | {human_bytes(r.bytes)} | "
+        lines.append(f"| {r.link} | {r.artifact} | {r.dtype} | {human_bytes(r.bytes)} | "
                      f"{human_bytes(r.wire_bytes)} | {human_time(r.computed_s)} | "
                      f"{human_time(r.measured_s)} | {r.method} |")
     return "\n".join(lines)
@@ -191,13 +208,29 @@ def chart(rows: Sequence[Row], path: Path) -> Path:
     return path
 
 
-def write_outputs(rows: Sequence[Row], out: Path) -> dict[str, Path]:
+def parts_table(parts: Sequence[FilePart]) -> str:
+    """The full model's files: what its byte count is made of."""
+    lines = ["| full model file | bytes | dtype |", "| --- | ---: | --- |"]
+    shown = list(parts) if len(parts) <= 6 else [*parts[:4]]
+    for p in shown:
+        lines.append(f"| {p.rel} | {human_bytes(p.bytes)} | {p.dtype} |")
+    if len(shown) < len(parts):
+        rest = parts[len(shown):]
+        lines.append(f"| ... {len(rest)} more | {human_bytes(sum(p.bytes for p in rest))} | "
+                     f"{', '.join(sorted({p.dtype for p in rest}))} |")
+    lines.append(f"| total ({len(parts)} files) | {human_bytes(sum(p.bytes for p in parts))} | |")
+    return "\n".join(lines)
+
+
+def write_outputs(rows: Sequence[Row], out: Path,
+                  parts: Sequence[FilePart] = ()) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "linkbench.json", "table": out / "linkbench.md",
              "chart": out / "linkbench.png"}
     doc = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
             for k, v in asdict(r).items()} for r in rows]
     paths["json"].write_text(json.dumps(doc, indent=1))
-    paths["table"].write_text(table(rows) + "\n")
+    paths["table"].write_text(table(rows) + "\n"
+                              + (f"\n{parts_table(parts)}\n" if parts else ""))
     chart(rows, paths["chart"])
     return paths
