@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "publish": "solar_edge.devices.cli:publish",
     "serve": "solar_edge.devices.cli:serve",
     "agent": "solar_edge.devices.cli:agent",
+    "device": "solar_edge.devices.device_cli:device",
     "linkbench": "solar_edge.devices.cli:linkbench",
 }
 
