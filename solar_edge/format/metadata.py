@@ -2,14 +2,18 @@
 
 The metadata is a small JSON object (task name, label names, task-head seed, ...). Only
 one byte string is accepted for a given object: sorted keys, no spaces, UTF-8, no NaN or
-Infinity, no duplicate keys. Known fields must have their type and range (below); other
-fields are kept as they are, so newer writers can add information older readers ignore.
+Infinity, no duplicate keys. Every value, known field or not, keeps to the value rules of
+:func:`check_values` (printable strings, integers within 64 bits, nesting depth at most
+:data:`MAX_DEPTH`); known fields must also have their type and range (below); other fields
+are kept as they are, so newer writers can add information older readers ignore.
 Every failure is an :class:`~solar_edge.errors.InvalidFieldError` naming the field.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +21,11 @@ from solar_edge.errors import InvalidFieldError
 
 MAX_LABELS = 4096
 MAX_LABEL_CHARS = 256
+MAX_DEPTH = 16  # of nested lists/objects (the known fields need 4)
+MIN_INT, MAX_INT = -(2**63), 2**64 - 1
+# control characters (C0, DEL, C1), surrogates and the non-characters U+FFFE/U+FFFF:
+# text a terminal, a log line or a C string on the board could misread
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
 FIELD = "header.metadata"
 
 
@@ -50,6 +59,44 @@ def parse_metadata(raw: bytes) -> dict[str, Any]:
     return obj
 
 
+def _value_problem(value: Any) -> str | None:
+    if isinstance(value, str):
+        bad = _UNPRINTABLE.search(value)
+        return None if bad is None else f"string holds the unprintable {bad.group()!r}"
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return None if MIN_INT <= value <= MAX_INT else "integer outside -2**63..2**64-1"
+    if isinstance(value, float):
+        return None if math.isfinite(value) else "number is not finite"
+    return f"{type(value).__name__} is not a JSON value"
+
+
+def check_values(metadata: dict[str, Any]) -> None:
+    """Every key and value at any depth (iteratively: no recursion on hostile nesting); a
+    failure names the field ``header.metadata`` and, in its message, where it is."""
+    stack: list[tuple[Any, str, int]] = [(metadata, "", 0)]
+    while stack:
+        value, where, depth = stack.pop()
+        at = f"at {where or 'top level'}: "
+        if isinstance(value, (dict, list)):
+            if depth >= MAX_DEPTH:
+                raise InvalidFieldError(f"{at}nested deeper than {MAX_DEPTH}", field=FIELD)
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(value, dict):
+                    problem = "key is not a string" if not isinstance(key, str) else \
+                        _value_problem(key)
+                    if problem:
+                        raise InvalidFieldError(f"{at}key: {problem}", field=FIELD)
+                step = f".{key}" if isinstance(value, dict) else f"[{key}]"
+                stack.append((item, (where + step).lstrip(".")[:80], depth + 1))
+            continue
+        problem = _value_problem(value)
+        if problem:
+            raise InvalidFieldError(at + problem, field=FIELD)
+
+
 def _string(value: Any) -> str | None:
     return None if isinstance(value, str) else "must be a string"
 
@@ -72,6 +119,8 @@ def _u64(value: Any) -> str | None:
 
 MAX_HEAD_TENSORS = 16
 MAX_HEAD_DIM = 1 << 16
+HEAD_NAMES = ("weight", "bias", "pooler")  # tensor names (or a name prefix) the head reads
+HEAD_WORDS = ("pooling", "activation")
 
 
 def _head(value: Any) -> str | None:
@@ -90,6 +139,14 @@ def _head(value: Any) -> str | None:
                         1 <= d <= MAX_HEAD_DIM for d in shape):
             return (f'each tensor needs a "name" string and a "shape" of 1 or 2 integers in '
                     f"1..{MAX_HEAD_DIM}")
+    if len({t["name"] for t in tensors}) != len(tensors):
+        return "tensor names must be unique"
+    for key in HEAD_NAMES:
+        if value.get(key) is not None and not isinstance(value[key], str):
+            return f'"{key}" must be a tensor name (string) or null'
+    for key in HEAD_WORDS:
+        if key in value and not isinstance(value[key], str):
+            return f'"{key}" must be a string'
     return None
 
 
@@ -108,6 +165,10 @@ def _canary(value: Any) -> str | None:
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in r)
             for r in rows):
         return f'"digest" must be 1..{MAX_CANARY} lists of 1..{MAX_CANARY} numbers'
+    if len({len(r) for r in rows}) != 1:
+        return '"digest" rows must all have the same length'
+    if not all(abs(v) <= 1e300 for r in rows for v in r):
+        return '"digest" numbers must be within +-1e300'
     return None
 
 
@@ -129,5 +190,6 @@ def check_metadata(metadata: Any) -> None:
             problem = check(metadata[key])
             if problem:
                 raise InvalidFieldError(problem, field=f"{FIELD}.{key}")
+    check_values(metadata)
     if "head_seed" in metadata and "labels" not in metadata:
         raise InvalidFieldError("a task head needs 'labels'", field=f"{FIELD}.head_seed")
