@@ -42,6 +42,9 @@ class PacketLimits:
     max_cols: int = 2**16
     max_rank: int = 4096
     max_metadata_bytes: int = MAX_METADATA_BYTES
+    # values of the projections a device regenerates for shared-projection kinds (VeRA:
+    # rank * (max rows + max cols)); 2**23 float32 values are 32 MiB
+    max_projection_values: int = 2**23
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,19 @@ def check_head_records(metadata: dict[str, Any], kinds_ids_shapes: list[tuple[in
             raise InvalidFieldError(f"head tensor {lid} has {rows}x{cols} values, metadata "
                                     f"declares shape {declared[lid]['shape']}",
                                     field=f"head.tensors[{lid}]")
+
+
+def check_projection_size(kinds_shapes: list[tuple[int, int, int, int]],
+                          limits: PacketLimits) -> None:
+    """The shared projections that ``(kind, rank, rows, cols)`` records make a device
+    regenerate (``rank * (max rows + max cols)`` values per kind) stay within the limit:
+    checked from the table alone, before a bundle, an allocation or a PRNG is involved."""
+    for kind in {k for k, _, _, _ in kinds_shapes if rule_of(RecordKind(k)).shared_projections}:
+        shapes = [(rank, rows, cols) for k, rank, rows, cols in kinds_shapes if k == kind]
+        size = max(r for r, _, _ in shapes) * (max(rows for _, rows, _ in shapes) +
+                                              max(cols for _, _, cols in shapes))
+        check_range(size, 0, limits.max_projection_values,
+                    f"{RecordKind(kind).name}.projection_values")
 
 
 def check_shared_projections(kinds_ranks_variants: list[tuple[int, int, int]]) -> None:

@@ -1,10 +1,12 @@
 """Packet v1 reader: hostile bytes -> a checked :class:`~solar_edge.format.packet.Packet`.
 
 Reading happens in a fixed order: total length cap -> header fields one by one (each
-range-checked as read) -> declared body length against the bytes present -> signature
-(when trusted keys are given, before the body is touched) -> optional zstd with a capped
-output -> layer table (caps, ranges, payload sizes with exact integer arithmetic) ->
-payload decode -> semantic checks. Nothing is allocated in proportion to a declared count
+range-checked as read; adapter version 1..2**64-2; metadata by
+:mod:`~solar_edge.format.metadata`) -> declared body length against the bytes present ->
+signature (when trusted keys are given, before the body is touched) -> optional zstd with
+a capped output -> layer table (caps, ranges, payload sizes with exact integer arithmetic,
+the size of the shared projections a device would regenerate) -> payload decode ->
+semantic checks. Nothing is allocated in proportion to a declared count
 before that count has been checked against the limits and the bytes actually present.
 Every failure is a :class:`~solar_edge.errors.PacketError` subclass naming the field.
 """
@@ -51,6 +53,7 @@ from solar_edge.format.packet import (
     check_adapter_version,
     check_entry,
     check_head_records,
+    check_projection_size,
     check_range,
     check_shared_projections,
     enum_value,
@@ -191,6 +194,7 @@ def _read_body(raw: bytes, layer_count: int, limits: PacketLimits,
         entries.append((e, count))
         payload += e.positions_bytes + nbytes
     check_shared_projections([(e.kind, e.rank, e.variant) for e, _ in entries])
+    check_projection_size([(e.kind, e.rank, e.rows, e.cols) for e, _ in entries], limits)
     check_head_records(metadata, [(e.kind, e.layer_id, e.rows, e.cols) for e, _ in entries])
     left = len(raw) - r.pos
     if payload > left:

@@ -34,6 +34,7 @@ from solar_edge.format.packet import (
     check_entry,
     check_head_records,
     check_header,
+    check_projection_size,
     check_range,
     check_shared_projections,
     record_key,
@@ -127,6 +128,7 @@ def encode_packet(
         table.append(entry)
         payload.append(data)
     check_shared_projections([(int(r.kind), r.rank, r.variant) for r in ordered])
+    check_projection_size([(int(r.kind), r.rank, r.rows, r.cols) for r in ordered], limits)
     check_head_records(header.metadata, [(int(r.kind), r.layer_id, r.rows, r.cols)
                                          for r in ordered])
     body = b"".join(table) + b"".join(payload)

@@ -31,6 +31,7 @@ import numpy as np
 
 from solar_edge.encode.quant import quantize
 from solar_edge.errors import AdapterError, CodecError
+from solar_edge.format.packet import PacketLimits
 from solar_edge.format.records import LayerRecord, RecordKind, ValueFormat
 from solar_edge.methods.base import (
     Adapter,
@@ -53,22 +54,44 @@ from solar_edge.methods.tensors import (
 MAX_KEY = 0xFFFF
 
 
-def mt19937_raw(key: int, count: int) -> np.ndarray:
-    """The first ``count`` raw 32-bit MT19937 outputs (as uint64) for ``init_genrand(key)``."""
+def _mt19937(key: int) -> np.random.MT19937:
     if not 0 <= key < 2**32:
         raise CodecError(f"MT19937 key must be a u32, got {key}")
     bitgen = np.random.MT19937()
     bitgen.state = np.random.RandomState(key).get_state(legacy=False)  # type: ignore[assignment]
-    return np.asarray(bitgen.random_raw(count), np.uint64)
+    return bitgen
+
+
+def mt19937_raw(key: int, count: int) -> np.ndarray:
+    """The first ``count`` raw 32-bit MT19937 outputs (as uint64) for ``init_genrand(key)``."""
+    return np.asarray(_mt19937(key).random_raw(count), np.uint64)
+
+
+def _uniform(raw: np.ndarray, fan_in: int) -> np.ndarray:
+    bound = math.sqrt(3.0) * (math.sqrt(2) / math.sqrt(fan_in))
+    low = np.float64(np.float32(-bound))
+    span = np.float64(np.float32(bound) - np.float32(-bound))
+    x = (raw & np.uint64((1 << 24) - 1)).astype(np.float64) * 2.0**-24
+    return (x * span + low).astype(np.float32)
 
 
 def kaiming_uniform(raw: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """torch's ``uniform_(-bound, bound)`` on float32 from raw 32-bit outputs (see module)."""
-    bound = math.sqrt(3.0) * (math.sqrt(2) / math.sqrt(shape[1]))
-    low = np.float64(np.float32(-bound))
-    span = np.float64(np.float32(bound) - np.float32(-bound))
-    x = (raw & np.uint64((1 << 24) - 1)).astype(np.float64) * 2.0**-24
-    return (x * span + low).astype(np.float32).reshape(shape)
+    return _uniform(raw, shape[1]).reshape(shape)
+
+
+_CHUNK = 1 << 16  # raw outputs converted at a time: the float64 temporaries stay ~1.5 MiB
+MAX_PROJECTION_VALUES = PacketLimits().max_projection_values
+
+
+def _draw(bitgen: np.random.MT19937, shape: tuple[int, int]) -> np.ndarray:
+    """The next ``shape`` Kaiming-uniform float32 values, converted chunk by chunk (the
+    stream is the same as one long draw: the generator's state carries over)."""
+    out = np.empty(shape[0] * shape[1], np.float32)
+    for start in range(0, out.size, _CHUNK):
+        n = min(_CHUNK, out.size - start)
+        out[start : start + n] = _uniform(np.asarray(bitgen.random_raw(n), np.uint64), shape[1])
+    return out.reshape(shape)
 
 
 @dataclass(frozen=True)
@@ -80,14 +103,21 @@ class VeraProjections:
     B: np.ndarray
 
     @classmethod
-    def generate(cls, key: int, rank: int, max_out: int, max_in: int) -> VeraProjections:
+    def generate(cls, key: int, rank: int, max_out: int, max_in: int,
+                 max_values: int = MAX_PROJECTION_VALUES) -> VeraProjections:
+        """Checked before any PRNG work: the key, the shape, and ``rank * (max_out + max_in)``
+        against ``max_values`` (the packet limit ``max_projection_values``); memory is the
+        4 bytes per value of the result plus one chunk."""
         if not 0 <= key <= MAX_KEY:
             raise CodecError(f"VeRA projection key {key} does not fit in u16")
         if min(rank, max_out, max_in) < 1:
             raise CodecError(f"bad VeRA projection shape r={rank}, {max_out}x{max_in}")
-        raw = mt19937_raw(key, rank * max_in + max_out * rank)
-        a = kaiming_uniform(raw[: rank * max_in], (rank, max_in))
-        b = kaiming_uniform(raw[rank * max_in :], (max_out, rank))
+        if rank * (max_out + max_in) > max_values:
+            raise CodecError(f"VeRA projections r={rank}, {max_out}x{max_in} would be "
+                             f"{rank * (max_out + max_in)} values, above the limit {max_values}")
+        bitgen = _mt19937(key)
+        a = _draw(bitgen, (rank, max_in))
+        b = _draw(bitgen, (max_out, rank))
         return cls(key, a, b)
 
 
