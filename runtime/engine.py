@@ -39,6 +39,7 @@ from solar_edge.errors import (
     UnknownAdapterError,
 )
 from solar_edge.format import signing
+from solar_edge.format.bundle import LayerBasis
 from solar_edge.format.packet import Packet, PacketLimits
 from solar_edge.format.reader import decode_packet
 from solar_edge.regen import canary
@@ -46,7 +47,13 @@ from solar_edge.runtime.backends import open_backend
 from solar_edge.runtime.bundle_parts import open_bundle
 from solar_edge.runtime.families import open_family
 from solar_edge.runtime.heads import Head, embedding, head_from_packet
-from solar_edge.runtime.patching import LayerPatch, check_factors, dora_scale, patches_nbytes
+from solar_edge.runtime.patching import (
+    LayerPatch,
+    check_factors,
+    dora_scale,
+    one_blas_thread,
+    patches_nbytes,
+)
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,7 @@ class EdgeRuntime:
         self._installed: dict[str, int] = {}
         self._active: _Cached | None = None
         self._staged: tuple[_Cached, Any] | None = None  # prepared, probed, not yet served
+        self._bases: dict[int, LayerBasis] = {}  # memory-mapped once per layer, then reused
         self.last_timings: dict[str, float] = {}  # of the last stage/activate, by step
         self._health_feeds = self.family.feeds(self.family.health_input)
         self.backend.check_link(self._health_feeds)
@@ -144,11 +152,13 @@ class EdgeRuntime:
                 f"{self.bundle.fingerprint.hex()[:16]}...", field="header.fingerprint")
         self._check_version(header.adapter_id, header.adapter_version)
         t1 = time.perf_counter()
-        cached = self._decode(packet)
+        with one_blas_thread():
+            cached = self._decode(packet)
         t2 = time.perf_counter()
         with self._lock:
             try:
-                staged = self.backend.prepare(cached.patches)
+                with one_blas_thread():
+                    staged = self.backend.prepare(cached.patches)
                 t3 = time.perf_counter()
                 probe = self.backend.probe(staged, self._health_feeds)
                 self._check(probe)
@@ -185,7 +195,8 @@ class EdgeRuntime:
                 if ready is not None and new is not None and ready[0] is new:
                     staged = ready[1]  # prepared by stage() and nothing committed since
                 else:
-                    staged = self.backend.prepare(new.patches if new else {})
+                    with one_blas_thread():
+                        staged = self.backend.prepare(new.patches if new else {})
                 t1 = time.perf_counter()
                 self.backend.commit(staged)
             except Exception as exc:
@@ -256,7 +267,7 @@ class EdgeRuntime:
     def _decode(self, packet: Packet) -> _Cached:
         try:
             decoded = decode_records(packet.records, packet.codec, self.bundle.dims,
-                                     self.bundle.basis)
+                                     self._basis)
             meta = dict(packet.header.metadata)
             head = head_from_packet(meta, decoded.head, self.hidden, self.bundle.bundle.head_part)
         except SolarEdgeError as exc:
@@ -269,6 +280,13 @@ class EdgeRuntime:
             cache_bytes=patches_nbytes(patches),
         )
         return _Cached(info, patches, head)
+
+    def _basis(self, layer_id: int) -> LayerBasis:
+        """The layer's basis maps, opened on first use and kept (pages stay mapped)."""
+        basis = self._bases.get(layer_id)
+        if basis is None:
+            basis = self._bases[layer_id] = self.bundle.basis(layer_id)
+        return basis
 
     def _patches(self, decoded: Decoded) -> dict[int, LayerPatch]:
         """Factors, bias deltas and DoRA row scales per layer (scales from the pristine W0)."""

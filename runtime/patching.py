@@ -11,8 +11,10 @@ rank ``k``: proportional to what the packet keeps.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +24,30 @@ from solar_edge.format.graph import lora_extra_slot_names, lora_slot_names
 F32_MAX = float(np.finfo(np.float32).max)
 
 Factors = tuple[np.ndarray, np.ndarray]  # (L: out x k, Rt: in x k), dW = L @ Rt.T
+
+
+_BLAS: list[Any] = []  # a threadpoolctl controller, made on first use (None: not installed)
+
+
+@contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """numpy's BLAS on one thread inside the block, where threadpoolctl is installed.
+
+    Staging's products are small (``(out + in) x r x k``); a second BLAS thread wakes up and
+    then spins for each of them, which on a board's few shared cores costs more than it
+    saves (measured in docs/runtime.md). Without threadpoolctl BLAS keeps its own setting.
+    """
+    if not _BLAS:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _BLAS.append(ThreadpoolController())
+        except ImportError:
+            _BLAS.append(None)
+    if _BLAS[0] is None:
+        yield
+        return
+    with _BLAS[0].limit(limits=1, user_api="blas"):
+        yield
 
 
 @dataclass(frozen=True)

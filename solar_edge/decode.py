@@ -28,7 +28,7 @@ from solar_edge.format.bundle import LayerBasis
 from solar_edge.format.kinds import rule_of, value_count
 from solar_edge.format.records import CodecHeader, LayerRecord, RecordKind
 from solar_edge.methods.base import Factors, KindDecoder
-from solar_edge.regen.bases import perturbed_columns, u_stream, v_stream
+from solar_edge.regen.bases import perturbed_columns, perturbed_leading, u_stream, v_stream
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,14 @@ def _basis_columns(record: LayerRecord, basis: LayerBasis, header: CodecHeader):
         return perturbed_columns(mat, record.layer_id, stream(record.variant), idx,
                                  header.seed, record.epsilon, header.perturbation)
     return cols_of
+
+
+def _leading_columns(record: LayerRecord, basis: LayerBasis, header: CodecHeader, side: str,
+                     count: int) -> np.ndarray:
+    """The first ``count`` perturbed basis columns of one side (a view when eps == 0)."""
+    mat, stream = (basis.U, u_stream) if side == "U" else (basis.V, v_stream)
+    return perturbed_leading(mat, record.layer_id, stream(record.variant), count, header.seed,
+                             record.epsilon, header.perturbation)
 
 
 def _check_basis(record: LayerRecord, basis: LayerBasis | None) -> LayerBasis:
@@ -76,9 +84,10 @@ def _dense(record: LayerRecord, values: np.ndarray, basis: LayerBasis | None,
 
 def _factored(record: LayerRecord, values: np.ndarray, basis: LayerBasis | None,
               header: CodecHeader, shared: Any) -> Factors:
-    cols_of = _basis_columns(record, _check_basis(record, basis), header)
+    basis = _check_basis(record, basis)
     a, b = _split_factors(record, values)
-    return (cols_of("U", np.arange(record.rows)) @ a, cols_of("V", np.arange(record.cols)) @ b)
+    return (_leading_columns(record, basis, header, "U", record.rows) @ a,
+            _leading_columns(record, basis, header, "V", record.cols) @ b)
 
 
 def _sparse(record: LayerRecord, values: np.ndarray, basis: LayerBasis | None,

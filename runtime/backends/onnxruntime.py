@@ -83,6 +83,7 @@ class OrtMechanism:
         self.slots = {s.layer_id: s for s in slots}
         self.base = base_weights
         self.base_bias = base_biases or {}
+        self._b0: dict[int, np.ndarray | None] = {}  # base biases, opened once per layer
         self.providers = list(providers)
         self.threads = threads
         self.session = self._create()
@@ -97,7 +98,9 @@ class OrtMechanism:
         slot = self.slots[lid]
         out = {slot.init_name: patched_weight_t(self.base[lid], patch)}
         if slot.bias_name is not None:
-            b0 = self.base_bias.get(lid)
+            if lid not in self._b0:
+                self._b0[lid] = self.base_bias.get(lid)
+            b0 = self._b0[lid]
             if b0 is None:
                 raise RuntimeApplyError(f"layer {lid}: no base bias for {slot.bias_name}")
             out[slot.bias_name] = patched_bias(b0, patch)

@@ -49,3 +49,27 @@ def perturbed_columns(
         return np.ascontiguousarray(base)
     p = perturbation_columns(seed, layer_id, stream, n_rows, cols, kind)
     return (base + eps * p).astype(np.float32, copy=False)
+
+
+def perturbed_leading(
+    basis_matrix: np.ndarray,
+    layer_id: int,
+    stream: int,
+    count: int,
+    seed: int,
+    epsilon: float,
+    kind: PerturbationKind,
+) -> np.ndarray:
+    """The first ``count`` columns, as :func:`perturbed_columns` of ``range(count)``.
+
+    With ``epsilon == 0`` this is a read-only view of ``basis_matrix`` (nothing is copied),
+    meant as an operand of a product, not to be kept.
+    """
+    n_cols = basis_matrix.shape[1]
+    if not 0 <= count <= n_cols:
+        raise CodecError(f"basis column out of range 0..{n_cols - 1}")
+    eps = np.float32(epsilon)
+    if eps == 0 and basis_matrix.dtype == np.float32:
+        return basis_matrix[:, :count]
+    return perturbed_columns(basis_matrix, layer_id, stream, np.arange(count), seed, epsilon,
+                             kind)
