@@ -32,7 +32,7 @@ class Outcome:
 
     ``action``: ``installed``, ``current`` (the newest allowed version is installed),
     ``deferred`` (a newer version's rollout does not include this device yet), ``pinned``
-    (a newer version is listed but an operator pinned the id), ``rejected``, ``failed``."""
+    (a newer version is listed but an operator pinned the id), ``rejected``."""
 
     adapter_id: str
     version: int
