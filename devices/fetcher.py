@@ -1,15 +1,17 @@
 """Transport for the update agent: a one-method interface, an HTTP client, an in-memory double.
 
-``Transport.get(url, start)`` returns the body from byte ``start`` on (HTTP Range) as an
-iterator of chunks. :func:`download_resumable` keeps a partial file on disk and asks for
-the rest after an interruption, bounded in attempts, bytes and time. :class:`TufFetcher`
-lets python-tuf's ``ngclient.Updater`` fetch metadata through the same transport, so unit
-tests can run the whole agent against :class:`MemoryTransport`.
+``Transport.get(url, start, deadline_s)`` returns the body from byte ``start`` on (HTTP
+Range) as an iterator of chunks; the whole get, headers included, ends by ``deadline_s``.
+:func:`download_resumable` keeps a partial file on disk and asks for the rest after an
+interruption, bounded in attempts, bytes and one overall deadline. :class:`TufFetcher`
+lets python-tuf's ``ngclient.Updater`` fetch metadata through the same transport (with a
+deadline per metadata file), so unit tests can run the whole agent against
+:class:`MemoryTransport`. Wire-level checks live in ``httpwire``.
 """
 
 from __future__ import annotations
 
-import http.client
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -21,17 +23,18 @@ from urllib.parse import urlsplit
 from tuf.api import exceptions as tuf_exc
 from tuf.ngclient import FetcherInterface
 
-from solar_edge.errors import DownloadError, IntegrityError
+from solar_edge.devices.httpwire import HTTP_FAULTS, DeadlineConnection, check_response, reraise
+from solar_edge.errors import (
+    DownloadError,
+    HTTPStatusError,
+    IntegrityError,
+    SlowRetrievalError,
+)
+
+__all__ = ["Body", "DownloadPolicy", "HTTPStatusError", "HttpTransport", "MemoryTransport",
+           "Transport", "TufFetcher", "download_resumable"]
 
 CHUNK = 16 * 1024
-
-
-class HTTPStatusError(DownloadError):
-    """The server answered with an HTTP error status."""
-
-    def __init__(self, message: str, status: int) -> None:
-        self.status = status
-        super().__init__(message)
 
 
 @dataclass
@@ -45,59 +48,63 @@ class Body:
 
 
 class Transport(Protocol):
-    def get(self, url: str, start: int = 0) -> Body:
-        """Body of ``url`` from byte ``start`` (0: whole file). Raises DownloadError."""
+    def get(self, url: str, start: int = 0, deadline_s: float | None = None) -> Body:
+        """Body of ``url`` from byte ``start`` (0: whole file). Raises DownloadError.
+
+        ``deadline_s``: seconds from now by which the whole get, headers and body, must
+        be done (None: the transport's own bounds only).
+        """
         ...
 
 
-def _parse_content_range(value: str) -> tuple[int, int, int]:
-    try:
-        unit, rest = value.split(" ", 1)
-        span, total = rest.split("/", 1)
-        first, last = span.split("-", 1)
-        if unit != "bytes":
-            raise ValueError(unit)
-        return int(first), int(last), int(total)
-    except ValueError as exc:
-        raise DownloadError(f"malformed Content-Range {value!r}") from exc
-
-
 class HttpTransport:
-    """HTTP/1.1 client on ``http.client`` with connect/read timeouts; one connection per get."""
+    """HTTP/1.1 client on ``http.client``; one connection and one deadline per get.
 
-    def __init__(self, timeout_s: float = 30.0, user_agent: str = "solar-edge-agent") -> None:
+    ``timeout_s`` bounds connect and each read; ``max_fetch_s`` (None: no cap) bounds a
+    whole get, connect, status line, headers and body together, as does the
+    ``deadline_s`` a caller passes (the smaller applies). Redirects are not followed.
+    Every failure is a :class:`DownloadError`: :class:`HTTPStatusError`,
+    :class:`MalformedResponseError` or :class:`SlowRetrievalError`.
+    """
+
+    def __init__(self, timeout_s: float = 30.0, user_agent: str = "solar-edge-agent",
+                 max_fetch_s: float | None = None) -> None:
         self.timeout_s = timeout_s
         self.user_agent = user_agent
+        self.max_fetch_s = max_fetch_s
 
-    def get(self, url: str, start: int = 0) -> Body:
+    def get(self, url: str, start: int = 0, deadline_s: float | None = None) -> Body:
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise DownloadError(f"only http:// URLs are supported here, got {url!r}")
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise DownloadError(f"bad port in {url!r}") from exc
+        limits = [s for s in (deadline_s, self.max_fetch_s) if s is not None]
+        budget = min(limits) if limits else math.inf
+        deadline = time.monotonic() + budget
         path = parts.path + (f"?{parts.query}" if parts.query else "")
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=self.timeout_s)
+        conn = DeadlineConnection(parts.hostname, port, self.timeout_s, deadline)
         headers = {"User-Agent": self.user_agent}
         if start > 0:
             headers["Range"] = f"bytes={start}-"
         try:
             conn.request("GET", path or "/", headers=headers)
             resp = conn.getresponse()
-        except (OSError, http.client.HTTPException) as exc:
+        except BaseException as exc:
             conn.close()
-            raise DownloadError(f"GET {url}: {exc}") from exc
-        if resp.status not in (200, 206):
+            reraise(exc, url, deadline, budget, "before the body")
+
+        def close() -> None:
+            resp.close()
             conn.close()
-            raise HTTPStatusError(f"GET {url}: HTTP {resp.status} {resp.reason}", resp.status)
-        length = resp.getheader("Content-Length")
-        declared = int(length) if length is not None and length.isdigit() else None
-        if resp.status == 206:
-            first, _last, size = _parse_content_range(resp.getheader("Content-Range", ""))
-            total: int | None = size
-            if first != start:
-                conn.close()
-                raise DownloadError(f"GET {url}: asked for byte {start}, got {first}")
-            offset = first
-        else:
-            offset, total = 0, declared  # server ignored the range: the whole file again
+
+        try:
+            head = check_response(resp, url, start)
+        except BaseException as exc:
+            close()
+            reraise(exc, url, deadline, budget, "before the body")
 
         def chunks() -> Iterator[bytes]:
             got = 0
@@ -108,14 +115,15 @@ class HttpTransport:
                         break
                     got += len(block)
                     yield block
-            except (OSError, http.client.HTTPException) as exc:
-                raise DownloadError(f"GET {url}: connection lost after {got} bytes") from exc
+            except (OSError, *HTTP_FAULTS) as exc:
+                reraise(exc, url, deadline, budget, f"after {got} body bytes")
             finally:
-                conn.close()
-            if declared is not None and got < declared:
-                raise DownloadError(f"GET {url}: connection closed after {got} of {declared} bytes")
+                close()
+            if head.declared is not None and got < head.declared:
+                raise DownloadError(f"GET {url}: connection closed after {got} of "
+                                    f"{head.declared} bytes")
 
-        return Body(offset, total, chunks(), conn.close)
+        return Body(head.offset, head.total, chunks(), close)
 
 
 @dataclass
@@ -133,7 +141,7 @@ class MemoryTransport:
     down: bool = False
     requests: list[tuple[str, int]] = field(default_factory=list)
 
-    def get(self, url: str, start: int = 0) -> Body:
+    def get(self, url: str, start: int = 0, deadline_s: float | None = None) -> Body:
         path = urlsplit(url).path
         self.requests.append((path, start))
         if self.down:
@@ -158,26 +166,44 @@ class MemoryTransport:
 
 
 class TufFetcher(FetcherInterface):
-    """python-tuf fetcher over a :class:`Transport` (metadata is small: no resume)."""
+    """python-tuf fetcher over a :class:`Transport` (metadata is small: no resume).
 
-    def __init__(self, transport: Transport) -> None:
+    Each metadata file gets ``deadline_s`` for the whole fetch, headers included (the
+    transport enforces it per read; chunks are also checked here for any transport);
+    python-tuf's ``UpdaterConfig`` caps the length. Only tuf ``DownloadError`` escapes.
+    """
+
+    def __init__(self, transport: Transport, deadline_s: float = 60.0) -> None:
         self.transport = transport
+        self.deadline_s = deadline_s
 
     def _fetch(self, url: str) -> Iterator[bytes]:
+        deadline = time.monotonic() + self.deadline_s
         try:
-            body = self.transport.get(url)
-        except HTTPStatusError as exc:
-            raise tuf_exc.DownloadHTTPError(str(exc), exc.status) from exc
+            body = self.transport.get(url, deadline_s=self.deadline_s)
         except DownloadError as exc:
-            raise tuf_exc.DownloadError(str(exc)) from exc
-        return self._wrap(body)
+            raise _tuf_error(exc) from exc
+        return self._wrap(body, url, deadline)
 
     @staticmethod
-    def _wrap(body: Body) -> Iterator[bytes]:
+    def _wrap(body: Body, url: str, deadline: float) -> Iterator[bytes]:
         try:
-            yield from body.chunks
+            for block in body.chunks:
+                yield block
+                if time.monotonic() > deadline:
+                    raise SlowRetrievalError(f"GET {url}: too slow, metadata deadline passed")
         except DownloadError as exc:
-            raise tuf_exc.DownloadError(str(exc)) from exc
+            raise _tuf_error(exc) from exc
+        finally:
+            body.close()
+
+
+def _tuf_error(exc: DownloadError) -> tuf_exc.DownloadError:
+    if isinstance(exc, HTTPStatusError):
+        return tuf_exc.DownloadHTTPError(str(exc), exc.status)
+    if isinstance(exc, SlowRetrievalError):
+        return tuf_exc.SlowRetrievalError(str(exc))
+    return tuf_exc.DownloadError(str(exc))
 
 
 @dataclass(frozen=True)
@@ -199,7 +225,8 @@ def download_resumable(transport: Transport, url: str, part: Path, length: int,
     """Complete ``part`` to exactly ``length`` bytes from ``url``, resuming what is there.
 
     Never writes past ``length`` (endless-data defence: IntegrityError), gives up after
-    ``policy.attempts`` consecutive failures or the overall deadline. The bytes are not
+    ``policy.attempts`` consecutive failures or at the one overall deadline, which the
+    transport also enforces within each get (SlowRetrievalError). The bytes are not
     verified here: the caller checks them against signed metadata.
     """
     deadline = clock() + policy.grace_s + length * 8 / policy.min_rate_bps
@@ -214,9 +241,10 @@ def download_resumable(transport: Transport, url: str, part: Path, length: int,
             _fsync_file(part)
             return part
         if clock() > deadline:
-            raise DownloadError(f"{url}: too slow, {have} of {length} bytes before the deadline")
-        try:
-            body = transport.get(url, start=have)
+            raise SlowRetrievalError(f"{url}: too slow, {have} of {length} bytes before the "
+                                     f"deadline")
+        try:  # the transport gets what is left of the one deadline: headers count too
+            body = transport.get(url, start=have, deadline_s=deadline - clock())
             try:
                 _append(body, part, have, length, url, clock, deadline, on_progress)
             finally:
@@ -224,7 +252,7 @@ def download_resumable(transport: Transport, url: str, part: Path, length: int,
             failures = 0
         except DownloadError:
             failures += 1
-            if failures >= policy.attempts:
+            if failures >= policy.attempts or clock() > deadline:
                 raise
             sleep(min(policy.backoff_max_s, policy.backoff_s * 2 ** (failures - 1)))
 
@@ -246,7 +274,8 @@ def _append(body: Body, part: Path, have: int, length: int, url: str,
                 out.flush()
                 on_progress(pos)
             if clock() > deadline:
-                raise DownloadError(f"{url}: too slow, {pos} of {length} bytes before the deadline")
+                raise SlowRetrievalError(f"{url}: too slow, {pos} of {length} bytes before "
+                                         f"the deadline")
         out.flush()
         os.fsync(out.fileno())
 
