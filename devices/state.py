@@ -147,8 +147,10 @@ class StateStore:
         self.status_path = self.root / "status.json"
         self.device_id_path = self.root / "device_id"
         if not create:
-            if not self.path.is_file():
-                raise StateError(f"no agent state at {self.root} (state.json missing)")
+            marks = (self.path, self.status_path, self.device_id_path)
+            if not any(mark.is_file() for mark in marks):
+                raise StateError(f"no agent state at {self.root} (no state.json, status.json "
+                                 f"or device_id)")
             return
         for folder in (self.root, self.packets, self.partial, self.metadata):
             folder.mkdir(parents=True, exist_ok=True)

@@ -172,3 +172,14 @@ def test_a_running_agent_follows_an_operator_rollback_at_its_next_cycle(device, 
     outcomes = {o.adapter_id: (o.version, o.action) for o in agent.run()}
     assert outcomes["a"] == (3, "installed") and agent.applier.active_version == 3
     assert agent.store.load().previous["a"].version == 1
+
+
+def test_status_of_an_agent_that_installed_nothing_yet(rig, monkeypatch, capsys):
+    rig.publish(rig.packet("a", 1, fingerprint="c" * 64))     # for another base: rejected
+    rig.start()
+    rig.agent(device_id="board-0").run()
+    code, out, _ = _main(monkeypatch, capsys, "device", "status", "--state",
+                         str(rig.tmp / "device"), "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["adapters"] == {} and doc["device_id"] == "board-0"
+    assert doc["last_cycle"]["exit_code"] == 1 and len(doc["rejected"]) == 1
