@@ -156,3 +156,62 @@ def test_publishing_into_a_root_that_trusts_another_key_is_refused(tmp_path, key
         Repository(repo_dir, signer_from_key(stranger)).publish(
             [make_test_packet(stranger, "a", 2)], facts_reader=double_facts)
     assert _files(repo_dir) == before
+
+
+def _real_packet(path, key, adapter_id, version, value):
+    """A small real SOLAR packet (two vector records), signed with ``key``."""
+    import numpy as np
+
+    from solar_edge.format.packet import PacketHeader
+    from solar_edge.format.records import (
+        CodecHeader,
+        LayerRecord,
+        QuantizedValues,
+        RecordKind,
+        ValueFormat,
+    )
+    from solar_edge.format.writer import encode_packet
+
+    records = [LayerRecord(0, kind, 5, 1, 0, QuantizedValues(
+        ValueFormat.FLOAT16, 5, raw=np.full(5, value, np.float16)))
+        for kind in (RecordKind.BIAS_DELTA, RecordKind.MAGNITUDE_DELTA)]
+    path.write_bytes(encode_packet(PacketHeader(bytes(32), adapter_id, version, {}),
+                                   CodecHeader(0), records, key))
+    return str(path)
+
+
+def test_publish_command_refusals_exit_2_with_one_line(tmp_path, key, monkeypatch, capsys):
+    import sys
+
+    from solar_edge.cli import main
+    from solar_edge.format import signing
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["solar-edge", "publish", *args])
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        return (code, *capsys.readouterr())
+
+    key_file = str(signing.save_private_key(key, tmp_path / "k.pem"))
+    repo = str(tmp_path / "repo")
+    first = _real_packet(tmp_path / "a1.slr", key, "a", 1, 1.0)
+    code, out, _ = run(first, "--signing-key", key_file, "--out", repo, "--rollout", "0.25",
+                       "--json")
+    assert code == 0 and json.loads(out)["targets"] == ["adapters/a/v1.slr"]
+    listed = Metadata.from_file(str(tmp_path / "repo/metadata/1.targets.json")).signed.targets
+    assert listed["adapters/a/v1.slr"].custom["rollout"] == "0.25"
+    assert run(first, "--signing-key", key_file, "--out", repo)[0] == 0   # same bytes: fine
+    other = _real_packet(tmp_path / "a1b.slr", key, "a", 1, 2.0)
+    code, _, err = run(other, "--signing-key", key_file, "--out", repo)
+    assert code == 2 and err.startswith("error: PublishRefusedError: a v1 is already published")
+    assert len(err.strip().splitlines()) == 1
+    stranger = signing.generate_private_key()
+    stranger_file = str(signing.save_private_key(stranger, tmp_path / "s.pem"))
+    code, _, err = run(_real_packet(tmp_path / "a2.slr", stranger, "a", 2, 1.0),
+                       "--signing-key", stranger_file, "--out", repo)
+    assert code == 2 and "does not trust this signing key" in err
+    code, _, err = run(first, "--signing-key", key_file, "--out", repo, "--rollout", "0")
+    assert code == 2 and "0 < f <= 1" in err
