@@ -97,13 +97,15 @@ def apply_phase(n: int, seed: int, bundle_dir: str) -> Tally:
 
     rt = EdgeRuntime(bundle_dir, hp.TRUSTED)
     shapes = {lid: s.shape for lid, s in rt.bundle.slots.items()}
-    base = hp.bundle_packet(rt.bundle.fingerprint, shapes, rt.bundle.dims(min(shapes)).rank)
+    rank = rt.bundle.dims(min(shapes)).rank
+    base = hp.bundle_packet(rt.bundle.fingerprint, shapes, rank)
+    sizes = hp.bundle_sizes(shapes, rank)
     rt.apply(base)
     rng = random.Random(seed)
     tally = Tally()
     for i in range(n):
         tally.mutants += 1
-        name, data = hp.structure_mutant(rng, base, adapter_id=b"m%d" % i)
+        name, data = hp.structure_mutant(rng, base, b"m%d" % i, sizes)
         tally.run(name, lambda d=data: rt.apply(d))
         if rt.active is None or rt.active.adapter_id != "fuzz":
             rt.activate("fuzz")

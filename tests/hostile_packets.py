@@ -16,7 +16,7 @@ import json
 import math
 import random
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -186,20 +186,22 @@ def valid_payload(rng: random.Random, e: list) -> list[bytes] | None:
     return [pos, scales.tobytes() + pack_bits([rng.randint(-q, q) for _ in range(count)], fmt)]
 
 
-def _pick(rng: random.Random, name: str) -> int | float:
+def _pick(rng: random.Random, name: str, sizes: Sequence[int] = ()) -> int | float:
     if name == "eps":
         return rng.choice([0.0, 0.5, -1.0, math.inf, math.nan, 1e38, 5e-45])
+    if sizes and name in ("rows", "cols", "rank") and rng.random() < 0.5:
+        return rng.choice(sizes)
     value = rng.choice(INTERESTING + [rng.randrange(2**16)])
     return min(value, FIELD_MAX.get(name, 2**32 - 1))
 
 
-def entry_mutant(rng: random.Random, raw: RawPacket) -> str:
+def entry_mutant(rng: random.Random, raw: RawPacket, sizes: Sequence[int] = ()) -> str:
     """Mutate one or two fields of one entry; rebuild its payload to the declared size when
     it is small, so the mutant reaches the semantic checks and the decoders."""
     i = rng.randrange(len(raw.entries))
     names = rng.sample(ENTRY_FIELDS, rng.choice([1, 1, 2]))
     for name in names:
-        raw.entries[i][ENTRY_FIELDS.index(name)] = _pick(rng, name)
+        raw.entries[i][ENTRY_FIELDS.index(name)] = _pick(rng, name, sizes)
     if rng.random() < 0.8:
         payload = valid_payload(rng, raw.entries[i])
         if payload is not None:
@@ -207,12 +209,15 @@ def entry_mutant(rng: random.Random, raw: RawPacket) -> str:
     return f"entry.{'+'.join(names)}"
 
 
-def kind_swap(rng: random.Random, raw: RawPacket) -> str:
-    """A record becomes another kind with the fields that kind needs, sized to fit."""
+def kind_swap(rng: random.Random, raw: RawPacket, sizes: Sequence[int] = ()) -> str:
+    """A record becomes another kind with the fields that kind needs, sized to fit (with
+    ``sizes``, rows and cols are often set to one of them: a bundle's layer dimensions)."""
     i = rng.randrange(len(raw.entries))
     e = raw.entries[i]
     kind = rng.randrange(1, 8)
     e[1] = kind
+    if sizes and rng.random() < 0.5:
+        e[5], e[6] = rng.choice(sizes), rng.choice(sizes)
     e[3] = e[3] if kind in (1, 2, 4) else 0
     e[7] = e[7] if kind in (1, 2) else 0.0
     e[4] = 0 if kind in (1, 5, 6, 7) else max(1, min(e[4] or 1, e[5], e[6]))
@@ -224,7 +229,7 @@ def kind_swap(rng: random.Random, raw: RawPacket) -> str:
     return f"kind->{kind}"
 
 
-def count_mutant(rng: random.Random, raw: RawPacket) -> str:
+def count_mutant(rng: random.Random, raw: RawPacket, sizes: Sequence[int] = ()) -> str:
     op = rng.randrange(4)
     if op == 0 and raw.entries:
         i = rng.randrange(len(raw.entries))
@@ -243,7 +248,7 @@ def count_mutant(rng: random.Random, raw: RawPacket) -> str:
     return "count.body_length"
 
 
-def header_mutant(rng: random.Random, raw: RawPacket) -> str:
+def header_mutant(rng: random.Random, raw: RawPacket, sizes: Sequence[int] = ()) -> str:
     name = rng.choice(["adapter_version", "seed", "prng", "perturbation", "flags", "adapter_id",
                        "fingerprint"])
     if name == "adapter_version":
@@ -262,21 +267,23 @@ def header_mutant(rng: random.Random, raw: RawPacket) -> str:
     return f"header.{name}"
 
 
-def structure_mutant(rng: random.Random, base: bytes,
-                     adapter_id: bytes | None = None) -> tuple[str, bytes]:
+def structure_mutant(rng: random.Random, base: bytes, adapter_id: bytes | None = None,
+                     sizes: Sequence[int] = ()) -> tuple[str, bytes]:
     """One structure-aware, re-signed mutant of ``base`` (an uncompressed packet).
     ``adapter_id``: the id to give it unless the header mutation picks one (a runtime
-    refuses a version of an id that it already installed, before decoding anything)."""
+    refuses a version of an id that it already installed, before decoding anything).
+    ``sizes``: dimensions worth trying for rows, cols and rank (a bundle's, see
+    :func:`bundle_sizes`), besides the generic boundary values."""
     raw = parse(base)
     if adapter_id is not None:
         raw.adapter_id = adapter_id
-    ops: list[Callable[[random.Random, RawPacket], str]] = [
+    ops: list[Callable[[random.Random, RawPacket, Sequence[int]], str]] = [
         entry_mutant, entry_mutant, entry_mutant, kind_swap, kind_swap, count_mutant,
         header_mutant]
     if rng.random() < 0.2:
         name, raw.metadata = rng.choice(list(metadata_mutants(rng, json.loads(raw.metadata))))
     else:
-        name = rng.choice(ops)(rng, raw)
+        name = rng.choice(ops)(rng, raw, sizes)
     return name, raw.build(KEY)
 
 
@@ -327,3 +334,9 @@ def bundle_packet(fingerprint: bytes, shapes: dict[int, tuple[int, int]], basis_
     header = PacketHeader(fingerprint, adapter_id, version,
                           {"head_seed": 3, "labels": ["neg", "pos"], "task": "fuzz"})
     return encode_packet(header, CodecHeader(seed=99), records, KEY, compress=False)
+
+
+def bundle_sizes(shapes: dict[int, tuple[int, int]], basis_rank: int) -> list[int]:
+    """A bundle's layer dimensions and basis rank, each also off by one."""
+    dims = {d for shape in shapes.values() for d in shape} | {basis_rank}
+    return sorted({d + k for d in dims for k in (-1, 0, 1)} - {0})

@@ -253,13 +253,14 @@ def test_fuzz_runtime_apply_with_resigned_mutants(tiny_bundle):
     rt = EdgeRuntime(str(tiny_bundle), hp.TRUSTED)
     shapes = {lid: s.shape for lid, s in rt.bundle.slots.items()}
     base = hp.bundle_packet(rt.bundle.fingerprint, shapes, rt.bundle.dims(0).rank)
+    sizes = hp.bundle_sizes(shapes, rt.bundle.dims(0).rank)
     rt.apply(base)
     feeds = rt.family.feeds(rt.family.health_input)
     probe = rt.infer(feeds)
     rng = random.Random(7)
     outcomes: Counter[str] = Counter()
     for i in range(500):
-        name, data = hp.structure_mutant(rng, base, adapter_id=b"m%d" % i)
+        name, data = hp.structure_mutant(rng, base, b"m%d" % i, sizes)
         try:
             rt.apply(data)
             outcomes["ok"] += 1
