@@ -196,10 +196,12 @@ class Agent:
         by_id: dict[str, list[ListedTarget]] = {}
         unusable = []
         for path, info in sorted(signed.targets.items()):
+            custom = info.custom if isinstance(info.custom, dict) else {}
+            if "adapter_id" not in custom and "version" not in custom:
+                continue   # not an adapter packet: never fetched, never named in a path
             try:
                 target = listed_target(path, info)
             except RepositoryError as exc:
-                custom = info.custom if isinstance(info.custom, dict) else {}
                 name, version = custom.get("adapter_id"), custom.get("version")
                 unusable.append(Outcome(name if is_valid_id(name) else repr(path)[:80],
                                         version if type(version) is int else 0,

@@ -125,3 +125,13 @@ def test_corrupt_cached_root_without_a_provisioned_root_is_a_typed_error(rig):
         agent.run()
     assert agent.exit_code == 2
     assert agent.store.read_status()["error"].startswith("RepositoryError: cached")
+
+
+def test_targets_that_are_not_adapter_packets_are_ignored(rig, tmp_path):
+    rig.publish(rig.packet("b", 1))
+    _list_hostile(rig, "../../victim", 10, {"sha256": "../../victim"}, {"note": "docs"})
+    rig.start()
+    before = _outside(tmp_path)
+    agent = rig.agent()
+    assert [(o.adapter_id, o.action) for o in agent.run()] == [("b", "installed")]
+    assert agent.exit_code == 0 and _outside(tmp_path) == before
