@@ -18,6 +18,7 @@ from tuf.api import exceptions as tuf_exc
 
 from solar_edge.devices.agent import RetryPolicy
 from solar_edge.devices.fetcher import (
+    Body,
     DownloadPolicy,
     HttpTransport,
     TufFetcher,
@@ -295,6 +296,23 @@ def test_tuf_fetcher_deadline_covers_trickled_metadata_headers(server):
     with pytest.raises(tuf_exc.SlowRetrievalError):
         fetcher.download_bytes(server.url + "/f", max_length=1000)
     assert 1.9 < time.monotonic() - start < 4.0
+
+
+class SlowChunksTransport:
+    """Test double (no sockets): a transport that ignores deadlines and drips chunks."""
+
+    def get(self, url: str, start: int = 0, deadline_s: float | None = None) -> Body:
+        def chunks() -> Iterator[bytes]:
+            while True:
+                time.sleep(0.1)
+                yield b"x"
+        return Body(start, None, chunks())
+
+
+def test_tuf_fetcher_enforces_its_deadline_over_any_transport():
+    fetcher = TufFetcher(SlowChunksTransport(), deadline_s=1.0)
+    with within(2.0), pytest.raises(tuf_exc.SlowRetrievalError):
+        fetcher.download_bytes("http://repo.invalid/metadata/timestamp.json", max_length=1000)
 
 
 def test_tuf_fetcher_honest_file_and_length_cap(server):
