@@ -349,6 +349,9 @@ class Agent:
                 if not keep_going:
                     raise
                 log.error("update cycle %d failed: %s: %s", cycle + 1, type(exc).__name__, exc)
+            except SolarEdgeError as exc:   # e.g. a damaged state.json: reported, then raised
+                self.last_outcomes, self.last_error = [], exc
+                raise
             finally:
                 self.report()
         return outcomes
@@ -356,7 +359,10 @@ class Agent:
     def report(self) -> dict[str, object]:
         """Write status.json for the last cycle and POST it if a report URL is configured."""
         doc = status_doc(self.device_id, self.state, self.last_outcomes, self.last_error)
-        self.store.write_status(doc)
+        try:
+            self.store.write_status(doc)
+        except OSError as exc:   # a full disk must not stop updates
+            log.warning("cannot write %s: %s", self.store.status_path, exc)
         if self.reporter is not None:
             self.reporter.send(doc)
         return doc

@@ -189,3 +189,18 @@ def test_a_format_1_state_file_still_loads_and_the_agent_restores_it(rig):
     assert list(agent.applier.infer([1.0])) == [5.0]
     assert [o.action for o in agent.run()] == ["current"]
     assert agent.store.load().previous == {} and agent.store.load().pinned == {}
+
+
+def test_a_damaged_state_file_is_reported_in_status_and_raised_typed(rig):
+    from solar_edge.errors import StateError
+
+    rig.publish(rig.packet("a", 1))
+    rig.start()
+    agent = rig.agent()
+    agent.run()
+    agent.store.path.write_text('{"format": 2, "adapters": [], "active": null}')
+    with pytest.raises(StateError):
+        agent.run()
+    status = agent.store.read_status()
+    assert status["error"].startswith("StateError") and status["outcomes"] == []
+    assert status["exit_code"] == 2 and agent.exit_code == 2
