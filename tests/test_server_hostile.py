@@ -71,7 +71,7 @@ def _timed_get(url: str) -> tuple[bytes, float]:
 
 def test_a_normal_client_is_served_while_hundreds_trickle_headers(root, capfd):
     tmp, data = root
-    _fd_room(4 * SLOW_CLIENTS + 200)
+    _fd_room(2 * SLOW_CLIENTS + 256)
     with RepoServer(tmp) as server:
         loris = Slowloris(server.server_address[1], SLOW_CLIENTS)
         try:
@@ -87,7 +87,7 @@ def test_a_normal_client_is_served_while_hundreds_trickle_headers(root, capfd):
 
 def test_over_the_connection_cap_the_longest_waiting_header_sender_makes_room(root):
     tmp, data = root
-    _fd_room(4 * SLOW_CLIENTS + 200)
+    _fd_room(2 * SLOW_CLIENTS + 256)
     with RepoServer(tmp, max_connections=50) as server:
         loris = Slowloris(server.server_address[1], SLOW_CLIENTS)
         try:
