@@ -241,6 +241,12 @@ HOSTILE = {
     "reset": (Send(b"HTTP/1.1 200"), Reset()),
     "redirect": (Send(response("HTTP/1.1 302 Found", [("Location", "http://10.0.0.1/f"),
                                                       ("Content-Length", "0")])),),
+    "bad-range": (Send(response("HTTP/1.1 206 Partial Content", [
+        ("Content-Length", "10"), ("Content-Range", b"bytes 0-9/1\xb0")], BODY)),),
+    "header-defect": (Send(b"HTTP/1.1 200 OK\r\n\xff\r\nContent-Length: 10\r\n\r\n" + BODY),),
+    "chunked-junk": (Send(response(OK, [("Transfer-Encoding", "chunked")], b"zz\r\nab")),),
+    "endless-interim": (Endless(b"HTTP/1.1 100 Continue\r\n\r\n", every_s=0.01),),
+    "mid-body-reset": (Send(response(OK, [("Content-Length", "10")], b"01234")), Reset()),
 }
 
 
