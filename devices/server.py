@@ -11,9 +11,11 @@ Bounded against hostile clients: request headers are collected by one selector l
 (:mod:`.intake`) under ``header_timeout_s`` and a 16 KiB cap, so slow senders hold no
 worker; at most ``max_connections`` are open (the longest-waiting header sender makes room
 for a newcomer); ``workers`` threads answer complete requests; every response must be
-taken by the client within ``timeout_s`` plus its length at ``min_send_bps`` (slow
-readers are cut). Malformed paths (NUL and other control characters, invalid percent
-escapes or UTF-8, over :data:`MAX_PATH_CHARS` or :data:`MAX_SEGMENTS`) get 400.
+taken by the client within ``timeout_s`` plus its length at ``min_send_bps`` bit/s, or the
+connection is cut (the default floor, 1000 bit/s, is the agent's own and below the
+slowest TCP link profile; a response that fits the socket buffers frees its worker at
+once). Malformed paths (NUL and other control characters, invalid percent escapes or
+UTF-8, over :data:`MAX_PATH_CHARS` or :data:`MAX_SEGMENTS`) get 400.
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ class RepoServer:
     def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 0,
                  link: LinkProfile | None = None, max_connections: int = 1024,
                  timeout_s: float = 30.0, header_timeout_s: float = 10.0,
-                 workers: int = 32, min_send_bps: float = 16_384.0) -> None:
+                 workers: int = 32, min_send_bps: float = 1000.0) -> None:
         if link is not None and link.kind != "tcp":
             raise ProfileError(f"link {link.name!r} ({link.kind}) carries no HTTP/TCP; its times "
                                "are computed by the link model (solar-edge linkbench)")
@@ -290,8 +292,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         """Deadline for the next ``nbytes`` of response: a slow reader is cut, not waited on."""
         rate = self.server.min_send_bps
         if self.throttle:
-            rate = min(rate, self.throttle.rate_bps / 16)   # bytes/s at half the paced rate
-        self.writer.deadline = time.monotonic() + self.server.timeout_s + nbytes / rate
+            rate = min(rate, self.throttle.rate_bps / 2)   # bit/s: half the paced rate
+        self.writer.deadline = time.monotonic() + self.server.timeout_s + nbytes * 8 / rate
 
     def _send(self, data: bytes) -> None:
         view = memoryview(data)

@@ -126,8 +126,8 @@ def test_a_client_that_never_reads_is_cut_at_its_deadline(tmp_path):
     big = os.urandom(20_000_000)
     (tmp_path / "big").write_bytes(big)
     (tmp_path / "small").write_bytes(b"ok")
-    # deadline for the body: timeout_s + 20 MB / 10 MB/s = 2.5 s
-    with RepoServer(tmp_path, timeout_s=0.5, min_send_bps=10_000_000) as server:
+    # deadline for the body: timeout_s + 20 MB * 8 / 80 Mbit/s = 2.5 s
+    with RepoServer(tmp_path, timeout_s=0.5, min_send_bps=80_000_000) as server:
         s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         s.connect(server.server_address)
