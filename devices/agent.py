@@ -57,6 +57,7 @@ from solar_edge.errors import (
     RepositoryError,
     RollbackError,
     RuntimeApplyError,
+    SlowRetrievalError,
     SolarEdgeError,
     StateError,
     UnknownAdapterError,
@@ -91,6 +92,7 @@ class AgentConfig:
     device_id: str | None = None     # None: generated once, kept in STATE_DIR/device_id
     report_url: str | None = None    # POST status.json here after every cycle (best effort)
     report_timeout_s: float = 5.0
+    metadata_deadline_s: float = 60.0  # one TUF metadata file, headers included
 
 
 _TUF_ERRORS: list[tuple[type[Exception], type[RepositoryError]]] = [
@@ -106,6 +108,8 @@ def _translate(exc: Exception) -> SolarEdgeError:
     for tuf_type, ours in _TUF_ERRORS:
         if isinstance(exc, tuf_type):
             return ours(str(exc))
+    if isinstance(exc, tuf_exc.SlowRetrievalError):
+        return SlowRetrievalError(str(exc))
     if isinstance(exc, tuf_exc.DownloadError):
         return DownloadError(str(exc))
     return RepositoryError(f"{type(exc).__name__}: {exc}")
@@ -159,9 +163,9 @@ class Agent:
         meta = self.store.metadata
 
         def make(bootstrap: bytes | None) -> Updater:
+            fetcher = TufFetcher(self.transport, self.config.metadata_deadline_s)
             return Updater(str(meta), f"{self.base}/metadata/", str(self.store.partial),
-                           f"{self.base}/targets/", fetcher=TufFetcher(self.transport),
-                           bootstrap=bootstrap)
+                           f"{self.base}/targets/", fetcher=fetcher, bootstrap=bootstrap)
 
         provisioned = self.config.trusted_root
         cached = meta / "root.json"

@@ -364,3 +364,19 @@ def test_agent_survives_hostile_metadata_and_installs_next_cycle(tmp_path, caplo
     assert [(o.adapter_id, o.action) for o in outcomes] == [("a", "installed")]
     timestamp = [p for p, _ in srv.requests if p == "/metadata/timestamp.json"]
     assert len(timestamp) == 3
+
+
+def test_agent_metadata_deadline_bounds_a_trickled_metadata_file(tmp_path):
+    """AgentConfig.metadata_deadline_s reaches the TUF fetcher: trickled timestamp.json
+    headers end the cycle with our SlowRetrievalError (not a plain DownloadError) in time."""
+    rig = Rig(tmp_path)
+    rig.publish(rig.packet("a", 1))
+    with HostileServer(root=rig.repo_dir) as srv:
+        srv.script("/metadata/timestamp.json",
+                   Trickle(ok_with(("Content-Length", "10")), every_s=0.2), times=1)
+        agent = rig.agent(url=srv.url, transport=HttpTransport(timeout_s=30),
+                          metadata_deadline_s=1.0)
+        first = time.monotonic()
+        with pytest.raises(SlowRetrievalError):
+            agent.check_once()
+        assert time.monotonic() - first < 3.0
