@@ -116,13 +116,14 @@ def patched_weight_t(w0: np.ndarray, patch: LayerPatch | None,
     w0t = np.asarray(w0, dtype=np.float32).T
     if out is None:
         out = np.empty(w0t.shape, np.float32)
-    np.copyto(out, w0t)
-    if patch is not None:
-        if patch.factors is not None and patch.factors[0].shape[1]:
-            left, right_t = patch.factors
-            out += right_t @ left.T
-        if patch.scale is not None:
-            out *= patch.scale[None, :]
+    if patch is not None and patch.factors is not None and patch.factors[0].shape[1]:
+        left, right_t = patch.factors
+        np.matmul(right_t, left.T, out=out)  # the product straight into the buffer, then
+        out += w0t                           # W0.T added: no temporary (same bits: a + b)
+    else:
+        np.copyto(out, w0t)
+    if patch is not None and patch.scale is not None:
+        out *= patch.scale[None, :]
     return out
 
 
