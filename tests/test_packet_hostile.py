@@ -324,7 +324,8 @@ def test_zstd_window_above_the_cap_is_refused():
 
 PERMISSIVE = PacketLimits(max_values_per_layer=2**62, max_positions_per_layer=2**32,
                           max_rows=2**32 - 1, max_cols=2**32 - 1, max_rank=2**16 - 1,
-                          max_body_bytes=2**32)
+                          max_body_bytes=2**32, max_values_per_packet=2**64,
+                          max_projection_values=2**64)
 
 
 def _peak_bytes(data: bytes, error: type[PacketError], limits: PacketLimits) -> int:
@@ -362,6 +363,45 @@ def test_zstd_bomb_is_cut_at_the_declared_length():
 def test_declared_raw_length_of_2_31_allocates_only_real_output():
     data = _zstd_packet(FRAME, 2**31)
     assert _peak_bytes(data, InvalidFieldError, PERMISSIVE) < 256 * 1024
+
+
+def _ratio_bomb(layers: int) -> bytes:
+    """A valid, highly compressible body: ``layers`` FACTORED_CORE INT2 records of 2**24
+    values each (4 MiB of codes per layer), zstd-compressed to a few KiB, re-signed."""
+    count, group = 2**24, 0xFFFF
+    table = b"".join(struct.pack("<HBBHHIIfIIH", i, 2, 2, 0, 2**11, 2**12, 2**12, 0.0, 0, 0,
+                                 group) for i in range(layers))
+    payload = (f16([1e-3] * -(-count // group)) + b"\x55" * (count // 4)) * layers
+    frame = zstandard.ZstdCompressor(level=3).compress(table + payload)
+    return _zstd_packet(frame, len(table) + len(payload), metadata=b"{}",
+                        entries=[[0] * 11] * layers)
+
+
+def test_compression_ratio_bomb_is_refused_at_its_table_before_the_payload_is_decoded():
+    """15 x 2**24 values in a 2.4 KiB packet: the reader used to decode all 60 MiB and
+    unpack 251M codes (400 MiB, 5 s) and accept it; now the table's total is checked
+    against max_values_per_packet before the payload is decompressed."""
+    data = _ratio_bomb(15)
+    assert len(data) < 4096
+    assert _peak_bytes(data, LimitExceededError, PacketLimits()) < 256 * 1024
+    with pytest.raises(LimitExceededError) as info:
+        decode_packet(data, TRUSTED)
+    assert info.value.field == "layer_table.value_count"
+    # at the limit it decodes (2 x 2**24 values)
+    packet = decode_packet(_ratio_bomb(2), TRUSTED)
+    assert sum(r.values.count for r in packet.records) == 2**25
+
+
+def test_the_writer_refuses_more_values_than_a_packet_may_hold():
+    from solar_edge.format.writer import encode_packet
+
+    packet = decode_packet(GOLDEN, TRUSTED)  # 5 + 10 + 7 values
+    with pytest.raises(LimitExceededError) as info:
+        encode_packet(packet.header, packet.codec, packet.records, KEY,
+                      limits=PacketLimits(max_values_per_packet=21))
+    assert info.value.field == "layer_table.value_count"
+    assert encode_packet(packet.header, packet.codec, packet.records, KEY, compress=False,
+                         limits=PacketLimits(max_values_per_packet=22)) == GOLDEN
 
 
 # --- bounded, seeded fuzzing ------------------------------------------------------------

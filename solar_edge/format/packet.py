@@ -37,6 +37,9 @@ class PacketLimits:
     max_body_bytes: int = 64 * 2**20  # after decompression
     max_layers: int = 4096
     max_values_per_layer: int = 2**24
+    # over all records: a small zstd frame can declare a large, valid body, and each value
+    # costs the reader at least one byte (int8 codes) however densely it was packed
+    max_values_per_packet: int = 2**25
     max_positions_per_layer: int = 2**22
     max_rows: int = 2**16
     max_cols: int = 2**16

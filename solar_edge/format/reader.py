@@ -4,16 +4,18 @@ Reading happens in a fixed order: total length cap -> header fields one by one (
 range-checked as read; adapter version 1..2**64-2; metadata by
 :mod:`~solar_edge.format.metadata`) -> declared body length against the bytes present ->
 signature (when trusted keys are given, before the body is touched) -> optional zstd with
-a capped output -> layer table (caps, ranges, payload sizes with exact integer arithmetic,
-the size of the shared projections a device would regenerate) -> payload decode ->
-semantic checks. Nothing is allocated in proportion to a declared count
-before that count has been checked against the limits and the bytes actually present.
+a capped output, its layer table checked as soon as it is out -> layer table (caps, ranges,
+value totals, payload sizes with exact integer arithmetic, the size of the shared
+projections a device would regenerate) -> payload decode -> semantic checks. Nothing is
+allocated in proportion to a declared count before that count has been checked against the
+limits and the bytes actually present.
 Every failure is a :class:`~solar_edge.errors.PacketError` subclass naming the field.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 import numpy as np
 import zstandard
@@ -68,8 +70,6 @@ from solar_edge.format.records import (
     RecordKind,
     ValueFormat,
 )
-
-_READ_CHUNK = 1 << 16
 
 
 class _Reader:
@@ -128,35 +128,69 @@ def _verify(signed: bytes, kid: bytes, signature: bytes, trusted: signing.Truste
     signing.verify(key, signature, signed)
 
 
-def _decompress(body: bytes, layer_count: int, limits: PacketLimits) -> bytes:
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_READ_CHUNK = 1 << 16
+
+
+def _zstd_frame_size(frame: bytes) -> int:
+    """Length of the zstd frame that starts ``frame``, from its header and block headers
+    alone (RFC 8878, 3.1.1), without decoding anything; ValueError if it is incomplete."""
+    if frame[:4] != _ZSTD_MAGIC or len(frame) < 5:
+        raise ValueError("not a zstd frame")
+    fhd = frame[4]
+    fcs_flag, single, checksum, dict_flag = fhd >> 6, (fhd >> 5) & 1, (fhd >> 2) & 1, fhd & 3
+    if fhd & 0x08:
+        raise ValueError("reserved frame header bit set")
+    pos = 5 + (1 - single) + (0, 1, 2, 4)[dict_flag] + (single, 2, 4, 8)[fcs_flag]
+    while True:
+        if pos + 3 > len(frame):
+            raise ValueError("frame ends inside a block header")
+        block = int.from_bytes(frame[pos : pos + 3], "little")
+        kind, size = (block >> 1) & 3, block >> 3
+        if kind == 3:
+            raise ValueError("reserved block type")
+        pos += 3 + (1 if kind == 1 else size)  # RLE blocks carry one byte
+        if block & 1:  # last block
+            break
+    pos += 4 * checksum
+    if pos > len(frame):
+        raise ValueError("frame is incomplete")
+    return pos
+
+
+def _decompress(body: bytes, layer_count: int, limits: PacketLimits,
+                check_table: Callable[[bytes], object]) -> bytes:
+    """The zstd body, decoded once with capped reads; ``check_table`` sees the layer table
+    as soon as it is decoded, so declared sizes above the limits stop before the payload
+    is decoded. One frame exactly: its extent is read from its block headers first."""
     r = _Reader(body)
     raw_len = r.unpack(U32, "body.raw_length")
     check_range(raw_len, 0, limits.max_body_bytes, "body.raw_length")
-    if raw_len < layer_count * LAYER_ENTRY_BYTES:
+    table_len = layer_count * LAYER_ENTRY_BYTES
+    if raw_len < table_len:
         raise TruncatedPacketError(f"raw body of {raw_len} bytes cannot hold {layer_count} "
                                    "table entries", field="layer_table")
     frame = body[r.pos :]
     try:
+        if _zstd_frame_size(frame) != len(frame):
+            raise InvalidFieldError("zstd frame followed by data", field="body")
         dctx = zstandard.ZstdDecompressor(max_window_size=1 << ZSTD_MAX_WINDOW_LOG)
         reader = dctx.stream_reader(frame, read_across_frames=False)
-        out = bytearray()
+        table = reader.read(table_len) if table_len else b""
+        if len(table) == table_len:
+            check_table(table)
+        out = bytearray(table)
         while len(out) <= raw_len:  # grow with real output, never by the declared length
             chunk = reader.read(min(_READ_CHUNK, raw_len + 1 - len(out)))
             if not chunk:
                 break
             out += chunk
-        raw = bytes(out)
-        if len(raw) != raw_len:
-            raise InvalidFieldError(f"decompresses to {len(raw)} bytes, declared {raw_len}"
-                                    f"{' or more' if len(raw) > raw_len else ''}", field="body")
-        # the frame is now known to hold exactly raw_len bytes: a full decode is bounded
-        dobj = dctx.decompressobj()
-        dobj.decompress(frame)
-    except (zstandard.ZstdError, ValueError) as exc:
+    except (zstandard.ZstdError, ValueError) as exc:  # PacketError is neither
         raise InvalidFieldError(f"zstd: {exc}", field="body") from exc
-    if not dobj.eof or dobj.unused_data:
-        raise InvalidFieldError("zstd frame incomplete or followed by data", field="body")
-    return raw
+    if len(out) != raw_len:
+        raise InvalidFieldError(f"decompresses to {len(out)} bytes, declared {raw_len}"
+                                f"{' or more' if len(out) > raw_len else ''}", field="body")
+    return bytes(out)
 
 
 def _read_values(r: _Reader, f: str, fmt: ValueFormat, count: int, group: int) -> QuantizedValues:
@@ -177,12 +211,12 @@ def _read_values(r: _Reader, f: str, fmt: ValueFormat, count: int, group: int) -
     return QuantizedValues(fmt, count, group, codes=codes, scales=scales.astype(np.float16))
 
 
-def _read_body(raw: bytes, layer_count: int, limits: PacketLimits,
-               metadata: dict) -> list[LayerRecord]:
-    r = _Reader(raw)
-    table = r.take(layer_count * LAYER_ENTRY_BYTES, "layer_table")
+def _read_table(table: bytes, limits: PacketLimits,
+                metadata: dict) -> tuple[list[tuple[Entry, int]], int]:
+    """Every check of the layer table alone; returns the entries with their value counts,
+    and the payload bytes they declare."""
     entries: list[tuple[Entry, int]] = []
-    payload = 0
+    payload = total = 0
     for i, fields in enumerate(ENTRY.iter_unpack(table)):
         e = Entry(*fields)
         prev = entries[-1][0] if entries else None
@@ -193,9 +227,19 @@ def _read_body(raw: bytes, layer_count: int, limits: PacketLimits,
         count, nbytes = check_entry(i, e, limits)
         entries.append((e, count))
         payload += e.positions_bytes + nbytes
+        total += count
+    check_range(total, 0, limits.max_values_per_packet, "layer_table.value_count")
     check_shared_projections([(e.kind, e.rank, e.variant) for e, _ in entries])
     check_projection_size([(e.kind, e.rank, e.rows, e.cols) for e, _ in entries], limits)
     check_head_records(metadata, [(e.kind, e.layer_id, e.rows, e.cols) for e, _ in entries])
+    return entries, payload
+
+
+def _read_body(raw: bytes, layer_count: int, limits: PacketLimits,
+               metadata: dict) -> list[LayerRecord]:
+    r = _Reader(raw)
+    table = r.take(layer_count * LAYER_ENTRY_BYTES, "layer_table")
+    entries, payload = _read_table(table, limits, metadata)
     left = len(raw) - r.pos
     if payload > left:
         raise TruncatedPacketError(f"layers declare {payload} payload bytes, {left} present",
@@ -248,6 +292,8 @@ def decode_packet(
         raise TrailingDataError(f"{len(data) - r.pos} bytes after the signature", field="packet")
     if trusted_keys is not None:
         _verify(data[: -signing.SIGNATURE_BYTES], kid, signature, trusted_keys)
-    raw = _decompress(body, layer_count, limits) if flags & FLAG_ZSTD else body
+    raw = _decompress(body, layer_count, limits,
+                      lambda table: _read_table(table, limits, header.metadata)) \
+        if flags & FLAG_ZSTD else body
     records = _read_body(raw, layer_count, limits, header.metadata)
     return Packet(header, codec, records, kid, signature, compressed=bool(flags & FLAG_ZSTD))

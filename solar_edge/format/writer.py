@@ -118,7 +118,7 @@ def encode_packet(
                 "header.metadata")
     ordered = sorted(records, key=lambda r: record_key(r.layer_id, int(r.kind)))
     check_range(len(ordered), 0, min(limits.max_layers, 0xFFFF), "header.layer_count")
-    table, payload = [], []
+    table, payload, values = [], [], 0
     for i, rec in enumerate(ordered):
         prev = ordered[i - 1] if i else None
         if prev is not None and (prev.layer_id, prev.kind) == (rec.layer_id, rec.kind):
@@ -127,6 +127,8 @@ def encode_packet(
         entry, data = _encode_record(i, rec, limits)
         table.append(entry)
         payload.append(data)
+        values += rec.values.count
+    check_range(values, 0, limits.max_values_per_packet, "layer_table.value_count")
     check_shared_projections([(int(r.kind), r.rank, r.variant) for r in ordered])
     check_projection_size([(int(r.kind), r.rank, r.rows, r.cols) for r in ordered], limits)
     check_head_records(header.metadata, [(int(r.kind), r.layer_id, r.rows, r.cols)
