@@ -312,6 +312,31 @@ def test_hostile_zstd_bodies(data, error, field, limits):
     expect(data, error, field, trusted_keys=TRUSTED, limits=limits or PacketLimits())
 
 
+@pytest.mark.parametrize("level, checksum, content_size, padding", [
+    (1, False, False, 0), (19, True, True, 0), (3, True, False, 300_000),
+    (-5, False, True, 300_000),
+])
+def test_valid_frames_of_every_header_form_and_many_blocks_decode(level, checksum,
+                                                                  content_size, padding):
+    """The reader finds a frame's end from its header and block headers: with and without
+    checksum and content size, and over several 128 KiB blocks (a padding head tensor)."""
+    raw = RawPacket()
+    if padding:
+        rows, cols = 300, padding // 600  # float16: 2 bytes a value
+        raw.metadata = (b'{"head":{"tensors":[{"name":"w","shape":[%d,%d]}],"type":"x"},'
+                        b'"head_seed":11,"labels":["neg","pos"],"task":"golden"}' % (rows, cols))
+        raw.entries.append([0, 5, 1, 0, 0, rows, cols, 0.0, 0, 0, 0])
+        raw.payloads.append([b"", f16([(i % 97) / 97 for i in range(rows * cols)])])
+        raw.entries.sort(key=lambda e: (e[0], e[1]))
+        raw.payloads = [raw.payloads[-1], *raw.payloads[:-1]]
+    body = raw.table_and_payload()
+    frame = zstandard.ZstdCompressor(level=level, write_checksum=checksum,
+                                     write_content_size=content_size).compress(body)
+    packet = decode_packet(_zstd_packet(frame, len(body), metadata=raw.metadata,
+                                        entries=raw.entries), TRUSTED)
+    assert packet.compressed and len(packet.records) == len(raw.entries)
+
+
 def test_zstd_window_above_the_cap_is_refused():
     params = zstandard.ZstdCompressionParameters.from_level(3, window_log=27)
     cobj = zstandard.ZstdCompressor(compression_params=params).compressobj()
