@@ -195,6 +195,27 @@ def test_vera_shape_beyond_the_bundle_layer_fails_before_projections(tiny_bundle
     assert rt.active is None
 
 
+@pytest.mark.parametrize("kind, rows, cols, rank, pcount", [
+    (1, 4096, 4096, 0, 5), (2, 4096, 4096, 1, 0), (3, 4096, 4096, 1, 0), (6, 60000, 1, 0, 0),
+    (7, 60000, 1, 0, 0), (4, 8192, 1024, 64, 0),
+], ids=["sparse", "factored", "dense", "bias", "magnitude", "vera"])
+def test_every_kind_beyond_its_layer_fails_before_allocating(kind, rows, cols, rank, pcount,
+                                                             tiny_bundle):
+    """Small packets whose records claim dimensions far beyond layer 3 (48 x 96, basis rank
+    48): refused by the shape check, before a basis column, a factor or a projection."""
+    from solar_edge.runtime.engine import EdgeRuntime
+
+    rt = EdgeRuntime(str(tiny_bundle), hp.TRUSTED)
+    e = [3, kind, 1, 0, rank, rows, cols, 0.0, pcount, 0, 0]
+    payload = hp.valid_payload(random.Random(0), e)
+    assert payload is not None
+    data = RawPacket(fingerprint=rt.bundle.fingerprint, metadata=b"{}", entries=[e],
+                     payloads=[payload]).build(hp.KEY)
+    err, peak = _peak(lambda: rt.apply(data))
+    assert isinstance(err, RuntimeApplyError) and "layer 3" in str(err), err
+    assert peak < 2 * 2**20, peak
+
+
 def test_vera_projections_above_the_limit_are_refused_by_the_reader_and_the_writer():
     data = _vera_packet(bytes(32), 0, 2**15, 2**15, 256)  # 2**24 projection values
     for trusted in (None, hp.TRUSTED):
