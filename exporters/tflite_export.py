@@ -19,7 +19,6 @@ Patch rule for an update ``dW``: ``W_tfl = W_tfl0 + dW * input_scale[None, :]`` 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import re
 import sys
@@ -34,15 +33,11 @@ import torch
 
 from solar_edge.errors import ExportError
 
+from .backend_choice import tflite_converter_available
 from .families.base import LoadedModel
 from .onnx_export import set_fully_connected
 
 REL_TOL = 1e-6  # exactness of a recovered fold, relative to the weight's magnitude
-
-
-def converter_available() -> bool:
-    """Whether the optional TFLite converter (``litert-torch``) is installed."""
-    return importlib.util.find_spec("litert_torch") is not None
 
 
 def static_inputs(loaded: LoadedModel, seq_len: int) -> tuple[torch.Tensor, ...]:
@@ -63,7 +58,7 @@ def static_inputs(loaded: LoadedModel, seq_len: int) -> tuple[torch.Tensor, ...]
 
 def convert(loaded: LoadedModel, seq_len: int, path: Path) -> None:
     """Convert the (patchable) model to ``path`` with static batch 1 and ``seq_len``."""
-    if not converter_available():
+    if not tflite_converter_available():
         raise ExportError(
             "this profile's backend is tflite but the TFLite converter is not installed: "
             "pip install 'solar-edge[convert]' (litert-torch)"

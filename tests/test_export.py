@@ -19,10 +19,10 @@ from transformers import AutoModel, AutoTokenizer
 from solar_edge.cli import cli
 from solar_edge.errors import ExportError, ProfileError
 from solar_edge.exporters import examples
+from solar_edge.exporters.backend_choice import tflite_converter_available
 from solar_edge.exporters.basis import reconstruct
 from solar_edge.exporters.pipeline import export_bundle
 from solar_edge.exporters.targets import select_targets
-from solar_edge.exporters.tflite_export import converter_available
 from solar_edge.format.bundle import load_bundle
 from solar_edge.profiles.device import choose_ranks, load_profile
 
@@ -220,7 +220,7 @@ def test_cli_unknown_profile_lists_known_ones(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not converter_available(),
+@pytest.mark.skipif(not tflite_converter_available(),
                     reason="TFLite converter (litert-torch, extra 'convert') not installed")
 def test_tflite_matches_onnx_and_patches_by_the_recorded_rule(tmp_path, minilm_batch):
     from ai_edge_litert.interpreter import Interpreter
