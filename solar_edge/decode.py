@@ -110,9 +110,9 @@ def _sparse(record: LayerRecord, values: np.ndarray, basis: LayerBasis | None,
     return _grouped_sum(u_cols, inv_i, inv_j, uj.size, values), v_cols
 
 
-# A BLAS product does a multiply-add ~200x faster than a gathered one (measured on x86-64,
-# docs/runtime.md): the dense core is used while it has at most this many cells per value.
-DENSE_CELLS_PER_VALUE = 32
+# A BLAS product does a multiply-add 100-200x faster than gather + reduceat does one
+# (measured on x86-64, docs/runtime.md): the dense core is used up to this many cells per value.
+DENSE_CELLS_PER_VALUE = 128
 
 
 def _grouped_sum(cols: np.ndarray, member: np.ndarray, group: np.ndarray, n_groups: int,
