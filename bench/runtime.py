@@ -1,17 +1,19 @@
-"""Patching mechanisms side by side on real MiniLM: apply, switch, inference, peak RSS.
+"""Apply cost on real MiniLM: every ORT mechanism against PEFT and session re-creation.
 
     python bench/runtime.py --bundle BUNDLE_DIR [--out runtime-bench.json] [--threads 1]
 
-For every ORT mechanism (``initializer``, ``iobinding``, ``lora``, ``lora-native``,
-``recreate``): apply latency (verify + decode + stage + health check + commit) and switch
-latency between two cached adapters; inference latency of the graph it serves vs the baked
-graph (plain session, prepacking on); peak RSS during apply (a fresh subprocess per
-mechanism, RSS sampled every millisecond) vs model size. Baselines in the same run: PEFT
-``from_pretrained`` + ``merge_and_unload`` in torch, PEFT switch (unmerge, set_adapter,
-merge), and re-creating an ORT session with merged weights. Adapters are real PEFT LoRA
-r=8 on query/value of MiniLM (random-initialised, saved by PEFT), compressed by the codec
-(INT8 factored cores in the basis, rank <= 8). Medians over ``--repeat`` runs; a shared
-machine is noisy, so the minimum is printed too.
+One run measures, for every ORT mechanism (``initializer``, ``iobinding``, ``lora``,
+``lora-native``, ``recreate``): apply latency (verify + decode + stage + health check +
+commit, a new version each time) of a small (``--small-budget``, ~4 KB) and a large packet
+(factored cores, k <= 8, ~73 KB) of the same PEFT adapter; switch latency between two
+cached adapters; inference latency of the graph it serves vs the baked graph; peak RSS
+during apply (a fresh subprocess per mechanism, RSS sampled every millisecond). Baselines
+in the same run: PEFT ``from_pretrained`` + ``merge_and_unload`` in torch on that adapter,
+PEFT switch (unmerge, set_adapter, merge), and creating a plain ORT session. Then apply
+(and its decode step) against the coefficients a packet keeps, on the default mechanism,
+for sparse cores and factored cores of a few sizes. Adapters are real PEFT LoRA r=8 on
+query/value (random-initialised, saved by PEFT). Medians over ``--repeat`` runs; a shared
+machine is noisy, so the minimum is printed too. Ratios are medians of this one run.
 """
 
 from __future__ import annotations
@@ -97,7 +99,10 @@ def make_peft_adapters(work: Path, n: int = 2) -> list[Path]:
     return dirs
 
 
-def make_packets(bundle_dir: Path, adapters: list[Path], key, versions: int) -> list[list[bytes]]:
+def make_packets(bundle_dir: Path, adapters: list[Path], key, versions: int,
+                 prefix: str = "task", **codec) -> list[list[bytes]]:
+    """Per adapter, ``versions`` signed packets (versions 1..n) of one encoding (``codec``:
+    :class:`CodecConfig` fields); a new version per apply makes every apply a full one."""
     from solar_edge.encode.solar import CodecConfig, encode
     from solar_edge.format.bundle import load_bundle
     from solar_edge.format.packet import PacketHeader
@@ -109,42 +114,80 @@ def make_packets(bundle_dir: Path, adapters: list[Path], key, versions: int) -> 
     out = []
     for i, path in enumerate(adapters):
         ups = match_to_bundle(read_adapter(path).updates, bundle.manifest["layers"])
-        cfg = CodecConfig(seed=i, representation="factored_core", max_rank=8)  # LoRA-like k
-        res = encode(ups, {lid: bundle.layer_basis(lid) for lid in ups}, cfg)
-        out.append([encode_packet(PacketHeader(bundle.fingerprint, f"task{i}", v, {"task": str(i)}),
-                                  res.header, res.records, key) for v in range(1, versions + 1)])
+        res = encode(ups, {lid: bundle.layer_basis(lid) for lid in ups},
+                     CodecConfig(seed=i, **codec))
+        out.append([encode_packet(PacketHeader(bundle.fingerprint, f"{prefix}{i}", v,
+                                               {"task": str(i)}), res.header, res.records, key)
+                    for v in range(1, versions + 1)])
     return out
+
+
+def kept_coefficients(packet: bytes) -> int:
+    """Values a packet carries over all its records (what the decoder multiplies)."""
+    from solar_edge.format.reader import decode_packet
+
+    return sum(r.values.count for r in decode_packet(packet).records)
 
 
 # --- measurements -----------------------------------------------------------------------------
 
-def bench_mechanism(bundle_dir: Path, mech: str, packets, key, repeat: int,
-                    threads: int) -> tuple[dict, Callable[[], object]]:
+def apply_all(rt, packets: list[list[bytes]], repeat: int) -> tuple[list[float], list[dict]]:
+    """``repeat`` applies, alternating adapters, each a new version: full verify + decode +
+    stage + probe + commit every time."""
+    ms, steps = [], []
+    for v in range(repeat):
+        t = time.perf_counter()
+        rt.apply(packets[v % len(packets)][v // len(packets)])
+        ms.append((time.perf_counter() - t) * 1e3)
+        steps.append(rt.last_timings)
+    return ms, steps
+
+
+def bench_mechanism(bundle_dir: Path, mech: str | None, sizes: dict[str, list[list[bytes]]],
+                    key, repeat: int, threads: int) -> tuple[dict, Callable[[], object]]:
+    """Apply of each packet size, then switch between the two large adapters."""
     from solar_edge.runtime.engine import EdgeRuntime
 
     t = time.perf_counter()
     rt = EdgeRuntime(str(bundle_dir), [key.public_key()], mechanism=mech, threads=threads,
-                     max_cached=4)
-    load_ms = (time.perf_counter() - t) * 1e3
+                     max_cached=8)
+    row: dict = {"load_ms": round((time.perf_counter() - t) * 1e3, 1)}
     feeds = rt.family.feeds(SENTENCES)
-    apply_ms, steps = [], []
-    for v in range(repeat):  # a new version each time: full verify + decode + stage + commit
-        t = time.perf_counter()
-        rt.apply(packets[v % 2][v // 2])
-        apply_ms.append((time.perf_counter() - t) * 1e3)
-        steps.append(rt.last_timings)
+    for size, packets in sizes.items():
+        apply_ms, steps = apply_all(rt, packets, repeat)
+        patch = [s["stage_ms"] + s["probe_ms"] + s["commit_ms"] for s in steps]
+        row[size] = {"apply": summary(apply_ms), "patch": summary(patch),
+                     "steps_median_ms": {k: round(statistics.median(s[k] for s in steps), 2)
+                                         for k in steps[0]},
+                     "cache_bytes": rt.active.cache_bytes}
     switch_ms = []
     for i in range(repeat):
-        target = f"task{i % 2}"
         t = time.perf_counter()
-        rt.switch(target)
+        rt.switch(f"task{i % 2}")
         switch_ms.append((time.perf_counter() - t) * 1e3)
-    breakdown = {k: round(statistics.median(s[k] for s in steps), 2) for k in steps[0]}
-    patch = [s["stage_ms"] + s["probe_ms"] + s["commit_ms"] for s in steps]
-    row = {"load_ms": round(load_ms, 1), "apply": summary(apply_ms), "patch": summary(patch),
-           "switch": summary(switch_ms), "apply_steps_median_ms": breakdown,
-           "cache_bytes": rt.active.cache_bytes}
+    row["switch"] = summary(switch_ms)
     return row, (lambda: rt.backend.run(feeds))
+
+
+SWEEP = [("sparse_core", {"budget_bytes": b}) for b in (1024, 4096, 16384, 65536)] + \
+        [("factored_core", {"max_rank": k}) for k in (1, 2, 4, 8)]
+
+
+def bench_sweep(bundle_dir: Path, adapter: Path, key, repeat: int, threads: int) -> list[dict]:
+    """Apply and decode time against the coefficients a packet keeps (default mechanism)."""
+    from solar_edge.runtime.engine import EdgeRuntime
+
+    rt = EdgeRuntime(str(bundle_dir), [key.public_key()], threads=threads, max_cached=2)
+    rows = []
+    for n, (rep, codec) in enumerate(SWEEP):
+        packets = make_packets(bundle_dir, [adapter], key, repeat, prefix=f"sweep{n}-",
+                               representation=rep, **codec)
+        apply_ms, steps = apply_all(rt, packets, repeat)
+        rows.append({"representation": rep, **codec, "packet_bytes": len(packets[0][0]),
+                     "kept": kept_coefficients(packets[0][0]), "mechanism": rt.mechanism,
+                     "apply": summary(apply_ms),
+                     "decode": summary([s["decode_ms"] for s in steps])})
+    return rows
 
 
 def bench_baked(bundle_dir: Path, repeat: int, threads: int) -> tuple[dict, Callable[[], object]]:
@@ -260,6 +303,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--mechanisms", default=",".join(MECHS))
+    ap.add_argument("--small-budget", type=int, default=4096, help="small packet, bytes")
     ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--packet", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--pub", default=None, help=argparse.SUPPRESS)
@@ -277,18 +321,25 @@ def main() -> None:
         key = signing.generate_private_key()
         pub = signing.save_public_key(key, work / "bench.pub")
         adapters = make_peft_adapters(work)
-        packets = make_packets(bundle_dir, adapters, key, versions=args.repeat // 2 + 2)
+        n = args.repeat // 2 + 2
+        sizes = {"large": make_packets(bundle_dir, adapters, key, n,  # LoRA-like k, INT8
+                                       representation="factored_core", max_rank=8),
+                 "small": make_packets(bundle_dir, adapters, key, n, prefix="small",
+                                       budget_bytes=args.small_budget)}
         baked, run_baked = bench_baked(bundle_dir, args.repeat, args.threads)
         peft, run_peft = bench_peft(adapters, args.repeat, args.threads)
-        results: dict = {"packet_bytes": len(packets[0][0]), "threads": args.threads,
-                         "repeat": args.repeat, "sizes": model_sizes(bundle_dir),
-                         "baked": baked, "peft": peft, "mechanisms": {}}
+        results: dict = {"packets": {k: {"bytes": len(v[0][0]), "kept": kept_coefficients(v[0][0])}
+                                     for k, v in sizes.items()},
+                         "threads": args.threads, "repeat": args.repeat,
+                         "sizes": model_sizes(bundle_dir), "baked": baked, "peft": peft,
+                         "mechanisms": {}}
         runners = {"baked": run_baked, "peft": run_peft}
         for mech in mechs:
-            row, runners[mech] = bench_mechanism(bundle_dir, mech, packets, key, args.repeat,
+            row, runners[mech] = bench_mechanism(bundle_dir, mech, sizes, key, args.repeat,
                                                  args.threads)
-            row["rss"] = bench_rss(bundle_dir, mech, packets[0][0], pub, work)
+            row["rss"] = bench_rss(bundle_dir, mech, sizes["large"][0][0], pub, work)
             results["mechanisms"][mech] = row
+        results["sweep"] = bench_sweep(bundle_dir, adapters[0], key, args.repeat, args.threads)
         # inference: all graphs timed round-robin in the same rounds, so load on a shared
         # machine hits them alike
         times: dict[str, list[float]] = {k: [] for k in runners}
@@ -305,40 +356,54 @@ def main() -> None:
     print(f"\nwrote {args.out}")
 
 
+def cell(s: dict) -> str:
+    return f"{s['median_ms']:7.1f} ({s['min_ms']:6.1f})"
+
+
 def print_table(r: dict) -> None:
-    peft, baked = r["peft"], r["baked"]
-    recreate = r["mechanisms"].get("recreate")
+    peft, baked, mechs = r["peft"], r["baked"], r["mechanisms"]
+    merge = peft["load_adapter_merge"]["median_ms"]
+    recreate = mechs.get("recreate")
     size_mb = r["sizes"]["adaptable_weights_bytes"] / 2**20
-    print(f"packet {r['packet_bytes']} B; adaptable weights {size_mb:.1f} MiB; "
-          f"threads {r['threads']}; median (min) of {r['repeat']}")
-    head = (f"{'mechanism':12s} {'apply ms':>16s} {'patch ms':>16s} {'switch ms':>16s} "
-            f"{'infer ms':>16s} "
-            f"{'infer/baked':>11s} {'apply/PEFT':>10s} {'patch/recr':>10s} {'switch/PEFT':>11s} "
-            f"{'peak dRSS MiB':>13s} {'dRSS/model':>10s} {'cache KiB':>9s}")
+    pk = r["packets"]
+    print(f"packets: small {pk['small']['bytes']} B ({pk['small']['kept']} values), large "
+          f"{pk['large']['bytes']} B ({pk['large']['kept']} values); adaptable weights "
+          f"{size_mb:.1f} MiB; threads {r['threads']}; median (min) of {r['repeat']}")
+    head = (f"{'mechanism':12s} {'apply 4K ms':>15s} {'apply 73K ms':>15s} {'/PEFT 4K':>8s} "
+            f"{'/PEFT 73K':>9s} {'/recr 73K':>9s} {'switch ms':>15s} {'infer ms':>15s} "
+            f"{'/baked':>6s} {'dRSS MiB':>8s}")
     print(head)
     print("-" * len(head))
-
-    def cell(s: dict) -> str:
-        return f"{s['median_ms']:8.1f} ({s['min_ms']:6.1f})"
-
-    for mech, row in r["mechanisms"].items():
+    for mech, row in mechs.items():
+        small, large = row["small"]["apply"], row["large"]["apply"]
         d_rss = (row["rss"]["rss_peak"] - row["rss"]["rss_before"]) / 2**20
-        ratio_rec = (row["patch"]["median_ms"] / recreate["patch"]["median_ms"]) if recreate else 0
-        print(f"{mech:12s} {cell(row['apply']):>16s} {cell(row['patch']):>16s} "
-              f"{cell(row['switch']):>16s} "
-              f"{cell(row['infer']):>16s} "
-              f"{row['infer']['median_ms'] / baked['infer']['median_ms']:11.2f} "
-              f"{row['apply']['median_ms'] / peft['load_adapter_merge']['median_ms']:10.2f} "
-              f"{ratio_rec:10.2f} "
-              f"{row['switch']['median_ms'] / peft['switch']['median_ms']:11.2f} "
-              f"{d_rss:13.1f} {d_rss / size_mb:10.2f} {row['cache_bytes'] / 1024:9.1f}")
-    print(f"{'PEFT torch':12s} {cell(peft['load_adapter_merge']):>16s} {'':>16s} "
-          f"{cell(peft['switch']):>16s} {cell(peft['infer']):>16s}   "
-          "(load_adapter+merge_and_unload; unmerge+set_adapter+merge)")
-    print(f"{'ORT baked':12s} {'':>16s} {'':>16s} {'':>16s} {cell(baked['infer']):>16s}   "
-          f"(plain session, prepacking on; create {baked['create_ms']:.0f} ms)")
-    print("apply = verify + decode + patch; patch = stage + health check + commit (what the "
-          "mechanism does); ratios use medians")
+        rec = large["median_ms"] / recreate["large"]["apply"]["median_ms"] if recreate else 0
+        print(f"{mech:12s} {cell(small):>15s} {cell(large):>15s} "
+              f"{small['median_ms'] / merge:8.3f} {large['median_ms'] / merge:9.3f} {rec:9.3f} "
+              f"{cell(row['switch']):>15s} {cell(row['infer']):>15s} "
+              f"{row['infer']['median_ms'] / baked['infer']['median_ms']:6.2f} {d_rss:8.1f}")
+    print(f"{'PEFT torch':12s} {cell(peft['load_adapter_merge']):>15s} (load_adapter + "
+          f"merge_and_unload, same adapter); switch {cell(peft['switch'])}; infer "
+          f"{cell(peft['infer'])}")
+    print(f"{'ORT session':12s} create {baked['create_ms']:.1f} ms (plain session, prepacking on);"
+          f" infer {cell(baked['infer'])}")
+    print("apply steps, median ms (verify / decode / stage / probe / commit):")
+    for mech, row in mechs.items():
+        for size in ("small", "large"):
+            st = row[size]["steps_median_ms"]
+            print(f"  {mech:12s} {size:5s} " + " / ".join(
+                f"{st[k]:.2f}" for k in ("verify_ms", "decode_ms", "stage_ms", "probe_ms",
+                                         "commit_ms")))
+    print("apply against kept coefficients (mechanism "
+          f"{r['sweep'][0]['mechanism'] if r['sweep'] else '-'}):")
+    print(f"  {'representation':14s} {'setting':>12s} {'bytes':>7s} {'kept':>7s} "
+          f"{'apply ms':>15s} {'decode ms':>15s} {'decode ns/value':>15s}")
+    for p in r["sweep"]:
+        setting = f"k={p['max_rank']}" if "max_rank" in p else f"{p['budget_bytes']} B"
+        per_value = 1e6 * p["decode"]["median_ms"] / max(p["kept"], 1)
+        print(f"  {p['representation']:14s} {setting:>12s} {p['packet_bytes']:7d} "
+              f"{p['kept']:7d} {cell(p['apply']):>15s} {cell(p['decode']):>15s} "
+              f"{per_value:15.1f}")
 
 
 if __name__ == "__main__":

@@ -331,7 +331,7 @@ _CLASSES: dict[str, type[OrtMechanism]] = {
 
 
 # Measured defaults (docs/runtime.md, bench/runtime.py): the unmerged LoRA slots served
-# MiniLM within 2-6% of the baked graph (in-place merged weights: 23-26%, no prepacking),
+# MiniLM within 2-13% of the baked graph (in-place merged weights: 15-26%, no prepacking),
 # switch in 0.1 ms and patch with the least memory; they also work on GPU providers, where
 # ORT copies initializers to device memory and in-place patching cannot link. Without the
 # lora graph variant: in-place initializers on CPU, session re-creation on accelerators.
