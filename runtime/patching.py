@@ -35,7 +35,8 @@ def one_blas_thread() -> Iterator[None]:
 
     Staging's products are small (``(out + in) x r x k``); a second BLAS thread wakes up and
     then spins for each of them, which on a board's few shared cores costs more than it
-    saves (measured in docs/runtime.md). Without threadpoolctl BLAS keeps its own setting.
+    saves (measured in docs/runtime.md). The limit is process-wide while the block runs.
+    Without threadpoolctl BLAS keeps its own setting.
     """
     if not _BLAS:
         try:
