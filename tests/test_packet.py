@@ -186,6 +186,18 @@ def test_code_packing_matches_spec_bit_order(bits):
     assert bitpack.unpack_codes(data, bits, codes.size).tolist() == codes.tolist()
 
 
+@pytest.mark.parametrize("bits, data, count, why", [
+    (4, bytes([0x99, 0x19]), 3, "padding"),      # 3 codes, the unused high nibble set
+    (4, bytes([0x09, 0x99]), 4, "symmetric"),    # low nibble 0: code -8
+    (8, bytes([0x80, 0x00]), 2, "symmetric"),    # byte 0: code -128
+    (3, bytes([0xFF, 0x03]), 3, "padding"),      # generic path: bits 0-8 used, bit 9 set
+    (8, bytes([0x80]), 2, "code bytes"),
+])
+def test_unpacking_refuses_padding_bits_and_the_unused_code(bits, data, count, why):
+    with pytest.raises(ValueError, match=why):
+        bitpack.unpack_codes(data, bits, count)
+
+
 # --- the writer refuses what the reader would reject -------------------------------------
 
 def _sparse(**kw) -> LayerRecord:

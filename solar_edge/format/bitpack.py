@@ -95,12 +95,23 @@ def unpack_codes(data: bytes, bits: int, count: int) -> np.ndarray:
     """
     if len(data) != codes_nbytes(count, bits):
         raise ValueError(f"expected {codes_nbytes(count, bits)} code bytes, got {len(data)}")
-    stream = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little")
-    if np.any(stream[count * bits :]):
-        raise ValueError("non-zero padding bits after the last code")
-    u = np.packbits(
-        stream[: count * bits].reshape(count, bits), axis=1, bitorder="little"
-    ).reshape(-1)
+    raw = np.frombuffer(data, np.uint8)
+    if bits == 8:  # whole bytes: the offset-binary values themselves
+        u = raw
+    elif bits == 4:  # two codes per byte, the first in the low nibble
+        u = np.empty(2 * raw.size, np.uint8)
+        u[0::2] = raw & np.uint8(0x0F)
+        u[1::2] = raw >> np.uint8(4)
+        if np.any(u[count:]):
+            raise ValueError("non-zero padding bits after the last code")
+        u = u[:count]
+    else:
+        stream = np.unpackbits(raw, bitorder="little")
+        if np.any(stream[count * bits :]):
+            raise ValueError("non-zero padding bits after the last code")
+        u = np.packbits(
+            stream[: count * bits].reshape(count, bits), axis=1, bitorder="little"
+        ).reshape(-1)
     if np.any(u == 0):
         raise ValueError(f"code -{1 << (bits - 1)} is outside the symmetric range")
     return (u.astype(np.int16) - (1 << (bits - 1))).astype(np.int8)
