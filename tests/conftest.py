@@ -2,3 +2,4 @@
 
 from fixtures_adapters import *  # noqa: F401,F403
 from fixtures_bundles import *  # noqa: F401,F403
+from fixtures_ota import *  # noqa: F401,F403

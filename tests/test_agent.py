@@ -29,14 +29,6 @@ from solar_edge.errors import (
 from solar_edge.profiles.links import LinkProfile
 
 
-@pytest.fixture()
-def rig(tmp_path):
-    rig = Rig(tmp_path)
-    yield rig
-    if rig.server is not None:
-        rig.server.stop()
-
-
 def _state(agent: Agent) -> dict:
     return json.loads(agent.store.path.read_text())
 

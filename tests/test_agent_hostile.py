@@ -19,14 +19,6 @@ from solar_edge.devices.fetcher import DownloadPolicy, HttpTransport
 from solar_edge.errors import RepositoryError
 
 
-@pytest.fixture()
-def rig(tmp_path):
-    rig = Rig(tmp_path)
-    yield rig
-    if rig.server is not None:
-        rig.server.stop()
-
-
 def _list_hostile(rig: Rig, path: str, length: int, hashes: dict, custom: dict) -> None:
     targets = rig.repo.targets()
     targets.targets[path] = TargetFile.from_dict(

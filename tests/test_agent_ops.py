@@ -12,20 +12,11 @@ from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from ota_rig import Rig
 
 from solar_edge.devices.repo import Expiry
 from solar_edge.devices.rollout import eligible, rollout_bucket
 from solar_edge.devices.state import StateStore
 from solar_edge.errors import MetadataExpiredError, SignatureError
-
-
-@pytest.fixture()
-def rig(tmp_path):
-    rig = Rig(tmp_path)
-    yield rig
-    if rig.server is not None:
-        rig.server.stop()
 
 
 def _bucket(device_id: str, adapter_id: str, version: int) -> float:

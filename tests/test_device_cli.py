@@ -8,17 +8,8 @@ import json
 import sys
 
 import pytest
-from ota_rig import Rig
 
 from solar_edge.cli import main
-
-
-@pytest.fixture()
-def rig(tmp_path):
-    rig = Rig(tmp_path)
-    yield rig
-    if rig.server is not None:
-        rig.server.stop()
 
 
 def _main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import pytest
 import zstandard
+from hostile_packets import byte_mutant
 from packet_spec import RawPacket, f16, golden_key, leb128
 
 from solar_edge.errors import (
@@ -431,25 +432,6 @@ def test_the_writer_refuses_more_values_than_a_packet_may_hold():
 
 # --- bounded, seeded fuzzing ------------------------------------------------------------
 
-def _mutate(rng: random.Random, data: bytes) -> bytes:
-    out = bytearray(data)
-    for _ in range(rng.randint(1, 4)):
-        op = rng.random()
-        if op < 0.5 and out:
-            out[rng.randrange(len(out))] ^= 1 << rng.randrange(8)
-        elif op < 0.7 and out:
-            out[rng.randrange(len(out))] = rng.choice([0, 1, 0x7F, 0x80, 0xFF, rng.randrange(256)])
-        elif op < 0.8:
-            at = rng.randrange(len(out) + 1)
-            out[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
-        elif op < 0.9 and out:
-            at = rng.randrange(len(out))
-            del out[at : at + rng.randint(1, 8)]
-        else:
-            out = out[: rng.randrange(len(out) + 1)]
-    return bytes(out)
-
-
 def _resign(data: bytes) -> bytes:
     if len(data) < 64:
         return data
@@ -462,7 +444,7 @@ def test_random_mutations_raise_only_packet_errors(compressed):
     rng = random.Random(20261128 + compressed)
     outcomes: dict[str, int] = {}
     for _ in range(1500):
-        data = _mutate(rng, base)
+        data = byte_mutant(rng, base)
         for candidate, trusted in ((data, None), (_resign(data), TRUSTED)):
             try:
                 decode_packet(candidate, trusted_keys=trusted)
