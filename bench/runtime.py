@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -312,8 +313,13 @@ def main() -> None:
         rss_child(str(args.bundle), args.rss_child, args.packet, args.pub)
         return
 
+    from transformers.utils import logging as hf_logging
+
     from solar_edge.format import signing
 
+    hf_logging.disable_progress_bar()   # the table is the output: no library chatter
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
     mechs = args.mechanisms.split(",")
     with tempfile.TemporaryDirectory(prefix="solar-edge-bench-") as tmp:
         work = Path(tmp)
