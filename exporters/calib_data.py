@@ -4,7 +4,9 @@
 
 * ``.txt``: one text per line (blank lines skipped), unlabelled;
 * ``.jsonl``: one JSON object per line with ``"text"`` (a string) and an optional ``"label"``
-  (a label name the adapter's head knows, or its index); every line labelled or none.
+  (a label name the adapter's head knows, or its index); every line labelled or none;
+* a folder: unlabelled images (PNG, JPEG, ``.npy``) for an image model, read as the board
+  reads them (:mod:`solar_edge.runtime.images`); the inputs are then pixel arrays.
 
 The project's own adapters name a built-in task in their ``task.json``; :func:`from_task`
 takes that task's training split (test material: no product path needs it). Every problem
@@ -27,7 +29,7 @@ MAX_TEXT_CHARS = 100_000
 
 @dataclass(frozen=True)
 class CalibrationSet:
-    texts: list[str]
+    texts: list[Any]           # texts, or raw image arrays (a folder of images)
     labels: list[int] | None   # None: unlabelled
     source: str                # what it was read from, for messages
 
@@ -102,6 +104,8 @@ def read_calibration_file(path: str | Path,
                           label_names: Sequence[str] | None = None) -> CalibrationSet:
     """Texts (and labels) from a ``.txt`` or ``.jsonl`` file (see the module docstring)."""
     path = Path(path)
+    if path.is_dir():
+        return _image_folder(path)
     if path.suffix not in (".txt", ".jsonl"):
         raise CalibrationError(f"{path}: calibration data must be .txt or .jsonl")
     texts: list[str] = []
@@ -128,6 +132,17 @@ def read_calibration_file(path: str | Path,
         raise CalibrationError(f"{path}: {len(labels)} of {len(texts)} lines have a label; "
                                "label all of them or none")
     return CalibrationSet(texts, labels or None, str(path))
+
+
+def _image_folder(path: Path) -> CalibrationSet:
+    from solar_edge.errors import ImageError
+    from solar_edge.runtime.images import read_images
+
+    try:
+        _, images = read_images([path])
+    except ImageError as exc:
+        raise CalibrationError(f"calibration images: {exc}") from exc
+    return CalibrationSet(list(images), None, f"{path} ({len(images)} images)")
 
 
 def from_task(task_meta: dict[str, Any]) -> CalibrationSet | None:

@@ -196,9 +196,10 @@ def _defaults(metric: str | None, refit: int | None, calib_data: Path | None, ex
               help="Distortion: Frobenius (data-free), activation-weighted, or K-FAC loss "
                    "estimate on calibration texts. Default: fisher with --calib-data (act for an "
                    "adapter without a task head), else fro.")
-@click.option("--calib-data", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--calib-data", type=click.Path(exists=True, path_type=Path),
               default=None, help="Calibration texts: .txt (one per line) or .jsonl "
-                                 "(\"text\", optional \"label\"). Default: the built-in task "
+                                 "(\"text\", optional \"label\"), or a folder of images "
+                                 "for an image model. Default: the built-in task "
                                  "named in the adapter's task.json.")
 @click.option("--calib", type=click.IntRange(min=1), default=64, show_default=True,
               help="Calibration texts used for --metric act/fisher.")

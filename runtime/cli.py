@@ -25,17 +25,18 @@ def _read_texts(path: Path) -> list[str]:
     return [line.strip() for line in lines if line.strip()]
 
 
-def _answers(texts: list[str], out: np.ndarray, labels: list[str] | None) -> list[dict[str, Any]]:
+def _answers(texts: list[str], out: np.ndarray, labels: list[str] | None,
+             key: str = "text") -> list[dict[str, Any]]:
     rows = []
     for text, row in zip(texts, out, strict=True):
         if labels:
             probs = np.exp(row - row.max())
             probs /= probs.sum()
             best = int(row.argmax())
-            rows.append({"text": text, "label": labels[best], "p": round(float(probs[best]), 4),
+            rows.append({key: text, "label": labels[best], "p": round(float(probs[best]), 4),
                          "logits": [round(float(v), 5) for v in row]})
         else:
-            rows.append({"text": text, "dim": int(row.size),
+            rows.append({key: text, "dim": int(row.size),
                          "embedding": [float(v) for v in row]})
     return rows
 
@@ -51,6 +52,9 @@ def _answers(texts: list[str], out: np.ndarray, labels: list[str] | None) -> lis
 @click.option("--texts", "texts_file", type=click.Path(exists=True, dir_okay=False,
                                                        path_type=Path),
               default=None, help="File of input texts, one per line.")
+@click.option("--image", "image_paths", multiple=True, type=click.Path(exists=True,
+              path_type=Path), help="Input image (PNG, JPEG, .npy) or a folder of them "
+                                    "(repeatable; image bundles).")
 @click.option("--switch", "switch_to", default=None,
               help="Adapter id to serve after applying (default: the last packet's).")
 @click.option("--mechanism", type=click.Choice(mechanisms()), default=None,
@@ -58,14 +62,20 @@ def _answers(texts: list[str], out: np.ndarray, labels: list[str] | None) -> lis
 @options.as_json()
 def run(packets: tuple[Path, ...], bundle_dir: str, legacy_packets: tuple[Path, ...],
         trusted_keys: tuple[Path, ...], texts: tuple[str, ...], texts_file: Path | None,
-        switch_to: str | None, mechanism: str | None, as_json: bool) -> None:
-    """Answer texts with the bundle's model, patched by the signed PACKETs (the last serves)."""
+        image_paths: tuple[Path, ...], switch_to: str | None, mechanism: str | None,
+        as_json: bool) -> None:
+    """Answer texts (or images) with the bundle's model, patched by the signed PACKETs (the
+    last serves)."""
     from solar_edge.runtime.engine import EdgeRuntime
+    from solar_edge.runtime.images import read_images
 
     packets = packets + legacy_packets
-    inputs = list(texts) + (_read_texts(texts_file) if texts_file else [])
-    if not inputs:
-        raise click.UsageError("give --text TEXT or --texts FILE")
+    inputs: list[Any] = list(texts) + (_read_texts(texts_file) if texts_file else [])
+    if inputs and image_paths:
+        raise click.UsageError("give texts or images, not both")
+    names, images = read_images(image_paths) if image_paths else ([], [])
+    if not inputs and not images:
+        raise click.UsageError("give --text TEXT, --texts FILE or --image FILE/FOLDER")
     if packets and not trusted_keys:
         raise click.UsageError("packets need at least one --trusted-key")
     trusted = [signing.load_public_key(k) for k in trusted_keys]
@@ -81,10 +91,12 @@ def run(packets: tuple[Path, ...], bundle_dir: str, legacy_packets: tuple[Path, 
     if switch_to:
         rt.switch(switch_to)
     active = rt.active
-    out = rt.infer(inputs)
+    out = rt.infer(images or inputs)
+    key = "image" if images else "text"
     result = {"mechanism": rt.mechanism, "applied": applied,
               "active": None if active is None else active.adapter_id,
-              "answers": _answers(inputs, out, active.labels if active else None)}
+              "answers": _answers(names or inputs, out, active.labels if active else None,
+                                  key)}
     if as_json:
         options.emit_json(result)
         return
@@ -95,11 +107,11 @@ def run(packets: tuple[Path, ...], bundle_dir: str, legacy_packets: tuple[Path, 
     click.echo(f"serving: {result['active'] or 'base model'}")
     for ans in result["answers"]:
         if "label" in ans:
-            click.echo(f"{ans['label']}\t(p={ans['p']:.3f})\t{ans['text']}")
+            click.echo(f"{ans['label']}\t(p={ans['p']:.3f})\t{ans[key]}")
         else:
             head = " ".join(f"{v:+.4f}" for v in ans["embedding"][:PREVIEW])
             norm = float(np.linalg.norm(ans["embedding"]))
-            click.echo(f"embedding[{ans['dim']}] norm={norm:.4f} [{head} ...]\t{ans['text']}")
+            click.echo(f"embedding[{ans['dim']}] norm={norm:.4f} [{head} ...]\t{ans[key]}")
 
 
 def _no_keys() -> list:

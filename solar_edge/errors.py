@@ -115,6 +115,11 @@ class UnknownAdapterError(SolarEdgeError):
     """A switch was requested to an adapter that is not cached."""
 
 
+class ImageError(SolarEdgeError):
+    """An input image is unreadable (truncated, not an image) or does not fit the model
+    (size, channel count)."""
+
+
 class DownloadError(SolarEdgeError):
     """A transfer failed (connection, HTTP status, length mismatch)."""
 

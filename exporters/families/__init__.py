@@ -15,7 +15,7 @@ from typing import Any
 from solar_edge.errors import CalibrationError, ExportError
 from solar_edge.format.bundle import Bundle
 
-from . import generic, text_encoder
+from . import generic, text_encoder, vit
 from .base import LoadedModel, TorchModel, check_matches_bundle
 
 
@@ -44,6 +44,7 @@ def _minilm_source(identity: dict[str, Any]) -> Path | None:
 register_family(Family(text_encoder.NAME, text_encoder.load_for_export, text_encoder.open_model,
                        _minilm_source))
 register_family(Family(generic.NAME, generic.load_for_export))
+register_family(Family(vit.NAME, vit.load_for_export, vit.open_model))
 
 
 def load_model(spec: str | None) -> LoadedModel:
@@ -54,7 +55,8 @@ def load_model(spec: str | None) -> LoadedModel:
                                             name=text_encoder.DEFAULT_MODEL_NAME)
     path = Path(spec)
     if path.is_dir():
-        return FAMILIES[text_encoder.NAME].load_for_export(path)
+        family = vit.NAME if vit.claims(path) else text_encoder.NAME
+        return FAMILIES[family].load_for_export(path)
     if ":" in spec and not path.exists():
         return FAMILIES[generic.NAME].load_for_export(spec)
     raise ExportError(f"model {spec!r} is neither a transformers directory nor 'module:function'")
