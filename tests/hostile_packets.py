@@ -121,6 +121,7 @@ BAD_STRING_BYTES = [
     b"\xff", b"\xc0\xaf", b"\xe0\x80\xaf", b"\xf0\x80\x80\xaf", b"\xc0\x80", b"\xed\xa0\x80",
     b"\xed\xbf\xbf", b"\xf4\x90\x80\x80", b"\x80", b"\xc3", b"\x00", b"\x1f", b"\\ud800",
     b"\\udfff", b"\\ud800\\u0041", b"\\u0000", b"\\u00e9", b"\\/", b"\\x41", b"\\",
+    "\u202e".encode(), "\u2067".encode(),   # right-to-left override and isolate
 ]
 
 

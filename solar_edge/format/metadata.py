@@ -23,9 +23,11 @@ MAX_LABELS = 4096
 MAX_LABEL_CHARS = 256
 MAX_DEPTH = 16  # of nested lists/objects (the known fields need 4)
 MIN_INT, MAX_INT = -(2**63), 2**64 - 1
-# control characters (C0, DEL, C1), surrogates and the non-characters U+FFFE/U+FFFF:
-# text a terminal, a log line or a C string on the board could misread
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
+# control characters (C0, DEL, C1), surrogates, the non-characters U+FFFE/U+FFFF and the
+# bidirectional embeddings, overrides and isolates (U+202A-U+202E, U+2066-U+2069): text a
+# terminal, a log line or a C string on the board could misread, or show in another order
+_UNPRINTABLE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff\u202a-\u202e\u2066-\u2069]")
 FIELD = "header.metadata"
 
 
