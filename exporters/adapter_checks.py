@@ -54,10 +54,16 @@ HEAD_MODULES = ("classifier", "pooler")  # the modules_to_save a board's head ap
 POOLER_MODEL_TYPES = ("bert", "ernie", "megatron-bert", "nezha")  # classifier reads the pooler
 
 
-def check_task_type(adapter: Adapter) -> None:
-    """The board serves a sequence-classification head or embeddings: any other PEFT task
-    (TOKEN_CLS, CAUSAL_LM, QUESTION_ANS, ...) would be served as something it is not."""
+def check_task_type(adapter: Adapter, served: Any = None) -> None:
+    """The board serves a sequence-classification head or embeddings (or, for a bundle whose
+    manifest lists ``model.task_types``, those): any other PEFT task (TOKEN_CLS, CAUSAL_LM,
+    QUESTION_ANS, ...) would be served as something it is not."""
     task_type = adapter.config.get("task_type")
+    if served:
+        if str(task_type).upper() not in served:
+            raise AdapterError(f"task_type {task_type!r} is not served by this bundle's model: "
+                               f"it serves {', '.join(served)}")
+        return
     if task_type is not None and str(task_type).upper() not in SERVED_TASK_TYPES:
         raise AdapterError(f"task_type {task_type!r} is not served by the board: supported are "
                            "SEQ_CLS (sequence classification) and FEATURE_EXTRACTION (or no "

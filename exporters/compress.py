@@ -142,7 +142,7 @@ class _Prepared:
 
 
 def _prepare(adapter: Adapter, bundle: Bundle) -> _Prepared:
-    check_task_type(adapter)
+    check_task_type(adapter, bundle.manifest.get("model", {}).get("task_types"))
     updates = match_to_bundle(adapter.updates, bundle.layers)
     matched = match_extras(adapter.extras, bundle.layers)
     unpatchable = sorted(lid for lid in matched.biases if bundle.base_bias(lid) is None)

@@ -101,13 +101,13 @@ def torch_export(loaded: LoadedModel, path: Path, exporter: str = "torchscript")
                 shapes = (tuple({ax: dyn for ax in axes[n]} for n in loaded.input_names),)
                 torch.onnx.export(
                     wrapper, args, str(path), input_names=loaded.input_names,
-                    output_names=[loaded.output_name], dynamic_shapes=shapes,
+                    output_names=loaded.output_names, dynamic_shapes=shapes,
                     opset_version=OPSET, dynamo=True, external_data=False, verbose=False,
                 )
             else:
                 torch.onnx.export(
                     wrapper, args, str(path), input_names=loaded.input_names,
-                    output_names=[loaded.output_name], dynamic_axes=axes,
+                    output_names=loaded.output_names, dynamic_axes=axes,
                     opset_version=OPSET, dynamo=False,
                 )
         except Exception as exc:  # exporters raise many unrelated types

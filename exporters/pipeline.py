@@ -30,6 +30,7 @@ from . import manifest as manifest_mod
 from . import onnx_export, tflite_export
 from .backend_choice import resolve_backend
 from .families import LoadedModel, load_model
+from .families.base import first_tensor
 from .families.text_encoder import copy_tokenizer
 from .progress import Progress
 from .targets import select_targets, weight_out_in
@@ -61,7 +62,7 @@ def _onnx_vs_torch(loaded: LoadedModel, onnx_path: Path) -> float:
     feeds = {k: v.numpy() for k, v in loaded.example_inputs.items()}
     got = session.run(None, feeds)[0]
     with torch.no_grad():
-        want = loaded.wrapper()(*loaded.example_inputs.values()).numpy()
+        want = first_tensor(loaded.wrapper()(*loaded.example_inputs.values())).numpy()
     if got.shape != want.shape:
         raise ExportError(f"ONNX output shape {got.shape} != torch {want.shape}")
     return float(np.abs(got - want).max())
@@ -143,6 +144,9 @@ def export_bundle(
     t0 = time.perf_counter()
     with progress.step("loading model"):
         loaded = load_model(model)
+    if prof.backend == "tflite" and not loaded.supports_tflite:
+        raise ExportError(f"a {loaded.identity.get('family')} model has no TFLite export; "
+                          "use an onnxruntime profile")
     names = select_targets(loaded.model, target_modules)
     modules = dict(loaded.model.named_modules())
     weights = {n: weight_out_in(modules[n]) for n in names}

@@ -251,6 +251,24 @@ class EdgeRuntime:
         logits = self.infer(inputs)
         return [head.labels[i] for i in logits.argmax(axis=-1)]
 
+    def serving(self) -> threading.RLock:
+        """Hold this (``with rt.serving():``) to keep the serving adapter for several runs."""
+        return self._lock
+
+    def run_graph(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Every graph output for ``feeds`` with the serving adapter (decoder steps)."""
+        with self._lock:
+            return self.backend.run(dict(feeds))
+
+    def generate(self, prompt: Any, max_new_tokens: int, **options: Any) -> Any:
+        """Continue a prompt with the serving adapter (decoder bundles; see
+        :func:`solar_edge.runtime.generation.generate` for the options)."""
+        from solar_edge.runtime.generation import Sampling, generate
+
+        sampling = Sampling(float(options.pop("temperature", 0.0)),
+                            int(options.pop("top_k", 0)), options.pop("seed", None))
+        return generate(self, prompt, max_new_tokens, sampling, **options)
+
     # --- internals -----------------------------------------------------------------------
     def _check_version(self, adapter_id: str, version: int) -> None:
         installed = self._installed.get(adapter_id)

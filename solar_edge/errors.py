@@ -115,6 +115,11 @@ class UnknownAdapterError(SolarEdgeError):
     """A switch was requested to an adapter that is not cached."""
 
 
+class GenerationError(SolarEdgeError):
+    """A generation request the model cannot serve (not a decoder, prompt too long, bad
+    sampling options or token ids)."""
+
+
 class ImageError(SolarEdgeError):
     """An input image is unreadable (truncated, not an image) or does not fit the model
     (size, channel count)."""

@@ -15,7 +15,7 @@ from typing import Any
 from solar_edge.errors import CalibrationError, ExportError
 from solar_edge.format.bundle import Bundle
 
-from . import generic, text_encoder, vit
+from . import causal_lm, generic, text_encoder, vit
 from .base import LoadedModel, TorchModel, check_matches_bundle
 
 
@@ -45,6 +45,7 @@ register_family(Family(text_encoder.NAME, text_encoder.load_for_export, text_enc
                        _minilm_source))
 register_family(Family(generic.NAME, generic.load_for_export))
 register_family(Family(vit.NAME, vit.load_for_export, vit.open_model))
+register_family(Family(causal_lm.NAME, causal_lm.load_for_export, causal_lm.open_model))
 
 
 def load_model(spec: str | None) -> LoadedModel:
@@ -56,6 +57,7 @@ def load_model(spec: str | None) -> LoadedModel:
     path = Path(spec)
     if path.is_dir():
         family = vit.NAME if vit.claims(path) else text_encoder.NAME
+        family = causal_lm.NAME if causal_lm.is_causal_lm(path) else family
         return FAMILIES[family].load_for_export(path)
     if ":" in spec and not path.exists():
         return FAMILIES[generic.NAME].load_for_export(spec)

@@ -66,10 +66,16 @@ class LoadedModel:
     tokenizer_files: list[Path] = field(default_factory=list)
     head_parts: dict[str, np.ndarray] = field(default_factory=dict)  # base tensors heads use
     canary_inputs: list[Any] = field(default_factory=list)  # fixed inputs packets vouch for
+    supports_tflite: bool = True  # False: the family's graph has no TFLite conversion
 
     @property
     def input_names(self) -> list[str]:
         return list(self.example_inputs)
+
+    @property
+    def output_names(self) -> list[str]:
+        """Graph outputs, in the order the wrapper returns them (the first is compared)."""
+        return [self.output_name]
 
     def wrapper(self) -> GraphWrapper:
         return GraphWrapper(self.model, self.input_names).eval()

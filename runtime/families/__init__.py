@@ -15,7 +15,7 @@ import numpy as np
 from solar_edge.errors import BundleError
 from solar_edge.runtime.backends.base import Backend
 from solar_edge.runtime.bundle_parts import BundleParts
-from solar_edge.runtime.families import generic, text_encoder, vit
+from solar_edge.runtime.families import causal_lm, generic, text_encoder, vit
 
 
 class Family(Protocol):
@@ -43,6 +43,8 @@ register_family(generic.NAME, lambda parts, backend: generic.GenericFamily(
     parts.bundle.manifest["onnx"].get("inputs", [])))
 register_family(vit.NAME, lambda parts, backend: vit.VitFamily(
     parts.bundle.manifest.get("model", {}), backend.input_names()))
+register_family(causal_lm.NAME, lambda parts, backend: causal_lm.CausalLMFamily(
+    parts.tokenizer_json(), parts.bundle.manifest.get("model", {}), backend.input_names()))
 
 
 def family_name(manifest: Mapping[str, Any]) -> str:

@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "unpack": "solar_edge.exporters.unpack:unpack",
     "eval": "solar_edge.exporters.eval_cmd:eval_packet",
     "run": "solar_edge.runtime.cli:run",
+    "generate": "solar_edge.runtime.generate_cli:generate",
     "publish": "solar_edge.devices.cli:publish",
     "serve": "solar_edge.devices.cli:serve",
     "agent": "solar_edge.devices.cli:agent",

@@ -1,0 +1,198 @@
+"""The causal-lm family end to end on tiny random-initialised LLaMA and GPT-2 (Conv1D) models:
+export (KV cache, LoRA slots) -> lossless signed packets -> board generation, equal token for
+token to torch ``PeftModel.merge_and_unload()`` greedy decoding; adapters switched in one
+session; sampling; the command; what is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import onnx
+import pytest
+import torch
+from causal_lm_models import (
+    PROMPTS,
+    lossless_packet,
+    make_adapter,
+    make_model,
+    torch_greedy,
+)
+
+from solar_edge.errors import AdapterError, ExportError, GenerationError
+from solar_edge.format import signing
+
+NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def decoder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+            ) -> dict[str, Any]:
+    from solar_edge.exporters.pipeline import export_bundle
+
+    torch.set_num_threads(1)
+    kind = request.param
+    root = tmp_path_factory.mktemp(f"decoder-{kind}")
+    model_dir = make_model(kind, root / "model")
+    adapters = {f"{kind}-a": make_adapter(kind, model_dir, root / "a", seed=1),
+                f"{kind}-b": make_adapter(kind, model_dir, root / "b", seed=2, rank=8)}
+    result = export_bundle(str(model_dir), "x86-64", root / "bundle")
+    key = signing.generate_private_key()
+    packets = {aid: lossless_packet(path, result.bundle, key, aid)
+               for aid, path in adapters.items()}
+    return {"kind": kind, "root": root, "model": model_dir, "adapters": adapters,
+            "bundle": result.bundle, "key": key, "packets": packets}
+
+
+def _runtime(decoder: dict[str, Any], mechanism: str | None = None) -> Any:
+    from solar_edge.runtime.engine import EdgeRuntime
+
+    return EdgeRuntime(str(decoder["bundle"].root), [decoder["key"].public_key()],
+                       mechanism=mechanism)
+
+
+def test_graph_has_kv_cache_and_lora_slots_on_every_adaptable_linear(decoder: dict) -> None:
+    bundle = decoder["bundle"]
+    manifest = bundle.manifest
+    layers = manifest["model"]["cache"]["layers"]
+    inputs = [i["name"] for i in manifest["onnx"]["inputs"]]
+    outputs = [o["name"] for o in manifest["onnx"]["outputs"]]
+    assert inputs[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert inputs[3:] == [f"past_key_values.{i}.{k}" for i in range(layers)
+                          for k in ("key", "value")]
+    assert outputs == ["logits"] + [f"present.{i}.{k}" for i in range(layers)
+                                    for k in ("key", "value")]
+    per_block = 7 if decoder["kind"] == "llama" else 4  # q k v o gate up down | 4 Conv1D
+    assert len(bundle.layers) == per_block * layers
+    assert not any("lm_head" in layer.name for layer in bundle.layers)
+    lora = onnx.load(str(bundle.root / manifest["onnx"]["variants"]["lora"]),
+                     load_external_data=False)
+    slots = {i.name for i in lora.graph.input if i.name.endswith(".lora_A")}
+    assert slots == {f"{layer['onnx']['initializer']}.lora_A" for layer in manifest["layers"]}
+
+
+@pytest.mark.parametrize("mechanism", ["lora", "initializer"])
+def test_greedy_equals_merged_peft_token_for_token_with_adapters_switched(
+        decoder: dict, mechanism: str) -> None:
+    rt = _runtime(decoder, mechanism)
+    for packet in decoder["packets"].values():
+        rt.stage(packet)
+    order = [*decoder["adapters"], None]
+    seen: dict[str | None, list[list[int]]] = {}
+    for i, prompt in enumerate(PROMPTS * 2):  # switch before every prompt
+        adapter = order[i % len(order)]
+        rt.activate(adapter)
+        ids = rt.family.encode(prompt)
+        got = rt.generate(prompt, NEW_TOKENS)
+        path = None if adapter is None else decoder["adapters"][adapter]
+        assert got.ids == torch_greedy(decoder["model"], path, ids, NEW_TOKENS), (adapter, prompt)
+        seen.setdefault(adapter, []).append(got.ids)
+    # the adapters change what is generated (so the comparison above could fail)
+    a, b = (seen[aid] for aid in decoder["adapters"])
+    assert a != seen[None] and b != seen[None] and a != b
+
+
+def test_sampling_is_seeded_and_top_k_one_is_greedy(decoder: dict) -> None:
+    rt = _runtime(decoder)
+    rt.apply(next(iter(decoder["packets"].values())))
+    greedy = rt.generate(PROMPTS[0], NEW_TOKENS, stop_at_eos=False).ids
+    top1 = rt.generate(PROMPTS[0], NEW_TOKENS, temperature=1.0, top_k=1, seed=5,
+                       stop_at_eos=False).ids
+    assert top1 == greedy
+    runs = [rt.generate(PROMPTS[0], NEW_TOKENS, temperature=1.5, top_k=50, seed=s,
+                        stop_at_eos=False).ids for s in (7, 7, 8)]
+    assert runs[0] == runs[1] and runs[0] != runs[2] and runs[0] != greedy
+
+
+def test_streamed_pieces_are_the_text_and_timings_are_reported(decoder: dict) -> None:
+    rt = _runtime(decoder)
+    pieces: list[tuple[int, str]] = []
+    out = rt.generate(PROMPTS[1], NEW_TOKENS, on_token=lambda t, s: pieces.append((t, s)))
+    assert [t for t, _ in pieces] == out.ids
+    shown = "".join(s for _, s in pieces)
+    assert out.text.startswith(shown) and shown
+    if not out.text.endswith("\ufffd"):  # nothing held back at the end
+        assert shown == out.text
+    assert 0 < out.first_token_ms <= out.total_ms
+
+
+def test_bad_requests_are_generation_errors(decoder: dict) -> None:
+    rt = _runtime(decoder)
+    with pytest.raises(GenerationError, match="max_new_tokens"):
+        rt.generate(PROMPTS[0], 0)
+    with pytest.raises(GenerationError, match="temperature"):
+        rt.generate(PROMPTS[0], 4, temperature=-1.0)
+    with pytest.raises(GenerationError, match="top_k"):
+        rt.generate(PROMPTS[0], 4, temperature=1.0, top_k=-2)
+    with pytest.raises(GenerationError, match="positions"):
+        rt.generate(PROMPTS[0], 200)  # the tiny models have 96 positions
+    with pytest.raises(GenerationError, match="token ids"):
+        rt.generate([5, 10_000], 4)
+    with pytest.raises(GenerationError, match="no tokens"):
+        rt.generate("", 4)
+
+
+def test_generate_command_streams_and_switches_in_one_session(decoder: dict,
+                                                              tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from solar_edge.cli import cli
+
+    pub = signing.save_public_key(decoder["key"], tmp_path / "key.pub")
+    args = ["generate", "--bundle", str(decoder["bundle"].root), "--trusted-key", str(pub),
+            "--prompt", PROMPTS[0], "--max-new-tokens", "8"]
+    for aid, packet in decoder["packets"].items():
+        (tmp_path / f"{aid}.pkt").write_bytes(packet)
+        args += ["--packet", str(tmp_path / f"{aid}.pkt")]
+    ids = [int(t) for t in json.loads(CliRunner().invoke(cli, ["generate", "--bundle", str(
+        decoder["bundle"].root), "--prompt", PROMPTS[0], "--max-new-tokens", "1", "--json"]
+    ).output)["runs"][0]["ids"]]
+    assert len(ids) == 1
+    switches = [a for aid in decoder["adapters"] for a in ("--switch", aid)]
+    res = CliRunner().invoke(cli, [*args, *switches, "--json"])
+    assert res.exit_code == 0, res.output
+    runs = json.loads(res.output)["runs"]
+    prompt_ids = None
+    for run, (aid, path) in zip(runs, decoder["adapters"].items(), strict=True):
+        from solar_edge.runtime.engine import EdgeRuntime
+
+        if prompt_ids is None:
+            rt = EdgeRuntime(str(decoder["bundle"].root), [decoder["key"].public_key()])
+            prompt_ids = rt.family.encode(PROMPTS[0])
+        assert run["adapter_id"] == aid
+        assert run["ids"] == torch_greedy(decoder["model"], path, prompt_ids, 8)
+    text = CliRunner().invoke(cli, args)
+    assert text.exit_code == 0, text.output
+    assert text.output.startswith(f"[{list(decoder['adapters'])[-1]}] {PROMPTS[0]}")
+    bad = CliRunner().invoke(cli, [*args, "--max-new-tokens", "500"])
+    assert type(bad.exception).__name__ == "GenerationError"
+
+
+def test_refused_adapters_and_profiles(decoder: dict, tmp_path: Path) -> None:
+    from solar_edge.exporters.compress import prepare_adapter
+    from solar_edge.exporters.pipeline import export_bundle
+    from solar_edge.methods.peft_files import read_adapter
+
+    path = next(iter(decoder["adapters"].values()))
+    wrong = tmp_path / "seqcls"
+    shutil.copytree(path, wrong)
+    config = json.loads((wrong / "adapter_config.json").read_text())
+    config["task_type"] = "SEQ_CLS"
+    (wrong / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match="not served by this bundle's model"):
+        prepare_adapter(read_adapter(wrong), decoder["bundle"])
+    with pytest.raises(ExportError, match="TFLite"):  # no converter here, or no decoder TFLite
+        export_bundle(str(decoder["model"]), "rpi4", tmp_path / "tflite-bundle")
+    assert not (tmp_path / "tflite-bundle").exists()
+
+
+def test_text_encoder_rules_still_refuse_causal_lm_adapters(decoder: dict) -> None:
+    from solar_edge.exporters.adapter_checks import check_task_type
+    from solar_edge.methods.peft_files import read_adapter
+
+    adapter = read_adapter(next(iter(decoder["adapters"].values())))
+    with pytest.raises(AdapterError, match="not served by the board"):
+        check_task_type(adapter)  # a bundle without model.task_types (text encoders)
+    check_task_type(adapter, decoder["bundle"].manifest["model"]["task_types"])
