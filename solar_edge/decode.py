@@ -8,10 +8,13 @@ allocated or regenerated before that), then per-packet shared state is built onc
 projections), then each record is decoded. Work is proportional to what a record keeps:
 only the basis columns it uses are read and perturbed.
 
-Cross-platform contract: the PRNG words, perturbation entries and the element-wise float32
+Cross-platform contract (docs/packet-format.md, tested by tests/board/ against golden files
+written on x86-64): the PRNG words, perturbation entries and the element-wise float32
 arithmetic are bit-identical on every platform; the small matrix products that turn basis
-coordinates into factors are float32 BLAS products, equal across platforms to within float32
-rounding of the summation order (stated in docs/packet-format.md), not bit for bit.
+coordinates into factors (FACTORED_CORE, SPARSE_CORE) are float32 BLAS products whose
+summation order is the kernel's, so another platform's factors agree within
+:func:`factor_bound`, not bit for bit. A fixed order (element-wise multiply-adds) would make
+them bit-identical but costs 6-60x the BLAS product (measured, docs/board-check.md).
 """
 
 from __future__ import annotations
@@ -252,3 +255,43 @@ def factors_by_layer(records: Sequence[LayerRecord], header: CodecHeader,
     shared = shared_state(records)
     return {r.layer_id: decode_factors(r, bases.get(r.layer_id), header, shared.get(r.kind))
             for r in records if decoder_of(r.kind).part == "factors"}
+
+
+def _gamma(n: int) -> float:
+    u = 2.0**-24  # float32 unit roundoff
+    return n * u / (1 - n * u)
+
+
+def factor_bound(record: LayerRecord, basis: LayerBasis, header: CodecHeader
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-element bounds (float64) on how far two conforming decodes of a FACTORED_CORE
+    or SPARSE_CORE record may differ: ``2 * gamma_n * (|B| @ |C|)`` for each factor that is
+    a float32 product ``B @ C`` of ``n``-term sums (any order, fused or not); 0 where a
+    factor is element-wise only. The contract of docs/packet-format.md, tested against the
+    golden files written on x86-64 (tests/board/)."""
+    basis = _check_basis(record, basis)
+    if record.kind == RecordKind.FACTORED_CORE:
+        a, b = _split_factors(record, record.values.dequantize())
+        out = []
+        for side, coef in (("U", a), ("V", b)):
+            cols = np.abs(_leading_columns(record, basis, header, side, coef.shape[0]))
+            out.append(2 * _gamma(coef.shape[0]) * (cols.astype(np.float64)
+                                                    @ np.abs(coef).astype(np.float64)))
+        return out[0], out[1]
+    if record.kind != RecordKind.SPARSE_CORE:
+        raise CodecError(f"{record.kind.name} factors involve no product: no tolerance")
+    values = record.values.dequantize().astype(np.float64)
+    pos = np.asarray(record.positions, dtype=np.int64).reshape(-1)
+    i, j = np.divmod(pos, record.cols)
+    ui, inv_i = np.unique(i, return_inverse=True)
+    uj, inv_j = np.unique(j, return_inverse=True)
+    cols_of = _basis_columns(record, basis, header)
+    if ui.size <= uj.size:  # the same choice of factor as _sparse
+        cols, member, group, n_groups, exact = cols_of("V", uj), inv_j, inv_i, ui.size, "L"
+    else:
+        cols, member, group, n_groups, exact = cols_of("U", ui), inv_i, inv_j, uj.size, "R"
+    s = np.zeros((n_groups, cols.shape[1]))
+    np.add.at(s, (group, member), np.abs(values))
+    bound = 2 * _gamma(cols.shape[1]) * (np.abs(cols).astype(np.float64) @ s.T)
+    zero = np.zeros(cols_of("U" if exact == "L" else "V", ui if exact == "L" else uj).shape)
+    return (zero, bound) if exact == "L" else (bound, zero)

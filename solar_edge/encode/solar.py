@@ -14,7 +14,7 @@ A global greedy on each layer's lower convex hull (largest error reduction per b
 then a fill pass, picks one point per layer with ``overhead + sum(record bytes) <= budget``.
 The chosen records are quantised, and each layer's reconstruction is produced by
 :func:`decode_factors` on the quantised record: what a device decodes from the same
-record (equal to float32 rounding of the BLAS summation order across platforms).
+record (on another platform or BLAS kernel: within ``decode.factor_bound``, not bit for bit).
 """
 
 from __future__ import annotations

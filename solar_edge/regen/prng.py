@@ -2,7 +2,8 @@
 
 Every perturbation entry a device regenerates is a pure function of
 ``(seed, layer_id, stream, index)``, computed with 32-bit integer arithmetic and exact
-float operations only, so x86 and ARM boards get bit-identical bases.
+float operations only, so x86 and ARM boards get bit-identical perturbations (and perturbed
+basis columns; checked against x86-64 golden files under aarch64, docs/board-check.md).
 
 Keying (stable, part of the packet format): key = (seed low 32 bits, seed high 32 bits);
 counter = (block low 32, block high 32, layer_id, stream), where block ``b`` yields the
