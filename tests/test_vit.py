@@ -207,3 +207,22 @@ def test_compress_data_free_and_calibrated_on_an_image_folder(vit, tmp_path, mon
     got = rt.infer(vit["images"])
     want = _torch_logits(vit["merged"], vit["images"])
     assert np.abs(got - want).max() < 0.25 * np.abs(want).max()
+
+
+def test_a_bad_image_in_the_calibration_folder_is_a_calibration_error(tmp_path):
+    from solar_edge.errors import CalibrationError
+    from solar_edge.exporters.calib_data import read_calibration_file
+
+    Image.fromarray(np.zeros((SIZE, SIZE), np.uint8)).save(tmp_path / "a.png")
+    np.save(tmp_path / "b.npy", np.ones((SIZE, SIZE)))
+    calib = read_calibration_file(tmp_path)
+    assert len(calib) == 2 and calib.labels is None
+    assert calib.texts[1].name == str(tmp_path / "b.npy")
+    (tmp_path / "c.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0")
+    with pytest.raises(CalibrationError, match=f"calibration images: {tmp_path / 'c.png'}: "
+                                               "truncated PNG"):
+        read_calibration_file(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CalibrationError, match="no .png, .jpg, .jpeg, .npy files"):
+        read_calibration_file(empty)
