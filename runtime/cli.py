@@ -1,4 +1,5 @@
-"""``solar-edge run``: apply packets to a bundle's model and answer texts (board side)."""
+"""``solar-edge run``: apply packets to a bundle's model and answer texts or images (board
+side; images: :mod:`solar_edge.runtime.images`)."""
 
 from __future__ import annotations
 
