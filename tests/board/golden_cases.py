@@ -17,6 +17,7 @@ import hashlib
 import json
 import sys
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ REPO = Path(__file__).resolve().parents[2]
 GOLDEN_DIR = REPO / "tests" / "golden"
 HASHES = GOLDEN_DIR / "board_golden.json"
 FACTORS = GOLDEN_DIR / "board_factors.npz"
-PACKET_DIR = REPO / "solar_edge" / "golden"
+PACKET_DIR = Path(str(resources.files("solar_edge") / "golden"))  # installed package data
 
 # (seed, layer_id, stream, start, count); starts cross the 32-bit low block counter.
 WORD_CASES = [(0, 0, 0, 0, 4096), (7, 3, 1, 4 * (2**32 - 3), 64),
