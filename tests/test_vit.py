@@ -95,10 +95,12 @@ def test_manifest_records_the_models_preprocessing(vit):
     assert len(vit["bundle"].manifest["canary"]["inputs"]) == 3
 
 
-def test_lossless_packet_serves_what_peft_merge_and_unload_computes(vit):
+@pytest.mark.parametrize("mechanism", ["lora", "initializer"])
+def test_lossless_packet_serves_what_peft_merge_and_unload_computes(vit, mechanism):
     from solar_edge.runtime.engine import EdgeRuntime
 
-    rt = EdgeRuntime(str(vit["root"] / "bundle"), [vit["key"].public_key()])
+    rt = EdgeRuntime(str(vit["root"] / "bundle"), [vit["key"].public_key()], mechanism=mechanism)
+    assert rt.mechanism == mechanism
     base = rt.infer(vit["images"])   # no adapter: the unit embedding of the base model
     rt.apply(vit["packet"])
     got = rt.infer(vit["images"])
