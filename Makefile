@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-solar-edge
 
-.PHONY: demo test lint clean
+.PHONY: demo demo-lm test lint clean board-check
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,16 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
+# decoder task switch (docs/decoder.md): pretrains and caches under artifacts/lm the first time
+demo-lm: $(STAMP)
+	$(PY) scripts/demo_lm.py
+
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# aarch64 board check under qemu-user (root; docs/board-check.md); not part of `make test`
+board-check: $(STAMP)
+	HOST_PYTHON=$(PY) scripts/check_aarch64.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check solar_edge exporters runtime devices tests bench scripts
