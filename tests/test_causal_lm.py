@@ -196,3 +196,11 @@ def test_text_encoder_rules_still_refuse_causal_lm_adapters(decoder: dict) -> No
     with pytest.raises(AdapterError, match="not served by the board"):
         check_task_type(adapter)  # a bundle without model.task_types (text encoders)
     check_task_type(adapter, decoder["bundle"].manifest["model"]["task_types"])
+
+
+def test_a_bundle_whose_model_does_not_generate_says_so(tiny_bundle_master: Path) -> None:
+    from solar_edge.runtime.engine import EdgeRuntime
+
+    rt = EdgeRuntime(str(tiny_bundle_master), [signing.generate_private_key().public_key()])
+    with pytest.raises(GenerationError, match="does not generate"):
+        rt.generate("hello", 4)
