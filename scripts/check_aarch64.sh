@@ -160,7 +160,8 @@ suite_collects() {  # the whole suite collects on the board install (skips carry
   in_root "cd $SRC && $VENV/bin/python -m pytest -q -p no:cacheprovider --collect-only tests" \
     > /tmp/solar-board-collect.log 2>&1
   local rc=$?
-  grep -E "^SKIPPED|tests collected|error" /tmp/solar-board-collect.log | sed 's/^/  /'
+  grep -E "^SKIPPED|tests? collected|^ERROR|errors? during" /tmp/solar-board-collect.log \
+    | sed 's/^/  /'
   return $rc
 }
 
