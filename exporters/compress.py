@@ -228,7 +228,8 @@ class _Calibration:
         self.model = families.open_bundle_model(bundle, options.model_dir, purpose)
         self.bundle, self.metadata = bundle, prep.metadata
         self.head = self.heads.head_for(prep.metadata, self.model.hidden_size,
-                                        prep.matched.head, bundle)
+                                        prep.matched.head, bundle) \
+            or getattr(self.model, "output_head", None)  # a family's own outputs (decoders)
         self.teacher = adapter_patches(bundle, prep.updates, prep.matched.biases,
                                        prep.matched.magnitudes)
 

@@ -205,7 +205,7 @@ def refit_records(model: TorchModel, bundle: Bundle, records: Sequence[LayerReco
     try:
         with torch.no_grad():
             outs = [forward(c, True) for c in chunks]
-            t_logits = torch.empty(n, outs[0][0].shape[1])
+            t_logits = torch.empty(n, *outs[0][0].shape[1:])  # decoders: per position
             t_unit = torch.empty(n, outs[0][1].shape[1])
             for c, (logits, embedding) in zip(chunks, outs, strict=True):
                 t_logits[c], t_unit[c] = logits, embedding

@@ -204,3 +204,23 @@ def test_a_bundle_whose_model_does_not_generate_says_so(tiny_bundle_master: Path
     rt = EdgeRuntime(str(tiny_bundle_master), [signing.generate_private_key().public_key()])
     with pytest.raises(GenerationError, match="does not generate"):
         rt.generate("hello", 4)
+
+
+def test_calibrated_compress_refits_to_next_token_distributions(decoder: dict,
+                                                                tmp_path: Path) -> None:
+    from causal_lm_models import CORPUS
+
+    from solar_edge.exporters.compress import CompressOptions, compress_adapter
+
+    texts = tmp_path / "calib.txt"
+    texts.write_text("\n".join(line for t in CORPUS[:4] for line in t.splitlines() if line)
+                     * 3 + "\n")
+    path = next(iter(decoder["adapters"].values()))
+    options = CompressOptions(budget=3000, metric="act", calib_data=texts,
+                              model_dir=decoder["model"], refit_steps=15)
+    out = compress_adapter(path, decoder["bundle"], decoder["key"], options, adapter_id="cal")
+    assert out.refit_loss is not None
+    before, after = out.refit_loss  # KL of next-token distributions against the adapter
+    assert after < 0.95 * before
+    rt = _runtime(decoder)
+    assert rt.apply(out.data).adapter_id == "cal" and len(rt.generate(PROMPTS[0], 4).ids) == 4

@@ -153,9 +153,18 @@ def load_for_export(path: Path, name: str | None = None) -> LoadedModel:
     return loaded
 
 
+def next_token_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The refit's "head" for a decoder: logits per position, padding set to zero (a uniform
+    distribution in teacher and student alike, so it adds nothing to the KL)."""
+    return logits * mask.unsqueeze(-1).to(logits.dtype)
+
+
 class CausalLMModel:
-    """:class:`~.base.TorchModel` of a causal LM (calibration): texts -> token feeds; hidden
-    states are the logits, so fits match next-token outputs."""
+    """:class:`~.base.TorchModel` of a causal LM (calibration): texts -> token feeds padded to
+    the length asked for; hidden states are the logits, and :attr:`output_head` makes the
+    refit's objective the KL of next-token distributions at every real position."""
+
+    output_head = staticmethod(next_token_logits)
 
     def __init__(self, module: nn.Module, tokenizer: Any) -> None:
         self.module = module
@@ -167,8 +176,8 @@ class CausalLMModel:
             raise ExportError("a causal LM takes texts")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
-        enc = self.tokenizer(list(inputs), truncation=True, max_length=max_len, padding=True,
-                             return_tensors="pt")
+        enc = self.tokenizer(list(inputs), truncation=True, max_length=max_len,
+                             padding="max_length", return_tensors="pt")
         return {k: enc[k] for k in ("input_ids", "attention_mask")}
 
     def token_mask(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
