@@ -21,7 +21,7 @@ demo-lm: $(STAMP)
 	$(PY) scripts/demo_lm.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 # aarch64 board check under qemu-user (root; docs/board-check.md); not part of `make test`
 board-check: $(STAMP)
