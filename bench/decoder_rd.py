@@ -5,11 +5,12 @@
 For each adapter: real signed packets (everything counted: header, metadata, signature) of
 the uncompressed adapter (float32), the plain baselines (the adapter's own factors at
 float16 and int8..int2, group 64), the data-free codec and the calibrated codec (``--metric
-act`` on lines of the domain's training text; decoder adapters have no task head, so no
-refit) at several budgets. Each packet is applied to a real ``EdgeRuntime`` (mechanism
-``lora``) and measured on the domain's held-out windows: perplexity, and next-token top-1
-agreement with the uncompressed adapter. Reported: the smallest packet within 1 % of the
-uncompressed adapter's perplexity per method, and its ratio to the best plain baseline.
+act`` on lines of the domain's training text), with and without the refit (120 steps, KL of
+next-token distributions), at several budgets. Each packet is applied to a real
+``EdgeRuntime`` (mechanism ``lora``) and measured on the domain's held-out windows:
+perplexity, and next-token top-1 agreement with the uncompressed adapter. Reported: the
+smallest packet within 1 % of the uncompressed adapter's perplexity per method, and its
+ratio to the best plain baseline.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 BUDGETS = (6000, 12000, 24000, 48000, 96000)
 CAL_BUDGETS = (24000, 48000, 96000)
+REFIT_BUDGETS = (24000, 48000, 96000)
 WINDOWS = 40
 
 
@@ -98,14 +100,19 @@ def one_adapter(lm: Path, bundle: Any, tok: Any, key: Any, name: str) -> dict[st
             budget=budget, metric="act", calib_data=calib, model_dir=lm / "base"),
             adapter_id=name, version=next(version))
         measure("calibrated", str(budget), c.data, ref)
+    for budget in REFIT_BUDGETS:
+        c = compress_adapter(adapter_dir, bundle, key, CompressOptions(
+            budget=budget, metric="act", calib_data=calib, model_dir=lm / "base",
+            refit_steps=120), adapter_id=name, version=next(version))
+        measure("calibrated+refit", str(budget), c.data, ref)
     target = rows[0]["ppl"] * 1.01
     best = {}
-    for method in ("plain", "data-free", "calibrated"):
+    for method in ("plain", "data-free", "calibrated", "calibrated+refit"):
         ok = [r["bytes"] for r in rows if r["method"] == method and r["ppl"] <= target]
         best[method] = min(ok) if ok else None
     out = {"rows": rows, "smallest_within_1pct": best, "ratio_to_plain": {
         m: (round(best[m] / best["plain"], 3) if best[m] and best["plain"] else None)
-        for m in ("data-free", "calibrated")}}
+        for m in ("data-free", "calibrated", "calibrated+refit")}}
     print(name, json.dumps(out["smallest_within_1pct"]), json.dumps(out["ratio_to_plain"]),
           flush=True)
     return out
