@@ -23,7 +23,7 @@ from torch import nn
 from solar_edge.errors import ExportError
 
 from .base import LoadedModel
-from .text_encoder import TOKENIZER_FILES, quiet_loading
+from .text_encoder import TOKENIZER_FILES, load_pretrained, quiet_loading
 
 NAME = "causal-lm"
 EXAMPLE_PAST = 4  # traced with a non-empty cache so the cache axes stay symbolic
@@ -189,12 +189,7 @@ class CausalLMModel:
 
 def open_model(path: Path) -> CausalLMModel:
     """Tokenizer and causal LM of ``path``, in eval mode (calibration and refits)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    try:
-        with quiet_loading():
-            tokenizer = AutoTokenizer.from_pretrained(str(path))
-            module = AutoModelForCausalLM.from_pretrained(str(path)).eval()
-    except (OSError, ValueError, KeyError) as exc:
-        raise ExportError(f"cannot load a causal LM from {path}: {exc}") from exc
+    tokenizer, module = load_pretrained(path, AutoModelForCausalLM, "a causal LM")
     return CausalLMModel(module, tokenizer)

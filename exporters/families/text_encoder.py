@@ -134,14 +134,23 @@ class TextEncoderModel:
         return self.module(**feeds).last_hidden_state, feeds["attention_mask"]
 
 
-def open_model(path: Path) -> TextEncoderModel:
-    """Tokenizer and base transformer of ``path``, in eval mode, for calibration and refits."""
-    from transformers import AutoModel, AutoTokenizer
+def load_pretrained(path: Path, auto_model: Any, what: str) -> tuple[Any, nn.Module]:
+    """Tokenizer and ``auto_model.from_pretrained(path)`` in eval mode, quietly; a directory
+    that does not load is an ExportError naming ``what`` was expected there."""
+    from transformers import AutoTokenizer
 
     try:
         with quiet_loading():
             tokenizer = AutoTokenizer.from_pretrained(str(path))
-            module = AutoModel.from_pretrained(str(path)).eval()
+            module = auto_model.from_pretrained(str(path)).eval()
     except (OSError, ValueError, KeyError) as exc:
-        raise ExportError(f"cannot load a transformers model from {path}: {exc}") from exc
+        raise ExportError(f"cannot load {what} from {path}: {exc}") from exc
+    return tokenizer, module
+
+
+def open_model(path: Path) -> TextEncoderModel:
+    """Tokenizer and base transformer of ``path``, in eval mode, for calibration and refits."""
+    from transformers import AutoModel
+
+    tokenizer, module = load_pretrained(path, AutoModel, "a transformers model")
     return TextEncoderModel(module, tokenizer)
