@@ -5,22 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 
 import pytest
-
-from solar_edge.cli import main
-
-
-def _main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["solar-edge", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+from cli_main import run_main
 
 
 @pytest.fixture()
@@ -38,7 +25,7 @@ def device(rig):
 def test_status_lists_installed_adapters_pins_previous_and_the_last_cycle(device, monkeypatch,
                                                                           capsys):
     rig, state = device
-    code, out, _ = _main(monkeypatch, capsys, "device", "status", "--state", state, "--json")
+    code, out, _ = run_main(monkeypatch, capsys, "device", "status", "--state", state, "--json")
     assert code == 0
     doc = json.loads(out)
     a = doc["adapters"]["a"]
@@ -46,22 +33,22 @@ def test_status_lists_installed_adapters_pins_previous_and_the_last_cycle(device
     assert doc["adapters"]["b"]["active"] is False and doc["device_id"] == "board-9"
     assert doc["last_cycle"]["outcomes"][0] == {**doc["last_cycle"]["outcomes"][0],
                                                 "adapter_id": "a", "action": "installed"}
-    code, out, _ = _main(monkeypatch, capsys, "device", "status", "--state", state)
+    code, out, _ = run_main(monkeypatch, capsys, "device", "status", "--state", state)
     assert code == 0 and "a v2" in out and "previous v1" in out and "exit 0" in out
 
 
 def test_rollback_goes_back_and_holds_until_unpin(device, monkeypatch, capsys):
     rig, state = device
-    code, out, _ = _main(monkeypatch, capsys, "device", "rollback", "a", "--state", state)
+    code, out, _ = run_main(monkeypatch, capsys, "device", "rollback", "a", "--state", state)
     assert code == 0 and "rolled back from v2 to v1" in out
     agent = rig.agent()                       # the next start serves the previous version
     assert agent.applier.active_version == 1 and list(agent.applier.infer([1.0])) == [1.5]
     outcomes = {o.adapter_id: (o.version, o.action) for o in agent.run()}
     assert outcomes["a"] == (3, "pinned") and agent.exit_code == 0
     assert agent.applier.active_version == 1
-    code, _, err = _main(monkeypatch, capsys, "device", "rollback", "a", "--state", state)
+    code, _, err = run_main(monkeypatch, capsys, "device", "rollback", "a", "--state", state)
     assert code == 2 and "UnknownAdapterError: no previous version of a" in err
-    _main(monkeypatch, capsys, "device", "unpin", "a", "--state", state)
+    run_main(monkeypatch, capsys, "device", "unpin", "a", "--state", state)
     outcomes = {o.adapter_id: (o.version, o.action) for o in agent.run()}   # same process
     assert outcomes["a"] == (3, "installed") and list(agent.applier.infer([1.0])) == [3.0]
 
@@ -71,16 +58,16 @@ def test_pin_with_a_version_caps_what_the_agent_installs(rig, monkeypatch, capsy
     rig.start()
     rig.agent().run()
     state = str(rig.tmp / "device")
-    code, out, _ = _main(monkeypatch, capsys, "device", "pin", "a", "2", "--state", state,
+    code, out, _ = run_main(monkeypatch, capsys, "device", "pin", "a", "2", "--state", state,
                          "--json")
     assert code == 0 and json.loads(out)["pinned"] == {"a": 2}
     rig.publish(rig.packet("a", 2, scale=2.0), rig.packet("a", 3, scale=3.0))
     agent = rig.agent()
     assert [(o.version, o.action) for o in agent.run()] == [(2, "installed")]
     assert [(o.version, o.action) for o in agent.run()] == [(3, "pinned")]
-    code, _, err = _main(monkeypatch, capsys, "device", "pin", "ghost", "--state", state)
+    code, _, err = run_main(monkeypatch, capsys, "device", "pin", "ghost", "--state", state)
     assert code == 2 and "UnknownAdapterError: adapter 'ghost' is not installed" in err
-    code, _, err = _main(monkeypatch, capsys, "device", "pin", "a", "0", "--state", state)
+    code, _, err = run_main(monkeypatch, capsys, "device", "pin", "a", "0", "--state", state)
     assert code == 2 and "0" in err
 
 
@@ -88,10 +75,10 @@ def test_switch_takes_effect_at_the_next_start_and_refuses_unknown_ids(device, m
                                                                        capsys):
     rig, state = device
     before = (rig.tmp / "device" / "state.json").read_bytes()
-    code, _, err = _main(monkeypatch, capsys, "device", "switch", "ghost", "--state", state)
+    code, _, err = run_main(monkeypatch, capsys, "device", "switch", "ghost", "--state", state)
     assert code == 2 and "UnknownAdapterError" in err and "installed: a, b" in err
     assert (rig.tmp / "device" / "state.json").read_bytes() == before
-    code, out, _ = _main(monkeypatch, capsys, "device", "switch", "b", "--state", state)
+    code, out, _ = run_main(monkeypatch, capsys, "device", "switch", "b", "--state", state)
     assert code == 0 and "b serves after the agent's next start" in out
     agent = rig.agent()
     assert agent.applier.active == "b" and list(agent.applier.infer([1.0])) == [5.0]
@@ -99,7 +86,7 @@ def test_switch_takes_effect_at_the_next_start_and_refuses_unknown_ids(device, m
 
 def test_commands_on_a_folder_without_agent_state_are_typed_errors(tmp_path, monkeypatch,
                                                                    capsys):
-    code, _, err = _main(monkeypatch, capsys, "device", "status", "--state",
+    code, _, err = run_main(monkeypatch, capsys, "device", "status", "--state",
                          str(tmp_path / "nowhere"))
     assert code == 2 and err.startswith("error: StateError: no agent state at")
     assert not (tmp_path / "nowhere").exists()
@@ -107,7 +94,7 @@ def test_commands_on_a_folder_without_agent_state_are_typed_errors(tmp_path, mon
     (tmp_path / "bad" / "state.json").write_text('{"format": 2, "adapters": {"../x": '
                                                  '{"version": 1, "sha256": "' + "a" * 64 +
                                                  '"}}, "active": null}')
-    code, _, err = _main(monkeypatch, capsys, "device", "status", "--state",
+    code, _, err = run_main(monkeypatch, capsys, "device", "status", "--state",
                          str(tmp_path / "bad"))
     assert code == 2 and "StateError" in err and "id rule" in err
 
@@ -136,7 +123,7 @@ def test_agent_command_exit_code_is_1_when_an_update_was_rejected(rig, monkeypat
     monkeypatch.setattr(devices_cli, "build_runtime_agent", build_with_double)
     pub = signing.save_public_key(rig.key, tmp_path / "key.pub")
     root = rig.repo_dir / "metadata" / "1.root.json"
-    code, out, _ = _main(monkeypatch, capsys, "agent", "--server", rig.server.url, "--bundle",
+    code, out, _ = run_main(monkeypatch, capsys, "agent", "--server", rig.server.url, "--bundle",
                          str(tmp_path), "--trusted-key", str(pub), "--root", str(root),
                          "--once", "--device-id", "board-3", "--json")
     doc = json.loads(out)
@@ -144,7 +131,7 @@ def test_agent_command_exit_code_is_1_when_an_update_was_rejected(rig, monkeypat
     assert [(r["adapter_id"], r["action"]) for r in doc["outcomes"]] == [
         ("a", "installed"), ("b", "rejected")]
     assert hashlib.sha256(forged).hexdigest() in built["agent"].store.load().rejected
-    code, _, err = _main(monkeypatch, capsys, "agent", "--server", rig.server.url, "--bundle",
+    code, _, err = run_main(monkeypatch, capsys, "agent", "--server", rig.server.url, "--bundle",
                          str(tmp_path), "--trusted-key", str(pub), "--once",
                          "--report-url", "ftp://x")
     assert code == 2 and "http:// or https://" in err
@@ -155,11 +142,11 @@ def test_a_running_agent_follows_an_operator_rollback_at_its_next_cycle(device, 
     rig, state = device
     agent = rig.agent()
     assert agent.applier.active_version == 2
-    assert _main(monkeypatch, capsys, "device", "rollback", "a", "--state", state)[0] == 0
+    assert run_main(monkeypatch, capsys, "device", "rollback", "a", "--state", state)[0] == 0
     outcomes = {o.adapter_id: (o.version, o.action) for o in agent.run()}
     assert outcomes["a"] == (3, "pinned")
     assert agent.applier.active_version == 1 and list(agent.applier.infer([1.0])) == [1.5]
-    assert _main(monkeypatch, capsys, "device", "unpin", "a", "--state", state)[0] == 0
+    assert run_main(monkeypatch, capsys, "device", "unpin", "a", "--state", state)[0] == 0
     outcomes = {o.adapter_id: (o.version, o.action) for o in agent.run()}
     assert outcomes["a"] == (3, "installed") and agent.applier.active_version == 3
     assert agent.store.load().previous["a"].version == 1
@@ -169,7 +156,7 @@ def test_status_of_an_agent_that_installed_nothing_yet(rig, monkeypatch, capsys)
     rig.publish(rig.packet("a", 1, fingerprint="c" * 64))     # for another base: rejected
     rig.start()
     rig.agent(device_id="board-0").run()
-    code, out, _ = _main(monkeypatch, capsys, "device", "status", "--state",
+    code, out, _ = run_main(monkeypatch, capsys, "device", "status", "--state",
                          str(rig.tmp / "device"), "--json")
     doc = json.loads(out)
     assert code == 0 and doc["adapters"] == {} and doc["device_id"] == "board-0"

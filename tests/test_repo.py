@@ -181,19 +181,12 @@ def _real_packet(path, key, adapter_id, version, value):
 
 
 def test_publish_command_refusals_exit_2_with_one_line(tmp_path, key, monkeypatch, capsys):
-    import sys
+    from cli_main import run_main
 
-    from solar_edge.cli import main
     from solar_edge.format import signing
 
     def run(*args):
-        monkeypatch.setattr(sys, "argv", ["solar-edge", "publish", *args])
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-        return (code, *capsys.readouterr())
+        return run_main(monkeypatch, capsys, "publish", *args)
 
     key_file = str(signing.save_private_key(key, tmp_path / "k.pem"))
     repo = str(tmp_path / "repo")

@@ -6,32 +6,20 @@ files and folders, with one clear line per bad image."""
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
+from cli_main import run_main
 
 torch = pytest.importorskip("torch", reason="the export extra builds the ViT bundle")
 transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image", reason="Pillow writes the test's PNG/JPEG files")
 
-from solar_edge.cli import main  # noqa: E402
 from solar_edge.errors import ImageError  # noqa: E402
 from solar_edge.format import signing  # noqa: E402
 
 SIZE, LABELS = 16, ["zero", "one", "two"]
 MEAN, STD = 0.3, 0.2
-
-
-def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["solar-edge", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +110,7 @@ def test_run_image_files_and_folder_print_the_adapters_labels(vit, tmp_path, mon
     (folder / "notes.txt").write_text("not picked up: not an image suffix")
     root = vit["root"]
     (root / "p.slr").write_bytes(vit["packet"])
-    code, out, err = _cli(monkeypatch, capsys, "run", "--bundle", str(root / "bundle"),
+    code, out, err = run_main(monkeypatch, capsys, "run", "--bundle", str(root / "bundle"),
                           "--packet", str(root / "p.slr"), "--trusted-key",
                           str(root / "key.pub"), "--image", str(folder), "--json")
     assert code == 0, err
@@ -133,7 +121,7 @@ def test_run_image_files_and_folder_print_the_adapters_labels(vit, tmp_path, mon
     want = _torch_logits(vit["merged"], [images[0], images[1], decoded_jpeg])
     assert [a["label"] for a in answers] == [LABELS[i] for i in want.argmax(1)]
     assert np.abs(np.array([a["logits"] for a in answers]) - want).max() < 1e-3
-    code, out, err = _cli(monkeypatch, capsys, "run", "--bundle", str(root / "bundle"),
+    code, out, err = run_main(monkeypatch, capsys, "run", "--bundle", str(root / "bundle"),
                           "--packet", str(root / "p.slr"), "--trusted-key",
                           str(root / "key.pub"), "--image", str(folder / "a.png"))
     assert code == 0, err
@@ -162,7 +150,7 @@ def test_bad_images_give_one_clear_line_each(vit, tmp_path, monkeypatch, capsys)
 
     root = vit["root"]
     for name, message in _bad_images(tmp_path).items():
-        code, out, err = _cli(monkeypatch, capsys, "run", "--bundle", str(root / "bundle"),
+        code, out, err = run_main(monkeypatch, capsys, "run", "--bundle", str(root / "bundle"),
                               "--image", str(tmp_path / name))
         assert code != 0 and out == ""
         lines = err.strip().splitlines()
@@ -198,7 +186,7 @@ def test_compress_data_free_and_calibrated_on_an_image_folder(vit, tmp_path, mon
             "--json"]
     if calibrated:
         args += ["--calib-data", str(folder), "--model", str(root / "base"), "--refit", "20"]
-    code, out, err = _cli(monkeypatch, capsys, *args)
+    code, out, err = run_main(monkeypatch, capsys, *args)
     assert code == 0, err
     report = json.loads(out)
     assert report["calibration"] == (f"{folder} (12 images)" if calibrated else None)
