@@ -13,9 +13,8 @@ generation feeds empty pasts (length 0). Every ``nn.Linear``/``Conv1D`` outside 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,7 +22,7 @@ from torch import nn
 from solar_edge.errors import ExportError
 
 from .base import LoadedModel
-from .text_encoder import TOKENIZER_FILES, load_pretrained, quiet_loading
+from .text_encoder import TOKENIZER_FILES, TextEncoderModel, load_pretrained, quiet_loading
 
 NAME = "causal-lm"
 EXAMPLE_PAST = 4  # traced with a non-empty cache so the cache axes stay symbolic
@@ -159,32 +158,21 @@ def next_token_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return logits * mask.unsqueeze(-1).to(logits.dtype)
 
 
-class CausalLMModel:
+class CausalLMModel(TextEncoderModel):
     """:class:`~.base.TorchModel` of a causal LM (calibration): texts -> token feeds padded to
     the length asked for; hidden states are the logits, and :attr:`output_head` makes the
     refit's objective the KL of next-token distributions at every real position."""
 
+    kind = "a causal LM"
+    padding = "max_length"
+    width_field = "vocab_size"
+    output = "logits"
     output_head = staticmethod(next_token_logits)
 
     def __init__(self, module: nn.Module, tokenizer: Any) -> None:
-        self.module = module
-        self.tokenizer = tokenizer
-        self.hidden_size = int(cast(Any, module).config.vocab_size)
-
-    def feeds(self, inputs: Sequence[Any], max_len: int) -> dict[str, torch.Tensor]:
-        if not all(isinstance(t, str) for t in inputs):
-            raise ExportError("a causal LM takes texts")
-        if self.tokenizer.pad_token is None:
+        super().__init__(module, tokenizer)
+        if self.tokenizer.pad_token is None:  # decoders often have none: pad with EOS
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
-        enc = self.tokenizer(list(inputs), truncation=True, max_length=max_len,
-                             padding="max_length", return_tensors="pt")
-        return {k: enc[k] for k in ("input_ids", "attention_mask")}
-
-    def token_mask(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
-        return feeds["attention_mask"].bool()
-
-    def hidden(self, feeds: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.module(**feeds).logits, feeds["attention_mask"]
 
 
 def open_model(path: Path) -> CausalLMModel:

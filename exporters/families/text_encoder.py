@@ -113,25 +113,34 @@ def copy_tokenizer(files: Sequence[Path], dest: Path) -> None:
 
 
 class TextEncoderModel:
-    """:class:`~.base.TorchModel` of a text encoder: tokenizer + base transformer."""
+    """:class:`~.base.TorchModel` of a text encoder: tokenizer + base transformer.
+
+    A family whose model also takes texts (the causal LM) subclasses it and changes the
+    class attributes: what it is called, how a batch is padded, which config field is the
+    width of its outputs and which output it hands back."""
+
+    kind = "a text encoder"
+    padding: bool | str = True           # to the longest text of the batch
+    width_field = "hidden_size"
+    output = "last_hidden_state"
 
     def __init__(self, module: nn.Module, tokenizer: Any) -> None:
         self.module = module
         self.tokenizer = tokenizer
-        self.hidden_size = int(cast(Any, module).config.hidden_size)
+        self.hidden_size = int(getattr(cast(Any, module).config, self.width_field))
 
     def feeds(self, inputs: Sequence[Any], max_len: int) -> dict[str, torch.Tensor]:
         if not all(isinstance(t, str) for t in inputs):
-            raise ExportError("a text encoder takes texts")
-        enc = self.tokenizer(list(inputs), truncation=True, max_length=max_len, padding=True,
-                             return_tensors="pt")
+            raise ExportError(f"{self.kind} takes texts")
+        enc = self.tokenizer(list(inputs), truncation=True, max_length=max_len,
+                             padding=self.padding, return_tensors="pt")
         return {k: enc[k] for k in ("input_ids", "attention_mask")}
 
     def token_mask(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
         return feeds["attention_mask"].bool()
 
     def hidden(self, feeds: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.module(**feeds).last_hidden_state, feeds["attention_mask"]
+        return getattr(self.module(**feeds), self.output), feeds["attention_mask"]
 
 
 def load_pretrained(path: Path, auto_model: Any, what: str) -> tuple[Any, nn.Module]:
