@@ -260,14 +260,15 @@ class EdgeRuntime:
         with self._lock:
             return self.backend.run(dict(feeds))
 
-    def generate(self, prompt: Any, max_new_tokens: int, **options: Any) -> Any:
-        """Continue a prompt with the serving adapter (decoder bundles; see
-        :func:`solar_edge.runtime.generation.generate` for the options)."""
+    def generate(self, prompt: Any, max_new_tokens: int, *, temperature: float = 0.0,
+                 top_k: int = 0, seed: int | None = None, on_token: Any = None,
+                 stop_at_eos: bool = True) -> Any:
+        """Continue a prompt with the serving adapter (decoder bundles; greedy at temperature
+        0; see :func:`solar_edge.runtime.generation.generate`)."""
         from solar_edge.runtime.generation import Sampling, generate
 
-        sampling = Sampling(float(options.pop("temperature", 0.0)),
-                            int(options.pop("top_k", 0)), options.pop("seed", None))
-        return generate(self, prompt, max_new_tokens, sampling, **options)
+        return generate(self, prompt, max_new_tokens, Sampling(temperature, top_k, seed),
+                        on_token, stop_at_eos=stop_at_eos)
 
     # --- internals -----------------------------------------------------------------------
     def _check_version(self, adapter_id: str, version: int) -> None:
