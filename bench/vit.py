@@ -55,7 +55,7 @@ def _labels(rt: EdgeRuntime, images: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return logits, logits.argmax(1)
 
 
-def _torch_merged(base: Path, adapter: Path, spec: ImageSpec, images: np.ndarray) -> np.ndarray:
+def torch_merged(base: Path, adapter: Path, spec: ImageSpec, images: np.ndarray) -> np.ndarray:
     from peft import PeftModel
     from transformers import ViTForImageClassification
 
@@ -79,7 +79,7 @@ def one_task(root: Path, bundle: Bundle, key: Any, name: str) -> dict[str, Any]:
     rt = EdgeRuntime(str(bundle.root), [key.public_key()])
     rt.apply(lossless)
     got, got_labels = _labels(rt, images)
-    want = _torch_merged(root / "base", folder / "adapter", spec, images)
+    want = torch_merged(root / "base", folder / "adapter", spec, images)
     row: dict[str, Any] = {
         "task": name, "held_out": int(len(truth)),
         "head_only_accuracy": metrics["head_only_accuracy"],
