@@ -57,6 +57,7 @@ from .adapter_checks import (
     check_pooler,
     check_task_type,
 )
+from .budget_fill import fill_budget
 from .compress_measure import eval_set, served_digest, smallest_within
 from .head_specs import head_spec, num_labels
 
@@ -67,7 +68,7 @@ MIN_CALIBRATION_TEXTS = 8
 
 @dataclass(frozen=True)
 class CompressOptions:
-    budget: int | None = None         # largest packet in bytes (uncompressed bound)
+    budget: int | None = None         # largest signed packet in bytes (budget_fill.py)
     max_error: float | None = None    # or: largest overall relative error in ``metric``
     max_drop: float | None = None     # or: largest measured accuracy drop, in points
     eval_data: Path | None = None     # texts (+labels) the drop is measured on
@@ -288,6 +289,11 @@ def compress_adapter(adapter_dir: str | Path, bundle: Bundle, key, options: Comp
         return sign_packet(prep, records, key, adapter_id, version,
                            with_canary=options.canary)
 
+    def budget_size(records: list[LayerRecord]) -> int:
+        """Bytes of the packet ``sign`` would write, its canary digest at its longest."""
+        header = PacketHeader(bundle.fingerprint, adapter_id, version, budgeted)
+        return len(encode_packet(header, CodecHeader(seed=0), records + extras, key))
+
     if options.exact:
         from solar_edge.encode.carry import exact_records
 
@@ -305,13 +311,15 @@ def compress_adapter(adapter_dir: str | Path, bundle: Bundle, key, options: Comp
                          AllocConfig(max_rank=options.max_rank, overhead_bytes=overhead),
                          out_grams)
 
-    def records_at(budget: int | None) -> tuple[Allocation, list[LayerRecord], Any]:
+    def allocation_at(budget: int | None) -> Allocation:
         balance = options.metric == "fro"  # data-free: every layer counts alike
         if budget is not None:
-            alloc = allocation_for_budget(fits, budget, overhead, balance)
-        else:
-            assert options.max_error is not None
-            alloc = allocation_for_error(fits, options.max_error, overhead, balance)
+            return allocation_for_budget(fits, budget, overhead, balance)
+        assert options.max_error is not None
+        return allocation_for_error(fits, options.max_error, overhead, balance)
+
+    def records_at(budget: int | None) -> tuple[Allocation, list[LayerRecord], Any]:
+        alloc = allocation_at(budget)
         records = alloc.records + extras
         if not options.refit_steps:
             return alloc, records, None
@@ -325,11 +333,21 @@ def compress_adapter(adapter_dir: str | Path, bundle: Bundle, key, options: Comp
 
     curve = None
     if held is None:
-        alloc, records, report = records_at(options.budget)
+        budget = options.budget
+        if budget is not None:
+            ceiling = overhead + sum(max(f.nbytes for f in opts) for opts in fits.values())
+            budget = fill_budget(lambda b: budget_size(allocation_at(b).records), budget,
+                                 ceiling)
+        alloc, records, report = records_at(budget)
+        data, meta = sign(records)
+        if options.budget is not None and len(data) > options.budget:
+            # the refit's values compressed worse than the fitted ones: the uncompressed bound
+            alloc, records, report = records_at(options.budget)
+            data, meta = sign(records)
     else:
         alloc, records, report, curve = smallest_within(prep, bundle, options, held,
                                                         records_at, fits, overhead, on_point)
-    data, meta = sign(records)
+        data, meta = sign(records)
     return Compressed(data, alloc, meta, names,
                       None if report is None else (report.loss_before, report.loss_after),
                       len(cal.data) if report is not None and cal is not None else 0,

@@ -87,7 +87,7 @@ def _summary(result: Compressed, out: Path, budget: int | None, max_error: float
     if result.alloc is None:
         info["exact_error"] = result.exact_error
     else:
-        info.update(uncompressed_bound=result.alloc.total_bytes, budget=budget,
+        info.update(uncompressed_bytes=result.alloc.total_bytes, budget=budget,
                     max_error=max_error, total_rel_error=round(result.alloc.total_error, 6),
                     layer_table=_layers(result.alloc, result.layer_names))
         if result.refit_loss:
@@ -131,8 +131,8 @@ def _print(info: dict[str, Any], metric: str, refit_steps: int, device: str | No
             click.echo(f"{p['budget']:>8} {p['bytes']:>8} {p['agreement']:>8.1f} {acc:>7} "
                        f"{p['drop']:>6.2f}{mark}")
     extra = ""
-    if "uncompressed_bound" in info:
-        extra = f" ({info['uncompressed_bound']} B uncompressed bound" + (
+    if "uncompressed_bytes" in info:
+        extra = f" ({info['uncompressed_bytes']} B before zstd" + (
             f", budget {info['budget']} B" if info["budget"] is not None else "") + ")"
     click.echo(f"packet {info['packet']}: {info['bytes']} B written{extra}")
     for name, t in info["download_s"].items():
@@ -179,7 +179,7 @@ def _defaults(metric: str | None, refit: int | None, calib_data: Path | None, ex
               type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Exported bundle the packet is for.")
 @click.option("--budget", type=click.IntRange(min=1), default=None,
-              help="Largest packet in bytes (uncompressed bound; zstd only shrinks it).")
+              help="Largest signed packet in bytes, everything counted (filled after zstd).")
 @click.option("--max-error", type=click.FloatRange(min=0), default=None,
               help="Largest overall relative error in --metric; the budget is bisected.")
 @click.option("--max-drop", type=click.FloatRange(min=0), default=None,
