@@ -17,6 +17,9 @@ patching mechanism needs is produced here, once, by the export stage:
   weight's ``MatMul``: the ``lora`` mechanism serves the decoded update unmerged
   (``A = Rt``, ``B = L.T``; DoRA's row scale and trained bias deltas in the other two),
   either through ORT's native adapters (``RunOptions.add_active_adapter``) or as feeds.
+  ``lora-plain`` (decoder bundles, written with ``lora``) has only ``y + (x @ A) @ B``: two
+  nodes fewer per weight, which the ``lora`` mechanism serves packets without a DoRA scale or
+  bias delta on (docs/decoder.md measures it).
 
 The names are :mod:`solar_edge.format.graph`'s, which the runtime patches by.
 """
@@ -58,14 +61,15 @@ def weights_as_inputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.Mode
     return out
 
 
-def add_lora_slots(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+def add_lora_slots(model: onnx.ModelProto, names: Iterable[str],
+                   extras: bool = True) -> onnx.ModelProto:
     """Copy of ``model`` with ``y = (y + (x @ A) @ B) * scale + bias_delta`` slots after each
     named weight's MatMul (before the layer's own bias).
 
     Each slot is a graph input with a neutral default initializer (empty ``A``/``B``,
     ``scale = 1``, ``bias_delta = 0``), so the graph computes the base model when nothing is
     fed. The rank dimension is symbolic per weight. ``scale`` serves DoRA's row scaling,
-    ``bias_delta`` trained biases.
+    ``bias_delta`` trained biases. ``extras=False`` leaves both out: ``y + (x @ A) @ B``.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -84,8 +88,9 @@ def add_lora_slots(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelPr
         graph.initializer.append(numpy_helper.from_array(np.zeros((d_in, 0), np.float32), a_name))
         graph.initializer.append(numpy_helper.from_array(np.zeros((0, d_out), np.float32), b_name))
         scale_name, bias_name = lora_extra_slot_names(init.name)
-        for name, default in ((scale_name, np.ones(d_out, np.float32)),
-                              (bias_name, np.zeros(d_out, np.float32))):
+        extra_slots = ((scale_name, np.ones(d_out, np.float32)),
+                       (bias_name, np.zeros(d_out, np.float32))) if extras else ()
+        for name, default in extra_slots:
             graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [d_out]))
             graph.initializer.append(numpy_helper.from_array(default, name))
         y = node.output[0]
@@ -97,10 +102,14 @@ def add_lora_slots(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelPr
         new_nodes[idx] = [
             helper.make_node("MatMul", [node.input[0], a_name], [xa], name=xa),
             helper.make_node("MatMul", [xa, b_name], [delta], name=delta),
-            helper.make_node("Add", [base_y, delta], [summed], name=init.name + ".lora_add"),
-            helper.make_node("Mul", [summed, scale_name], [scaled], name=scaled),
-            helper.make_node("Add", [scaled, bias_name], [y], name=init.name + ".lora_bias_add"),
+            helper.make_node("Add", [base_y, delta], [summed if extras else y],
+                             name=init.name + ".lora_add"),
         ]
+        if extras:
+            new_nodes[idx] += [
+                helper.make_node("Mul", [summed, scale_name], [scaled], name=scaled),
+                helper.make_node("Add", [scaled, bias_name], [y],
+                                 name=init.name + ".lora_bias_add")]
     ordered: list[onnx.NodeProto] = []
     for i, node in enumerate(graph.node):
         ordered.append(node)
@@ -112,7 +121,11 @@ def add_lora_slots(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelPr
 
 # --- bundles ---------------------------------------------------------------------------------
 
-VARIANT_FILES = {"inputs": "model.inputs.onnx", "lora": "model.lora.onnx"}
+VARIANT_FILES = {"inputs": "model.inputs.onnx", "lora": "model.lora.onnx",
+                 "lora-plain": "model.lora-plain.onnx"}
+# Families whose bundles get ``lora-plain`` beside ``lora`` (measured there; the others keep
+# one LoRA graph).
+PLAIN_SLOT_FAMILIES = ("causal-lm",)
 
 
 def add_variants_to_bundle(bundle_dir: str, variants: Iterable[str] = ("inputs", "lora")) -> None:
@@ -136,8 +149,13 @@ def add_variants_to_bundle(bundle_dir: str, variants: Iterable[str] = ("inputs",
     weights = [layer["onnx"]["initializer"] for layer in manifest["layers"]]
     biases = [layer["onnx"]["bias"] for layer in manifest["layers"] if layer["onnx"].get("bias")]
     makers = {"inputs": lambda m: weights_as_inputs(m, weights + biases),
-              "lora": lambda m: add_lora_slots(m, weights)}
+              "lora": lambda m: add_lora_slots(m, weights),
+              "lora-plain": lambda m: add_lora_slots(m, weights, extras=False)}
     table = dict(manifest["onnx"].get("variants") or {})
+    variants = list(variants)
+    if "lora" in variants and "lora-plain" not in variants and \
+            (manifest.get("model") or {}).get("family") in PLAIN_SLOT_FAMILIES:
+        variants.append("lora-plain")
     for variant in variants:
         if variant not in makers:
             raise ExportError(f"unknown variant {variant!r}; known: {sorted(makers)}")

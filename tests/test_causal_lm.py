@@ -71,6 +71,13 @@ def test_graph_has_kv_cache_and_lora_slots_on_every_adaptable_linear(decoder: di
                      load_external_data=False)
     slots = {i.name for i in lora.graph.input if i.name.endswith(".lora_A")}
     assert slots == {f"{layer['onnx']['initializer']}.lora_A" for layer in manifest["layers"]}
+    # the plain-LoRA variant: the same A/B slots, no scale/bias slots, two nodes fewer a weight
+    plain = onnx.load(str(bundle.root / manifest["onnx"]["variants"]["lora-plain"]),
+                      load_external_data=False)
+    plain_inputs = {i.name for i in plain.graph.input}
+    assert slots <= plain_inputs
+    assert not any(n.endswith((".lora_scale", ".lora_bias")) for n in plain_inputs)
+    assert len(lora.graph.node) - len(plain.graph.node) == 2 * len(bundle.layers)
 
 
 @pytest.mark.parametrize("mechanism", ["lora", "initializer"])
@@ -92,6 +99,54 @@ def test_greedy_equals_merged_peft_token_for_token_with_adapters_switched(
     # the adapters change what is generated (so the comparison above could fail)
     a, b = (seen[aid] for aid in decoder["adapters"])
     assert a != seen[None] and b != seen[None] and a != b
+
+
+def _dora_adapter(model_dir: Path, out: Path) -> Path:
+    """A random DoRA adapter whose magnitudes differ from ``|W0 + dW|`` (a row scale != 1)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, use_dora=True,
+                        target_modules=["q_proj", "v_proj", "down_proj"],
+                        init_lora_weights=False)
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(1.0 + 0.5 * torch.rand_like(param))
+    model.save_pretrained(str(out))
+    return out
+
+
+def _slot_inputs(rt: Any) -> set[str]:
+    return {i.name.rsplit(".", 1)[1] for i in rt.backend.session.get_overridable_initializers()
+            if ".lora_" in i.name}
+
+
+def test_lora_serves_plain_packets_on_the_plain_graph_and_dora_on_the_full_one(
+        decoder: dict, tmp_path: Path) -> None:
+    if decoder["kind"] != "llama":
+        pytest.skip("DoRA on the LLaMA decoder only")
+    dora = _dora_adapter(decoder["model"], tmp_path / "dora")
+    rt = _runtime(decoder, "lora")
+    assert _slot_inputs(rt) == {"lora_A", "lora_B"}  # base model: the plain graph
+    plain_id = next(iter(decoder["packets"]))
+    rt.stage(decoder["packets"][plain_id])
+    rt.stage(lossless_packet(dora, decoder["bundle"], decoder["key"], "dora"))
+    ids = rt.family.encode(PROMPTS[0])
+    for aid, path in (("dora", dora), (plain_id, decoder["adapters"][plain_id]),
+                      ("dora", dora)):
+        rt.activate(aid)
+        assert _slot_inputs(rt) == ({"lora_A", "lora_B", "lora_scale"} | {"lora_bias"}
+                                    if aid == "dora" else {"lora_A", "lora_B"})
+        got = rt.generate(PROMPTS[0], NEW_TOKENS).ids
+        assert got == torch_greedy(decoder["model"], path, ids, NEW_TOKENS), aid
+    # the row scale matters (so serving DoRA on the plain graph would be caught above)
+    rt.activate("dora")
+    scale = {k: v for k, v in rt.backend.current.items() if k.endswith(".lora_scale")}
+    assert scale and any(abs(float(v.mean()) - 1.0) > 0.05 for v in scale.values())
 
 
 def test_sampling_is_seeded_and_top_k_one_is_greedy(decoder: dict) -> None:

@@ -12,7 +12,9 @@ Mechanisms and the graph variant each needs (``docs/runtime.md``):
 * ``iobinding``: graph with the weights also listed as inputs; staged weights are bound with
   IOBinding (``OrtValue`` sharing numpy memory); commit swaps the bound set.
 * ``lora`` / ``lora-native``: graph with ``y += (x @ A) @ B`` slots; the update is served
-  unmerged as plain feeds or as an ORT ``LoraAdapter`` activated per run.
+  unmerged as plain feeds or as an ORT ``LoraAdapter`` activated per run. Where the bundle
+  has ``lora-plain`` (slots without the DoRA-scale and bias nodes), ``lora`` serves packets
+  that need neither on it, and opens the full graph only for a packet that does.
 * ``recreate``: base graph; a new session with merged initializers replaces the old one.
 """
 
@@ -242,25 +244,43 @@ class IOBindingMechanism(OrtMechanism):
 
 
 class LoraMechanism(OrtMechanism):
-    """The low-rank update served unmerged through the graph's slots, as plain feeds."""
+    """The low-rank update served unmerged through the graph's slots, as plain feeds; on the
+    ``plain_path`` graph (no scale/bias slots) where given, unless a packet needs them."""
 
     name = "lora"
 
+    def __init__(self, *args: Any, plain_path: str | None = None, **kwargs: Any) -> None:
+        self.plain_path = plain_path
+        super().__init__(*args, **kwargs)
+
     def _create(self) -> ort.InferenceSession:
         self.current: dict[str, np.ndarray] = {}
-        return super()._create()
+        self._sessions: dict[str | None, ort.InferenceSession] = {}
+        return self._session(self.plain_path)
 
-    def prepare(self, patches: Patches) -> Any:
+    def _session(self, path: str | None) -> ort.InferenceSession:
+        """The session of graph ``path`` (None: the full one), opened on first use."""
+        if path not in self._sessions:
+            so = session_options(threads=self.threads)
+            self._sessions[path] = ort.InferenceSession(path or self.model_path, so,
+                                                        providers=self.providers)
+        return self._sessions[path]
+
+    def _feeds(self, patches: Patches) -> dict[str, np.ndarray]:
         feeds: dict[str, np.ndarray] = {}
         for lid, patch in patches.items():
             feeds.update(lora_feeds(self.slots[lid].init_name, patch))
         return feeds
 
+    def prepare(self, patches: Patches) -> Any:  # (session, slot feeds)
+        plain = all(p.scale is None and p.bias is None for p in patches.values())
+        return self._session(self.plain_path if plain else None), self._feeds(patches)
+
     def probe(self, staged: Any, feeds: Feeds) -> list[np.ndarray]:
-        return self.session.run(None, {**feeds, **staged})
+        return staged[0].run(None, {**feeds, **staged[1]})
 
     def commit(self, staged: Any) -> None:
-        self.current = staged
+        self.session, self.current = staged
 
     def run(self, feeds: Feeds) -> list[np.ndarray]:
         return self.session.run(None, {**feeds, **self.current})
@@ -278,7 +298,7 @@ class LoraNativeMechanism(LoraMechanism):
         return super()._create()
 
     def prepare(self, patches: Patches) -> tuple[ort.RunOptions, Any]:
-        feeds = super().prepare(patches)
+        feeds = self._feeds(patches)
         options, adapter = ort.RunOptions(), None
         if feeds:
             fmt = ort.AdapterFormat()
@@ -356,8 +376,10 @@ def open_backend(parts: BundleParts, mechanism: str | None, threads: int = 0) ->
         raise ProfileError(f"unknown onnxruntime patching mechanism {name!r}; known: "
                            f"{', '.join(MECHANISMS)}")
     path = parts.graph_path(GRAPH_VARIANT[name])
+    plain = str(parts.graph_path("lora-plain")) if name == "lora" and "lora-plain" in variants \
+        else None
     return create_mechanism(name, str(path), list(parts.slots.values()), parts.base, providers,
-                            threads=threads, base_biases=parts.base_biases)
+                            threads=threads, base_biases=parts.base_biases, plain_path=plain)
 
 
 def create_mechanism(
@@ -369,9 +391,12 @@ def create_mechanism(
     *,
     threads: int = 0,
     base_biases: Mapping[int, np.ndarray | None] | None = None,
+    plain_path: str | None = None,
 ) -> OrtMechanism:
-    """Build mechanism ``name`` on the graph at ``model_path`` (the variant it needs)."""
+    """Build mechanism ``name`` on the graph at ``model_path`` (the variant it needs);
+    ``plain_path``: the ``lora-plain`` graph, which mechanism ``lora`` prefers."""
     if name not in _CLASSES:
         raise ProfileError(f"unknown patching mechanism {name!r}; known: {', '.join(MECHANISMS)}")
+    extra: dict[str, Any] = {"plain_path": plain_path} if name == "lora" else {}
     return _CLASSES[name](model_path, slots, base_weights, providers, threads=threads,
-                          base_biases=base_biases)
+                          base_biases=base_biases, **extra)
