@@ -112,6 +112,8 @@ def unpack_codes(data: bytes, bits: int, count: int) -> np.ndarray:
         u = np.packbits(
             stream[: count * bits].reshape(count, bits), axis=1, bitorder="little"
         ).reshape(-1)
-    if np.any(u == 0):
+    if not u.all():  # an offset-binary 0 (no temporary array)
         raise ValueError(f"code -{1 << (bits - 1)} is outside the symmetric range")
-    return (u.astype(np.int16) - (1 << (bits - 1))).astype(np.int8)
+    if bits == 8:  # u - 128 as int8 is u with its top bit flipped
+        return (u ^ np.uint8(0x80)).view(np.int8)
+    return u.view(np.int8) - np.int8(1 << (bits - 1))  # u < 2**7: no int8 overflow

@@ -235,11 +235,13 @@ def _read_table(table: bytes, limits: PacketLimits,
     return entries, payload
 
 
-def _read_body(raw: bytes, layer_count: int, limits: PacketLimits,
-               metadata: dict) -> list[LayerRecord]:
+def _read_body(raw: bytes, layer_count: int, limits: PacketLimits, metadata: dict,
+               checked: tuple[list[tuple[Entry, int]], int] | None = None) -> list[LayerRecord]:
+    """``checked``: what :func:`_read_table` returned for this body's table (zstd bodies
+    check it while decompressing), so the table is checked once."""
     r = _Reader(raw)
     table = r.take(layer_count * LAYER_ENTRY_BYTES, "layer_table")
-    entries, payload = _read_table(table, limits, metadata)
+    entries, payload = checked or _read_table(table, limits, metadata)
     left = len(raw) - r.pos
     if payload > left:
         raise TruncatedPacketError(f"layers declare {payload} payload bytes, {left} present",
@@ -292,8 +294,10 @@ def decode_packet(
         raise TrailingDataError(f"{len(data) - r.pos} bytes after the signature", field="packet")
     if trusted_keys is not None:
         _verify(data[: -signing.SIGNATURE_BYTES], kid, signature, trusted_keys)
+    checked: list[tuple[list[tuple[Entry, int]], int]] = []  # the table, checked once
     raw = _decompress(body, layer_count, limits,
-                      lambda table: _read_table(table, limits, header.metadata)) \
+                      lambda table: checked.append(_read_table(table, limits, header.metadata))) \
         if flags & FLAG_ZSTD else body
-    records = _read_body(raw, layer_count, limits, header.metadata)
+    records = _read_body(raw, layer_count, limits, header.metadata,
+                         checked[0] if checked else None)
     return Packet(header, codec, records, kid, signature, compressed=bool(flags & FLAG_ZSTD))

@@ -107,8 +107,15 @@ class QuantizedValues:
         """The float32 values the decoder uses (the only definition of them)."""
         if not self.fmt.is_integer:
             return np.asarray(self.raw, dtype=np.float32).reshape(self.count)
-        scales = np.repeat(self.scales.astype(np.float32), self.group_size)[: self.count]
-        return self.codes.astype(np.float32) * scales
+        # code * scale per group in place (the same float32 products, two arrays not four)
+        values = self.codes.astype(np.float32)
+        scales = self.scales.astype(np.float32)
+        full = self.count // self.group_size
+        grouped = values[: full * self.group_size].reshape(full, self.group_size)  # a view
+        np.multiply(grouped, scales[:full, None], out=grouped)
+        if full * self.group_size < self.count:
+            values[full * self.group_size :] *= scales[full]
+        return values
 
 
 @dataclass(frozen=True)
