@@ -11,6 +11,7 @@ rank ``k``: proportional to what the packet keeps.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -78,16 +79,26 @@ def check_factors(layer_id: int, shape: tuple[int, int], factors: Factors) -> Fa
             f"layer {layer_id}: update {left.shape[0]}x{right_t.shape[0]} does not match "
             f"weight {out_f}x{in_f}"
         )
-    if not (np.isfinite(left).all() and np.isfinite(right_t).all()):
-        raise HealthCheckError(f"layer {layer_id}: non-finite update factors")
     k = left.shape[1]
-    if k and k * float(np.abs(left).max()) * float(np.abs(right_t).max()) >= F32_MAX / 2:
+    big_l, big_r = (_largest_magnitude(f) for f in (left, right_t))
+    if not (math.isfinite(big_l) and math.isfinite(big_r)):
+        raise HealthCheckError(f"layer {layer_id}: non-finite update factors")
+    if k and k * big_l * big_r >= F32_MAX / 2:
         # rare: the cheap bound cannot rule out overflow, so look at the product itself
         with np.errstate(over="ignore", invalid="ignore"):
             finite = np.isfinite(left @ right_t.T).all()
         if not finite:
             raise HealthCheckError(f"layer {layer_id}: the update overflows float32")
     return left, right_t
+
+
+def _largest_magnitude(a: np.ndarray) -> float:
+    """``max |a|`` (0 when empty) from ``a.max()`` and ``a.min()``, without an ``|a|``
+    temporary; inf when ``a`` holds a NaN or an infinity (both reductions propagate NaN)."""
+    if a.size == 0:
+        return 0.0
+    high, low = float(a.max()), float(a.min())
+    return max(high, -low) if math.isfinite(high) and math.isfinite(low) else math.inf
 
 
 def dora_scale(w0: np.ndarray, factors: Factors | None, base_norms: np.ndarray,
