@@ -17,7 +17,8 @@ the ``docs-all-r16`` and ``email-all-r16`` adapters, then:
   ``lora-native``: an ORT adapter, full graph), of in-place merged weights (``initializer``)
   and of torch with PEFT unmerged; adapter switch time; peak RSS of the board process (a child
   that never imports torch). Overheads are the median over rounds of each round's ratio to
-  baked (every round runs all mechanisms on one prompt, so load on shared cores hits all alike).
+  baked (every round runs all mechanisms on one prompt, so load on shared cores hits all alike),
+  in wall-clock tokens/s and in CPU time per decode step (the steadier on shared cores).
 
 ``--random-hidden N`` measures speed on a random-initialised LLaMA of width ``N`` (head 64,
 ``N/256`` KV heads, SwiGLU ``2.75 N``, the project's tokenizer) with two random r=16 adapters
@@ -54,6 +55,22 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 BAKED = "baked"
 
 
+def cpu_timed(runtime: Any) -> list[float]:
+    """Record the CPU seconds of each graph run of ``runtime`` (this thread's CPU time: ORT on
+    one thread runs in the caller, and time spent descheduled on shared cores is not counted)."""
+    calls: list[float] = []
+    run = runtime.backend.run
+
+    def timed(feeds: Any) -> Any:
+        t = time.thread_time()
+        out = run(feeds)
+        calls.append(time.thread_time() - t)
+        return out
+
+    runtime.backend.run = timed
+    return calls
+
+
 def board(bundle: Path, packets: list[Path], key: Path, new_tokens: int,
           rounds: int) -> dict[str, Any]:
     """Child process: no torch. Greedy ids per prompt with switching, and the timings."""
@@ -83,18 +100,25 @@ def board(bundle: Path, packets: list[Path], key: Path, new_tokens: int,
         if runtime is not rt:
             runtime.apply(packets[0].read_bytes())
     rt.switch(ids[0])
-    runs: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in served}
+    runs: dict[str, tuple[list[float], ...]] = {name: ([], [], []) for name in served}
+    calls = {name: cpu_timed(runtime) for name, runtime in served.items()}
     for prompt in PROMPTS[:4] * rounds:  # interleaved, so load on shared cores hits all alike
         for name, runtime in served.items():
+            calls[name].clear()
             g = runtime.generate(prompt, new_tokens, stop_at_eos=False)
             runs[name][0].append(g.tokens_per_s)
             runs[name][1].append(g.first_token_ms)
-    baked = runs[BAKED][0]
-    for name, (rates, firsts) in runs.items():
-        out["speed"][name] = {"tokens_per_s": statistics.median(rates),
-                              "first_token_ms": statistics.median(firsts),
-                              "overhead_vs_baked": statistics.median(
-                                  b / r - 1.0 for b, r in zip(baked, rates, strict=True))}
+            runs[name][2].append(statistics.mean(calls[name][1:]) * 1e3)  # decode steps
+    baked, baked_cpu = runs[BAKED][0], runs[BAKED][2]
+    for name, (rates, firsts, cpu) in runs.items():
+        out["speed"][name] = {
+            "tokens_per_s": statistics.median(rates),
+            "first_token_ms": statistics.median(firsts),
+            "overhead_vs_baked": statistics.median(
+                b / r - 1.0 for b, r in zip(baked, rates, strict=True)),
+            "cpu_ms_per_step": statistics.median(cpu),
+            "cpu_overhead_vs_baked": statistics.median(
+                c / b - 1.0 for b, c in zip(baked_cpu, cpu, strict=True))}
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
@@ -231,8 +255,9 @@ def main() -> None:
         "prompts": len(PROMPTS), "new_tokens": args.new_tokens, "rounds": args.rounds,
         "greedy_equal_prompts": sum(host["equal"]), "greedy_equal": host["equal"],
         "speed": speed,
-        **{f"{name.replace('-', '_')}_overhead_vs_baked": speed[name]["overhead_vs_baked"]
-           for name in ("lora", "lora-full", "lora-native", "initializer")},
+        **{f"{name.replace('-', '_')}_{kind}_vs_baked": speed[name][f"{kind}_vs_baked"]
+           for name in ("lora", "lora-full", "lora-native", "initializer")
+           for kind in ("overhead", "cpu_overhead")},
         "torch_peft_vs_baked": baked / speed["torch_peft_unmerged"]["tokens_per_s"],
         "switch_ms_median": on_board["switch_ms_median"],
         "board_peak_rss_mb": on_board["peak_rss_mb"],
