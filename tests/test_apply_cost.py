@@ -164,3 +164,92 @@ def test_one_blas_thread_limits_blas_inside_and_restores_it():
     with one_blas_thread():
         assert set(blas_threads()) == {1}
     assert blas_threads() == before
+
+
+def _factored_packet(tiny_bundle, key, version: int = 1, compress: bool | None = None) -> bytes:
+    bundle = load_bundle(tiny_bundle)
+    rng = np.random.default_rng(4)
+    lids = [0, 1]
+    ups = {lid: LayerUpdate(bundle.layers[lid].name,
+                            rng.normal(size=(bundle.layers[lid].shape[0], 2)).astype(np.float32),
+                            rng.normal(size=(2, bundle.layers[lid].shape[1])).astype(np.float32))
+           for lid in lids}
+    res = encode(ups, {lid: bundle.layer_basis(lid) for lid in lids},
+                 CodecConfig(representation="factored_core", max_rank=2))
+    return encode_packet(PacketHeader(bundle.fingerprint, "a", version, {}), res.header,
+                         res.records, key, compress=compress)
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_the_reader_checks_the_layer_table_once(tiny_bundle, monkeypatch, compress):
+    """A zstd body's table is checked while it decompresses; the payload reader reuses that
+    result instead of checking the same bytes again (it did, once more per packet)."""
+    from solar_edge.format import reader
+
+    calls: list[int] = []
+    real = reader._read_table
+
+    def spy(table, limits, metadata):  # spy around the real check (counts, then delegates)
+        calls.append(len(table))
+        return real(table, limits, metadata)
+
+    monkeypatch.setattr(reader, "_read_table", spy)
+    key = signing.generate_private_key()
+    data = _factored_packet(tiny_bundle, key, compress=compress)
+    packet = reader.decode_packet(data, [key.public_key()])
+    assert packet.compressed is compress
+    assert calls == [2 * reader.LAYER_ENTRY_BYTES]
+    assert [r.layer_id for r in packet.records] == [0, 1]
+
+
+@pytest.mark.parametrize("where", ["left", "right"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_check_factors_rejects_any_non_finite_entry(where, bad):
+    """check_factors reads each factor's max and min only; a NaN or an infinity anywhere, in
+    either factor, is still a HealthCheckError."""
+    from solar_edge.errors import HealthCheckError
+    from solar_edge.runtime.patching import check_factors
+
+    rng = np.random.default_rng(6)
+    left = rng.normal(size=(6, 3)).astype(np.float32)
+    right_t = rng.normal(size=(5, 3)).astype(np.float32)
+    (left if where == "left" else right_t)[4, 1] = bad
+    with pytest.raises(HealthCheckError, match="non-finite"):
+        check_factors(7, (6, 5), (left, right_t))
+
+
+def test_check_factors_overflow_bound_uses_the_largest_magnitude():
+    """A factor whose largest magnitude is negative still counts in the overflow bound: a
+    finite pair whose product overflows float32 is rejected, a large but safe one passes."""
+    from solar_edge.errors import HealthCheckError
+    from solar_edge.runtime.patching import check_factors
+
+    left = np.ones((4, 1), np.float32)
+    right_t = np.ones((3, 1), np.float32)
+    left[2, 0], right_t[1, 0] = -3e19, -3e19  # product 9e38 > float32 max 3.4e38
+    with pytest.raises(HealthCheckError, match="overflows"):
+        check_factors(1, (4, 3), (left, right_t))
+    right_t[1, 0] = -1e19  # bound 3e38 >= F32_MAX / 2, but the product 3e38 is finite
+    out = check_factors(1, (4, 3), (left, right_t))
+    assert np.isfinite(out[0] @ out[1].T).all()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 6, 8])
+@pytest.mark.parametrize("count,group", [(0, 4), (1, 4), (64, 64), (70, 16), (6144, 64)])
+def test_integer_values_dequantize_to_code_times_scale(bits, count, group):
+    """Packed codes read back exactly, and each value is float32(code) * float32(scale of its
+    group), the tail group included, bit for bit."""
+    from solar_edge.format import bitpack
+    from solar_edge.format.records import QuantizedValues
+
+    rng = np.random.default_rng(bits * 1000 + count)
+    top = (1 << (bits - 1)) - 1
+    codes = rng.integers(-top, top + 1, size=count).astype(np.int8)
+    read = bitpack.unpack_codes(bitpack.pack_codes(codes, bits), bits, count)
+    assert read.dtype == np.int8 and np.array_equal(read, codes)
+    scales = rng.uniform(0.01, 2.0, size=-(-count // group)).astype(np.float16)
+    got = QuantizedValues(ValueFormat(bits), count, group, codes=read, scales=scales).dequantize()
+    want = np.array([np.float32(c) * np.float32(scales[i // group])
+                     for i, c in enumerate(codes)], np.float32).reshape(count)
+    assert got.dtype == np.float32 and got.shape == (count,)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
