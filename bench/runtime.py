@@ -13,7 +13,10 @@ PEFT switch (unmerge, set_adapter, merge), and creating a plain ORT session. The
 (and its decode step) against the coefficients a packet keeps, on the default mechanism,
 for sparse cores and factored cores of a few sizes. Adapters are real PEFT LoRA r=8 on
 query/value (random-initialised, saved by PEFT). Medians over ``--repeat`` runs; a shared
-machine is noisy, so the minimum is printed too. Ratios are medians of this one run.
+machine is noisy, so the minimum is printed too. Ratios are medians of this one run; the
+applies and PEFT's load + merge are timed in the same rounds (one of each per round), so a
+burst of load on a shared machine hits both sides of a ratio alike (table:
+``runtime_report.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+
+from runtime_report import print_table
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -137,37 +142,64 @@ def apply_all(rt, packets: list[list[bytes]], repeat: int) -> tuple[list[float],
     stage + probe + commit every time."""
     ms, steps = [], []
     for v in range(repeat):
-        t = time.perf_counter()
-        rt.apply(packets[v % len(packets)][v // len(packets)])
-        ms.append((time.perf_counter() - t) * 1e3)
+        ms.append(apply_once(rt, packets, v))
         steps.append(rt.last_timings)
     return ms, steps
 
 
-def bench_mechanism(bundle_dir: Path, mech: str | None, sizes: dict[str, list[list[bytes]]],
-                    key, repeat: int, threads: int) -> tuple[dict, Callable[[], object]]:
-    """Apply of each packet size, then switch between the two large adapters."""
+def apply_once(rt, packets: list[list[bytes]], v: int) -> float:
+    """Apply number ``v`` of a sequence (adapters alternate, versions rise), in ms."""
+    t = time.perf_counter()
+    rt.apply(packets[v % len(packets)][v // len(packets)])
+    return (time.perf_counter() - t) * 1e3
+
+
+def bench_applies(bundle_dir: Path, mechs: list[str], sizes: dict[str, list[list[bytes]]],
+                  key, repeat: int, threads: int, peft_apply: Callable[[], float]
+                  ) -> tuple[dict, list[float], dict[str, Callable[[], object]]]:
+    """Apply of each packet size on every mechanism and PEFT's load + merge, interleaved:
+    each round times one PEFT load + merge, then one apply per mechanism and size, so load
+    on a shared machine hits them alike and ratios compare the same rounds. Then switch
+    between the two large adapters, per mechanism."""
     from solar_edge.runtime.engine import EdgeRuntime
 
-    t = time.perf_counter()
-    rt = EdgeRuntime(str(bundle_dir), [key.public_key()], mechanism=mech, threads=threads,
-                     max_cached=8)
-    row: dict = {"load_ms": round((time.perf_counter() - t) * 1e3, 1)}
-    feeds = rt.family.feeds(SENTENCES)
-    for size, packets in sizes.items():
-        apply_ms, steps = apply_all(rt, packets, repeat)
-        patch = [s["stage_ms"] + s["probe_ms"] + s["commit_ms"] for s in steps]
-        row[size] = {"apply": summary(apply_ms), "patch": summary(patch),
-                     "steps_median_ms": {k: round(statistics.median(s[k] for s in steps), 2)
-                                         for k in steps[0]},
-                     "cache_bytes": rt.active.cache_bytes}
-    switch_ms = []
-    for i in range(repeat):
+    rows: dict[str, dict] = {}
+    rts = {}
+    for mech in mechs:
         t = time.perf_counter()
-        rt.switch(f"task{i % 2}")
-        switch_ms.append((time.perf_counter() - t) * 1e3)
-    row["switch"] = summary(switch_ms)
-    return row, (lambda: rt.backend.run(feeds))
+        rts[mech] = EdgeRuntime(str(bundle_dir), [key.public_key()], mechanism=mech,
+                                threads=threads, max_cached=8)
+        rows[mech] = {"load_ms": round((time.perf_counter() - t) * 1e3, 1)}
+    ms: dict[tuple[str, str], list[float]] = {(m, s): [] for m in mechs for s in sizes}
+    steps: dict[tuple[str, str], list[dict]] = {(m, s): [] for m in mechs for s in sizes}
+    cache: dict[tuple[str, str], int] = {}
+    peft_ms = []
+    for v in range(repeat):
+        peft_ms.append(peft_apply())
+        for mech, rt in rts.items():
+            for size, packets in sizes.items():
+                ms[mech, size].append(apply_once(rt, packets, v))
+                steps[mech, size].append(rt.last_timings)
+                cache[mech, size] = rt.active.cache_bytes
+    runners: dict[str, Callable[[], object]] = {}
+    for mech, rt in rts.items():
+        row = rows[mech]
+        for size in sizes:
+            st = steps[mech, size]
+            patch = [s["stage_ms"] + s["probe_ms"] + s["commit_ms"] for s in st]
+            row[size] = {"apply": summary(ms[mech, size]), "patch": summary(patch),
+                         "steps_median_ms": {k: round(statistics.median(s[k] for s in st), 2)
+                                             for k in st[0]},
+                         "cache_bytes": cache[mech, size]}
+        switch_ms = []
+        for i in range(repeat):
+            t = time.perf_counter()
+            rt.switch(f"task{i % 2}")
+            switch_ms.append((time.perf_counter() - t) * 1e3)
+        row["switch"] = summary(switch_ms)
+        feeds = rt.family.feeds(SENTENCES)
+        runners[mech] = (lambda rt=rt, feeds=feeds: rt.backend.run(feeds))
+    return rows, peft_ms, runners
 
 
 SWEEP = [("sparse_core", {"budget_bytes": b}) for b in (1024, 4096, 16384, 65536)] + \
@@ -210,8 +242,8 @@ def bench_baked(bundle_dir: Path, repeat: int, threads: int) -> tuple[dict, Call
     return {"create_ms": round(create_ms, 1)}, (lambda: sess.run(None, feeds))
 
 
-def bench_peft(adapters: list[Path], repeat: int,
-               threads: int) -> tuple[dict, Callable[[], object]]:
+def bench_peft(adapters: list[Path], repeat: int, threads: int
+               ) -> tuple[dict, Callable[[], object], Callable[[], float]]:
     import torch
     from peft import PeftModel
     from transformers import AutoModel, AutoTokenizer
@@ -222,12 +254,15 @@ def bench_peft(adapters: list[Path], repeat: int,
     base = AutoModel.from_pretrained(minilm_path()).eval()
     tok = AutoTokenizer.from_pretrained(minilm_path())
     enc = tok(SENTENCES, padding=True, return_tensors="pt")
-    load_merge = []
-    for _ in range(repeat):
+
+    def load_merge() -> float:
+        """One PEFT load_adapter + merge_and_unload on a fresh copy of the base, in ms."""
         fresh = copy.deepcopy(base)
         t = time.perf_counter()
         PeftModel.from_pretrained(fresh, str(adapters[0])).merge_and_unload()
-        load_merge.append((time.perf_counter() - t) * 1e3)
+        return (time.perf_counter() - t) * 1e3
+
+    load_merge()  # first call: imports and caches, not timed
     model = PeftModel.from_pretrained(copy.deepcopy(base), str(adapters[0]), adapter_name="task0")
     model.load_adapter(str(adapters[1]), adapter_name="task1")
     model.eval()
@@ -244,7 +279,7 @@ def bench_peft(adapters: list[Path], repeat: int,
         with torch.no_grad():
             model(**enc)
 
-    return {"load_adapter_merge": summary(load_merge), "switch": summary(switch)}, infer
+    return {"switch": summary(switch)}, infer, load_merge
 
 
 def rss_child(bundle_dir: str, mech: str, packet_path: str, pub_path: str) -> None:
@@ -333,18 +368,19 @@ def main() -> None:
                  "small": make_packets(bundle_dir, adapters, key, n, prefix="small",
                                        budget_bytes=args.small_budget)}
         baked, run_baked = bench_baked(bundle_dir, args.repeat, args.threads)
-        peft, run_peft = bench_peft(adapters, args.repeat, args.threads)
+        peft, run_peft, peft_apply = bench_peft(adapters, args.repeat, args.threads)
         results: dict = {"packets": {k: {"bytes": len(v[0][0]), "kept": kept_coefficients(v[0][0])}
                                      for k, v in sizes.items()},
                          "threads": args.threads, "repeat": args.repeat,
                          "sizes": model_sizes(bundle_dir), "baked": baked, "peft": peft,
                          "mechanisms": {}}
-        runners = {"baked": run_baked, "peft": run_peft}
+        rows, peft_ms, mech_runners = bench_applies(bundle_dir, mechs, sizes, key,
+                                                    args.repeat, args.threads, peft_apply)
+        peft["load_adapter_merge"] = summary(peft_ms)
+        runners = {"baked": run_baked, "peft": run_peft, **mech_runners}
         for mech in mechs:
-            row, runners[mech] = bench_mechanism(bundle_dir, mech, sizes, key, args.repeat,
-                                                 args.threads)
-            row["rss"] = bench_rss(bundle_dir, mech, sizes["large"][0][0], pub, work)
-            results["mechanisms"][mech] = row
+            rows[mech]["rss"] = bench_rss(bundle_dir, mech, sizes["large"][0][0], pub, work)
+            results["mechanisms"][mech] = rows[mech]
         results["sweep"] = bench_sweep(bundle_dir, adapters[0], key, args.repeat, args.threads)
         # inference: all graphs timed round-robin in the same rounds, so load on a shared
         # machine hits them alike
@@ -360,56 +396,6 @@ def main() -> None:
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
     print(f"\nwrote {args.out}")
-
-
-def cell(s: dict) -> str:
-    return f"{s['median_ms']:7.1f} ({s['min_ms']:6.1f})"
-
-
-def print_table(r: dict) -> None:
-    peft, baked, mechs = r["peft"], r["baked"], r["mechanisms"]
-    merge = peft["load_adapter_merge"]["median_ms"]
-    recreate = mechs.get("recreate")
-    size_mb = r["sizes"]["adaptable_weights_bytes"] / 2**20
-    pk = r["packets"]
-    print(f"packets: small {pk['small']['bytes']} B ({pk['small']['kept']} values), large "
-          f"{pk['large']['bytes']} B ({pk['large']['kept']} values); adaptable weights "
-          f"{size_mb:.1f} MiB; threads {r['threads']}; median (min) of {r['repeat']}")
-    head = (f"{'mechanism':12s} {'apply 4K ms':>15s} {'apply 73K ms':>15s} {'/PEFT 4K':>8s} "
-            f"{'/PEFT 73K':>9s} {'/recr 73K':>9s} {'switch ms':>15s} {'infer ms':>15s} "
-            f"{'/baked':>6s} {'dRSS MiB':>8s}")
-    print(head)
-    print("-" * len(head))
-    for mech, row in mechs.items():
-        small, large = row["small"]["apply"], row["large"]["apply"]
-        d_rss = (row["rss"]["rss_peak"] - row["rss"]["rss_before"]) / 2**20
-        rec = large["median_ms"] / recreate["large"]["apply"]["median_ms"] if recreate else 0
-        print(f"{mech:12s} {cell(small):>15s} {cell(large):>15s} "
-              f"{small['median_ms'] / merge:8.3f} {large['median_ms'] / merge:9.3f} {rec:9.3f} "
-              f"{cell(row['switch']):>15s} {cell(row['infer']):>15s} "
-              f"{row['infer']['median_ms'] / baked['infer']['median_ms']:6.2f} {d_rss:8.1f}")
-    print(f"{'PEFT torch':12s} {cell(peft['load_adapter_merge']):>15s} (load_adapter + "
-          f"merge_and_unload, same adapter); switch {cell(peft['switch'])}; infer "
-          f"{cell(peft['infer'])}")
-    print(f"{'ORT session':12s} create {baked['create_ms']:.1f} ms (plain session, prepacking on);"
-          f" infer {cell(baked['infer'])}")
-    print("apply steps, median ms (verify / decode / stage / probe / commit):")
-    for mech, row in mechs.items():
-        for size in ("small", "large"):
-            st = row[size]["steps_median_ms"]
-            print(f"  {mech:12s} {size:5s} " + " / ".join(
-                f"{st[k]:.2f}" for k in ("verify_ms", "decode_ms", "stage_ms", "probe_ms",
-                                         "commit_ms")))
-    print("apply against kept coefficients (mechanism "
-          f"{r['sweep'][0]['mechanism'] if r['sweep'] else '-'}):")
-    print(f"  {'representation':14s} {'setting':>12s} {'bytes':>7s} {'kept':>7s} "
-          f"{'apply ms':>15s} {'decode ms':>15s} {'decode ns/value':>15s}")
-    for p in r["sweep"]:
-        setting = f"k={p['max_rank']}" if "max_rank" in p else f"{p['budget_bytes']} B"
-        per_value = 1e6 * p["decode"]["median_ms"] / max(p["kept"], 1)
-        print(f"  {p['representation']:14s} {setting:>12s} {p['packet_bytes']:7d} "
-              f"{p['kept']:7d} {cell(p['apply']):>15s} {cell(p['decode']):>15s} "
-              f"{per_value:15.1f}")
 
 
 if __name__ == "__main__":
