@@ -240,7 +240,7 @@ def test_seed_search_uses_the_variant_streams(monkeypatch):
 
 def test_more_variants_do_not_predict_worse():
     ups, bases = make_model(seed=12)
-    cfg = CodecConfig(seed=9, epsilon=0.3, value_format=ValueFormat.FLOAT32,
+    cfg = CodecConfig(seed=9, epsilon=0.1, value_format=ValueFormat.FLOAT32,
                       representation="sparse_core", budget_bytes=2500, refit_limit=0)
     one = encode(ups, bases, cfg)
     many = encode(ups, bases, dataclasses.replace(cfg, variants=8))
@@ -493,3 +493,20 @@ def test_invalid_format_candidates():
     with pytest.raises(CodecError):
         CodecConfig(value_format=(ValueFormat.INT4, 7))
     assert CodecConfig(value_format=(ValueFormat.INT4,)).value_format == ValueFormat.INT4
+
+
+def test_a_record_that_decodes_worse_than_no_update_is_left_out():
+    """Perturbed bases far from orthonormal amplify 2-bit rounding past the update itself:
+    such a layer is dropped (error 1), never sent as a record that hurts."""
+    ups, bases = make_model(0)
+    res = encode(ups, bases, CodecConfig(epsilon=0.2, value_format=ValueFormat.INT2,
+                                         representation="sparse_core", budget_bytes=600,
+                                         overhead_bytes=100))
+    kept = {r.layer_id for r in res.records}
+    assert kept != set(ups)  # at this setting some layer decodes worse than no update
+    for rec in res.records:
+        assert rel_err(ups[rec.layer_id], decode_factors(rec, bases[rec.layer_id],
+                                                         res.header)) < 1.0
+    for lid in set(ups) - kept:
+        assert res.predicted_error[lid] == 1.0
+        assert res.reconstructions[lid][0].shape[1] == 0

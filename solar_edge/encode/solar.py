@@ -232,6 +232,12 @@ def _rel_error(upd: LayerUpdate, lf: np.ndarray, rt: np.ndarray, e0: float) -> f
     return float(np.sqrt(max(err, 0.0) / e0))
 
 
+def _left_out(basis: LayerBasis) -> tuple[np.ndarray, np.ndarray]:
+    """The reconstruction of a layer without a record: rank-0 factors."""
+    return (np.zeros((basis.out_features, 0), np.float32),
+            np.zeros((basis.in_features, 0), np.float32))
+
+
 def encode(
     updates: dict[int, LayerUpdate],
     bases: dict[int, LayerBasis],
@@ -282,9 +288,7 @@ def encode(
     for lid in sorted(chosen):
         opt, upd, basis = chosen[lid], f64[lid], bases[lid]
         if opt.kind is None:
-            recon[lid] = (np.zeros((basis.out_features, 0), np.float32),
-                          np.zeros((basis.in_features, 0), np.float32))
-            errors[lid] = 1.0 if e0s[lid] > 0 else 0.0
+            recon[lid], errors[lid] = _left_out(basis), 1.0 if e0s[lid] > 0 else 0.0
             continue
         best = None
         for cand in _build_records(opt, upd, fits.get((lid, opt.variant)), config,
@@ -294,6 +298,9 @@ def encode(
             if best is None or err < best[0]:
                 best = (err, cand, factors)
         assert best is not None
+        if best[0] >= 1.0:  # quantised, it does worse than no update: leave the layer out
+            recon[lid], errors[lid] = _left_out(basis), 1.0
+            continue
         errors[lid], rec, recon[lid] = best
         layer_bytes[lid] = record_nbytes(rec)
         if layer_bytes[lid] != opt.nbytes:
