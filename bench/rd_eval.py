@@ -13,6 +13,7 @@ activation-aware error ``sqrt(tr(E G E^T) / tr(dW G dW^T))``.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,16 @@ def wilson(correct: int, n: int, z: float = 1.959964) -> tuple[float, float, flo
     centre = (p + z * z / (2 * n)) / denom
     half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
     return p, max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar p-value: texts only ``a`` gets right against texts only ``b``
+    gets right, each discordant text a fair coin under "a and b are equally accurate"."""
+    n, k = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n
+    return min(1.0, 2 * tail)
 
 
 @dataclass(frozen=True)

@@ -367,7 +367,8 @@ def run(args: Any, dirs: list[Path], out: Path) -> int:
                 b.baselines()
                 b.datafree()
                 b.calibrated(args.curve)
-            results[name] = report.adapter_result(b.rows, torch_row, head_only, args.max_drop)
+            results[name] = report.adapter_result(b.rows, torch_row, head_only, args.max_drop,
+                                                  list(splits.labels))
             report.write(out, bundle, args, results, time.perf_counter() - started)
     print(report.markdown(results, args.max_drop))
     print(f"total wall time {time.perf_counter() - started:.0f} s")

@@ -24,10 +24,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rd_eval import mcnemar_p
 from rd_report import save_panels, style_panel
 
 BASELINES = ("lora-int", "rank")
 GOAL = 1 / 3
+ALPHA = 0.05  # a data-free margin below 0 counts as a loss when its paired test says so
 STYLE = {"reference": ("k", "*"), "lora-int": ("tab:blue", "o"), "rank": ("tab:orange", "^"),
          "data-free": ("tab:green", "s"), "calibrated": ("tab:red", "D")}
 
@@ -53,7 +55,10 @@ def best_baseline(points: list[dict], max_drop: float = 0.5) -> dict | None:
     return min(ok, key=lambda p: p["bytes"]) if ok else None
 
 
-def summarise(points: list[dict], max_drop: float) -> dict[str, Any]:
+def summarise(points: list[dict], max_drop: float,
+              right: dict[tuple[str, str], list[bool]] | None = None) -> dict[str, Any]:
+    """``right``: per (family, setting), which report texts the packet gets right; with it
+    each data-free margin also gets its paired test (:func:`rd_eval.mcnemar_p`)."""
     best = best_baseline(points, max_drop)
     searches = [p for p in points if p["family"] == "calibrated" and "bytes" in p
                 and p["setting"].startswith(f"max-drop {max_drop:g}")]
@@ -64,8 +69,10 @@ def summarise(points: list[dict], max_drop: float) -> dict[str, Any]:
     for b in (p for p in points if p["family"] in BASELINES and "bytes" in p):
         d = find(points, "data-free", f"budget {b['bytes']}")
         margins.append({"baseline": b["setting"], "bytes": b["bytes"],
-                        "margin": None if d is None else 100 * (d["accuracy"] - b["accuracy"])})
+                        "margin": None if d is None else 100 * (d["accuracy"] - b["accuracy"]),
+                        **(paired(right, d, b) if right and d else {})})
     known = [m["margin"] for m in margins if m["margin"] is not None]
+    below = [m for m in margins if (m["margin"] or 0) < 0 and m.get("p", 1.0) < ALPHA]
     return {"best_baseline": best and {k: best[k] for k in ("setting", "bytes", "val_accuracy",
                                                             "val_lost", "accuracy", "ci95")},
             "calibrated": cal and {k: cal.get(k) for k in ("bytes", "val_accuracy", "accuracy",
@@ -77,13 +84,28 @@ def summarise(points: list[dict], max_drop: float) -> dict[str, Any]:
             "ratio": ratio, "goal_met": None if ratio is None else ratio <= GOAL,
             "data_free_margins": margins, "worst_margin": min(known) if known else None,
             "data_free_ok": bool(margins) and all(m is not None and m >= -1e-9
-                                                  for m in (x["margin"] for x in margins))}
+                                                  for m in (x["margin"] for x in margins)),
+            "data_free_significantly_below": (None if not right else
+                                              [m["baseline"] for m in below])}
+
+
+def paired(right: dict[tuple[str, str], list[bool]], a: dict, b: dict) -> dict[str, Any]:
+    """Report texts only ``a`` gets right, only ``b`` gets right, and the exact McNemar p."""
+    ra, rb = right[(a["family"], a["setting"])], right[(b["family"], b["setting"])]
+    only_a = sum(x and not y for x, y in zip(ra, rb, strict=True))
+    only_b = sum(y and not x for x, y in zip(ra, rb, strict=True))
+    return {"only_data_free": only_a, "only_baseline": only_b, "p": mcnemar_p(only_a, only_b)}
 
 
 def adapter_result(rows: list[dict], torch_row: dict, head_only: bool,
-                   max_drop: float) -> dict[str, Any]:
-    """Rows without predictions, with agreement (report split) with the reference packet."""
+                   max_drop: float, labels: list[int] | None = None) -> dict[str, Any]:
+    """Rows without predictions, with agreement (report split) with the reference packet;
+    with the report ``labels``, the data-free margins get their paired tests."""
     ref = rows[0]["predictions"]
+    right = None if labels is None else {
+        (r["family"], r["setting"]): [int(p) == int(y) for p, y in zip(r["predictions"], labels,
+                                                                       strict=True)]
+        for r in rows if "predictions" in r}
     points = []
     for r in rows:
         p = {k: v for k, v in r.items() if k not in ("predictions", "val_predictions")}
@@ -95,7 +117,7 @@ def adapter_result(rows: list[dict], torch_row: dict, head_only: bool,
     torch["agreement_with_served"] = sum(
         a == b for a, b in zip(torch_row["predictions"], ref, strict=True)) / len(ref)
     return {"head_only": head_only, "points": points, "torch": torch,
-            "summary": None if head_only else summarise(points, max_drop)}
+            "summary": None if head_only else summarise(points, max_drop, right)}
 
 
 def _pct(x: float | None) -> str:
@@ -141,6 +163,10 @@ def markdown(results: dict, max_drop: float) -> str:
         worst = s["worst_margin"]
         check = "-" if worst is None else (f"{'yes' if s['data_free_ok'] else 'no'} "
                                            f"({worst:+.1f} pt)")
+        if worst is not None and s.get("data_free_significantly_below") is not None:
+            sig = s["data_free_significantly_below"]
+            check += (f"; significantly below (p < {ALPHA:g}) at {', '.join(sig)}" if sig else
+                      f"; never significantly below (paired, p < {ALPHA:g})")
         lines.append(f"| {name} | {_pct(t['accuracy'])} | {served} | {sizes} | {base} | {calc} "
                      f"| {ratio} | {barec} | {dfc} | {check} |")
     lines += ["", "Report accuracy of every packet (agreement: report predictions equal to "

@@ -116,6 +116,8 @@ def test_served_bench_measures_every_packet_it_signs(small_bundle, minilm_model_
     for m in s["data_free_margins"]:  # the data-free packet at each baseline's size fits it
         df = next(p for p in lora["points"] if p["setting"] == f"budget {m['bytes']}")
         assert df["bytes"] <= m["bytes"]
+        assert 0 <= m["p"] <= 1 and m["only_data_free"] + m["only_baseline"] <= 16
+    assert isinstance(s["data_free_significantly_below"], list)
     md = out.with_suffix(".md").read_text()
     assert f"| {TASK}/seqcls-lora-tiny |" in md and "(base + trained head)" in md
     assert out.with_suffix(".png").stat().st_size > 1000
@@ -150,3 +152,34 @@ def test_the_best_baseline_is_chosen_on_lost_texts_not_net_accuracy(monkeypatch)
     assert report.best_baseline([ref, swaps, close], 0.5)["setting"] == "int4"
     assert report.best_baseline([ref, swaps], 0.5) is None
     assert report.best_baseline([ref, swaps, close], 2.0)["setting"] == "r1-int4"
+
+
+def test_a_data_free_loss_counts_only_when_its_paired_test_says_so(monkeypatch):
+    """3 texts lost of 100 is noise (exact McNemar p 0.25); 10 lost and none won is a loss."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import rd_eval
+    import rd_served_report as report
+
+    assert rd_eval.mcnemar_p(0, 0) == 1.0
+    assert rd_eval.mcnemar_p(6, 0) == pytest.approx(2 / 64)
+    assert rd_eval.mcnemar_p(3, 5) == rd_eval.mcnemar_p(5, 3) == pytest.approx(2 * 93 / 256)
+
+    def point(family, setting, nbytes, right):
+        return {"family": family, "setting": setting, "bytes": nbytes, "val_accuracy": 0.7,
+                "val_lost": 0.0, "accuracy": sum(right) / len(right), "ci95": [0, 1]}, right
+
+    ref = [True] * 80 + [False] * 20
+    rows = [point("reference", "lossless fp32", 9000, ref),
+            point("rank", "r4-int4", 1000, ref),
+            point("data-free", "budget 1000", 900, [False] * 3 + ref[3:]),
+            point("rank", "r8-int4", 2000, ref),
+            point("data-free", "budget 2000", 1900, [False] * 10 + ref[10:])]
+    points = [p for p, _ in rows]
+    right = {(p["family"], p["setting"]): r for p, r in rows}
+    s = report.summarise(points, 0.5, right)
+    by = {m["baseline"]: m for m in s["data_free_margins"]}
+    assert by["r4-int4"]["only_baseline"] == 3 and by["r4-int4"]["p"] == pytest.approx(0.25)
+    assert by["r8-int4"]["p"] == pytest.approx(2 / 1024)
+    assert s["data_free_significantly_below"] == ["r8-int4"]
+    assert not s["data_free_ok"]
+    assert report.summarise(points, 0.5)["data_free_significantly_below"] is None
