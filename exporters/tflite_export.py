@@ -3,17 +3,22 @@
 The runtime patches TFLite weights by rewriting their bytes in a ``bytearray`` of the
 flatbuffer and re-creating the interpreter (docs/runtime.md), so for every adaptable weight the
 manifest records where its bytes are. The converter is free to fold neighbouring affine
-ops into a ``FULLY_CONNECTED`` weight: it folds a preceding LayerNorm's ``gamma`` and
-``beta`` into ``W * gamma`` (per input column) and ``b + W @ beta``. :func:`locate_weights`
-finds each weight by value, recovers that affine map from the stored tensors, and records
+ops into a ``FULLY_CONNECTED`` weight: it may fold a preceding LayerNorm's ``gamma`` and
+``beta`` into ``W * gamma`` (per input column) and ``b + W @ beta`` (seen on MiniLM and the
+project's ViT), and it moves attention's ``d**-0.25`` into query and key (``c * W``,
+``c * b``), with or without the LayerNorm fold (a tiny ViT with non-trivial LayerNorms kept
+them as their own ops). :func:`locate_weights` finds each weight by value, recovers that
+affine map from the stored tensors, and records
 
 * ``weight``: tensor index, buffer index, file ``offset``/``nbytes``, ``shape`` (out, in),
   ``layout`` ``"out_in"`` float32 row-major;
 * ``bias``: the same for the bias tensor (or ``None``);
-* ``input_scale`` / ``input_shift``: ``.npy`` files of ``gamma`` / ``beta`` (or ``None``).
+* ``input_scale`` / ``input_shift``: ``.npy`` files of ``c * gamma`` / ``c * beta`` (or
+  ``None``); ``output_scale``: ``c`` (``None`` when nothing was folded).
 
-Patch rule for an update ``dW``: ``W_tfl = W_tfl0 + dW * input_scale[None, :]`` and
-``b_tfl = b_tfl0 + dW @ input_shift`` (terms dropped where ``None``).
+Patch rule for an update ``dW`` (and a bias delta ``db``): ``W_tfl = W_tfl0 + dW *
+input_scale[None, :]`` and ``b_tfl = b_tfl0 + dW @ input_shift + output_scale * db`` (terms
+dropped where ``None``); DoRA: :func:`solar_edge.runtime.backends.tflite.patch_flatbuffer`.
 """
 
 from __future__ import annotations
@@ -63,14 +68,14 @@ def convert(loaded: LoadedModel, seq_len: int, path: Path) -> None:
             "this profile's backend is tflite but the TFLite converter is not installed: "
             "pip install 'solar-edge[convert]' (litert-torch)"
         )
-    import litert_torch
-
     wrapper = loaded.wrapper()
     set_fully_connected(wrapper, True)
     log = path.with_suffix(".log")
     try:
         with _captured_output(log), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
+            import litert_torch  # inside: its import logs through absl to the native stderr
+
             edge = litert_torch.convert(wrapper, static_inputs(loaded, seq_len))
             edge.export(str(path))
     except Exception as exc:  # the converter raises many unrelated types
@@ -211,29 +216,45 @@ def preceding_layernorms(loaded: LoadedModel,
     return found
 
 
-def undo_fold(module: str, scale: np.ndarray, stored_b: np.ndarray | None, w0: np.ndarray,
-              b0: np.ndarray | None, ln: tuple[np.ndarray, np.ndarray] | None
-              ) -> np.ndarray | None:
-    """Explain a column-scaled weight as ``c * (LayerNorm affine then W0)``; returns the shift.
-
-    ``scale = c * gamma`` with one scalar ``c`` (converters move attention scaling into
-    query/key weights); then the bias must be ``c * (b0 + W0 @ beta)`` and the patch
-    shift is ``c * beta``. Raises :class:`ExportError` when the stored tensors disagree.
-    """
-    gamma, beta = ln if ln is not None else (np.ones(w0.shape[1]), np.zeros(w0.shape[1]))
+def _common_ratio(scale: np.ndarray, gamma: np.ndarray) -> float | None:
+    """One scalar ``c`` with ``scale == c * gamma`` (where ``gamma`` is not ~0), or ``None``."""
     usable = np.abs(gamma) > 1e-12
     ratios = scale[usable] / gamma[usable]
-    c = float(np.median(ratios)) if ratios.size else 1.0
-    if ratios.size and np.abs(ratios - c).max() > 1e-5 * abs(c):
-        raise ExportError(f"{module}: TFLite weight is scaled per input column in a way "
-                          "no preceding LayerNorm explains; TFLite patching impossible")
+    if not ratios.size:
+        return 1.0
+    c = float(np.median(ratios))
+    return c if np.abs(ratios - c).max() <= 1e-5 * abs(c) else None
+
+
+def undo_fold(module: str, scale: np.ndarray, stored_b: np.ndarray | None, w0: np.ndarray,
+              b0: np.ndarray | None, ln: tuple[np.ndarray, np.ndarray] | None
+              ) -> tuple[np.ndarray | None, float]:
+    """Explain a column-scaled weight as ``c * (LayerNorm affine then W0)``, else (the
+    converter left the LayerNorm as its own op) as ``c * W0``; returns ``(shift, c)``.
+
+    ``c`` is a scalar converters move into a layer (attention's ``d**-0.25`` into query and
+    key); folded, ``scale = c * gamma``, the bias must be ``c * (b0 + W0 @ beta)`` and the
+    patch shift is ``c * beta``; unfolded, ``scale = c`` and the bias ``c * b0``. Raises
+    :class:`ExportError` when neither explains the stored tensors.
+    """
+    n = w0.shape[1]
+    hypotheses = ([ln] if ln is not None else []) + [(np.ones(n), np.zeros(n))]
     bias0 = np.zeros(w0.shape[0]) if b0 is None else b0.astype(np.float64)
-    expected = c * (bias0 + w0.astype(np.float64) @ beta)
     got = np.zeros(w0.shape[0]) if stored_b is None else stored_b.astype(np.float64)
-    if np.abs(got - expected).max() > 1e-5 * max(np.abs(expected).max(), 1.0):
+    scalar = False
+    for gamma, beta in hypotheses:
+        c = _common_ratio(scale, gamma)
+        if c is None:
+            continue
+        scalar = True
+        expected = c * (bias0 + w0.astype(np.float64) @ beta)
+        if np.abs(got - expected).max() <= 1e-5 * max(np.abs(expected).max(), 1.0):
+            shift = c * beta
+            return (None if not np.any(shift) else shift), c
+    if scalar:
         raise ExportError(f"{module}: TFLite bias is not the folded LayerNorm bias")
-    shift = c * beta
-    return None if not np.any(shift) else shift
+    raise ExportError(f"{module}: TFLite weight is scaled per input column in a way "
+                      "no preceding LayerNorm explains; TFLite patching impossible")
 
 
 def locate_weights(
@@ -277,14 +298,15 @@ def locate_weights(
             bias0 = np.zeros(w0.shape[0]) if b0 is None else b0
             if stored_b is not None and not np.array_equal(stored_b, bias0.astype(np.float32)):
                 raise ExportError(f"{module}: TFLite bias differs from the model's bias")
-            shift = None
+            shift, out_scale = None, 1.0
         else:
-            shift = undo_fold(module, scale, stored_b, w0, b0, layernorms.get(module))
+            shift, out_scale = undo_fold(module, scale, stored_b, w0, b0, layernorms.get(module))
         found[module] = {
             "weight": w.record("out_in"),
             "bias": None if b is None else b.record(),
             "input_scale": None if scale is None else scale.astype(np.float32),
             "input_shift": None if shift is None else shift.astype(np.float32),
+            "output_scale": None if abs(out_scale - 1.0) <= 1e-6 else out_scale,
         }
     return found
 

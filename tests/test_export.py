@@ -318,8 +318,8 @@ def test_tflite_fold_is_explained_by_the_layernorm_or_refused():
     stored_b = (c * (b0 + w0.astype(np.float64) @ beta)).astype(np.float32)
     scale = column_scale(stored, w0)
     assert np.allclose(scale, c * gamma, rtol=1e-6)
-    shift = undo_fold("m", scale, stored_b, w0, b0, (gamma, beta))
-    assert np.allclose(shift, c * beta)
+    shift, out_scale = undo_fold("m", scale, stored_b, w0, b0, (gamma, beta))
+    assert np.allclose(shift, c * beta) and np.isclose(out_scale, c)
     dw = rng.standard_normal((6, 4))
     patched_b = stored_b + dw @ shift  # the manifest's rule equals re-folding W0 + dW
     assert np.allclose(patched_b, c * (b0 + (w0 + dw) @ beta), atol=1e-5)

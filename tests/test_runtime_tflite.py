@@ -1,10 +1,13 @@
-"""LiteRT backend on a real interpreter with a small hand-built TFLite graph.
+"""LiteRT backend on a real interpreter with a small hand-built TFLite graph, and on graphs
+from the real converter.
 
-The MiniLM ``.tflite`` needs the optional converter (``litert-torch``), not installed here;
-so a two-layer FULLY_CONNECTED graph is written with LiteRT's own flatbuffer schema, with
-the first layer carrying a folded LayerNorm affine (``W * gamma``, ``b + W @ beta``) as the
-converter produces, and located by the export stage's ``locate_weights``. The bundle object
-handed to ``TfliteBackend`` is a stand-in (named ``_StandInBundle``) for the same reason.
+The hand-built tests need no converter: a two-layer FULLY_CONNECTED graph is written with
+LiteRT's own flatbuffer schema, its first layer carrying what the converter produces (a
+folded LayerNorm affine ``W * gamma``, ``b + W @ beta``; attention's scalar moved into a
+query, with or without that fold), located by the export stage's ``locate_weights``. The
+bundle object handed to ``TfliteBackend`` there is a stand-in (named ``_StandInBundle``).
+The MiniLM and tiny-ViT tests run the real converter (the optional ``convert`` extra,
+``litert-torch``) and skip without it.
 """
 
 from __future__ import annotations
@@ -98,7 +101,8 @@ def _placements(m):
         rec = found[name]
         out[lid] = Placement(rec["weight"]["offset"], tuple(rec["weight"]["shape"]),
                              rec["bias"]["offset"] if rec["bias"] else None,
-                             rec["input_scale"], rec["input_shift"])
+                             rec["input_scale"], rec["input_shift"],
+                             rec["output_scale"] or 1.0)
     return out, found
 
 
@@ -242,6 +246,64 @@ def test_attention_scale_fold_patches_weight_and_bias(folded_model):
     assert np.allclose(got, h @ (m.w2 + dw2).T + m.b2, atol=1e-5)
 
 
+def _dora_patches(seed):
+    """Factors, a DoRA scale and a bias delta on fc1; a bias delta on fc2."""
+    factors = _factors(seed)
+    rng = np.random.default_rng(seed + 100)
+    s1 = (1 + 0.1 * rng.standard_normal(HID)).astype(np.float32)
+    db1 = (0.1 * rng.standard_normal(HID)).astype(np.float32)
+    db2 = (0.1 * rng.standard_normal(OUT)).astype(np.float32)
+    patches = {0: LayerPatch(factors[0], bias=db1, scale=s1), 1: LayerPatch(bias=db2)}
+    return patches, factors[0][0] @ factors[0][1].T, s1, db1, db2
+
+
+def test_attention_scale_and_layernorm_fold_scale_bias_and_dora_by_c(folded_model):
+    """Query/key carry c on top of the folded LayerNorm: a bias delta and the base bias of a
+    DoRA patch enter the stored bias as c * db and c * b0 (recorded as output_scale)."""
+    m = folded_model
+    c = np.float32(16 ** -0.25)
+    scaled = SimpleNamespace(**{**vars(m), "data": _build_model(
+        c * m.w1 * m.gamma[None, :], c * (m.b1 + m.w1 @ m.beta), m.w2, m.b2)})
+    placements, found = _placements(scaled)
+    assert np.isclose(found["fc1"]["output_scale"], c) and found["fc2"]["output_scale"] is None
+    patches, dw1, s1, db1, db2 = _dora_patches(9)
+    x = np.random.default_rng(10).standard_normal((1, IN)).astype(np.float32)
+    got = _run(bytes(patch_flatbuffer(scaled.data, placements, patches, {0: m.b1, 1: m.b2})), x)
+    h = c * (s1 * ((x * m.gamma + m.beta) @ (m.w1 + dw1).T) + m.b1 + db1)
+    assert np.allclose(got, h @ m.w2.T + m.b2 + db2, atol=1e-5)
+
+
+def test_attention_scale_without_a_layernorm_fold_is_located_and_patched(folded_model):
+    """The converter may keep a LayerNorm as its own op and still move c into the query:
+    the stored layer is c * (W0, b0), explained without the LayerNorm (input_scale = c)."""
+    m = folded_model
+    c = np.float32(16 ** -0.25)
+    data = _build_model(c * m.w1, c * m.b1, m.w2, m.b2)  # the graph's x is the LayerNorm's output
+    unfolded = SimpleNamespace(**{**vars(m), "data": data})
+    placements, found = _placements(unfolded)  # the model's LayerNorm is still named for fc1
+    assert found["fc1"]["input_shift"] is None and np.isclose(found["fc1"]["output_scale"], c)
+    assert np.allclose(found["fc1"]["input_scale"], c)
+    patches, dw1, s1, db1, db2 = _dora_patches(11)
+    x = np.random.default_rng(12).standard_normal((1, IN)).astype(np.float32)
+    got = _run(bytes(patch_flatbuffer(data, placements, patches)), x)  # needs no base bias
+    h = c * (s1 * (x @ (m.w1 + dw1).T) + m.b1 + db1)
+    assert np.allclose(got, h @ m.w2.T + m.b2 + db2, atol=1e-5)
+
+
+def test_a_bad_output_scale_in_the_manifest_is_a_bundle_error(folded_model, tmp_path):
+    from solar_edge.errors import BundleError
+
+    m = folded_model
+    _, found = _placements(m)
+    path = tmp_path / "model.tflite"
+    path.write_bytes(m.data)
+    for bad in ("0.5", 0.0, float("nan"), True):
+        bundle = _StandInBundle(path, m, found)
+        bundle.layers[0].tflite["output_scale"] = bad
+        with pytest.raises(BundleError, match="output_scale"):
+            TfliteBackend(SimpleNamespace(bundle=bundle, profile={}))
+
+
 @pytest.mark.slow
 def test_minilm_tflite_bundle_serves_like_onnx_after_apply(tmp_path):
     """Real MiniLM for the rpi4 profile (needs the ``convert`` extra: litert-torch)."""
@@ -280,3 +342,109 @@ def test_minilm_tflite_bundle_serves_like_onnx_after_apply(tmp_path):
     assert np.abs(got - ort_rt.infer(texts)).max() < 1e-4
     tfl.reset()
     assert np.array_equal(tfl.infer(texts), before)
+
+
+def test_vit_exported_for_rpi4_serves_a_lossless_packet_like_onnx_and_peft(
+        tmp_path, monkeypatch, capsys):
+    """A tiny random-initialised ViT through ``solar-edge export --device rpi4`` (the real
+    converter) and ``solar-edge run --image``: a signed lossless DoRA packet with a head,
+    on query (attention's scale moved into it) and other layers, answers as ONNX Runtime
+    and PEFT's merge do. (No trained biases: the ViT's ONNX graph has no patchable bias.)"""
+    pytest.importorskip("litert_torch")
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    import json
+
+    from cli_main import run_main
+    from peft import LoraConfig, get_peft_model
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from solar_edge.exporters.compress import prepare_adapter, sign_packet
+    from solar_edge.exporters.compress_measure import lossless_records
+    from solar_edge.format import signing
+    from solar_edge.format.bundle import load_bundle
+    from solar_edge.methods.peft_files import read_adapter
+    from solar_edge.runtime.engine import EdgeRuntime
+
+    torch.manual_seed(0)
+    labels = ["a", "b", "c"]
+    config = ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=32,
+                       num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       num_labels=3, id2label=dict(enumerate(labels)),
+                       label2id={n: i for i, n in enumerate(labels)})
+    base = tmp_path / "base"
+    model = ViTForImageClassification(config)
+    with torch.no_grad():  # LayerNorm affines off (1, 0), as after training
+        for name, p in model.named_parameters():
+            if "layernorm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    model.save_pretrained(base)
+    (base / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.4], "image_std": [0.25], "rescale_factor": 1 / 255}))
+    code, _, err = run_main(monkeypatch, capsys, "export", str(base), "--device", "rpi4",
+                            "--out", str(tmp_path / "b"))
+    assert code == 0, err
+    bundle = load_bundle(tmp_path / "b")
+    assert bundle.manifest["profile"]["backend"] == "tflite" and bundle.tflite_path.is_file()
+    scaled = {layer.name: layer.tflite["output_scale"] for layer in bundle.layers
+              if layer.tflite["output_scale"]}  # attention's head_dim**-0.25 moved in
+    assert {n.rsplit(".", 1)[1] for n in scaled} == {"q_proj", "k_proj"}
+    assert np.allclose(list(scaled.values()), 16 ** -0.25)
+
+    peft_model = get_peft_model(
+        ViTForImageClassification.from_pretrained(base),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "fc1"],
+                   modules_to_save=["classifier"], use_dora=True))
+    with torch.no_grad():  # every trainable part off its initial value, on its scale
+        for name, p in peft_model.named_parameters():
+            if "magnitude" in name:  # DoRA: within 10% of the weight's column norms
+                p.mul_(1 + 0.1 * torch.randn_like(p))
+            elif "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.5)
+            elif p.requires_grad:  # LoRA factors, as large as the weights (std 0.02)
+                p.add_(torch.randn_like(p) * 0.02)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model.base_model.model.config.save_pretrained(tmp_path / "adapter")
+    key = signing.generate_private_key()
+    signing.save_public_key(key.public_key(), tmp_path / "key.pub")
+    prep = prepare_adapter(read_adapter(tmp_path / "adapter"), bundle)
+    packet, _ = sign_packet(prep, lossless_records(prep), key, "tiny")
+    (tmp_path / "p.slr").write_bytes(packet)
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 256, (16, 16), dtype=np.uint8) for _ in range(5)]
+    (tmp_path / "imgs").mkdir()
+    for i, image in enumerate(images):
+        np.save(tmp_path / "imgs" / f"{i}.npy", image)
+
+    def answers(*extra):
+        code, out, err = run_main(monkeypatch, capsys, "run", "--bundle", str(tmp_path / "b"),
+                                  "--packet", str(tmp_path / "p.slr"), "--trusted-key",
+                                  str(tmp_path / "key.pub"), "--image",
+                                  str(tmp_path / "imgs"), "--json", *extra)
+        assert code == 0, err
+        result = json.loads(out)
+        rows = result["answers"]
+        return result["mechanism"], np.array([a["logits"] for a in rows]), \
+            [a["label"] for a in rows]
+
+    mechanism, tfl, tfl_labels = answers()
+    assert mechanism == "tflite"
+    _, ort, ort_labels = answers("--mechanism", "initializer")
+    x = np.stack([(im.astype(np.float32) / 255 - 0.4) / 0.25 for im in images])[:, None]
+    with torch.no_grad():
+        want = peft_model.merge_and_unload().eval()(pixel_values=torch.from_numpy(x)).logits
+    want = want.numpy()
+    assert np.abs(tfl - want).max() < 1e-4 and np.abs(tfl - ort).max() < 1e-4
+    assert tfl_labels == ort_labels == [labels[i] for i in want.argmax(1)]
+
+    rt = EdgeRuntime(str(tmp_path / "b"), [key.public_key()])
+    onnx_rt = EdgeRuntime(str(tmp_path / "b"), [key.public_key()], mechanism="initializer")
+    before = rt.infer(images)   # base model: unit embeddings
+    assert np.abs(before - onnx_rt.infer(images)).max() < 1e-5
+    feeds = rt.family.feeds(images)
+    hidden = rt.run_graph(feeds)[0]
+    rt.apply(packet)
+    assert np.abs(rt.run_graph(feeds)[0] - hidden).max() > 1e-2  # the weights were patched
+    assert np.abs(rt.infer(images) - want).max() < 1e-4
+    rt.reset()
+    assert np.array_equal(rt.infer(images), before)  # the pristine flatbuffer, bit for bit

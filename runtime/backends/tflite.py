@@ -8,8 +8,10 @@ only after the staged one passed the health check. The pristine file stays untou
 
 The converter may fold a preceding LayerNorm into a FULLY_CONNECTED weight; the manifest
 then carries ``input_scale`` / ``input_shift`` and the patch rule is
-``W_tfl = W_tfl0 + dW * input_scale[None, :]``, ``b_tfl = b_tfl0 + dW @ input_shift``
-(a scalar the converter moves into query/key, attention's ``d**-0.25``, is part of both).
+``W_tfl = W_tfl0 + dW * input_scale[None, :]``, ``b_tfl = b_tfl0 + dW @ input_shift``.
+A scalar ``c`` the converter moves into query/key (attention's ``d**-0.25``) is part of
+both and recorded as ``output_scale``: the stored bias is ``c`` times the layer's, so a
+bias delta and the base bias enter as ``c * db`` and ``c * b0``.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class Placement:
     bias_offset: int | None = None
     input_scale: np.ndarray | None = None  # (in,)
     input_shift: np.ndarray | None = None  # (in,)
+    output_scale: float = 1.0              # c: the stored layer is c * (the model's layer)
 
     def check(self, size: int) -> None:
         end = self.weight_offset + 4 * self.shape[0] * self.shape[1]
@@ -71,7 +74,9 @@ def patch_flatbuffer(pristine: Any, placements: Mapping[int, Placement], patches
     ``W_tfl0 = W0 * g`` and ``b_tfl0 = b0 + W0 beta``; the patched layer
     ``diag(s) (W0 + dW)``, ``b0 + db`` becomes ``W_tfl = diag(s) (W_tfl0 + dW * g)`` and
     ``b_tfl = b0 + db + s * (b_tfl0 - b0 + dW beta)``. ``b0`` is needed only with both ``s``
-    and a folded ``beta``: unfolded, ``b_tfl0`` is ``b0`` and ``b_tfl = b_tfl0 + db``."""
+    and a folded ``beta``: unfolded, ``b_tfl0`` is ``b0`` and ``b_tfl = b_tfl0 + db``. With
+    an ``output_scale`` ``c`` (``g`` and ``beta`` then include it) ``b0`` and ``db`` read
+    ``c * b0`` and ``c * db`` throughout."""
     buf = bytearray(pristine)
     for lid, patch in patches.items():
         p = placements[lid]
@@ -96,9 +101,9 @@ def patch_flatbuffer(pristine: Any, placements: Mapping[int, Placement], patches
             if b0 is None:
                 raise RuntimeApplyError(f"layer {lid}: DoRA on a folded TFLite bias needs the "
                                         "bundle's base bias")
-            shifted = b0 + patch.scale * (shifted - b0)
+            shifted = p.output_scale * b0 + patch.scale * (shifted - p.output_scale * b0)
         if patch.bias is not None:
-            shifted = shifted + patch.bias
+            shifted = shifted + p.output_scale * patch.bias
         np.copyto(np.frombuffer(buf, "<f4", out_f, p.bias_offset), shifted.astype(np.float32))
     return buf
 
@@ -154,8 +159,14 @@ class TfliteBackend:
 
         bias = rec.get("bias")
         bias_offset = None if not bias else int(bias["offset"])
+        c = rec.get("output_scale")
+        c = 1.0 if c is None else c
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not np.isfinite(c) \
+                or c == 0:
+            raise BundleError(f"TFLite output_scale {c!r} is not a finite non-zero number",
+                              path="manifest.json")
         return Placement(int(w["offset"]), (int(shape[0]), int(shape[1])), bias_offset,
-                         arr("input_scale"), arr("input_shift"))
+                         arr("input_scale"), arr("input_shift"), float(c))
 
     def _interpreter(self, content: bytes) -> Any:
         interp = self.interpreter_cls(model_content=content, num_threads=self.threads)
