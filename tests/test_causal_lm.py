@@ -125,12 +125,13 @@ def _slot_inputs(rt: Any) -> set[str]:
             if ".lora_" in i.name}
 
 
+@pytest.mark.parametrize("mechanism", ["lora", "lora-native"])
 def test_lora_serves_plain_packets_on_the_plain_graph_and_dora_on_the_full_one(
-        decoder: dict, tmp_path: Path) -> None:
+        decoder: dict, tmp_path: Path, mechanism: str) -> None:
     if decoder["kind"] != "llama":
         pytest.skip("DoRA on the LLaMA decoder only")
     dora = _dora_adapter(decoder["model"], tmp_path / "dora")
-    rt = _runtime(decoder, "lora")
+    rt = _runtime(decoder, mechanism)
     assert _slot_inputs(rt) == {"lora_A", "lora_B"}  # base model: the plain graph
     plain_id = next(iter(decoder["packets"]))
     rt.stage(decoder["packets"][plain_id])
@@ -145,8 +146,16 @@ def test_lora_serves_plain_packets_on_the_plain_graph_and_dora_on_the_full_one(
         assert got == torch_greedy(decoder["model"], path, ids, NEW_TOKENS), aid
     # the row scale matters (so serving DoRA on the plain graph would be caught above)
     rt.activate("dora")
-    scale = {k: v for k, v in rt.backend.current.items() if k.endswith(".lora_scale")}
+    staged = rt.backend._feeds(rt._active.patches)  # what both mechanisms feed
+    scale = {k: v for k, v in staged.items() if k.endswith(".lora_scale")}
     assert scale and any(abs(float(v.mean()) - 1.0) > 0.05 for v in scale.values())
+
+
+def test_decoder_bundles_default_to_lora_native_on_the_plain_graph(decoder: dict) -> None:
+    rt = _runtime(decoder)
+    assert rt.mechanism == "lora-native"
+    rt.apply(next(iter(decoder["packets"].values())))
+    assert _slot_inputs(rt) == {"lora_A", "lora_B"}
 
 
 def test_sampling_is_seeded_and_top_k_one_is_greedy(decoder: dict) -> None:

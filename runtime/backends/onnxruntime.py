@@ -13,8 +13,9 @@ Mechanisms and the graph variant each needs (``docs/runtime.md``):
   IOBinding (``OrtValue`` sharing numpy memory); commit swaps the bound set.
 * ``lora`` / ``lora-native``: graph with ``y += (x @ A) @ B`` slots; the update is served
   unmerged as plain feeds or as an ORT ``LoraAdapter`` activated per run. Where the bundle
-  has ``lora-plain`` (slots without the DoRA-scale and bias nodes), ``lora`` serves packets
-  that need neither on it, and opens the full graph only for a packet that does.
+  has ``lora-plain`` (slots without the DoRA-scale and bias nodes: decoders), both serve
+  packets that need neither on it, open the full graph only for a packet that does, and on
+  CPU ``lora-native`` is the default (docs/decoder.md measures why).
 * ``recreate``: base graph; a new session with merged initializers replaces the old one.
 """
 
@@ -267,14 +268,15 @@ class LoraMechanism(OrtMechanism):
         return self._sessions[path]
 
     def _feeds(self, patches: Patches) -> dict[str, np.ndarray]:
-        feeds: dict[str, np.ndarray] = {}
-        for lid, patch in patches.items():
-            feeds.update(lora_feeds(self.slots[lid].init_name, patch))
-        return feeds
+        return {name: value for lid, patch in patches.items()
+                for name, value in lora_feeds(self.slots[lid].init_name, patch).items()}
+
+    def _session_for(self, patches: Patches) -> ort.InferenceSession:
+        plain = all(p.scale is None and p.bias is None for p in patches.values())
+        return self._session(self.plain_path if plain else None)
 
     def prepare(self, patches: Patches) -> Any:  # (session, slot feeds)
-        plain = all(p.scale is None and p.bias is None for p in patches.values())
-        return self._session(self.plain_path if plain else None), self._feeds(patches)
+        return self._session_for(patches), self._feeds(patches)
 
     def probe(self, staged: Any, feeds: Feeds) -> list[np.ndarray]:
         return staged[0].run(None, {**feeds, **staged[1]})
@@ -297,7 +299,7 @@ class LoraNativeMechanism(LoraMechanism):
         self.current_options: tuple[ort.RunOptions, Any] = (ort.RunOptions(), None)
         return super()._create()
 
-    def prepare(self, patches: Patches) -> tuple[ort.RunOptions, Any]:
+    def prepare(self, patches: Patches) -> tuple[ort.RunOptions, Any, ort.InferenceSession]:
         feeds = self._feeds(patches)
         options, adapter = ort.RunOptions(), None
         if feeds:
@@ -310,13 +312,14 @@ class LoraNativeMechanism(LoraMechanism):
             adapter.Load(path)
             options.add_active_adapter(adapter)
             os.unlink(path)  # memory-mapped already; POSIX keeps the pages
-        return options, adapter  # the adapter must outlive the options that name it
+        # the adapter must outlive the options that name it
+        return options, adapter, self._session_for(patches)
 
-    def probe(self, staged: tuple[ort.RunOptions, Any], feeds: Feeds) -> list[np.ndarray]:
-        return self.session.run(None, dict(feeds), staged[0])
+    def probe(self, staged: tuple, feeds: Feeds) -> list[np.ndarray]:
+        return staged[2].run(None, dict(feeds), staged[0])
 
-    def commit(self, staged: tuple[ort.RunOptions, Any]) -> None:
-        self.current_options = staged
+    def commit(self, staged: tuple) -> None:
+        self.current_options, self.session = staged[:2], staged[2]
 
     def run(self, feeds: Feeds) -> list[np.ndarray]:
         return self.session.run(None, dict(feeds), self.current_options[0])
@@ -362,6 +365,8 @@ def default_mechanism(profile: Mapping[str, Any], providers: Sequence[str],
                       variants: frozenset[str] = frozenset({"lora"})) -> str:
     if profile.get("patching"):
         return str(profile["patching"])
+    if "lora-plain" in variants and not uses_device_memory(providers):
+        return "lora-native"
     if "lora" in variants:
         return PREFERRED
     return "recreate" if uses_device_memory(providers) else "initializer"
@@ -376,8 +381,8 @@ def open_backend(parts: BundleParts, mechanism: str | None, threads: int = 0) ->
         raise ProfileError(f"unknown onnxruntime patching mechanism {name!r}; known: "
                            f"{', '.join(MECHANISMS)}")
     path = parts.graph_path(GRAPH_VARIANT[name])
-    plain = str(parts.graph_path("lora-plain")) if name == "lora" and "lora-plain" in variants \
-        else None
+    plain = str(parts.graph_path("lora-plain")) \
+        if name in ("lora", "lora-native") and "lora-plain" in variants else None
     return create_mechanism(name, str(path), list(parts.slots.values()), parts.base, providers,
                             threads=threads, base_biases=parts.base_biases, plain_path=plain)
 
@@ -394,9 +399,9 @@ def create_mechanism(
     plain_path: str | None = None,
 ) -> OrtMechanism:
     """Build mechanism ``name`` on the graph at ``model_path`` (the variant it needs);
-    ``plain_path``: the ``lora-plain`` graph, which mechanism ``lora`` prefers."""
+    ``plain_path``: the ``lora-plain`` graph, which the ``lora`` mechanisms prefer."""
     if name not in _CLASSES:
         raise ProfileError(f"unknown patching mechanism {name!r}; known: {', '.join(MECHANISMS)}")
-    extra: dict[str, Any] = {"plain_path": plain_path} if name == "lora" else {}
+    extra: dict[str, Any] = {"plain_path": plain_path} if name.startswith("lora") else {}
     return _CLASSES[name](model_path, slots, base_weights, providers, threads=threads,
                           base_biases=base_biases, **extra)
