@@ -12,9 +12,9 @@ the ``docs-all-r16`` and ``email-all-r16`` adapters, then:
   token, on 10 prompts;
 * speed, one thread each, KV cache everywhere: decode tokens/s and time to first token of the
   baked merged graph (mechanism ``recreate``: a session whose initializers are the merged
-  weights), of the LoRA-slot graph with an adapter active (``lora``: slots as feeds, on the
-  ``lora-plain`` graph; ``lora-full``: the same on the graph with the DoRA-scale and bias nodes;
-  ``lora-native``: an ORT adapter, full graph), of in-place merged weights (``initializer``)
+  weights), of the LoRA-slot graph with an adapter active (``lora``: slots as feeds,
+  ``lora-native``: an ORT adapter, both on the ``lora-plain`` graph; ``-full``: the same on the
+  graph with the DoRA-scale and bias nodes), of in-place merged weights (``initializer``)
   and of torch with PEFT unmerged; adapter switch time; peak RSS of the board process (a child
   that never imports torch). Overheads are the median over rounds of each round's ratio to
   baked (every round runs all mechanisms on one prompt, so load on shared cores hits all alike),
@@ -79,7 +79,7 @@ def board(bundle: Path, packets: list[Path], key: Path, new_tokens: int,
 
     trusted = [signing.load_public_key(key)]
     out: dict[str, Any] = {"ids": [], "speed": {}}
-    rt = EdgeRuntime(str(bundle), trusted, mechanism="lora", threads=1)
+    rt = EdgeRuntime(str(bundle), trusted, mechanism="lora", threads=1)  # feeds: switch timing
     ids = [rt.stage(p.read_bytes()).adapter_id for p in packets]
     for i, prompt in enumerate(PROMPTS):
         rt.activate(ids[i % len(ids)])
@@ -92,10 +92,11 @@ def board(bundle: Path, packets: list[Path], key: Path, new_tokens: int,
     out["switch_ms_median"] = statistics.median(switches)
     served = {BAKED: EdgeRuntime(str(bundle), trusted, mechanism="recreate", threads=1),
               "lora": rt}
-    for name in ("lora-full", "lora-native", "initializer"):
-        served[name] = EdgeRuntime(str(bundle), trusted, mechanism=name.replace("-full", ""),
+    for name in ("lora-full", "lora-native", "lora-native-full", "initializer"):
+        served[name] = EdgeRuntime(str(bundle), trusted, mechanism=name.removesuffix("-full"),
                                    threads=1)
-    served["lora-full"].backend.plain_path = None  # type: ignore[attr-defined]  # full graph
+        if name.endswith("-full"):  # the graph with the DoRA-scale and bias nodes
+            served[name].backend.plain_path = None  # type: ignore[attr-defined]
     for runtime in served.values():
         if runtime is not rt:
             runtime.apply(packets[0].read_bytes())
@@ -256,7 +257,7 @@ def main() -> None:
         "greedy_equal_prompts": sum(host["equal"]), "greedy_equal": host["equal"],
         "speed": speed,
         **{f"{name.replace('-', '_')}_{kind}_vs_baked": speed[name][f"{kind}_vs_baked"]
-           for name in ("lora", "lora-full", "lora-native", "initializer")
+           for name in ("lora", "lora-full", "lora-native", "lora-native-full", "initializer")
            for kind in ("overhead", "cpu_overhead")},
         "torch_peft_vs_baked": baked / speed["torch_peft_unmerged"]["tokens_per_s"],
         "switch_ms_median": on_board["switch_ms_median"],
