@@ -20,7 +20,8 @@ scored with the head it carries; bytes are ``len`` of the signed packet:
   PNG, ``--model`` the base ViT): the ``--max-drop`` search with and without the refit, and
   at :data:`FRACS` of the best baseline's bytes per variant: ``refit`` (fisher + refit,
   compress's default for a budget), ``no-refit`` (fisher alone), ``rmaxK`` (fisher + refit,
-  ``max_rank=K``).
+  ``max_rank=K``; also a data-free ladder at that rank), ``refitN`` (N refit steps),
+  ``fisherN`` (N calibration images for the fisher statistics instead of compress's 64).
 
 Images: the task's held-out split in a fixed seeded order, the first ``--val-share`` of it
 validation (choices are made there), the rest the test split, never used to choose. The
@@ -63,7 +64,7 @@ from solar_edge.format.bundle import Bundle, load_bundle  # noqa: E402
 from solar_edge.methods.peft_files import read_adapter  # noqa: E402
 from solar_edge.runtime.images import ImageSpec  # noqa: E402
 
-FRACS = (0.15, 0.2, 0.25, 0.3, 1 / 3, 0.4, 0.5, 0.65, 0.8, 1.0)
+FRACS = (0.15, 0.2, 0.25, 0.3, 1 / 3, 0.36, 0.4, 0.5, 0.65, 0.8, 1.0)
 CODECS = ("data-free", "calibrated")
 BUDGET = re.compile(r"^budget \d+")
 
@@ -130,17 +131,35 @@ class ImageBench(ServedBench):
         return sorted({int(f * top) for f in FRACS})
 
     def ladders(self, variants: list[str]) -> None:
-        """Data-free and every calibrated variant at :data:`FRACS` of the best baseline."""
+        """Data-free (also at each ``rmaxK``) and every calibrated variant at :data:`FRACS`
+        of the best baseline's bytes."""
         calib = {"calib_data": self.splits.calib, "metric": "fisher"}
+        ranks = [int(v[4:]) for v in variants if v.startswith("rmax")]
         for budget in self.ladder_budgets():
             self.compress("data-free", f"budget {budget}", CompressOptions(budget=budget))
+            for k in ranks:
+                self.compress("data-free", f"budget {budget} rmax{k}",
+                              CompressOptions(budget=budget, max_rank=k))
             for v in variants:
-                steps = 0 if v == "no-refit" else self.args.refit_steps
-                rank = int(v[4:]) if v.startswith("rmax") else CompressOptions.max_rank
                 suffix = {"refit": "", "no-refit": f" {rd_served.NO_REFIT}"}.get(v, f" {v}")
-                self.compress("calibrated", f"budget {budget}{suffix}",
-                              CompressOptions(budget=budget, refit_steps=steps, max_rank=rank,
-                                              **calib))
+                self.compress("calibrated", f"budget {budget}{suffix}", CompressOptions(
+                    budget=budget, **variant_settings(v, self.args.refit_steps), **calib))
+
+
+VARIANT = re.compile(r"refit|no-refit|rmax[1-9]\d*|refit[1-9]\d*|fisher[1-9]\d*")
+
+
+def variant_settings(v: str, refit_steps: int) -> dict[str, int]:
+    """CompressOptions of a calibrated variant: ``refit`` (compress's default for a budget),
+    ``no-refit``, ``rmaxK`` (max rank K), ``refitN`` (N refit steps), ``fisherN`` (N
+    calibration images for the fisher statistics); all but ``no-refit`` refit."""
+    if v == "no-refit":
+        return {"refit_steps": 0}
+    if v.startswith("rmax"):
+        return {"refit_steps": refit_steps, "max_rank": int(v[4:])}
+    if v.startswith("fisher"):
+        return {"refit_steps": refit_steps, "calib": int(v[6:])}
+    return {"refit_steps": int(v[5:] or refit_steps)}
 
 
 def add_test_lost(rows: list[dict], labels: np.ndarray) -> None:
@@ -233,10 +252,13 @@ def plot(results: dict, path: Path) -> None:
         for p in (p for p in pts if p["family"] != "reference"):
             key = variant(p) if p["family"] in CODECS else p["family"]
             groups.setdefault(key, []).append(p)
-        for key, g in sorted(groups.items()):
+        for i, (key, g) in enumerate(sorted(groups.items())):
             g.sort(key=lambda p: p["bytes"])
-            ax.plot([p["bytes"] for p in g], [100 * p["accuracy"] for p in g], marker="o",
-                    ms=3, lw=1, ls="" if key in report.BASELINES else "-", label=key)
+            plain = key in report.BASELINES  # points, not a curve
+            ax.plot([p["bytes"] for p in g], [100 * p["accuracy"] for p in g],
+                    marker={"lora-int": "x", "rank": "+"}.get(key, "o"), ms=7 if plain else 3,
+                    lw=1, ls="" if plain else "-", label=key,
+                    color="k" if plain else plt.cm.tab20(i % 20))
         style_panel(ax, name, "test accuracy %")
     save_panels(fig, axes, len(results), path)
     plt.close(fig)
@@ -300,14 +322,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--refit-steps", type=int, default=DEFAULT_REFIT)
     ap.add_argument("--variants", type=lambda s: [v for v in s.split(",") if v],
                     default=["refit", "no-refit", "rmax2"],
-                    help="calibrated budget ladders: refit, no-refit, rmaxK (comma separated)")
+                    help="calibrated budget ladders: refit, no-refit, rmaxK, refitN, fisherN "
+                         "(comma "
+                         "separated; rmaxK also adds a data-free ladder at max rank K)")
     ap.add_argument("--curve", action="store_true",
                     help="also rd_served's calibrated points at 1/6, 1/3, 2/3 of the baseline")
     ap.add_argument("--packets", default=None, help="write every packet to this folder")
     args = ap.parse_args(argv)
     for v in args.variants:
-        if v not in ("refit", "no-refit") and not re.fullmatch(r"rmax[1-9]\d*", v):
-            ap.error(f"unknown variant {v!r} (refit, no-refit, rmaxK)")
+        if not VARIANT.fullmatch(v):
+            ap.error(f"unknown variant {v!r} (refit, no-refit, rmaxK, refitN, fisherN)")
     args.calib_texts = args.calib_images  # ServedBench's name for the calibration size
     return args
 

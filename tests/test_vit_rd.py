@@ -115,3 +115,17 @@ def test_the_codec_packet_is_chosen_on_validation_and_judged_on_test(monkeypatch
     assert c["codec"]["ratio"] == pytest.approx(3900 / 9000) and c["goal_met"] is False
     c = vit_rd.chosen([ref, base, _p("data-free", "budget 2900", 2900, 0.0, 0.90)], 0.5)
     assert c["goal_met"] is True
+
+
+def test_variant_names_map_to_compress_options(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import vit_rd
+
+    assert vit_rd.variant_settings("refit", 120) == {"refit_steps": 120}
+    assert vit_rd.variant_settings("no-refit", 120) == {"refit_steps": 0}
+    assert vit_rd.variant_settings("rmax8", 120) == {"refit_steps": 120, "max_rank": 8}
+    assert vit_rd.variant_settings("refit300", 120) == {"refit_steps": 300}
+    assert vit_rd.variant_settings("fisher256", 120) == {"refit_steps": 120, "calib": 256}
+    assert vit_rd.parse(["--variants", "rmax2,fisher64"]).variants == ["rmax2", "fisher64"]
+    with pytest.raises(SystemExit):
+        vit_rd.parse(["--variants", "rmax"])
