@@ -303,6 +303,30 @@ def test_non_finite_outputs_fail_the_health_check(bundle_dir, bundle, key, encod
     assert np.array_equal(rt.infer(SENTENCES), before)
 
 
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_finite_factors_that_overflow_in_the_forward_pass_fail_the_probe(bundle_dir, bundle, key,
+                                                                         encoded, mechanism):
+    """Why every mechanism keeps the forward probe: a rank-1 update of 1e19 x 1e19 passes
+    every check on its factors (finite; the overflow bound 1e38 is below float32's max / 2,
+    and ``dW`` itself is finite), but the layer's output overflows on real hidden states.
+    Only running the model shows it; the packet is refused and the old adapter serves."""
+    out_f, in_f = bundle.layers[0].shape
+    c = np.float32(1e19)
+    huge = {0: LayerUpdate(bundle.layers[0].name, np.full((out_f, 1), c, np.float32),
+                           np.full((1, in_f), c, np.float32))}
+    result = encode_updates(bundle, huge, fmt=ValueFormat.FLOAT32, representation="dense_factors")
+    factors = decode_factors(result.records[0], None, result.header)
+    left, right_t = patching.check_factors(0, (out_f, in_f), factors)  # no error: all finite
+    assert np.isfinite(left @ right_t.T).all()
+    rt = EdgeRuntime(bundle_dir, [key.public_key()], mechanism=mechanism)
+    rt.apply(make_packet(bundle, key, "a", 1, encoded["a"]))
+    before = rt.infer(SENTENCES)
+    with pytest.raises(HealthCheckError, match="non-finite outputs"):
+        rt.apply(make_packet(bundle, key, "bad", 1, result))
+    assert rt.active.adapter_id == "a"
+    assert np.array_equal(rt.infer(SENTENCES), before)
+
+
 def test_rejections_signature_base_rollback(bundle_dir, bundle, key, encoded):
     rt = EdgeRuntime(bundle_dir, [key.public_key()])
     res = encoded["b"]
