@@ -6,8 +6,8 @@ manifest records where its bytes are. The converter is free to fold neighbouring
 ops into a ``FULLY_CONNECTED`` weight: it may fold a preceding LayerNorm's ``gamma`` and
 ``beta`` into ``W * gamma`` (per input column) and ``b + W @ beta`` (seen on MiniLM and the
 project's ViT), and it moves attention's ``d**-0.25`` into query and key (``c * W``,
-``c * b``), with or without the LayerNorm fold (a tiny ViT with non-trivial LayerNorms kept
-them as their own ops). :func:`locate_weights` finds each weight by value, recovers that
+``c * b``), with or without the LayerNorm fold (a tiny ViT whose linear biases were 0 kept
+its LayerNorms as their own ops). :func:`locate_weights` finds each weight by value, recovers that
 affine map from the stored tensors, and records
 
 * ``weight``: tensor index, buffer index, file ``offset``/``nbytes``, ``shape`` (out, in),

@@ -344,12 +344,85 @@ def test_minilm_tflite_bundle_serves_like_onnx_after_apply(tmp_path):
     assert np.array_equal(tfl.infer(texts), before)
 
 
+def _tiny_vit(path, labels, biases):
+    """A random ViT (16x16 gray, hidden 32, 2 layers) saved to ``path``, its LayerNorm affines
+    moved off (1, 0) and, with ``biases``, its biases off 0, as after training."""
+    import json
+
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=32,
+                       num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       num_labels=len(labels), id2label=dict(enumerate(labels)),
+                       label2id={n: i for i, n in enumerate(labels)},
+                       initializer_range=0.2)  # weights large enough for attention to matter
+    model = ViTForImageClassification(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name or (biases and name.endswith("bias")):
+                p.add_(0.2 * torch.randn_like(p))
+    model.save_pretrained(path)
+    (path / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.4], "image_std": [0.25], "rescale_factor": 1 / 255}))
+    return path
+
+
+def test_vit_whose_layernorms_the_converter_keeps_is_located_and_serves(tmp_path):
+    """With its linear biases still 0 the converter kept the ViT's LayerNorms as their own
+    ops and only moved attention's scale into query and key (once refused as "scaled in a
+    way no LayerNorm explains"): located with ``input_scale = c`` and no shift, and a
+    packet serves as the ONNX graph does."""
+    pytest.importorskip("litert_torch")
+    pytest.importorskip("torch")
+    from solar_edge.exporters.pipeline import export_bundle
+    from solar_edge.format import signing
+    from solar_edge.format.packet import PacketHeader
+    from solar_edge.format.records import (
+        CodecHeader,
+        LayerRecord,
+        QuantizedValues,
+        RecordKind,
+        ValueFormat,
+    )
+    from solar_edge.format.writer import encode_packet
+    from solar_edge.runtime.engine import EdgeRuntime
+
+    base = _tiny_vit(tmp_path / "base", ["a", "b"], biases=False)
+    bundle = export_bundle(str(base), "rpi4", tmp_path / "b").bundle
+    q = bundle.layer_by_name("layers.0.attention.q_proj").tflite
+    assert q["input_shift"] is None and np.isclose(q["output_scale"], 16 ** -0.25)
+    assert np.allclose(np.load(bundle.file_path(q["input_scale"])), 16 ** -0.25)
+    key = signing.generate_private_key()
+    rng = np.random.default_rng(0)
+    records = []
+    for layer in bundle.layers[:6]:  # every kind of weight of the first layer
+        out_f, in_f = layer.shape
+        values = (0.2 * rng.standard_normal((out_f + in_f) * 2)).astype(np.float32)
+        records.append(LayerRecord(layer.id, RecordKind.DENSE_FACTORS, out_f, in_f, 2,
+                                   QuantizedValues(ValueFormat.FLOAT32, values.size,
+                                                   raw=values)))
+    packet = encode_packet(PacketHeader(bundle.fingerprint, "t", 1, {"task": "t"}),
+                           CodecHeader(seed=0), records, key)
+    tfl = EdgeRuntime(str(tmp_path / "b"), [key.public_key()])
+    onnx_rt = EdgeRuntime(str(tmp_path / "b"), [key.public_key()], mechanism="initializer")
+    images = [rng.integers(0, 256, (16, 16), dtype=np.uint8) for _ in range(4)]
+    before = tfl.infer(images)
+    assert np.abs(before - onnx_rt.infer(images)).max() < 1e-5
+    tfl.apply(packet)
+    onnx_rt.apply(packet)
+    got = tfl.infer(images)
+    assert np.abs(got - before).max() > 1e-3
+    assert np.abs(got - onnx_rt.infer(images)).max() < 1e-5
+
+
 def test_vit_exported_for_rpi4_serves_a_lossless_packet_like_onnx_and_peft(
         tmp_path, monkeypatch, capsys):
     """A tiny random-initialised ViT through ``solar-edge export --device rpi4`` (the real
-    converter) and ``solar-edge run --image``: a signed lossless DoRA packet with a head,
-    on query (attention's scale moved into it) and other layers, answers as ONNX Runtime
-    and PEFT's merge do. (No trained biases: the ViT's ONNX graph has no patchable bias.)"""
+    converter) and ``solar-edge run --image``: a signed lossless DoRA packet with trained
+    biases and a head, on query (attention's scale moved into weight and bias) and other
+    layers, answers as ONNX Runtime and PEFT's merge do."""
     pytest.importorskip("litert_torch")
     torch = pytest.importorskip("torch")
     pytest.importorskip("peft")
@@ -357,7 +430,7 @@ def test_vit_exported_for_rpi4_serves_a_lossless_packet_like_onnx_and_peft(
 
     from cli_main import run_main
     from peft import LoraConfig, get_peft_model
-    from transformers import ViTConfig, ViTForImageClassification
+    from transformers import ViTForImageClassification
 
     from solar_edge.exporters.compress import prepare_adapter, sign_packet
     from solar_edge.exporters.compress_measure import lossless_records
@@ -366,21 +439,8 @@ def test_vit_exported_for_rpi4_serves_a_lossless_packet_like_onnx_and_peft(
     from solar_edge.methods.peft_files import read_adapter
     from solar_edge.runtime.engine import EdgeRuntime
 
-    torch.manual_seed(0)
     labels = ["a", "b", "c"]
-    config = ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=32,
-                       num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                       num_labels=3, id2label=dict(enumerate(labels)),
-                       label2id={n: i for i, n in enumerate(labels)})
-    base = tmp_path / "base"
-    model = ViTForImageClassification(config)
-    with torch.no_grad():  # LayerNorm affines off (1, 0), as after training
-        for name, p in model.named_parameters():
-            if "layernorm" in name:
-                p.add_(0.2 * torch.randn_like(p))
-    model.save_pretrained(base)
-    (base / "preprocessor_config.json").write_text(json.dumps(
-        {"image_mean": [0.4], "image_std": [0.25], "rescale_factor": 1 / 255}))
+    base = _tiny_vit(tmp_path / "base", labels, biases=True)
     code, _, err = run_main(monkeypatch, capsys, "export", str(base), "--device", "rpi4",
                             "--out", str(tmp_path / "b"))
     assert code == 0, err
@@ -394,15 +454,15 @@ def test_vit_exported_for_rpi4_serves_a_lossless_packet_like_onnx_and_peft(
     peft_model = get_peft_model(
         ViTForImageClassification.from_pretrained(base),
         LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "fc1"],
-                   modules_to_save=["classifier"], use_dora=True))
+                   modules_to_save=["classifier"], use_dora=True, bias="lora_only"))
     with torch.no_grad():  # every trainable part off its initial value, on its scale
         for name, p in peft_model.named_parameters():
             if "magnitude" in name:  # DoRA: within 10% of the weight's column norms
                 p.mul_(1 + 0.1 * torch.randn_like(p))
             elif "modules_to_save" in name:
                 p.add_(torch.randn_like(p) * 0.5)
-            elif p.requires_grad:  # LoRA factors, as large as the weights (std 0.02)
-                p.add_(torch.randn_like(p) * 0.02)
+            elif p.requires_grad:  # LoRA factors and biases, on the weights' scale
+                p.add_(torch.randn_like(p) * 0.1)
     peft_model.save_pretrained(tmp_path / "adapter")
     peft_model.base_model.model.config.save_pretrained(tmp_path / "adapter")
     key = signing.generate_private_key()
