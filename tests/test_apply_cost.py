@@ -135,19 +135,10 @@ def test_the_runtime_maps_each_layers_basis_once(tiny_bundle, monkeypatch):
 
     monkeypatch.setattr(BundleParts, "basis", spy)
     key = signing.generate_private_key()
-    bundle = load_bundle(tiny_bundle)
-    rng = np.random.default_rng(3)
     lids = [0, 1, 2]
-    ups = {lid: LayerUpdate(bundle.layers[lid].name,
-                            rng.normal(size=(bundle.layers[lid].shape[0], 2)).astype(np.float32),
-                            rng.normal(size=(2, bundle.layers[lid].shape[1])).astype(np.float32))
-           for lid in lids}
-    res = encode(ups, {lid: bundle.layer_basis(lid) for lid in lids},
-                 CodecConfig(representation="factored_core", max_rank=2))
     rt = EdgeRuntime(str(tiny_bundle), [key.public_key()])
     for version in (1, 2):
-        rt.apply(encode_packet(PacketHeader(bundle.fingerprint, "a", version, {}), res.header,
-                               res.records, key))
+        rt.apply(_factored_packet(tiny_bundle, key, version, lids=lids, seed=3))
     assert sorted(opened) == lids
     assert rt.active is not None and rt.active.version == 2
 
@@ -166,10 +157,11 @@ def test_one_blas_thread_limits_blas_inside_and_restores_it():
     assert blas_threads() == before
 
 
-def _factored_packet(tiny_bundle, key, version: int = 1, compress: bool | None = None) -> bytes:
+def _factored_packet(tiny_bundle, key, version: int = 1, compress: bool | None = None,
+                     lids: tuple[int, ...] | list[int] = (0, 1), seed: int = 4) -> bytes:
+    """Rank-2 factored cores of random updates on ``lids``, signed with ``key``."""
     bundle = load_bundle(tiny_bundle)
-    rng = np.random.default_rng(4)
-    lids = [0, 1]
+    rng = np.random.default_rng(seed)
     ups = {lid: LayerUpdate(bundle.layers[lid].name,
                             rng.normal(size=(bundle.layers[lid].shape[0], 2)).astype(np.float32),
                             rng.normal(size=(2, bundle.layers[lid].shape[1])).astype(np.float32))
