@@ -328,3 +328,20 @@ def test_tflite_fold_is_explained_by_the_layernorm_or_refused():
     with pytest.raises(ExportError, match="LayerNorm"):
         undo_fold("m", scale * np.array([1, 1, 1, 2]), stored_b, w0, b0, (gamma, beta))
     assert column_scale(rng.standard_normal((6, 4)), w0) is None
+
+
+def test_quiet_loading_silences_libraries_transformers_imports_and_restores_them(caplog):
+    """With the ``convert`` extra, transformers imports torchao, which logs a warning per
+    optional CUDA kernel it cannot load: none of it reaches an export's terminal."""
+    import logging
+
+    from solar_edge.exporters.families.text_encoder import quiet_loading
+
+    log = logging.getLogger("torchao")
+    with caplog.at_level(logging.WARNING):
+        with quiet_loading():
+            log.warning("Failed to load _C_mxfp8.so")
+            logging.getLogger("torch.utils._pytree").warning("Enum subclass deprecated")
+        log.warning("after the block")
+    assert "Failed to load" not in caplog.text and "Enum subclass" not in caplog.text
+    assert "after the block" in caplog.text

