@@ -121,14 +121,28 @@ def one_task(root: Path, bundle: Bundle, key: Any, name: str) -> dict[str, Any]:
     return row
 
 
-def _ms(fn: Any) -> float:
+def elapsed_ms(fn: Any) -> float:
     t = time.perf_counter()
     fn()
     return 1e3 * (time.perf_counter() - t)
 
 
-def _summary(times: list[float]) -> dict[str, float]:
+def summary(times: list[float]) -> dict[str, float]:
     return {"median_ms": round(statistics.median(times), 3), "min_ms": round(min(times), 3)}
+
+
+def time_switches(runtimes: dict[str, Any], repeat: int, times: dict[str, list[float]]) -> None:
+    """``repeat`` switches between the two tasks on every runtime, calls alternating."""
+    for i in range(repeat):
+        for mechanism, rt in runtimes.items():
+            times.setdefault(f"{mechanism} switch", []).append(
+                elapsed_ms(lambda rt=rt, to=TASKS[(i + 1) % 2]: rt.switch(to)))
+
+
+def ratio(num: dict[str, float], den: dict[str, float]) -> dict[str, float]:
+    """Two timing summaries' ratio, of medians and of minima."""
+    return {"of_medians": round(num["median_ms"] / den["median_ms"], 3),
+            "of_minima": round(num["min_ms"] / den["min_ms"], 3)}
 
 
 def overhead(root: Path, bundle: Bundle, key: Any, repeat: int) -> dict[str, Any]:
@@ -152,17 +166,12 @@ def overhead(root: Path, bundle: Bundle, key: Any, repeat: int) -> dict[str, Any
         for _ in range(repeat):
             for mechanism, rt in runtimes.items():
                 times.setdefault(f"{mechanism} infer b{n}", []).append(
-                    _ms(lambda rt=rt, batch=batch: rt.infer(batch)))
-    for i in range(repeat):
-        for mechanism, rt in runtimes.items():
-            times.setdefault(f"{mechanism} switch", []).append(
-                _ms(lambda rt=rt, to=TASKS[(i + 1) % 2]: rt.switch(to)))
-    out: dict[str, Any] = {key: _summary(v) for key, v in times.items()}
+                    elapsed_ms(lambda rt=rt, batch=batch: rt.infer(batch)))
+    time_switches(runtimes, repeat, times)
+    out: dict[str, Any] = {key: summary(v) for key, v in times.items()}
     for n in (1, 64):
-        lora, baked = out[f"lora infer b{n}"], out[f"initializer infer b{n}"]
-        out[f"lora_over_baked_b{n}"] = {
-            "of_medians": round(lora["median_ms"] / baked["median_ms"], 3),
-            "of_minima": round(lora["min_ms"] / baked["min_ms"], 3)}
+        out[f"lora_over_baked_b{n}"] = ratio(out[f"lora infer b{n}"],
+                                             out[f"initializer infer b{n}"])
     return out
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from vit import torch_merged
+from vit import elapsed_ms, ratio, summary, time_switches, torch_merged
 
 from solar_edge.exporters.compress import prepare_adapter, sign_packet
 from solar_edge.exporters.compress_measure import lossless_records
@@ -110,16 +109,6 @@ def _baked_bundle(root: Path, name: str, out: Path) -> Path:
     return out / "bundle"
 
 
-def _ms(fn: Any) -> float:
-    t = time.perf_counter()
-    fn()
-    return 1e3 * (time.perf_counter() - t)
-
-
-def _summary(times: list[float]) -> dict[str, float]:
-    return {"median_ms": round(statistics.median(times), 3), "min_ms": round(min(times), 3)}
-
-
 def timings(root: Path, bundle: Bundle, key: Any, work: Path, repeat: int) -> dict[str, Any]:
     packets = {name: (work / f"{name}.slr").read_bytes() for name in TASKS}
     baked = EdgeRuntime(str(_baked_bundle(root, TASKS[0], work / "baked")),
@@ -136,7 +125,7 @@ def timings(root: Path, bundle: Bundle, key: Any, work: Path, repeat: int) -> di
             rt.apply(packets[name])
         for data in newer:  # each a newer version of the first adapter: a full apply
             apply_ms.setdefault(f"{mechanism} apply", []).append(
-                _ms(lambda rt=rt, data=data: rt.apply(data)))
+                elapsed_ms(lambda rt=rt, data=data: rt.apply(data)))
             for step, ms in rt.last_timings.items():
                 steps.setdefault(f"{mechanism} apply {step}", []).append(ms)
         rt.switch(TASKS[0])
@@ -154,17 +143,12 @@ def timings(root: Path, bundle: Bundle, key: Any, work: Path, repeat: int) -> di
         for _ in range(repeat):
             for label, rt in served.items():
                 times.setdefault(f"{label} graph b{n}", []).append(
-                    _ms(lambda rt=rt, feeds=feeds: rt.run_graph(feeds)))
-    for i in range(repeat):
-        for mechanism, rt in runtimes.items():
-            times.setdefault(f"{mechanism} switch", []).append(
-                _ms(lambda rt=rt, to=TASKS[(i + 1) % 2]: rt.switch(to)))
-    out.update({k: _summary(v) for k, v in {**times, **apply_ms, **steps}.items()})
+                    elapsed_ms(lambda rt=rt, feeds=feeds: rt.run_graph(feeds)))
+    time_switches(runtimes, repeat, times)
+    out.update({k: summary(v) for k, v in {**times, **apply_ms, **steps}.items()})
     for n in (1, 64):
-        p, b = out[f"patched graph b{n}"], out[f"baked graph b{n}"]
-        out[f"patched_over_baked_b{n}"] = {
-            "of_medians": round(p["median_ms"] / b["median_ms"], 3),
-            "of_minima": round(p["min_ms"] / b["min_ms"], 3)}
+        out[f"patched_over_baked_b{n}"] = ratio(out[f"patched graph b{n}"],
+                                                out[f"baked graph b{n}"])
     return out
 
 
