@@ -146,8 +146,9 @@ class Agent:
 
     def start(self) -> AgentState:
         """Load the committed state and bring the runtime to exactly it."""
-        self.state = self.store.load()
-        self._restore(self.state)
+        with self.store.locked():
+            self.state = self.store.load()
+            self._restore(self.state)
         self.hook("restored")
         return self.state
 
@@ -216,7 +217,12 @@ class Agent:
         return updater, by_id, unusable
 
     def check_once(self) -> list[Outcome]:
-        """One REFRESH..COMMIT cycle over every adapter id the repository lists."""
+        """One REFRESH..COMMIT cycle over every adapter id the repository lists, holding the
+        state folder's lock (operator commands wait for it)."""
+        with self.store.locked():
+            return self._check_once()
+
+    def _check_once(self) -> list[Outcome]:
         state = self.store.load()
         if (state.adapters, state.active) != self._applied:
             log.warning("state.json changed outside the agent (an operator command); "
@@ -388,7 +394,8 @@ class Agent:
         """Serve another installed adapter and remember it across restarts."""
         if adapter_id is not None and adapter_id not in self.state.adapters:
             raise UnknownAdapterError(f"adapter {adapter_id!r} is not installed")
-        self.applier.activate(adapter_id)
-        self.state.active = adapter_id
-        self.store.save(self.state)
-        self._applied = (dict(self.state.adapters), self.state.active)
+        with self.store.locked():
+            self.applier.activate(adapter_id)
+            self.state.active = adapter_id
+            self.store.save(self.state)
+            self._applied = (dict(self.state.adapters), self.state.active)

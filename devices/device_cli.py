@@ -1,10 +1,12 @@
 """``solar-edge device status|pin|unpin|switch|rollback --state DIR``: the operator's view of
 the update agent's state folder on the board.
 
-Every command reads and writes ``state.json`` the way the agent does (atomic replace); the
-agent reloads the state at the start of every cycle and on start-up, so a change takes
-effect at the agent's next cycle or start. Run them between cycles: a cycle that commits
-an install at the same moment writes its own copy of the state.
+Every command reads and writes ``state.json`` the way the agent does (atomic replace), under
+the state folder's one-writer lock (:mod:`solar_edge.devices.state_lock`): while the agent is
+in an update cycle a command waits for it (``--wait``, default 60 s), then gives up with a
+``StateError`` having changed nothing, so a cycle can never undo a command. The agent
+reloads the state at the start of every cycle and on start-up, so a change takes effect at
+the agent's next cycle or start.
 
 * ``pin ID [VERSION]``: the agent installs no version of ID above VERSION (default: the
   installed one, i.e. hold ID where it is). ``unpin ID`` lifts that.
@@ -81,6 +83,12 @@ def _state_option() -> options.Decorator:
                         help="The agent's state folder (solar-edge agent --state).")
 
 
+def _wait_option() -> options.Decorator:
+    return click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=60.0,
+                        show_default=True,
+                        help="Seconds to wait while the agent is in an update cycle.")
+
+
 def _finish(store: StateStore, state: AgentState, message: str, as_json: bool) -> None:
     store.save(state)
     store.prune_packets(state)
@@ -131,51 +139,60 @@ def status(state_dir: Path, as_json: bool) -> None:
 @click.argument("adapter_id")
 @click.argument("version", required=False, type=click.IntRange(1, MAX_VERSION))
 @_state_option()
+@_wait_option()
 @options.as_json()
-def pin_cmd(adapter_id: str, version: int | None, state_dir: Path, as_json: bool) -> None:
+def pin_cmd(adapter_id: str, version: int | None, state_dir: Path, wait_s: float,
+            as_json: bool) -> None:
     """The agent installs no version of ADAPTER_ID above VERSION [default: the installed]."""
     store = StateStore(state_dir, create=False)
-    state = store.load()
-    held = pin(state, adapter_id, version)
-    _finish(store, state, f"{adapter_id} pinned at v{held} or lower", as_json)
+    with store.locked(wait_s):
+        state = store.load()
+        held = pin(state, adapter_id, version)
+        _finish(store, state, f"{adapter_id} pinned at v{held} or lower", as_json)
 
 
 @device.command("unpin")
 @click.argument("adapter_id")
 @_state_option()
+@_wait_option()
 @options.as_json()
-def unpin_cmd(adapter_id: str, state_dir: Path, as_json: bool) -> None:
+def unpin_cmd(adapter_id: str, state_dir: Path, wait_s: float, as_json: bool) -> None:
     """The agent updates ADAPTER_ID again (to the newest version its rollout allows)."""
     store = StateStore(state_dir, create=False)
-    state = store.load()
-    was = state.pinned.pop(adapter_id, None)
-    _finish(store, state, f"{adapter_id} unpinned" if was is not None
-            else f"{adapter_id} was not pinned", as_json)
+    with store.locked(wait_s):
+        state = store.load()
+        was = state.pinned.pop(adapter_id, None)
+        _finish(store, state, f"{adapter_id} unpinned" if was is not None
+                else f"{adapter_id} was not pinned", as_json)
 
 
 @device.command("switch")
 @click.argument("adapter_id")
 @_state_option()
+@_wait_option()
 @options.as_json()
-def switch_cmd(adapter_id: str, state_dir: Path, as_json: bool) -> None:
+def switch_cmd(adapter_id: str, state_dir: Path, wait_s: float, as_json: bool) -> None:
     """ADAPTER_ID (installed) serves after the agent's next start."""
     store = StateStore(state_dir, create=False)
-    state = store.load()
-    _installed(state, adapter_id)
-    state.active = adapter_id
-    _finish(store, state, f"{adapter_id} serves after the agent's next start", as_json)
+    with store.locked(wait_s):
+        state = store.load()
+        _installed(state, adapter_id)
+        state.active = adapter_id
+        _finish(store, state, f"{adapter_id} serves after the agent's next start", as_json)
 
 
 @device.command("rollback")
 @click.argument("adapter_id")
 @_state_option()
+@_wait_option()
 @options.as_json()
-def rollback_cmd(adapter_id: str, state_dir: Path, as_json: bool) -> None:
+def rollback_cmd(adapter_id: str, state_dir: Path, wait_s: float, as_json: bool) -> None:
     """ADAPTER_ID goes back to its previous version and is pinned there (until unpin)."""
     store = StateStore(state_dir, create=False)
-    state = store.load()
-    newer = state.adapters.get(adapter_id)
-    version = rollback(store, state, adapter_id)
-    _finish(store, state, f"{adapter_id} rolled back from v{newer.version if newer else '?'} "
-            f"to v{version} and pinned there (solar-edge device unpin {adapter_id} to update "
-            f"again)", as_json)
+    with store.locked(wait_s):
+        state = store.load()
+        newer = state.adapters.get(adapter_id)
+        version = rollback(store, state, adapter_id)
+        _finish(store, state, f"{adapter_id} rolled back from v"
+                f"{newer.version if newer else '?'} to v{version} and pinned there "
+                f"(solar-edge device unpin {adapter_id} to update again)", as_json)

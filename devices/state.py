@@ -18,10 +18,12 @@ import json
 import os
 import re
 import secrets
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from solar_edge.devices.state_lock import state_lock
 from solar_edge.errors import StateError
 from solar_edge.format.ids import ID_RULE, MAX_ID_BYTES, is_valid_id
 
@@ -190,6 +192,10 @@ class StateStore:
 
     def save(self, state: AgentState) -> None:
         atomic_write(self.path, state.to_bytes())
+
+    def locked(self, wait_s: float | None = None) -> AbstractContextManager[None]:
+        """The folder's one-writer lock (:mod:`solar_edge.devices.state_lock`)."""
+        return state_lock(self.root, wait_s)
 
     def packet_path(self, sha256: str) -> Path:
         if not is_sha256_hex(sha256):  # the last guard before a hash becomes a file name

@@ -161,3 +161,53 @@ def test_status_of_an_agent_that_installed_nothing_yet(rig, monkeypatch, capsys)
     doc = json.loads(out)
     assert code == 0 and doc["adapters"] == {} and doc["device_id"] == "board-0"
     assert doc["last_cycle"]["exit_code"] == 1 and len(doc["rejected"]) == 1
+
+
+def test_a_command_during_a_cycle_waits_for_it_or_changes_nothing(device, monkeypatch, capsys):
+    """A pin issued while the agent's cycle runs (here: from the cycle's own 'refreshed'
+    step) finds the state lock held, waits --wait seconds and changes nothing; the cycle
+    installs v3 and does not overwrite a command with its stale copy of the state."""
+    rig, state = device
+    agent = rig.agent()
+    tried: list[tuple[int, str, str]] = []
+    agent.hook = lambda phase: tried.append(run_main(
+        monkeypatch, capsys, "device", "pin", "a", "--wait", "0.2", "--state", state)) \
+        if phase == "refreshed" else None
+    outcomes = {o.adapter_id: (o.version, o.action) for o in agent.run()}
+    code, _, err = tried[0]
+    assert code == 2 and "StateError" in err and "in a cycle" in err and "--wait" in err
+    assert outcomes["a"] == (3, "installed")
+    assert "a" not in agent.store.load().pinned
+    agent.hook = lambda phase: None
+    assert run_main(monkeypatch, capsys, "device", "pin", "a", "--state", state)[0] == 0
+    assert agent.store.load().pinned["a"] == 3
+
+
+def test_a_cycle_waits_for_a_command_that_holds_the_lock(device):
+    """The agent's cycle starts only after an operator command holding the lock is done, so
+    it sees the pin written meanwhile (without the lock it would read the old state and
+    install v3)."""
+    import threading
+    import time
+
+    from solar_edge.devices.state import StateStore
+
+    rig, state = device
+    agent = rig.agent()
+    holding = threading.Event()
+
+    def operator() -> None:
+        store = StateStore(state, create=False)
+        with store.locked(1.0):
+            holding.set()
+            time.sleep(0.3)
+            st = store.load()
+            st.pinned["a"] = 2
+            store.save(st)
+
+    worker = threading.Thread(target=operator)
+    worker.start()
+    assert holding.wait(5)
+    outcomes = {o.adapter_id: (o.version, o.action) for o in agent.run()}
+    worker.join()
+    assert outcomes["a"] == (3, "pinned") and agent.applier.active_version == 2
