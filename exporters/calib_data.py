@@ -6,7 +6,9 @@
 * ``.jsonl``: one JSON object per line with ``"text"`` (a string) and an optional ``"label"``
   (a label name the adapter's head knows, or its index); every line labelled or none;
 * a folder: unlabelled images (PNG, JPEG, ``.npy``) for an image model, read as the board
-  reads them (:mod:`solar_edge.runtime.images`); the inputs are then pixel arrays.
+  reads them (:mod:`solar_edge.runtime.images`); the inputs are then pixel arrays;
+* a folder of folders, one per label (``eval/five/*.png``, ``eval/six/*.png``: each folder
+  named by a label name the adapter's head knows, or by its index): labelled images.
 
 The project's own adapters name a built-in task in their ``task.json``; :func:`from_task`
 takes that task's training split (test material: no product path needs it). Every problem
@@ -105,7 +107,7 @@ def read_calibration_file(path: str | Path,
     """Texts (and labels) from a ``.txt`` or ``.jsonl`` file (see the module docstring)."""
     path = Path(path)
     if path.is_dir():
-        return _image_folder(path)
+        return _image_folder(path, label_names)
     if path.suffix not in (".txt", ".jsonl"):
         raise CalibrationError(f"{path}: calibration data must be .txt or .jsonl")
     texts: list[str] = []
@@ -134,15 +136,39 @@ def read_calibration_file(path: str | Path,
     return CalibrationSet(texts, labels or None, str(path))
 
 
-def _image_folder(path: Path) -> CalibrationSet:
+def _image_folder(path: Path, label_names: Sequence[str] | None) -> CalibrationSet:
     from solar_edge.errors import ImageError
     from solar_edge.runtime.images import read_images
 
+    folders = sorted(p for p in path.iterdir() if p.is_dir())
+    files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+    if folders and files:
+        raise CalibrationError(f"{path}: images and label folders side by side; give either "
+                               "images only (unlabelled) or one folder per label")
     try:
-        _, images = read_images([path])
+        if not folders:
+            _, images = read_images([path])
+            return CalibrationSet(list(images), None, f"{path} ({len(images)} images)")
+        texts: list[Any] = []
+        labels: list[int] = []
+        for folder in folders:
+            label = _folder_label(folder.name, label_names, str(folder))
+            _, images = read_images([folder])
+            texts += images
+            labels += [label] * len(images)
     except ImageError as exc:
         raise CalibrationError(f"calibration images: {exc}") from exc
-    return CalibrationSet(list(images), None, f"{path} ({len(images)} images)")
+    return CalibrationSet(texts, labels, f"{path} ({len(texts)} images in "
+                                         f"{len(folders)} label folders)")
+
+
+def _folder_label(name: str, names: Sequence[str] | None, where: str) -> int:
+    """A label folder's label: its name, or its name read as an index."""
+    if names is not None and name in names:
+        return list(names).index(name)
+    if name.isdecimal() and name.isascii():
+        return _label_index(int(name), names, where)
+    return _label_index(name, names, where)
 
 
 def from_task(task_meta: dict[str, Any]) -> CalibrationSet | None:

@@ -187,9 +187,10 @@ def _defaults(metric: str | None, refit: int | None, calib_data: Path | None, ex
                    "measured as the board serves the packet: the share of texts the adapter "
                    "gets right and the packet wrong (unlabelled: that disagree); the "
                    "smallest such packet wins.")
-@click.option("--eval-data", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=None, help="Texts (.txt, or .jsonl with labels) the --max-drop is "
-                                 "measured on (default: a quarter of --calib-data held back).")
+@click.option("--eval-data", type=click.Path(exists=True, path_type=Path),
+              default=None, help="What the --max-drop is measured on: texts (.txt, or .jsonl "
+                                 "with labels), or images (a folder; labelled: one folder per "
+                                 "label) (default: a quarter of --calib-data held back).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="With --max-drop: write the bytes-against-drop curve (PNG).")
 @click.option("--metric", type=click.Choice(["fro", "act", "fisher"]), default=None,

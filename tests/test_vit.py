@@ -6,6 +6,7 @@ files and folders, with one clear line per bad image."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -216,3 +217,50 @@ def test_a_bad_image_in_the_calibration_folder_is_a_calibration_error(tmp_path):
     empty.mkdir()
     with pytest.raises(CalibrationError, match="no .png, .jpg, .jpeg, .npy files"):
         read_calibration_file(empty)
+
+
+def test_label_folders_are_labelled_images_and_bad_layouts_are_calibration_errors(tmp_path):
+    from solar_edge.errors import CalibrationError
+    from solar_edge.exporters.calib_data import read_calibration_file
+
+    root = tmp_path / "eval"
+    for folder, count in ((LABELS[2], 2), ("0", 1)):  # a label name, and an index
+        (root / folder).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(np.full((SIZE, SIZE), 40 * i, np.uint8)).save(
+                root / folder / f"{i}.png")
+    got = read_calibration_file(root, LABELS)
+    assert got.labels == [0, 2, 2] and len(got.texts) == 3
+    assert got.source == f"{root} (3 images in 2 label folders)"
+    (root / "no-such-label").mkdir()
+    with pytest.raises(CalibrationError, match="'no-such-label' is not one of the adapter's"):
+        read_calibration_file(root, LABELS)
+    (root / "no-such-label").rmdir()
+    (root / "7").mkdir()
+    with pytest.raises(CalibrationError, match="label index 7 is outside the adapter's 3"):
+        read_calibration_file(root, LABELS)
+    (root / "7").rmdir()
+    Image.fromarray(np.zeros((SIZE, SIZE), np.uint8)).save(root / "loose.png")
+    with pytest.raises(CalibrationError, match="images and label folders side by side"):
+        read_calibration_file(root, LABELS)
+
+
+def test_max_drop_measured_on_labelled_image_folders(vit, tmp_path, monkeypatch, capsys):
+    """``--eval-data`` a folder per label: the drop counts images the adapter gets right and
+    the packet wrong, against the labels (the uncompressed adapter's accuracy is printed)."""
+    root = vit["root"]
+    preds = np.argmax(_torch_logits(vit["merged"], vit["images"]), axis=1)
+    evald = tmp_path / "eval"
+    for i, (image, pred) in enumerate(zip(vit["images"], preds, strict=True)):
+        label = LABELS[int(pred) if i % 3 else (int(pred) + 1) % len(LABELS)]  # 2 of 6 wrong
+        (evald / label).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(evald / label / f"{i}.png")
+    code, out, err = run_main(monkeypatch, capsys, "compress", str(root / "adapter"),
+                              "--bundle", str(root / "bundle"), "--max-drop", "100",
+                              "--eval-data", str(evald), "--signing-key", str(root / "key"),
+                              "--out", str(tmp_path / "p.slr"), "--json")
+    assert code == 0, err
+    search = json.loads(out)["search"]
+    assert search["measured_on"] == f"{evald} (6 images in {len(set(os.listdir(evald)))} " \
+                                    "label folders)"
+    assert search["reference_accuracy"] == pytest.approx(100 * 4 / 6, abs=1e-6)
