@@ -17,7 +17,7 @@ patching mechanism needs is produced here, once, by the export stage:
   weight's ``MatMul``: the ``lora`` mechanism serves the decoded update unmerged
   (``A = Rt``, ``B = L.T``; DoRA's row scale and trained bias deltas in the other two),
   either through ORT's native adapters (``RunOptions.add_active_adapter``) or as feeds.
-  ``lora-plain`` (decoder bundles, written with ``lora``) has only ``y + (x @ A) @ B``: two
+  ``lora-plain`` (decoder and ViT bundles, written with ``lora``) has only ``y + (x @ A) @ B``: two
   nodes fewer per weight, which the ``lora`` mechanism serves packets without a DoRA scale or
   bias delta on (docs/decoder.md measures it).
 
@@ -123,9 +123,10 @@ def add_lora_slots(model: onnx.ModelProto, names: Iterable[str],
 
 VARIANT_FILES = {"inputs": "model.inputs.onnx", "lora": "model.lora.onnx",
                  "lora-plain": "model.lora-plain.onnx"}
-# Families whose bundles get ``lora-plain`` beside ``lora`` (measured there; the others keep
-# one LoRA graph).
-PLAIN_SLOT_FAMILIES = ("causal-lm",)
+# Families whose bundles get ``lora-plain`` beside ``lora``, where it measured faster
+# (docs/decoder.md, docs/vision.md: small weights, where per-node cost dominates); MiniLM's
+# text encoder measured no gain and keeps one LoRA graph.
+PLAIN_SLOT_FAMILIES = ("causal-lm", "vit")
 
 
 def add_variants_to_bundle(bundle_dir: str, variants: Iterable[str] = ("inputs", "lora")) -> None:

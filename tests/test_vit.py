@@ -84,7 +84,16 @@ def test_manifest_records_the_models_preprocessing(vit):
     assert len(vit["bundle"].manifest["canary"]["inputs"]) == 3
 
 
-@pytest.mark.parametrize("mechanism", ["lora", "initializer"])
+def test_vit_bundles_carry_the_plain_slot_graph_and_serve_it_by_default(vit):
+    from solar_edge.runtime.engine import EdgeRuntime
+
+    manifest = json.loads((vit["root"] / "bundle" / "manifest.json").read_text())
+    assert set(manifest["onnx"]["variants"]) >= {"lora", "lora-plain"}
+    rt = EdgeRuntime(str(vit["root"] / "bundle"), [vit["key"].public_key()])
+    assert rt.mechanism == "lora-native"
+
+
+@pytest.mark.parametrize("mechanism", ["lora-native", "lora", "initializer"])
 def test_lossless_packet_serves_what_peft_merge_and_unload_computes(vit, mechanism):
     from solar_edge.runtime.engine import EdgeRuntime
 

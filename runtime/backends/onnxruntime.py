@@ -13,7 +13,7 @@ Mechanisms and the graph variant each needs (``docs/runtime.md``):
   IOBinding (``OrtValue`` sharing numpy memory); commit swaps the bound set.
 * ``lora`` / ``lora-native``: graph with ``y += (x @ A) @ B`` slots; the update is served
   unmerged as plain feeds or as an ORT ``LoraAdapter`` activated per run. Where the bundle
-  has ``lora-plain`` (slots without the DoRA-scale and bias nodes: decoders), both serve
+  has ``lora-plain`` (slots without the DoRA-scale and bias nodes: decoders, ViTs), both serve
   packets that need neither on it, open the full graph only for a packet that does, and on
   CPU ``lora-native`` is the default (docs/decoder.md measures why).
 * ``recreate``: base graph; a new session with merged initializers replaces the old one.
