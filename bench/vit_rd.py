@@ -290,7 +290,8 @@ def run(args: Any, tasks: list[tuple[str, Path, Any]], base: Path, bundle: Bundl
         b.calibrated(args.curve)
         b.ladders(args.variants)
         add_test_lost(b.rows, splits.labels)
-        results[name] = report.adapter_result(b.rows, torch_row, False, args.max_drop)
+        results[name] = report.adapter_result(b.rows, torch_row, False, args.max_drop,
+                                              [int(y) for y in splits.labels])
         results[name]["chosen"] = chosen(results[name]["points"], args.max_drop)
         results[name]["split"] = {"val": len(splits.val_labels), "test": len(splits.labels),
                                   "calib_images": args.calib_images}
