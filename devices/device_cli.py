@@ -18,6 +18,8 @@ the agent's next cycle or start.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +91,14 @@ def _wait_option() -> options.Decorator:
                         help="Seconds to wait while the agent is in an update cycle.")
 
 
+@contextmanager
+def _editing(state_dir: Path, wait_s: float) -> Iterator[tuple[StateStore, AgentState]]:
+    """The agent's store and state, loaded and held under its lock for the block."""
+    store = StateStore(state_dir, create=False)
+    with store.locked(wait_s):
+        yield store, store.load()
+
+
 def _finish(store: StateStore, state: AgentState, message: str, as_json: bool) -> None:
     store.save(state)
     store.prune_packets(state)
@@ -144,9 +154,7 @@ def status(state_dir: Path, as_json: bool) -> None:
 def pin_cmd(adapter_id: str, version: int | None, state_dir: Path, wait_s: float,
             as_json: bool) -> None:
     """The agent installs no version of ADAPTER_ID above VERSION [default: the installed]."""
-    store = StateStore(state_dir, create=False)
-    with store.locked(wait_s):
-        state = store.load()
+    with _editing(state_dir, wait_s) as (store, state):
         held = pin(state, adapter_id, version)
         _finish(store, state, f"{adapter_id} pinned at v{held} or lower", as_json)
 
@@ -158,9 +166,7 @@ def pin_cmd(adapter_id: str, version: int | None, state_dir: Path, wait_s: float
 @options.as_json()
 def unpin_cmd(adapter_id: str, state_dir: Path, wait_s: float, as_json: bool) -> None:
     """The agent updates ADAPTER_ID again (to the newest version its rollout allows)."""
-    store = StateStore(state_dir, create=False)
-    with store.locked(wait_s):
-        state = store.load()
+    with _editing(state_dir, wait_s) as (store, state):
         was = state.pinned.pop(adapter_id, None)
         _finish(store, state, f"{adapter_id} unpinned" if was is not None
                 else f"{adapter_id} was not pinned", as_json)
@@ -173,9 +179,7 @@ def unpin_cmd(adapter_id: str, state_dir: Path, wait_s: float, as_json: bool) ->
 @options.as_json()
 def switch_cmd(adapter_id: str, state_dir: Path, wait_s: float, as_json: bool) -> None:
     """ADAPTER_ID (installed) serves after the agent's next start."""
-    store = StateStore(state_dir, create=False)
-    with store.locked(wait_s):
-        state = store.load()
+    with _editing(state_dir, wait_s) as (store, state):
         _installed(state, adapter_id)
         state.active = adapter_id
         _finish(store, state, f"{adapter_id} serves after the agent's next start", as_json)
@@ -188,9 +192,7 @@ def switch_cmd(adapter_id: str, state_dir: Path, wait_s: float, as_json: bool) -
 @options.as_json()
 def rollback_cmd(adapter_id: str, state_dir: Path, wait_s: float, as_json: bool) -> None:
     """ADAPTER_ID goes back to its previous version and is pinned there (until unpin)."""
-    store = StateStore(state_dir, create=False)
-    with store.locked(wait_s):
-        state = store.load()
+    with _editing(state_dir, wait_s) as (store, state):
         newer = state.adapters.get(adapter_id)
         version = rollback(store, state, adapter_id)
         _finish(store, state, f"{adapter_id} rolled back from v"
