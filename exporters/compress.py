@@ -31,6 +31,7 @@ from solar_edge.encode.allocate import (
     AllocConfig,
     allocation_for_budget,
     allocation_for_error,
+    largest_bytes,
     layer_options,
 )
 from solar_edge.encode.extras import ExtraRecords, extra_records
@@ -335,9 +336,8 @@ def compress_adapter(adapter_dir: str | Path, bundle: Bundle, key, options: Comp
     if held is None:
         budget = options.budget
         if budget is not None:
-            ceiling = overhead + sum(max(f.nbytes for f in opts) for opts in fits.values())
             budget = fill_budget(lambda b: budget_size(allocation_at(b).records), budget,
-                                 ceiling)
+                                 largest_bytes(fits, overhead))
         alloc, records, report = records_at(budget)
         data, meta = sign(records)
         if options.budget is not None and len(data) > options.budget:

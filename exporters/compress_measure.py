@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from solar_edge.encode.allocate import Allocation
+from solar_edge.encode.allocate import Allocation, largest_bytes
 from solar_edge.encode.extras import extra_records
 from solar_edge.errors import CalibrationError
 from solar_edge.format.bundle import Bundle
@@ -98,7 +98,7 @@ def smallest_within(prep: Any, bundle: Bundle, options: Any, eval_set: Any,
         return candidate(built[budget][1])
 
     smallest = min((f.nbytes for opts in fits.values() for f in opts if f.kind), default=0)
-    largest = overhead + sum(max(f.nbytes for f in opts) for opts in fits.values())
+    largest = largest_bytes(fits, overhead)
     lo = max(overhead + smallest, min(largest, 2 * overhead))
     assert options.max_drop is not None
     chosen, curve = search(build, meter.measure, reference, options.max_drop, lo, largest,

@@ -191,12 +191,17 @@ def allocation_for_budget(options: Mapping[int, Sequence[LayerFit]], budget_byte
     return _allocation(options, min(candidates, key=objective), overhead_bytes)
 
 
+def largest_bytes(options: Mapping[int, Sequence[LayerFit]], overhead_bytes: int) -> int:
+    """The uncompressed size of the packet that keeps every layer's largest point."""
+    return overhead_bytes + sum(max(f.nbytes for f in opts) for opts in options.values())
+
+
 def allocation_for_error(options: Mapping[int, Sequence[LayerFit]], max_error: float,
                          overhead_bytes: int, balance: bool = False) -> Allocation:
     """Smallest budget (bisection) whose allocation has ``total_error <= max_error``."""
     if not max_error >= 0:
         raise CodecError(f"max_error must be >= 0, got {max_error}")
-    hi = overhead_bytes + sum(max(f.nbytes for f in opts) for opts in options.values())
+    hi = largest_bytes(options, overhead_bytes)
     best = allocation_for_budget(options, hi, overhead_bytes, balance)
     if best.total_error > max_error:
         raise BudgetError(f"even the largest packet ({best.total_bytes} B) has error "
