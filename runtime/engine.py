@@ -160,9 +160,7 @@ class EdgeRuntime:
                 with one_blas_thread():
                     staged = self.backend.prepare(cached.patches)
                 t3 = time.perf_counter()
-                probe = self.backend.probe(staged, self._health_feeds)
-                self._check(probe)
-                self._check_canary(staged, cached)
+                self._probe(staged, cached)
             except SolarEdgeError:
                 raise
             except Exception as exc:
@@ -325,18 +323,22 @@ class EdgeRuntime:
             patches[lid] = LayerPatch(factors, bias, scale)
         return patches
 
-    def _check_canary(self, staged: Any, cached: _Cached) -> None:
-        """The packet's signed canary digest against the staged model's outputs on the
-        bundle's canary inputs (:mod:`solar_edge.regen.canary`)."""
+    def _probe(self, staged: Any, cached: _Cached) -> None:
+        """One forward pass of the staged adapter: on the bundle's canary inputs when the
+        packet carries a canary digest (:mod:`solar_edge.regen.canary`), checked against it,
+        else on the health input; either way every output must be finite."""
         expected = cached.info.metadata.get("canary")
         if expected is None:
+            self._check(self.backend.probe(staged, self._health_feeds))
             return
         inputs = (self.bundle.bundle.manifest.get("canary") or {}).get("inputs")
         if not inputs:
             raise HealthCheckError("the packet carries a canary but the bundle has no canary "
                                    "inputs")
         feeds = self.family.feeds(inputs)
-        hidden, mask = self.family.hidden(self.backend.probe(staged, feeds), feeds)
+        raw = self.backend.probe(staged, feeds)
+        self._check(raw)
+        hidden, mask = self.family.hidden(raw, feeds)
         outputs = cached.head.logits(hidden, mask) if cached.head else embedding(hidden, mask)
         problem = canary.mismatch(outputs, expected["digest"], float(expected["tolerance"]))
         if problem:

@@ -187,6 +187,40 @@ def test_a_packet_that_does_not_do_what_it_says_never_serves(adapters, bundle_di
     assert "canary" not in decode_packet(no_canary.read_bytes()).header.metadata
 
 
+def test_a_canary_packet_costs_one_probe_whose_outputs_must_be_finite(adapters, bundle_dir,
+                                                                      tmp_path, monkeypatch):
+    """The canary's forward pass is also the health probe: one pass per apply, not two,
+    and non-finite outputs on the canary inputs fail as such (not as a digest mismatch)."""
+    from solar_edge.errors import HealthCheckError
+    from solar_edge.format.reader import decode_packet
+    from solar_edge.runtime.engine import EdgeRuntime
+
+    key_dir, out = tmp_path / "k", tmp_path / "p.slr"
+    assert _cli("keygen", "--out", str(key_dir)).exit_code == 0
+    assert _compress_cli(adapters["lora"], bundle_dir, out, "--signing-key",
+                         str(key_dir / "signing.key")).exit_code == 0
+    key = signing.load_private_key(key_dir / "signing.key")
+    rt = EdgeRuntime(str(bundle_dir), [key.public_key()])
+    real, batches = rt.backend.probe, []
+
+    def counting(staged, feeds):
+        batches.append(len(next(iter(feeds.values()))))
+        return real(staged, feeds)
+
+    monkeypatch.setattr(rt.backend, "probe", counting)
+    rt.apply(out.read_bytes())
+    assert batches == [3]  # the three canary inputs, once
+    serving = rt.infer(TEXTS)
+    packet = decode_packet(out.read_bytes(), [key.public_key()])
+    again = encode_packet(PacketHeader(packet.header.fingerprint, "lora", 2,
+                                       packet.header.metadata), packet.codec, packet.records, key)
+    monkeypatch.setattr(rt.backend, "probe", lambda staged, feeds: [
+        np.full_like(o, np.nan) for o in real(staged, feeds)])
+    with pytest.raises(HealthCheckError, match="non-finite"):
+        rt.apply(again)
+    assert rt.active.version == 1 and np.array_equal(rt.infer(TEXTS), serving)
+
+
 # --- what the board cannot serve is refused at compress -------------------------------------
 
 def _compress(adapter_dir: Path, bundle):
