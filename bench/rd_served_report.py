@@ -24,12 +24,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rd_eval import mcnemar_p
 from rd_report import save_panels, style_panel
 
 BASELINES = ("lora-int", "rank")
 GOAL = 1 / 3
 ALPHA = 0.05  # a data-free margin below 0 counts as a loss when its paired test says so
+NO_COVER = "no-cover"  # setting suffix: data-free that may leave layers out (cover=False)
 STYLE = {"reference": ("k", "*"), "lora-int": ("tab:blue", "o"), "rank": ("tab:orange", "^"),
          "data-free": ("tab:green", "s"), "calibrated": ("tab:red", "D")}
 
@@ -65,12 +67,7 @@ def summarise(points: list[dict], max_drop: float,
     cal = next((p for p in searches if p.get("cli_default")), None)  # compress's default
     other = next((p for p in searches if p is not cal), None)  # the other refit setting
     ratio = cal["bytes"] / best["bytes"] if cal and best else None
-    margins = []
-    for b in (p for p in points if p["family"] in BASELINES and "bytes" in p):
-        d = find(points, "data-free", f"budget {b['bytes']}")
-        margins.append({"baseline": b["setting"], "bytes": b["bytes"],
-                        "margin": None if d is None else 100 * (d["accuracy"] - b["accuracy"]),
-                        **(paired(right, d, b) if right and d else {})})
+    margins = data_free_margins(points, right)
     known = [m["margin"] for m in margins if m["margin"] is not None]
     below = [m for m in margins if (m["margin"] or 0) < 0 and m.get("p", 1.0) < ALPHA]
     return {"best_baseline": best and {k: best[k] for k in ("setting", "bytes", "val_accuracy",
@@ -86,7 +83,25 @@ def summarise(points: list[dict], max_drop: float,
             "data_free_ok": bool(margins) and all(m is not None and m >= -1e-9
                                                   for m in (x["margin"] for x in margins)),
             "data_free_significantly_below": (None if not right else
-                                              [m["baseline"] for m in below])}
+                                              [m["baseline"] for m in below]),
+            "data_free_margins_no_cover": data_free_margins(points, right, f" {NO_COVER}")}
+
+
+def data_free_margins(points: list[dict], right: dict[tuple[str, str], list[bool]] | None,
+                      suffix: str = "") -> list[dict[str, Any]]:
+    """Data-free (setting ``budget N`` + ``suffix``) against each plain baseline at its
+    bytes: report and validation accuracy margins in points, paired test with ``right``."""
+    out = []
+    for b in (p for p in points if p["family"] in BASELINES and "bytes" in p):
+        d = find(points, "data-free", f"budget {b['bytes']}{suffix}")
+        if d is None and suffix:
+            continue
+        out.append({"baseline": b["setting"], "bytes": b["bytes"],
+                    "margin": None if d is None else 100 * (d["accuracy"] - b["accuracy"]),
+                    "val_margin": None if d is None else
+                    100 * (d["val_accuracy"] - b["val_accuracy"]),
+                    **(paired(right, d, b) if right and d else {})})
+    return out
 
 
 def paired(right: dict[tuple[str, str], list[bool]], a: dict, b: dict) -> dict[str, Any]:
@@ -169,6 +184,7 @@ def markdown(results: dict, max_drop: float) -> str:
                       f"; never significantly below (paired, p < {ALPHA:g})")
         lines.append(f"| {name} | {_pct(t['accuracy'])} | {served} | {sizes} | {base} | {calc} "
                      f"| {ratio} | {barec} | {dfc} | {check} |")
+    lines += cover_markdown(results)
     lines += ["", "Report accuracy of every packet (agreement: report predictions equal to "
               "the lossless packet's):"]
     for name, r in sorted(results.items()):
@@ -235,3 +251,29 @@ def write(out: Path, bundle: Any, args: Any, results: dict, wall_s: float) -> No
     out.write_text(json.dumps({**meta, "adapters": results}, indent=1, default=float))
     out.with_suffix(".md").write_text(markdown(results, args.max_drop))
     plot(results, out.with_suffix(".png"))
+
+
+def cover_markdown(results: dict) -> list[str]:
+    """Data-free with and without the cover rule at the baselines' bytes: validation and
+    report margins against each baseline (mean / worst, points), and how many are
+    significantly below."""
+    rows = []
+    for name, r in sorted(results.items()):
+        s = r["summary"]
+        for label, ms in (("cover (default)", s["data_free_margins"]),
+                          (NO_COVER, s.get("data_free_margins_no_cover") or [])):
+            known = [m for m in ms if m["margin"] is not None]
+            if not known or not s.get("data_free_margins_no_cover"):
+                continue
+            val = [m["val_margin"] for m in known]
+            rep = [m["margin"] for m in known]
+            sig = sum(1 for m in known if m["margin"] < 0 and m.get("p", 1.0) < ALPHA)
+            rows.append(f"| {name} | {label} | {len(known)} | {np.mean(val):+.2f} / "
+                        f"{min(val):+.1f} | {np.mean(rep):+.2f} / {min(rep):+.1f} | {sig} |")
+    if not rows:
+        return []
+    return ["", "Data-free against each plain baseline at its bytes, with and without the "
+            "cover rule (margins in points, mean / worst; validation chooses):", "",
+            "| adapter | data-free | sizes | validation margin | report margin "
+            f"| significantly below (p < {ALPHA:g}) |", "| --- | --- | --- | --- | --- | --- |",
+            *rows]

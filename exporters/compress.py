@@ -75,6 +75,7 @@ class CompressOptions:
     eval_data: Path | None = None     # texts (+labels) the drop is measured on
     holdout: float = 0.25             # share of calibration texts held back for it
     canary: bool = True               # carry the served outputs of the bundle's canary inputs
+    cover: bool = True                # data-free: leave no updated layer out when affordable
     metric: str = "fro"
     calib: int = 64                   # calibration texts for act / fisher
     max_rank: int = 4
@@ -314,10 +315,11 @@ def compress_adapter(adapter_dir: str | Path, bundle: Bundle, key, options: Comp
 
     def allocation_at(budget: int | None) -> Allocation:
         balance = options.metric == "fro"  # data-free: every layer counts alike
+        cover = balance and options.cover
         if budget is not None:
-            return allocation_for_budget(fits, budget, overhead, balance)
+            return allocation_for_budget(fits, budget, overhead, balance, cover)
         assert options.max_error is not None
-        return allocation_for_error(fits, options.max_error, overhead, balance)
+        return allocation_for_error(fits, options.max_error, overhead, balance, cover)
 
     def records_at(budget: int | None) -> tuple[Allocation, list[LayerRecord], Any]:
         alloc = allocation_at(budget)

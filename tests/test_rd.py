@@ -11,8 +11,10 @@ import pytest
 
 from solar_edge.decode import decode_factors
 from solar_edge.encode.actaware import Whitener, quantized_fit, weighted_sq_error, whitened_factors
+from solar_edge.encode.actaware import LayerFit
 from solar_edge.encode.allocate import (
     AllocConfig,
+    allocate,
     allocation_for_budget,
     allocation_for_error,
     layer_options,
@@ -235,6 +237,26 @@ def test_the_data_free_allocation_is_never_worse_than_a_uniform_baseline(extra: 
         assert ours <= baseline * (1 + 1e-6)
     assert mean_relative_error(fair.chosen, fair.e0) == pytest.approx(
         float(np.mean(_relative_errors(updates, fair))), rel=1e-3)
+
+
+def _points(lid: int, e0: float, *kept: tuple[int, float]) -> list[LayerFit]:
+    """A layer's operating points: left out (0 B, ``e0``), then ``(bytes, err)`` records."""
+    out = [LayerFit(lid, 0, 0, None, 0, e0)]
+    out += [LayerFit(lid, 1, 4, RecordKind.DENSE_FACTORS, b, e) for b, e in kept]
+    return out
+
+
+def test_cover_leaves_no_updated_layer_out_when_the_cheapest_records_fit() -> None:
+    # layer 0 buys most per byte twice over; plain greedy spends all 200 B on it
+    options = {0: _points(0, 1.0, (100, 0.5), (200, 0.1)), 1: _points(1, 1.0, (100, 0.9)),
+               2: _points(2, 0.0, (100, 0.0))}  # an update of zero: nothing to cover
+    plain = allocate(options, 200)
+    assert plain[0].nbytes == 200 and plain[1].kind is None
+    covered = allocate(options, 200, cover=True)
+    assert (covered[0].nbytes, covered[1].nbytes, covered[2].kind) == (100, 100, None)
+    assert allocate(options, 300, cover=True)[0].nbytes == 200  # the rest still upgrades
+    # the cheapest records do not fit together: the allocation is the plain one
+    assert allocate(options, 150, cover=True) == allocate(options, 150)
 
 
 def test_the_adapters_own_factors_are_an_operating_point_above_max_rank() -> None:

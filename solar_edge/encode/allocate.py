@@ -81,12 +81,33 @@ class Allocation:
         return float(np.sqrt(sum(f.err for f in self.chosen.values()) / e0)) if e0 > 0 else 0.0
 
 
-def allocate(options: Mapping[int, Sequence[LayerFit]], avail: int) -> dict[int, LayerFit]:
-    """One point per layer with ``sum(nbytes) <= avail`` (each layer's first option costs 0)."""
+def allocate(options: Mapping[int, Sequence[LayerFit]], avail: int,
+             cover: bool = False) -> dict[int, LayerFit]:
+    """One point per layer with ``sum(nbytes) <= avail`` (each layer's first option costs 0).
+
+    ``cover``: when every layer that has an update can get its cheapest record within
+    ``avail``, no such layer is left out (the greedy starts from those records)."""
     chosen = {lid: min(opts, key=lambda f: f.nbytes) for lid, opts in options.items()}
     if any(f.nbytes for f in chosen.values()):
         raise CodecError("every layer needs a zero-byte 'left out' option")
-    return allocate_greedy(options, chosen, avail)
+    start = covering(options) if cover else {}
+    spent = sum(f.nbytes for f in start.values())
+    if not start or spent > avail:
+        return allocate_greedy(options, chosen, avail)
+    pools = {lid: [f for f in opts if f.kind is not None] if lid in start else opts
+             for lid, opts in options.items()}
+    return allocate_greedy(pools, {**chosen, **start}, avail - spent)
+
+
+def covering(options: Mapping[int, Sequence[LayerFit]]) -> dict[int, LayerFit]:
+    """Each layer's cheapest record (least error among the cheapest), for every layer whose
+    update is not zero: the smallest allocation that leaves no such layer out."""
+    out = {}
+    for lid, opts in options.items():
+        kept = [f for f in opts if f.kind is not None]
+        if kept and opts[0].err > 0:
+            out[lid] = min(kept, key=lambda f: (f.nbytes, f.err))
+    return out
 
 
 def layer_options(updates: Mapping[int, LayerUpdate], bases: Mapping[int, LayerBasis],
@@ -169,10 +190,11 @@ def uniform_baselines(options: Mapping[int, Sequence[LayerFit]], avail: int
 
 
 def allocation_for_budget(options: Mapping[int, Sequence[LayerFit]], budget_bytes: int,
-                          overhead_bytes: int, balance: bool = False) -> Allocation:
+                          overhead_bytes: int, balance: bool = False,
+                          cover: bool = False) -> Allocation:
     """One point per layer within the budget. ``balance``: the data-free objective
     (:func:`balanced`), with a fall back to the best uniform baseline when the greedy
-    allocation predicts worse than it."""
+    allocation predicts worse than it. ``cover``: see :func:`allocate`."""
     avail = budget_bytes - overhead_bytes
     smallest = min((f.nbytes for opts in options.values() for f in opts if f.kind), default=None)
     if smallest is None or avail < smallest:
@@ -180,7 +202,7 @@ def allocation_for_budget(options: Mapping[int, Sequence[LayerFit]], budget_byte
                           f"plus one smallest record ({smallest} B)")
     pools = balanced(options) if balance else options
     index = {id(f): i for opts in pools.values() for i, f in enumerate(opts)}
-    chosen_idx = {lid: index[id(f)] for lid, f in allocate(pools, avail).items()}
+    chosen_idx = {lid: index[id(f)] for lid, f in allocate(pools, avail, cover).items()}
     if not balance:
         return _allocation(options, chosen_idx, overhead_bytes)
     candidates = [chosen_idx, *uniform_baselines(options, avail)]
@@ -197,19 +219,20 @@ def largest_bytes(options: Mapping[int, Sequence[LayerFit]], overhead_bytes: int
 
 
 def allocation_for_error(options: Mapping[int, Sequence[LayerFit]], max_error: float,
-                         overhead_bytes: int, balance: bool = False) -> Allocation:
+                         overhead_bytes: int, balance: bool = False,
+                         cover: bool = False) -> Allocation:
     """Smallest budget (bisection) whose allocation has ``total_error <= max_error``."""
     if not max_error >= 0:
         raise CodecError(f"max_error must be >= 0, got {max_error}")
     hi = largest_bytes(options, overhead_bytes)
-    best = allocation_for_budget(options, hi, overhead_bytes, balance)
+    best = allocation_for_budget(options, hi, overhead_bytes, balance, cover)
     if best.total_error > max_error:
         raise BudgetError(f"even the largest packet ({best.total_bytes} B) has error "
                           f"{best.total_error:.4g} > {max_error:.4g}")
     lo = overhead_bytes + min(f.nbytes for opts in options.values() for f in opts if f.kind) - 1
     while hi - lo > 1:  # invariant: allocation at hi meets the bound, at lo it does not
         mid = (lo + hi) // 2
-        alloc = allocation_for_budget(options, mid, overhead_bytes, balance)
+        alloc = allocation_for_budget(options, mid, overhead_bytes, balance, cover)
         if alloc.total_error <= max_error:
             hi, best = mid, alloc
         else:
