@@ -41,6 +41,7 @@ from solar_edge.devices.fetcher import (
     Transport,
     TufFetcher,
     download_resumable,
+    translate_tuf_error,
 )
 from solar_edge.devices.packetinfo import ListedTarget, listed_target
 from solar_edge.devices.report import Outcome, Reporter, exit_code, status_doc
@@ -50,14 +51,10 @@ from solar_edge.errors import (
     DownloadError,
     IntegrityError,
     LimitExceededError,
-    MetadataExpiredError,
-    MetadataRollbackError,
-    MetadataSignatureError,
     PacketError,
     RepositoryError,
     RollbackError,
     RuntimeApplyError,
-    SlowRetrievalError,
     SolarEdgeError,
     StateError,
     UnknownAdapterError,
@@ -93,26 +90,6 @@ class AgentConfig:
     report_url: str | None = None    # POST status.json here after every cycle (best effort)
     report_timeout_s: float = 5.0
     metadata_deadline_s: float = 60.0  # one TUF metadata file, headers included
-
-
-_TUF_ERRORS: list[tuple[type[Exception], type[RepositoryError]]] = [
-    (tuf_exc.UnsignedMetadataError, MetadataSignatureError),
-    (tuf_exc.ExpiredMetadataError, MetadataExpiredError),
-    (tuf_exc.BadVersionNumberError, MetadataRollbackError),
-    (tuf_exc.LengthOrHashMismatchError, IntegrityError),
-]
-
-
-def _translate(exc: Exception) -> SolarEdgeError:
-    """python-tuf errors -> solar-edge's typed errors (caller raises ``from exc``)."""
-    for tuf_type, ours in _TUF_ERRORS:
-        if isinstance(exc, tuf_type):
-            return ours(str(exc))
-    if isinstance(exc, tuf_exc.SlowRetrievalError):
-        return SlowRetrievalError(str(exc))
-    if isinstance(exc, tuf_exc.DownloadError):
-        return DownloadError(str(exc))
-    return RepositoryError(f"{type(exc).__name__}: {exc}")
 
 
 class Agent:
@@ -195,7 +172,7 @@ class Agent:
         try:
             updater.refresh()
         except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as exc:
-            raise _translate(exc) from exc
+            raise translate_tuf_error(exc) from exc
         # refresh() persists targets.json only after verifying it: safe to list from.
         signed = Metadata[Targets].from_file(str(self.store.metadata / "targets.json")).signed
         by_id: dict[str, list[ListedTarget]] = {}

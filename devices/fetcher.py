@@ -28,11 +28,16 @@ from solar_edge.errors import (
     DownloadError,
     HTTPStatusError,
     IntegrityError,
+    MetadataExpiredError,
+    MetadataRollbackError,
+    MetadataSignatureError,
+    RepositoryError,
     SlowRetrievalError,
+    SolarEdgeError,
 )
 
 __all__ = ["Body", "DownloadPolicy", "HTTPStatusError", "HttpTransport", "MemoryTransport",
-           "Transport", "TufFetcher", "download_resumable"]
+           "Transport", "TufFetcher", "download_resumable", "translate_tuf_error"]
 
 CHUNK = 16 * 1024
 
@@ -283,3 +288,23 @@ def _append(body: Body, part: Path, have: int, length: int, url: str,
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as handle:
         os.fsync(handle.fileno())
+
+
+_TUF_ERRORS: list[tuple[type[Exception], type[RepositoryError]]] = [
+    (tuf_exc.UnsignedMetadataError, MetadataSignatureError),
+    (tuf_exc.ExpiredMetadataError, MetadataExpiredError),
+    (tuf_exc.BadVersionNumberError, MetadataRollbackError),
+    (tuf_exc.LengthOrHashMismatchError, IntegrityError),
+]
+
+
+def translate_tuf_error(exc: Exception) -> SolarEdgeError:
+    """python-tuf errors -> solar-edge's typed errors (caller raises ``from exc``)."""
+    for tuf_type, ours in _TUF_ERRORS:
+        if isinstance(exc, tuf_type):
+            return ours(str(exc))
+    if isinstance(exc, tuf_exc.SlowRetrievalError):
+        return SlowRetrievalError(str(exc))
+    if isinstance(exc, tuf_exc.DownloadError):
+        return DownloadError(str(exc))
+    return RepositoryError(f"{type(exc).__name__}: {exc}")

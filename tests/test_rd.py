@@ -10,8 +10,13 @@ import numpy as np
 import pytest
 
 from solar_edge.decode import decode_factors
-from solar_edge.encode.actaware import Whitener, quantized_fit, weighted_sq_error, whitened_factors
-from solar_edge.encode.actaware import LayerFit
+from solar_edge.encode.actaware import (
+    LayerFit,
+    Whitener,
+    quantized_fit,
+    weighted_sq_error,
+    whitened_factors,
+)
 from solar_edge.encode.allocate import (
     AllocConfig,
     allocate,

@@ -10,8 +10,13 @@ import pytest
 
 from solar_edge.errors import ProfileError
 from solar_edge.profiles.device import load_profile
-from solar_edge.runtime.backends.onnxruntime import default_mechanism
-from solar_edge.runtime.backends.providers import CPU, CUDA, TENSORRT, select_providers
+from solar_edge.runtime.backends.providers import (
+    CPU,
+    CUDA,
+    TENSORRT,
+    default_mechanism,
+    select_providers,
+)
 
 JETSON_BUILD = [TENSORRT, CUDA, CPU]
 

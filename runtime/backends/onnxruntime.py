@@ -30,7 +30,7 @@ import numpy as np
 import onnxruntime as ort
 
 from solar_edge.errors import ProfileError, RuntimeApplyError
-from solar_edge.runtime.backends.providers import select_providers, uses_device_memory
+from solar_edge.runtime.backends.providers import default_mechanism, select_providers
 from solar_edge.runtime.bundle_parts import BundleParts
 from solar_edge.runtime.patching import (
     LayerPatch,
@@ -351,25 +351,6 @@ _CLASSES: dict[str, type[OrtMechanism]] = {
     for c in (InitializerMechanism, IOBindingMechanism, LoraMechanism, LoraNativeMechanism,
               RecreateMechanism)
 }
-
-
-# Measured defaults (docs/runtime.md, bench/runtime.py): the unmerged LoRA slots served
-# MiniLM within 2-13% of the baked graph (in-place merged weights: 15-26%, no prepacking),
-# switch in 0.1 ms and patch with the least memory; they also work on GPU providers, where
-# ORT copies initializers to device memory and in-place patching cannot link. Without the
-# lora graph variant: in-place initializers on CPU, session re-creation on accelerators.
-PREFERRED = "lora"
-
-
-def default_mechanism(profile: Mapping[str, Any], providers: Sequence[str],
-                      variants: frozenset[str] = frozenset({"lora"})) -> str:
-    if profile.get("patching"):
-        return str(profile["patching"])
-    if "lora-plain" in variants and not uses_device_memory(providers):
-        return "lora-native"
-    if "lora" in variants:
-        return PREFERRED
-    return "recreate" if uses_device_memory(providers) else "initializer"
 
 
 def open_backend(parts: BundleParts, mechanism: str | None, threads: int = 0) -> OrtMechanism:

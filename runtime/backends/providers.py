@@ -1,4 +1,5 @@
-"""Execution-provider choice per device profile (onnxruntime), apart from session code.
+"""Execution-provider and patching-mechanism choice per device profile (onnxruntime), apart
+from session code.
 
 A device profile (``solar_edge/profiles/devices/*.toml``) lists ``execution_providers`` in order of
 preference, e.g. TensorRT, CUDA, CPU on a Jetson. The runtime keeps those this onnxruntime
@@ -46,3 +47,24 @@ def select_providers(
 def uses_device_memory(providers: Sequence[str]) -> bool:
     """True when the first provider keeps weights in accelerator memory (no CPU aliasing)."""
     return bool(providers) and providers[0] != CPU
+
+
+# Measured defaults (docs/runtime.md, bench/runtime.py): the unmerged LoRA slots served
+# MiniLM within 2-13% of the baked graph (in-place merged weights: 15-26%, no prepacking),
+# switch in 0.1 ms and patch with the least memory; they also work on GPU providers, where
+# ORT copies initializers to device memory and in-place patching cannot link. Without the
+# lora graph variant: in-place initializers on CPU, session re-creation on accelerators.
+PREFERRED = "lora"
+
+
+def default_mechanism(profile: Mapping[str, Any], providers: Sequence[str],
+                      variants: frozenset[str] = frozenset({"lora"})) -> str:
+    """The profile's ``patching``, else the measured default for these providers and the
+    bundle's graph variants."""
+    if profile.get("patching"):
+        return str(profile["patching"])
+    if "lora-plain" in variants and not uses_device_memory(providers):
+        return "lora-native"
+    if "lora" in variants:
+        return PREFERRED
+    return "recreate" if uses_device_memory(providers) else "initializer"
