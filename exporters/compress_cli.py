@@ -6,8 +6,9 @@ compress pipeline (:mod:`solar_edge.exporters.compress`). Distortion is measured
 quantised values the device decodes:
 
 * ``--metric fro`` (data-free): ``|dW - dW_hat|_F^2``, each layer's divided by its own
-  (what leaving the layer out costs) so that every layer counts alike, and never worse than
-  the best uniform baseline (:func:`solar_edge.encode.allocate.balanced`);
+  (what leaving the layer out costs) so that every layer counts alike, no layer with an
+  update left out where every layer's cheapest record fits, and never worse than the best
+  uniform baseline (:func:`solar_edge.encode.allocate.balanced`, ``allocate(cover=True)``);
 * ``--metric act``: activation-weighted ``tr(E G E^T)`` with ``G`` the base model's
   per-layer input Gram on ``--calib`` calibration texts;
 * ``--metric fisher``: ``tr(Gamma E G E^T)`` (K-FAC loss estimate at the adapted model;
