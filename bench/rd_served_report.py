@@ -260,6 +260,8 @@ def cover_markdown(results: dict) -> list[str]:
     rows = []
     for name, r in sorted(results.items()):
         s = r["summary"]
+        if not s:  # a head-only reference
+            continue
         for label, ms in (("cover (default)", s["data_free_margins"]),
                           (NO_COVER, s.get("data_free_margins_no_cover") or [])):
             known = [m for m in ms if m["margin"] is not None]
