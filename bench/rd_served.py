@@ -24,7 +24,8 @@ Families (``family`` in the JSON):
   rank-k re-truncation (k = 1, 2, 4 and the adapter's rank) with int4 / int8 factors;
 * ``data-free``: ``compress_adapter(CompressOptions(budget=B))`` at every baseline's bytes and
   on a doubling ladder, and ``max-drop`` (``max_drop``, ``eval_data`` = validation); at the
-  baselines' bytes also ``no-cover`` (``cover=False``: the allocation may leave layers out);
+  baselines' bytes also ``no-cover`` (``cover=False``: the allocation may leave layers out)
+  and, with ``--quant-weights``, ``qG`` (``quant_weight=G``: quantisation error weighed G);
 * ``calibrated``: ``max_drop`` with ``calib_data`` and ``eval_data``, and the command line's
   defaults for calibration data (``compress_cli._defaults``: metric fisher, refit 120 steps);
   ``--curve`` adds it at fixed budgets (1/6, 1/3, 2/3 of the best baseline's bytes);
@@ -306,6 +307,9 @@ class ServedBench:
         for budget in sizes:  # the allocation that may leave layers out, for comparison
             self.compress("data-free", f"budget {budget} {report.NO_COVER}",
                           CompressOptions(budget=budget, cover=False))
+            for g in getattr(self.args, "quant_weights", None) or ():
+                self.compress("data-free", f"budget {budget} {report.quant_suffix(g)}",
+                              CompressOptions(budget=budget, quant_weight=g))
         self.compress("data-free", f"max-drop {self.args.max_drop:g}", CompressOptions(
             max_drop=self.args.max_drop, eval_data=self.splits.val_file))
 

@@ -21,6 +21,7 @@ Per adapter (:func:`summarise`), with ``D`` = ``--max-drop`` points (default 0.5
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,21 @@ def summarise(points: list[dict], max_drop: float,
                                                   for m in (x["margin"] for x in margins)),
             "data_free_significantly_below": (None if not right else
                                               [m["baseline"] for m in below]),
-            "data_free_margins_no_cover": data_free_margins(points, right, f" {NO_COVER}")}
+            "data_free_variants": {v: data_free_margins(points, right, f" {v}")
+                                   for v in variant_suffixes(points)}}
+
+
+def quant_suffix(weight: float) -> str:
+    """Setting suffix of a data-free point at ``quant_weight=weight``."""
+    return f"q{weight:g}"
+
+
+def variant_suffixes(points: list[dict]) -> list[str]:
+    """The data-free variants measured at the baselines' bytes: ``no-cover``, ``qG``."""
+    found = {p["setting"].split(" ", 2)[2] for p in points
+             if p["family"] == "data-free" and p["setting"].startswith("budget ")
+             and len(p["setting"].split(" ")) == 3}
+    return sorted(v for v in found if v == NO_COVER or re.fullmatch(r"q[0-9.]+", v))
 
 
 def data_free_margins(points: list[dict], right: dict[tuple[str, str], list[bool]] | None,
@@ -184,7 +199,7 @@ def markdown(results: dict, max_drop: float) -> str:
                       f"; never significantly below (paired, p < {ALPHA:g})")
         lines.append(f"| {name} | {_pct(t['accuracy'])} | {served} | {sizes} | {base} | {calc} "
                      f"| {ratio} | {barec} | {dfc} | {check} |")
-    lines += cover_markdown(results)
+    lines += variants_markdown(results)
     lines += ["", "Report accuracy of every packet (agreement: report predictions equal to "
               "the lossless packet's):"]
     for name, r in sorted(results.items()):
@@ -253,19 +268,19 @@ def write(out: Path, bundle: Any, args: Any, results: dict, wall_s: float) -> No
     plot(results, out.with_suffix(".png"))
 
 
-def cover_markdown(results: dict) -> list[str]:
-    """Data-free with and without the cover rule at the baselines' bytes: validation and
-    report margins against each baseline (mean / worst, points), and how many are
-    significantly below."""
+def variants_markdown(results: dict) -> list[str]:
+    """The data-free default and its variants (``no-cover``, ``qG``) at the baselines' bytes:
+    validation and report margins against each baseline (mean / worst, points), and how many
+    are significantly below."""
     rows = []
     for name, r in sorted(results.items()):
         s = r["summary"]
-        if not s:  # a head-only reference
+        if not s or not s.get("data_free_variants"):  # a head-only reference, or no variants
             continue
-        for label, ms in (("cover (default)", s["data_free_margins"]),
-                          (NO_COVER, s.get("data_free_margins_no_cover") or [])):
+        for label, ms in (("default", s["data_free_margins"]),
+                          *s["data_free_variants"].items()):
             known = [m for m in ms if m["margin"] is not None]
-            if not known or not s.get("data_free_margins_no_cover"):
+            if not known:
                 continue
             val = [m["val_margin"] for m in known]
             rep = [m["margin"] for m in known]
@@ -274,8 +289,9 @@ def cover_markdown(results: dict) -> list[str]:
                         f"{min(val):+.1f} | {np.mean(rep):+.2f} / {min(rep):+.1f} | {sig} |")
     if not rows:
         return []
-    return ["", "Data-free against each plain baseline at its bytes, with and without the "
-            "cover rule (margins in points, mean / worst; validation chooses):", "",
+    return ["", "Data-free against each plain baseline at its bytes, the default and its "
+            f"variants ({NO_COVER}: without the cover rule; qG: quantisation error weighed G; "
+            "margins in points, mean / worst; validation chooses):", "",
             "| adapter | data-free | sizes | validation margin | report margin "
             f"| significantly below (p < {ALPHA:g}) |", "| --- | --- | --- | --- | --- | --- |",
             *rows]

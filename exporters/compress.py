@@ -76,6 +76,7 @@ class CompressOptions:
     holdout: float = 0.25             # share of calibration texts held back for it
     canary: bool = True               # carry the served outputs of the bundle's canary inputs
     cover: bool = True                # data-free: leave no updated layer out when affordable
+    quant_weight: float = 1.0         # weight of quantisation against truncation error
     metric: str = "fro"
     calib: int = 64                   # calibration texts for act / fisher
     max_rank: int = 4
@@ -310,7 +311,8 @@ def compress_adapter(adapter_dir: str | Path, bundle: Bundle, key, options: Comp
     grams, out_grams = _statistics(cal, bundle, updates, options) if cal else ({}, None)
     overhead = fixed_overhead_bytes(adapter_id, budgeted) + prep.extras.nbytes
     fits = layer_options(updates, bases, grams,
-                         AllocConfig(max_rank=options.max_rank, overhead_bytes=overhead),
+                         AllocConfig(max_rank=options.max_rank, overhead_bytes=overhead,
+                                     quant_weight=options.quant_weight),
                          out_grams)
 
     def allocation_at(budget: int | None) -> Allocation:

@@ -6,6 +6,8 @@ checked against the real packet writer and every error against a dense recomputa
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -27,7 +29,7 @@ from solar_edge.encode.allocate import (
     uniform_baselines,
 )
 from solar_edge.encode.quant import mse_quantize, quantize
-from solar_edge.errors import BudgetError
+from solar_edge.errors import BudgetError, CodecError
 from solar_edge.format import signing
 from solar_edge.format.bundle import LayerBasis
 from solar_edge.format.layout import fixed_overhead_bytes
@@ -262,6 +264,26 @@ def test_cover_leaves_no_updated_layer_out_when_the_cheapest_records_fit() -> No
     assert allocate(options, 300, cover=True)[0].nbytes == 200  # the rest still upgrades
     # the cheapest records do not fit together: the allocation is the plain one
     assert allocate(options, 150, cover=True) == allocate(options, 150)
+
+
+def test_quant_weight_discounts_only_what_quantisation_adds() -> None:
+    """Data-free: a rank-k point's distortion is the SVD tail beyond k (computed here from
+    the dense update) plus ``quant_weight`` times the rest; the records do not change."""
+    updates, bases, _ = _layers(7)
+    cfg = AllocConfig(max_rank=3, overhead_bytes=OVERHEAD, use_basis=False,
+                      formats=(ValueFormat.INT2, ValueFormat.INT8))
+    full = layer_options(updates, bases, {}, cfg)
+    half = layer_options(updates, bases, {}, replace(cfg, quant_weight=0.5))
+    for lid, upd in updates.items():
+        s = np.linalg.svd(np.asarray(upd.B) @ np.asarray(upd.A), compute_uv=False)
+        for f, g in zip(full[lid][1:], half[lid][1:], strict=True):
+            tail = float((s[f.rank:] ** 2).sum())
+            assert f.err >= tail * (1 - 1e-9)  # quantisation only adds
+            assert g.err == pytest.approx(tail + 0.5 * (f.err - tail), rel=1e-6, abs=1e-12)
+            assert (g.rank, g.bits, g.nbytes) == (f.rank, f.bits, f.nbytes)
+        assert half[lid][0].err == full[lid][0].err  # leaving a layer out: all truncation
+    with pytest.raises(CodecError, match="quant_weight"):
+        AllocConfig(quant_weight=0.0)
 
 
 def test_the_adapters_own_factors_are_an_operating_point_above_max_rank() -> None:

@@ -183,3 +183,13 @@ def test_a_data_free_loss_counts_only_when_its_paired_test_says_so(monkeypatch):
     assert s["data_free_significantly_below"] == ["r8-int4"]
     assert not s["data_free_ok"]
     assert report.summarise(points, 0.5)["data_free_significantly_below"] is None
+    # variants at a baseline's bytes get their own margins; other suffixes are not variants
+    extra = [point("data-free", "budget 1000 q0.5", 950, ref),
+             point("data-free", "budget 2000 no-cover", 1900, [False] * 20 + ref[20:]),
+             point("data-free", "budget 1000 rmax2", 990, ref)]
+    rows += extra
+    right = {(p["family"], p["setting"]): r for p, r in rows}
+    variants = report.summarise([p for p, _ in rows], 0.5, right)["data_free_variants"]
+    assert sorted(variants) == ["no-cover", "q0.5"]
+    assert [(m["baseline"], m["margin"]) for m in variants["q0.5"]] == [("r4-int4", 0.0)]
+    assert variants["no-cover"][0]["only_baseline"] == 20

@@ -24,7 +24,7 @@ only); :func:`fit_layer` tries both and the allocator keeps whichever measures b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -180,13 +180,24 @@ def own_factor_fit(upd: LayerUpdate, lid: int, w: Whitener, fmt: ValueFormat, gr
                     err, record)
 
 
+def discounted(fit: LayerFit, truncation: float, quant_weight: float) -> LayerFit:
+    """``fit`` with its distortion split into what rank truncation leaves (``truncation``)
+    and what quantisation adds, the latter weighed by ``quant_weight`` (1: unchanged)."""
+    if quant_weight == 1.0:
+        return fit
+    return replace(fit, err=truncation + quant_weight * max(fit.err - truncation, 0.0))
+
+
 def fit_layer(upd: LayerUpdate, lid: int, w: Whitener, *, max_rank: int,
               formats: tuple[ValueFormat, ...], group: int,
-              basis: LayerBasis | None, left: Whitener | None = None) -> list[LayerFit]:
+              basis: LayerBasis | None, left: Whitener | None = None,
+              quant_weight: float = 1.0) -> list[LayerFit]:
     """Every operating point of one layer: 'left out', then rank x bits x representation,
     then the adapter's own factors at each width when its rank is above ``max_rank``.
 
-    The representation is chosen per point by measured distortion (ties: plain factors)."""
+    The representation is chosen per point by measured distortion (ties: plain factors).
+    ``quant_weight`` weighs the quantisation part of each point's distortion
+    (:func:`discounted`)."""
     e0 = update_energy(upd, w.gram, left)
     fits = [LayerFit(lid, 0, 0, None, 0, e0)]
     rank_cap = min(max_rank, upd.B.shape[1], upd.B.shape[0], upd.A.shape[1])
@@ -195,12 +206,19 @@ def fit_layer(upd: LayerUpdate, lid: int, w: Whitener, *, max_rank: int,
         kinds.append(RecordKind.FACTORED_CORE)
     start = whitened_factors(np.asarray(upd.B, np.float64), np.asarray(upd.A, np.float64), w,
                              rank_cap, left) if rank_cap else None
+    B, A = np.asarray(upd.B, np.float64), np.asarray(upd.A, np.float64)
+    gam = None if left is None else left.gram
     for k in range(1, rank_cap + 1):
+        assert start is not None
+        trunc = weighted_sq_error(B, A, start[0][:, :k], start[1][:, :k], w.gram, gam) \
+            if quant_weight != 1.0 else 0.0
         for fmt in formats:
             cands = [quantized_fit(upd, lid, w, k, fmt, group, kind, basis, start, left)
                      for kind in kinds]
-            fits.append(min(cands, key=lambda f: (f.err, f.nbytes, f.kind)))
+            fits.append(discounted(min(cands, key=lambda f: (f.err, f.nbytes, f.kind)),
+                                   trunc, quant_weight))
     r = upd.B.shape[1]
     if max_rank < r <= min(upd.B.shape[0], upd.A.shape[1]):
-        fits += [own_factor_fit(upd, lid, w, fmt, group, left) for fmt in formats]
+        fits += [discounted(own_factor_fit(upd, lid, w, fmt, group, left), 0.0, quant_weight)
+                 for fmt in formats]
     return fits

@@ -41,6 +41,7 @@ class AllocConfig:
     group_size: int = 64
     use_basis: bool = True            # also try W0's singular-basis coordinates per layer
     overhead_bytes: int = DEFAULT_PACKET_OVERHEAD
+    quant_weight: float = 1.0         # weight of quantisation error against truncation error
 
     def __post_init__(self) -> None:
         if self.max_rank < 1:
@@ -49,6 +50,8 @@ class AllocConfig:
             raise CodecError("formats must be integer value formats")
         if not 1 <= self.group_size <= 0xFFFF:
             raise CodecError(f"group_size must be in 1..65535, got {self.group_size}")
+        if not 0 < self.quant_weight <= 1:
+            raise CodecError(f"quant_weight must be in (0, 1], got {self.quant_weight}")
 
 
 @dataclass
@@ -137,7 +140,8 @@ def _layer_options(updates: Mapping[int, LayerUpdate], bases: Mapping[int, Layer
         if lid in out_grams:
             left = Whitener.from_gram(out_grams[lid], int(np.asarray(upd.B).shape[0]), 1e-3)
         options[lid] = fit_layer(upd, lid, w, max_rank=config.max_rank, formats=config.formats,
-                                 group=config.group_size, basis=basis, left=left)
+                                 group=config.group_size, basis=basis, left=left,
+                                 quant_weight=config.quant_weight)
     return options
 
 
