@@ -204,9 +204,8 @@ def fit_layer(upd: LayerUpdate, lid: int, w: Whitener, *, max_rank: int,
     kinds = [RecordKind.DENSE_FACTORS]
     if basis is not None:
         kinds.append(RecordKind.FACTORED_CORE)
-    start = whitened_factors(np.asarray(upd.B, np.float64), np.asarray(upd.A, np.float64), w,
-                             rank_cap, left) if rank_cap else None
     B, A = np.asarray(upd.B, np.float64), np.asarray(upd.A, np.float64)
+    start = whitened_factors(B, A, w, rank_cap, left) if rank_cap else None
     gam = None if left is None else left.gram
     for k in range(1, rank_cap + 1):
         assert start is not None
