@@ -126,22 +126,27 @@ def _slot_inputs(rt: Any) -> set[str]:
 
 
 @pytest.mark.parametrize("mechanism", ["lora", "lora-native"])
-def test_lora_serves_plain_packets_on_the_plain_graph_and_dora_on_the_full_one(
+def test_lora_serves_plain_packets_on_the_plain_graph_until_dora_needs_the_full_one(
         decoder: dict, tmp_path: Path, mechanism: str) -> None:
+    """Plain packets run on the plain graph; once a DoRA packet needs the scale and bias
+    slots, every adapter runs on the full graph and one session is held, not two."""
     if decoder["kind"] != "llama":
         pytest.skip("DoRA on the LLaMA decoder only")
     dora = _dora_adapter(decoder["model"], tmp_path / "dora")
     rt = _runtime(decoder, mechanism)
     assert _slot_inputs(rt) == {"lora_A", "lora_B"}  # base model: the plain graph
     plain_id = next(iter(decoder["packets"]))
-    rt.stage(decoder["packets"][plain_id])
-    rt.stage(lossless_packet(dora, decoder["bundle"], decoder["key"], "dora"))
+    rt.apply(decoder["packets"][plain_id])
+    assert _slot_inputs(rt) == {"lora_A", "lora_B"}
     ids = rt.family.encode(PROMPTS[0])
-    for aid, path in (("dora", dora), (plain_id, decoder["adapters"][plain_id]),
-                      ("dora", dora)):
+    plain_path = decoder["adapters"][plain_id]
+    assert rt.generate(PROMPTS[0], NEW_TOKENS).ids == torch_greedy(
+        decoder["model"], plain_path, ids, NEW_TOKENS)
+    rt.stage(lossless_packet(dora, decoder["bundle"], decoder["key"], "dora"))
+    for aid, path in (("dora", dora), (plain_id, plain_path), (None, None)):
         rt.activate(aid)
-        assert _slot_inputs(rt) == ({"lora_A", "lora_B", "lora_scale"} | {"lora_bias"}
-                                    if aid == "dora" else {"lora_A", "lora_B"})
+        assert _slot_inputs(rt) == {"lora_A", "lora_B", "lora_scale", "lora_bias"}, aid
+        assert len(rt.backend._sessions) == 1
         got = rt.generate(PROMPTS[0], NEW_TOKENS).ids
         assert got == torch_greedy(decoder["model"], path, ids, NEW_TOKENS), aid
     # the row scale matters (so serving DoRA on the plain graph would be caught above)

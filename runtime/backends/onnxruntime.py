@@ -246,7 +246,9 @@ class IOBindingMechanism(OrtMechanism):
 
 class LoraMechanism(OrtMechanism):
     """The low-rank update served unmerged through the graph's slots, as plain feeds; on the
-    ``plain_path`` graph (no scale/bias slots) where given, unless a packet needs them."""
+    ``plain_path`` graph (no scale/bias slots) where given, until a packet needs those slots.
+    From then on every adapter is served by the full graph and the plain session is let go:
+    each session holds its own copy of the model's weights, and a board has room for one."""
 
     name = "lora"
 
@@ -260,11 +262,15 @@ class LoraMechanism(OrtMechanism):
         return self._session(self.plain_path)
 
     def _session(self, path: str | None) -> ort.InferenceSession:
-        """The session of graph ``path`` (None: the full one), opened on first use."""
+        """The session of graph ``path`` (None: the full one), opened on first use; opening
+        the full one forgets the plain one (it lives on only while it still serves)."""
         if path not in self._sessions:
             so = session_options(threads=self.threads)
-            self._sessions[path] = ort.InferenceSession(path or self.model_path, so,
-                                                        providers=self.providers)
+            session = ort.InferenceSession(path or self.model_path, so,
+                                           providers=self.providers)
+            if path is None:
+                self._sessions.clear()
+            self._sessions[path] = session
         return self._sessions[path]
 
     def _feeds(self, patches: Patches) -> dict[str, np.ndarray]:
@@ -272,7 +278,8 @@ class LoraMechanism(OrtMechanism):
                 for name, value in lora_feeds(self.slots[lid].init_name, patch).items()}
 
     def _session_for(self, patches: Patches) -> ort.InferenceSession:
-        plain = all(p.scale is None and p.bias is None for p in patches.values())
+        plain = None not in self._sessions and all(
+            p.scale is None and p.bias is None for p in patches.values())
         return self._session(self.plain_path if plain else None)
 
     def prepare(self, patches: Patches) -> Any:  # (session, slot feeds)
