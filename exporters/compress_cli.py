@@ -7,8 +7,10 @@ quantised values the device decodes:
 
 * ``--metric fro`` (data-free): ``|dW - dW_hat|_F^2``, each layer's divided by its own
   (what leaving the layer out costs) so that every layer counts alike, no layer with an
-  update left out where every layer's cheapest record fits, and never worse than the best
-  uniform baseline (:func:`solar_edge.encode.allocate.balanced`, ``allocate(cover=True)``);
+  update left out where every layer's cheapest record fits, what quantisation adds beyond
+  rank truncation weighed at one half (``DATA_FREE_QUANT_WEIGHT``: more rank at fewer bits),
+  and never worse than the best uniform baseline's predicted error
+  (:func:`solar_edge.encode.allocate.balanced`, ``allocate(cover=True)``);
 * ``--metric act``: activation-weighted ``tr(E G E^T)`` with ``G`` the base model's
   per-layer input Gram on ``--calib`` calibration texts;
 * ``--metric fisher``: ``tr(Gamma E G E^T)`` (K-FAC loss estimate at the adapted model;

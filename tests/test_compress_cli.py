@@ -127,6 +127,20 @@ def test_compress_options_refuse_inconsistent_settings(kwargs: dict) -> None:
         CompressOptions(**kwargs)
 
 
+def test_quantisation_error_is_weighed_at_one_half_only_without_data() -> None:
+    """Data-free fits (metric fro) weigh what quantisation adds at one half by default; the
+    calibrated metrics keep it at full weight; an explicit weight wins either way."""
+    from solar_edge.exporters.compress import DATA_FREE_QUANT_WEIGHT, CompressOptions
+
+    assert DATA_FREE_QUANT_WEIGHT == 0.5
+    assert CompressOptions(budget=10).effective_quant_weight == 0.5
+    assert CompressOptions(budget=10, metric="fisher").effective_quant_weight == 1.0
+    assert CompressOptions(budget=10, metric="act").effective_quant_weight == 1.0
+    assert CompressOptions(budget=10, quant_weight=1.0).effective_quant_weight == 1.0
+    assert CompressOptions(budget=10, metric="fisher",
+                           quant_weight=0.25).effective_quant_weight == 0.25
+
+
 def test_refit_without_a_task_name_is_a_calibration_error(minilm_bundle: Path,
                                                           lora_adapter_dir: Path,
                                                           tmp_path: Path) -> None:
