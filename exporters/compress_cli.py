@@ -127,11 +127,13 @@ def _print(info: dict[str, Any], metric: str, refit_steps: int, device: str | No
         click.echo(f"--max-drop {sr['max_drop']:g}: measured on {sr['measured_on']}"
                    + (f" (uncompressed adapter {sr['reference_accuracy']:.1f}%)"
                       if sr["reference_accuracy"] is not None else ""))
-        click.echo(f"{'budget':>8} {'bytes':>8} {'agree %':>8} {'acc %':>7} {'drop':>6}")
+        click.echo(f"{'budget':>14} {'bytes':>8} {'agree %':>8} {'acc %':>7} {'drop':>6}")
         for p in sr["points"]:
             acc = "-" if p["accuracy"] is None else f"{p['accuracy']:.1f}"
-            mark = "  <- chosen" if p["budget"] == sr["chosen"] else ""
-            click.echo(f"{p['budget']:>8} {p['bytes']:>8} {p['agreement']:>8.1f} {acc:>7} "
+            mark = "  <- chosen" if (p["budget"], p["method"]) == (
+                sr["chosen"], sr["chosen_method"]) else ""
+            budget = p["budget"] if p["method"] == "codec" else p["method"]
+            click.echo(f"{budget:>14} {p['bytes']:>8} {p['agreement']:>8.1f} {acc:>7} "
                        f"{p['drop']:>6.2f}{mark}")
     extra = ""
     if "uncompressed_bytes" in info:
@@ -273,7 +275,8 @@ def compress(adapter_dir: Path, bundle_dir: Path, budget: int | None, max_error:
 
     def on_point(p: Any) -> None:
         accuracy = "" if p.accuracy is None else f", accuracy {p.accuracy:.1f}%"
-        note(f"budget {p.budget} B: packet {p.nbytes} B, agreement {p.agreement:.1f}%"
+        what = f"budget {p.budget} B" if p.method == "codec" else p.method
+        note(f"{what}: packet {p.nbytes} B, agreement {p.agreement:.1f}%"
              f"{accuracy}, drop {p.drop:.2f} pt")
 
     try:
@@ -285,9 +288,11 @@ def compress(adapter_dir: Path, bundle_dir: Path, budget: int | None, max_error:
     if plot_path is not None and result.curve is not None:
         from .target_search import CurvePoint, plot
 
-        plot([CurvePoint(**{("nbytes" if k == "bytes" else k): v for k, v in p.items()})
-              for p in result.curve["points"]], max_drop or 0.0, result.curve["chosen"],
-             str(plot_path))
+        points = [CurvePoint(**{("nbytes" if k == "bytes" else k): v for k, v in p.items()})
+                  for p in result.curve["points"]]
+        chosen = next(c for c in points if (c.budget, c.method) == (
+            result.curve["chosen"], result.curve["chosen_method"]))
+        plot(points, max_drop or 0.0, chosen, str(plot_path))
     out.write_bytes(result.data)
     if signing_key is None:
         pub = signing.save_public_key(key, out.with_name(out.name + ".pub"))

@@ -2,7 +2,8 @@
 
 * :func:`lossless_records`: the uncompressed adapter as a packet (float32 factors and
   extras), the reference accuracy targets are measured against;
-* :func:`smallest_within`: the ``--max-drop`` search (:mod:`.target_search`) over budgets;
+* :func:`smallest_within`: the ``--max-drop`` search (:mod:`.target_search`) over budgets,
+  then over the plain baselines smaller than its pick;
 * :func:`served_digest`: the canary digest a packet carries (:mod:`solar_edge.regen.canary`).
 
 ``prep`` is the pipeline's matched adapter (``exporters.compress._Prepared``).
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from solar_edge.encode.allocate import Allocation, largest_bytes
+from solar_edge.encode.allocate import Allocation, largest_bytes, uniform_allocations
 from solar_edge.encode.extras import extra_records
 from solar_edge.errors import CalibrationError
 from solar_edge.format.bundle import Bundle
@@ -81,7 +82,7 @@ def smallest_within(prep: Any, bundle: Bundle, options: Any, eval_set: Any,
                      records_at: Callable[[int | None], tuple[Allocation, list, Any]],
                      fits: dict, overhead: int, on_point: Callable[[Any], None] | None):
     """The allocation of the smallest budget whose packet keeps the drop within target."""
-    from solar_edge.exporters.target_search import BoardMeter, search
+    from solar_edge.exporters.target_search import BoardMeter, plain_within, search
 
     meter = BoardMeter(str(bundle.root), eval_set.texts, eval_set.labels)
 
@@ -104,6 +105,16 @@ def smallest_within(prep: Any, bundle: Bundle, options: Any, eval_set: Any,
     chosen, curve = search(build, meter.measure, reference, options.max_drop, lo, largest,
                            on_point)
     alloc, records, report = built[chosen]
-    return alloc, records, report, {"chosen": chosen, "max_drop": options.max_drop,
+    pick = next(c for c in curve if c.budget == chosen)
+    extras = prep.extras.records
+    plain = uniform_allocations(fits, overhead)
+    won, tried = plain_within(
+        [(name, lambda a=a: candidate(a.records + extras)) for name, a in plain],
+        meter.measure, reference, options.max_drop, pick.nbytes, on_point)
+    if won is not None:
+        alloc, records, report, pick = plain[won][1], plain[won][1].records + extras, None, \
+            tried[-1]
+    return alloc, records, report, {"chosen": pick.budget, "chosen_method": pick.method,
+                                    "max_drop": options.max_drop,
                                     "reference_accuracy": reference.accuracy,
-                                    "points": [c.row() for c in curve]}
+                                    "points": [c.row() for c in curve + tried]}

@@ -12,8 +12,12 @@ swings by several points between two samples of a few hundred texts). Without la
 reference's); without a head, ``100 * (1 - mean cosine)``.
 
 The search walks budgets up a doubling ladder from the smallest useful one until a packet
-passes, then bisects between the last failing and the first passing budget. Every point it
-measured is returned as the curve, so a user sees the trade-off it walked.
+passes, then bisects between the last failing and the first passing budget. The plain
+baselines smaller than its pick (every layer at one rank and 3, 4 or 8 bits, at most
+``MAX_PLAIN`` of them, the largest ones) are then measured too, smallest first, and the
+first that passes is the packet instead (:func:`plain_within`): the smallest packet within
+the target, whichever method makes it. Every point measured is returned as the curve, so a
+user sees the trade-off it walked.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from solar_edge.format import signing
 
 MAX_POINTS = 12
 BISECT_STEPS = 3
+MAX_PLAIN = 6
 
 
 @dataclass(frozen=True)
@@ -46,10 +51,12 @@ class CurvePoint:
     cosine: float                # mean cosine to the reference's outputs
     accuracy: float | None
     drop: float                  # points (see the module docstring)
+    method: str = "codec"        # or "plain r<k>-int<b>": a uniform baseline (no budget)
 
     def row(self) -> dict:
         return {"budget": self.budget, "bytes": self.nbytes, "agreement": self.agreement,
-                "cosine": self.cosine, "accuracy": self.accuracy, "drop": self.drop}
+                "cosine": self.cosine, "accuracy": self.accuracy, "drop": self.drop,
+                "method": self.method}
 
 
 class BoardMeter:
@@ -82,7 +89,8 @@ class BoardMeter:
         return self.count
 
 
-def compare(point: Measured, reference: Measured, budget: int, nbytes: int) -> CurvePoint:
+def compare(point: Measured, reference: Measured, budget: int, nbytes: int,
+            method: str = "codec") -> CurvePoint:
     agree = float((point.predictions == reference.predictions).mean() * 100)
     a, b = point.outputs.astype(np.float64), reference.outputs.astype(np.float64)
     cos = float(np.mean((a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1)
@@ -93,7 +101,7 @@ def compare(point: Measured, reference: Measured, budget: int, nbytes: int) -> C
         drop = 100.0 - agree
     else:  # embeddings: the drop is the lost cosine, in points
         drop = 100.0 * (1.0 - cos)
-    return CurvePoint(budget, nbytes, agree, cos, point.accuracy, drop)
+    return CurvePoint(budget, nbytes, agree, cos, point.accuracy, drop, method)
 
 
 def search(build: Callable[[int], bytes], measure: Callable[[bytes], Measured],
@@ -146,7 +154,29 @@ def search(build: Callable[[int], bytes], measure: Callable[[bytes], Measured],
     return passing, sorted(curve, key=lambda c: c.budget)
 
 
-def plot(curve: Sequence[CurvePoint], max_drop: float, chosen: int, path: str) -> None:
+def plain_within(candidates: Sequence[tuple[str, Callable[[], bytes]]],
+                 measure: Callable[[bytes], Measured], reference: Measured, max_drop: float,
+                 below: int, on_point: Callable[[CurvePoint], None] | None = None,
+                 ) -> tuple[int | None, list[CurvePoint]]:
+    """``(name, build)`` plain candidates: measures those whose packet is smaller than
+    ``below`` bytes (the ``MAX_PLAIN`` largest of them), smallest first, up to the first
+    within ``max_drop``. Returns its index in ``candidates`` (None: none passed)
+    and the points measured."""
+    built = [(i, name, build()) for i, (name, build) in enumerate(candidates)]
+    packets = sorted((c for c in built if len(c[2]) < below),
+                     key=lambda c: len(c[2]))[-MAX_PLAIN:]
+    curve = []
+    for i, name, data in packets:
+        point = compare(measure(data), reference, len(data), len(data), f"plain {name}")
+        curve.append(point)
+        if on_point is not None:
+            on_point(point)
+        if point.drop <= max_drop:
+            return i, curve
+    return None, curve
+
+
+def plot(curve: Sequence[CurvePoint], max_drop: float, chosen: CurvePoint, path: str) -> None:
     """Bytes against drop, the target line and the chosen packet (needs matplotlib)."""
     try:
         import matplotlib
@@ -156,11 +186,15 @@ def plot(curve: Sequence[CurvePoint], max_drop: float, chosen: int, path: str) -
     except ImportError as exc:
         raise CodecError("--plot needs matplotlib (pip install matplotlib)") from exc
     fig, ax = plt.subplots(figsize=(6, 4))
-    xs = [c.nbytes for c in curve]
-    ax.plot(xs, [c.drop for c in curve], "o-", label="measured drop")
+    codec = sorted((c for c in curve if c.method == "codec"), key=lambda c: c.nbytes)
+    plain = [c for c in curve if c.method != "codec"]
+    ax.plot([c.nbytes for c in codec], [c.drop for c in codec], "o-", label="codec")
+    if plain:
+        ax.plot([c.nbytes for c in plain], [c.drop for c in plain], "s", color="tab:orange",
+                label="plain baselines")
     ax.axhline(max_drop, color="grey", linestyle="--", label=f"target {max_drop:g} pt")
-    pick = next(c for c in curve if c.budget == chosen)
-    ax.plot([pick.nbytes], [pick.drop], "r*", markersize=14, label=f"chosen: {pick.nbytes} B")
+    ax.plot([chosen.nbytes], [chosen.drop], "r*", markersize=14,
+            label=f"chosen: {chosen.nbytes} B ({chosen.method})")
     ax.set_xscale("log")
     ax.set_xlabel("packet bytes")
     ax.set_ylabel("drop against the uncompressed adapter (points)")

@@ -28,6 +28,11 @@ def texts(tmp_path_factory) -> dict[str, Path]:
     return {"txt": txt, "jsonl": jsonl}
 
 
+def _chosen(search: dict) -> dict:
+    return next(p for p in search["points"]
+                if (p["budget"], p["method"]) == (search["chosen"], search["chosen_method"]))
+
+
 def _compress(*args: str):
     return CliRunner().invoke(cli, ["compress", *args])
 
@@ -42,11 +47,14 @@ def test_the_smallest_packet_within_the_target_is_chosen(minilm_bundle, lora_ada
     assert result.exit_code == 0, result.output
     info = json.loads(result.output)
     search = info["search"]
-    points = {p["budget"]: p for p in search["points"]}
-    chosen = points[search["chosen"]]
+    chosen = _chosen(search)
     assert chosen["drop"] <= 2 and chosen["accuracy"] is not None
-    assert all(p["drop"] > 2 for b, p in points.items() if b < search["chosen"])
-    assert info["bytes"] == len(out.read_bytes()) <= search["chosen"]
+    # nothing smaller passed, codec or plain baseline
+    assert all(p["drop"] > 2 for p in search["points"] if p["bytes"] < chosen["bytes"])
+    assert {p["method"] for p in search["points"]} > {"codec"}  # the baselines were measured
+    assert info["bytes"] == len(out.read_bytes())
+    if chosen["method"] == "codec":
+        assert info["bytes"] <= chosen["budget"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     loose = _compress(str(lora_adapter_dir), "--bundle", str(minilm_bundle), "--max-drop",
                       "100", "--eval-data", str(texts["jsonl"]), "--json", "--quiet",
@@ -91,3 +99,36 @@ def test_a_lost_text_is_not_paid_for_by_a_gained_one():
     point = compare(measured(pkt_pred), measured(ref_pred), 100, 90)
     assert point.accuracy == 75.0 and point.agreement == 50.0
     assert point.drop == 25.0
+
+
+def test_a_plain_baseline_smaller_than_the_codec_pick_wins_when_it_passes():
+    """Plain candidates at or above the codec's pick are not measured; the rest are, smallest
+    first (the MAX_PLAIN largest of them), up to the first within the target."""
+    import numpy as np
+
+    from solar_edge.exporters import target_search
+    from solar_edge.exporters.target_search import Measured, plain_within
+
+    labels = np.array([0, 1, 2, 0])
+    logits = np.eye(3)[labels]
+    reference = Measured(labels, logits, 100.0, np.ones(4, bool))
+
+    def measure(packet: bytes) -> Measured:  # packets of 40+ bytes keep every answer
+        pred = labels if len(packet) >= 40 else np.array([1, 1, 2, 0])
+        return Measured(pred, np.eye(3)[pred], float((pred == labels).mean() * 100),
+                        pred == labels)
+
+    sizes = [10, 20, 40, 50, 60, 90]
+    candidates = [(f"c{n}", lambda n=n: bytes(n)) for n in sizes]
+    won, tried = plain_within(candidates, measure, reference, 0.0, below=60)
+    assert won == 2 and [p.nbytes for p in tried] == [10, 20, 40]
+    assert tried[-1].method == "plain c40" and tried[-1].drop == 0.0
+    assert [p.drop for p in tried[:2]] == [25.0, 25.0]
+    won, tried = plain_within(candidates, measure, reference, 0.0, below=40)
+    assert won is None and [p.nbytes for p in tried] == [10, 20]
+    target_search.MAX_PLAIN, saved = 2, target_search.MAX_PLAIN
+    try:
+        won, tried = plain_within(candidates, measure, reference, 0.0, below=100)
+    finally:
+        target_search.MAX_PLAIN = saved
+    assert won == 4 and [p.nbytes for p in tried] == [60]  # only the two largest: 60, 90

@@ -286,6 +286,26 @@ def test_quant_weight_discounts_only_what_quantisation_adds() -> None:
         AllocConfig(quant_weight=0.0)
 
 
+def test_uniform_allocations_are_the_plain_baselines_smallest_first() -> None:
+    from solar_edge.encode.allocate import uniform_allocations
+
+    updates, bases, _ = _layers(7)
+    fits = layer_options(updates, bases, {}, AllocConfig(max_rank=2, use_basis=False))
+    named = uniform_allocations(fits, OVERHEAD)
+    assert [n for n, _ in named if n.startswith("r6-")]  # the adapter's own rank, above max
+    assert {n for n, _ in named} == {f"r{k}-int{b}" for k in (1, 2, 6) for b in (3, 4, 8)}
+    sizes = [a.total_bytes for _, a in named]
+    assert sizes == sorted(sizes)
+    for name, alloc in named:
+        rank, bits = (int(x) for x in name[1:].split("-int"))
+        assert set(alloc.chosen) == set(updates)
+        assert {(f.rank, f.bits) for f in alloc.chosen.values()} == {(rank, bits)}
+        assert len(alloc.records) == len(updates)
+    assert {n for n, _ in uniform_allocations(fits, OVERHEAD, bits=(8,))} == {"r1-int8",
+                                                                              "r2-int8",
+                                                                              "r6-int8"}
+
+
 def test_the_adapters_own_factors_are_an_operating_point_above_max_rank() -> None:
     updates, bases, _ = _layers(7)
     fits = layer_options(updates, bases, {}, AllocConfig(max_rank=2, use_basis=False))

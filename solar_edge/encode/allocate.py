@@ -17,6 +17,7 @@ measured errors. :func:`encode_adapter` runs both steps unbalanced in one call.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -191,6 +192,19 @@ def uniform_baselines(options: Mapping[int, Sequence[LayerFit]], avail: int
                                               for lid, i in pick.items()) <= avail:
             out.append(pick)
     return out
+
+
+def uniform_allocations(options: Mapping[int, Sequence[LayerFit]], overhead_bytes: int,
+                        bits: Sequence[int] = (3, 4, 8)) -> list[tuple[str, Allocation]]:
+    """The plain baselines at ``bits`` (every layer at one rank and one width, named
+    ``r<rank>-int<bits>``), smallest first: the candidates an accuracy-targeted search holds
+    its own pick against."""
+    out = []
+    for pick in uniform_baselines(options, sys.maxsize):
+        rank, width = max((options[lid][i].rank, options[lid][i].bits) for lid, i in pick.items())
+        if width in bits:
+            out.append((f"r{rank}-int{width}", _allocation(options, pick, overhead_bytes)))
+    return sorted(out, key=lambda named: named[1].total_bytes)
 
 
 def allocation_for_budget(options: Mapping[int, Sequence[LayerFit]], budget_bytes: int,
