@@ -205,8 +205,23 @@ def sign_packet(prep: _Prepared, records: list[LayerRecord], key, adapter_id: st
     if inputs:
         final["canary"] = {"digest": served_digest(bundle, records, prep.metadata, inputs),
                            "tolerance": canary.DEFAULT_TOLERANCE}
-    header = PacketHeader(bundle.fingerprint, adapter_id, version, final)
-    return encode_packet(header, CodecHeader(seed=0), records, key), final
+    return _encode(prep, records, key, adapter_id, version, final), final
+
+
+def _encode(prep: _Prepared, records: list[LayerRecord], key, adapter_id: str, version: int,
+            metadata: dict[str, Any]) -> bytes:
+    header = PacketHeader(prep.bundle.fingerprint, adapter_id, version, metadata)
+    return encode_packet(header, CodecHeader(seed=0), records, key)
+
+
+def _budgeted_metadata(prep: _Prepared, with_canary: bool) -> dict[str, Any]:
+    """The metadata a budget weighs: :func:`sign_packet`'s, its canary digest at its longest."""
+    meta = dict(prep.metadata)
+    inputs = (prep.bundle.manifest.get("canary") or {}).get("inputs") if with_canary else None
+    if inputs:
+        meta["canary"] = {"digest": canary.placeholder(len(inputs)),
+                          "tolerance": canary.DEFAULT_TOLERANCE}
+    return meta
 
 
 def _torch_side(purpose: str):
@@ -292,12 +307,7 @@ def compress_adapter(adapter_dir: str | Path, bundle: Bundle, key, options: Comp
     adapter_id = adapter_id or adapter_dir.name
     names = {lid: u.name for lid, u in updates.items()}
     extras = prep.extras.records
-    canary_inputs = (bundle.manifest.get("canary") or {}).get("inputs") if options.canary \
-        else None
-    budgeted = dict(meta)  # what the header will weigh (a canary digest at its longest)
-    if canary_inputs:
-        budgeted["canary"] = {"digest": canary.placeholder(len(canary_inputs)),
-                              "tolerance": canary.DEFAULT_TOLERANCE}
+    budgeted = _budgeted_metadata(prep, options.canary)
 
     def sign(records: list[LayerRecord]) -> tuple[bytes, dict[str, Any]]:
         return sign_packet(prep, records, key, adapter_id, version,
@@ -305,8 +315,7 @@ def compress_adapter(adapter_dir: str | Path, bundle: Bundle, key, options: Comp
 
     def budget_size(records: list[LayerRecord]) -> int:
         """Bytes of the packet ``sign`` would write, its canary digest at its longest."""
-        header = PacketHeader(bundle.fingerprint, adapter_id, version, budgeted)
-        return len(encode_packet(header, CodecHeader(seed=0), records + extras, key))
+        return len(_encode(prep, records + extras, key, adapter_id, version, budgeted))
 
     if options.exact:
         from solar_edge.encode.carry import exact_records

@@ -281,6 +281,7 @@ def test_quant_weight_discounts_only_what_quantisation_adds() -> None:
             assert f.err >= tail * (1 - 1e-9)  # quantisation only adds
             assert g.err == pytest.approx(tail + 0.5 * (f.err - tail), rel=1e-6, abs=1e-12)
             assert (g.rank, g.bits, g.nbytes) == (f.rank, f.bits, f.nbytes)
+            assert g.distortion == f.err  # what is reported stays the measured error
         assert half[lid][0].err == full[lid][0].err  # leaving a layer out: all truncation
     with pytest.raises(CodecError, match="quant_weight"):
         AllocConfig(quant_weight=0.0)

@@ -102,7 +102,9 @@ def whitened_factors(B: np.ndarray, A: np.ndarray, w: Whitener, k: int,
 
 @dataclass(frozen=True)
 class LayerFit:
-    """One operating point of one layer: the record and its measured distortion."""
+    """One operating point of one layer: the record and its distortion. ``err`` is what the
+    allocation weighs; ``full_err``, where set, the measured distortion when ``err`` weighs
+    its quantisation part less (:func:`discounted`)."""
 
     layer_id: int
     rank: int
@@ -111,6 +113,12 @@ class LayerFit:
     nbytes: int
     err: float               # tr(E G E^T) after quantisation
     record: LayerRecord | None = None
+    full_err: float | None = None
+
+    @property
+    def distortion(self) -> float:
+        """The measured distortion, whatever the allocation weighs."""
+        return self.err if self.full_err is None else self.full_err
 
 
 def _q(values: np.ndarray, fmt: ValueFormat, group: int) -> np.ndarray:
@@ -185,7 +193,8 @@ def discounted(fit: LayerFit, truncation: float, quant_weight: float) -> LayerFi
     and what quantisation adds, the latter weighed by ``quant_weight`` (1: unchanged)."""
     if quant_weight == 1.0:
         return fit
-    return replace(fit, err=truncation + quant_weight * max(fit.err - truncation, 0.0))
+    return replace(fit, err=truncation + quant_weight * max(fit.err - truncation, 0.0),
+                   full_err=fit.err)
 
 
 def fit_layer(upd: LayerUpdate, lid: int, w: Whitener, *, max_rank: int,

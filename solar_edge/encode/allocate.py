@@ -60,7 +60,7 @@ class Allocation:
     """Chosen point per layer; ``err``/``e0`` are distortions in the allocation metric."""
 
     chosen: dict[int, LayerFit]
-    e0: dict[int, float]
+    e0: dict[int, float]         # each layer's distortion left out (its whole update)
     overhead_bytes: int
     records: list[LayerRecord] = field(default_factory=list)
 
@@ -76,13 +76,14 @@ class Allocation:
     def layer_error(self, lid: int) -> float:
         """Relative error of one layer: ``sqrt(err / e0)``."""
         e0 = self.e0[lid]
-        return float(np.sqrt(self.chosen[lid].err / e0)) if e0 > 0 else 0.0
+        return float(np.sqrt(self.chosen[lid].distortion / e0)) if e0 > 0 else 0.0
 
     @property
     def total_error(self) -> float:
         """``sqrt(sum err / sum e0)`` over layers: the adapter's relative error."""
         e0 = sum(self.e0.values())
-        return float(np.sqrt(sum(f.err for f in self.chosen.values()) / e0)) if e0 > 0 else 0.0
+        return float(np.sqrt(sum(f.distortion for f in self.chosen.values()) / e0)) \
+            if e0 > 0 else 0.0
 
 
 def allocate(options: Mapping[int, Sequence[LayerFit]], avail: int,
@@ -166,7 +167,7 @@ def mean_relative_error(chosen: Mapping[int, LayerFit], e0: Mapping[int, float])
 def _allocation(options: Mapping[int, Sequence[LayerFit]], chosen_idx: Mapping[int, int],
                 overhead_bytes: int) -> Allocation:
     chosen = {lid: options[lid][i] for lid, i in chosen_idx.items()}
-    e0 = {lid: opts[0].err for lid, opts in options.items()}
+    e0 = {lid: opts[0].distortion for lid, opts in options.items()}
     records = [f.record for _, f in sorted(chosen.items()) if f.record is not None]
     return Allocation(chosen, e0, overhead_bytes, records)
 
