@@ -162,11 +162,12 @@ def plain_within(candidates: Sequence[tuple[str, Callable[[], bytes]]],
     ``below`` bytes (the ``MAX_PLAIN`` largest of them), smallest first, up to the first
     within ``max_drop``. Returns its index in ``candidates`` (None: none passed)
     and the points measured."""
-    built = [(i, name, build()) for i, (name, build) in enumerate(candidates)]
-    packets = sorted((c for c in built if len(c[2]) < below),
-                     key=lambda c: len(c[2]))[-MAX_PLAIN:]
+    sizes = [len(build()) for _, build in candidates]
+    order = sorted((i for i, n in enumerate(sizes) if n < below), key=sizes.__getitem__)
     curve = []
-    for i, name, data in packets:
+    for i in order[-MAX_PLAIN:]:
+        name, build = candidates[i]
+        data = build()  # built again: a runtime takes versions in the order it is given them
         point = compare(measure(data), reference, len(data), len(data), f"plain {name}")
         curve.append(point)
         if on_point is not None:

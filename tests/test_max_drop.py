@@ -113,17 +113,24 @@ def test_a_plain_baseline_smaller_than_the_codec_pick_wins_when_it_passes():
     logits = np.eye(3)[labels]
     reference = Measured(labels, logits, 100.0, np.ones(4, bool))
 
+    versions: list[int] = []
+
     def measure(packet: bytes) -> Measured:  # packets of 40+ bytes keep every answer
+        versions.append(packet[0])
+        assert versions == sorted(set(versions))  # as a runtime wants them: newer each time
         pred = labels if len(packet) >= 40 else np.array([1, 1, 2, 0])
         return Measured(pred, np.eye(3)[pred], float((pred == labels).mean() * 100),
                         pred == labels)
 
-    sizes = [10, 20, 40, 50, 60, 90]
-    candidates = [(f"c{n}", lambda n=n: bytes(n)) for n in sizes]
+    sizes = [10, 20, 40, 90, 60, 50]  # not in size order
+    count = iter(range(1, 256))
+    candidates = [(f"c{n}", lambda n=n: bytes([next(count)]) + bytes(n - 1)) for n in sizes]
     won, tried = plain_within(candidates, measure, reference, 0.0, below=60)
     assert won == 2 and [p.nbytes for p in tried] == [10, 20, 40]
     assert tried[-1].method == "plain c40" and tried[-1].drop == 0.0
     assert [p.drop for p in tried[:2]] == [25.0, 25.0]
+    won, tried = plain_within(candidates, measure, reference, -1.0, below=100)
+    assert won is None and [p.nbytes for p in tried] == sorted(sizes)
     won, tried = plain_within(candidates, measure, reference, 0.0, below=40)
     assert won is None and [p.nbytes for p in tried] == [10, 20]
     target_search.MAX_PLAIN, saved = 2, target_search.MAX_PLAIN
