@@ -25,8 +25,9 @@ scored with the head it carries; bytes are ``len`` of the signed packet:
 
 Images: the task's held-out split in a fixed seeded order, the first ``--val-share`` of it
 validation (choices are made there), the rest the test split, never used to choose. The
-``--max-drop`` searches measure on the validation images as a folder, unlabelled, so for them
-compress counts images that disagree with the lossless packet. The best plain baseline and
+``--max-drop`` searches measure on the validation images as a labelled folder (one folder
+per label name), so compress counts, as this script does, the images the lossless packet
+gets right and the packet wrong. The best plain baseline and
 the codec packet reported against it are both the smallest of their kind that loses at most
 ``--max-drop`` points of validation images the lossless packet gets right (``val_lost``);
 ``lost`` is the same count on the test split.
@@ -69,21 +70,26 @@ CODECS = ("data-free", "calibrated")
 BUDGET = re.compile(r"^budget \d+")
 
 
-def _write_pngs(folder: Path, images: np.ndarray) -> Path:
+def _write_pngs(folder: Path, images: np.ndarray, labels: list[str] | None = None) -> Path:
+    """``images`` as PNG under ``folder``; with ``labels``, one subfolder per label name."""
+    import shutil
+
     from PIL import Image
 
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("*.png"):  # this script's own earlier files
-        old.unlink()
+    if folder.exists():  # this script's own earlier files
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
     for i, im in enumerate(images):
-        Image.fromarray(im).save(folder / f"{i:04d}.png")
+        where = folder if labels is None else folder / labels[i]
+        where.mkdir(exist_ok=True)
+        Image.fromarray(im).save(where / f"{i:04d}.png")
     return folder
 
 
 def image_splits(data: Any, folder: Path, n_calib: int, val_share: float) -> Splits:
     """Validation / test images of ``data`` (an ``ImageTask``), calibration and validation
     folders written under ``folder`` (``<task>/calib``: evenly spaced training images;
-    ``<task>/val``: the validation images), unlabelled PNG."""
+    ``<task>/val/<label name>/``: the validation images), PNG."""
     test, train = data.test, data.train
     order = np.random.default_rng(rd_served.SPLIT_SEED).permutation(len(test.labels))
     n_val = int(round(val_share * len(order)))
@@ -91,7 +97,8 @@ def image_splits(data: Any, folder: Path, n_calib: int, val_share: float) -> Spl
     cal = np.unique(np.linspace(0, len(train.labels) - 1,
                                 min(n_calib, len(train.labels))).round().astype(int))
     calib = _write_pngs(folder / data.name / "calib", train.images[cal])
-    val_dir = _write_pngs(folder / data.name / "val", test.images[val])
+    val_dir = _write_pngs(folder / data.name / "val", test.images[val],
+                          [data.labels[y] for y in test.labels[val]])
     return Splits(list(test.images[val]), test.labels[val], list(test.images[rep]),
                   test.labels[rep], calib, val_dir)
 

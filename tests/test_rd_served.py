@@ -102,7 +102,11 @@ def test_served_bench_measures_every_packet_it_signs(small_bundle, minilm_model_
     refit, bare = (next(p for p in lora["points"] if p["family"] == "calibrated"
                         and p["setting"] == setting)
                    for setting in ("max-drop 100", "max-drop 100 no refit"))
-    assert refit["refit_steps"] == 2 and refit["refit_texts"] == 16 and bare["refit_steps"] == 0
+    assert refit["refit_steps"] == 2 and bare["refit_steps"] == 0
+    # a 100-point target: a plain baseline below the codec's pick may win, and it is not refit
+    won = refit["search"]["chosen_method"]
+    assert refit["refit_texts"] == (16 if won == "codec" else 0) and won.startswith(
+        ("codec", "plain r"))
     for p in (refit, bare):
         assert p["metric"] == "fisher" and p["search"]["points"]
     assert bare["cli_default"] and not refit["cli_default"]  # --max-drop: no refit
