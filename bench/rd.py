@@ -135,9 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     served.add_argument("--max-drop", type=float, default=0.5,
                         help="accuracy drop target in points (compress --max-drop, and the "
                              "tolerance of the best baseline on validation)")
-    served.add_argument("--quant-weights", type=lambda v: [float(x) for x in v.split(",")],
-                        default=None, help="also data-free at each baseline's bytes with the "
-                        "quantisation error weighed by each of these (comma separated)")
+    rd_served.add_quant_weights_option(served)
     served.add_argument("--curve", action="store_true",
                         help="also the calibrated codec at fixed budgets (a refit each)")
     served.add_argument("--packets", default=None,

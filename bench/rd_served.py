@@ -336,6 +336,13 @@ class ServedBench:
                                                                            **data))
 
 
+def add_quant_weights_option(parser: Any) -> None:
+    """``--quant-weights G,...``: data-free variants at every baseline's bytes (``qG``)."""
+    parser.add_argument("--quant-weights", type=lambda v: [float(x) for x in v.split(",")],
+                        default=None, help="also data-free at each baseline's bytes with the "
+                        "quantisation error weighed by each of these (comma separated)")
+
+
 def run(args: Any, dirs: list[Path], out: Path) -> int:
     """The served benchmark over ``dirs`` (SEQ_CLS adapters and head-only references)."""
     from solar_edge.exporters.tasks import load_task

@@ -333,9 +333,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="calibrated budget ladders: refit, no-refit, rmaxK, refitN, fisherN "
                          "(comma "
                          "separated; rmaxK also adds a data-free ladder at max rank K)")
-    ap.add_argument("--quant-weights", type=lambda v: [float(x) for x in v.split(",")],
-                    default=None, help="also data-free at each baseline's bytes with the "
-                    "quantisation error weighed by each of these (comma separated)")
+    rd_served.add_quant_weights_option(ap)
     ap.add_argument("--curve", action="store_true",
                     help="also rd_served's calibrated points at 1/6, 1/3, 2/3 of the baseline")
     ap.add_argument("--packets", default=None, help="write every packet to this folder")
