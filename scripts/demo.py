@@ -178,10 +178,13 @@ def compress(adapter_dir: Path, bundle, key, max_drop: float, refit_steps: int,
     options = CompressOptions(max_drop=max_drop, calib_data=calib, eval_data=val,
                               metric="fisher", calib=128, max_rank=8, refit_steps=refit_steps)
     t = time.perf_counter()
+    def on_point(p) -> None:
+        what = f"budget {p.budget} B ->" if p.method == "codec" else f"{p.method}:"
+        print(f"  {name}: {what} {p.nbytes} B, agrees with the adapter on {p.agreement:.1f}% "
+              "of validation")
+
     result = compress_adapter(adapter_dir, bundle, key, options, adapter_id=name,
-                              on_point=lambda p: print(f"  {name}: budget {p.budget} B -> "
-                                                       f"{p.nbytes} B, agrees with the adapter "
-                                                       f"on {p.agreement:.1f}% of validation"))
+                              on_point=on_point)
     assert result.alloc is not None and result.curve is not None
     kept = [f for f in result.alloc.chosen.values() if f.kind is not None]
     info = {"stamp": stamp, "adapter_id": name, "layers": len(kept),
