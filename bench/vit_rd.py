@@ -72,13 +72,14 @@ BUDGET = re.compile(r"^budget \d+")
 
 def _write_pngs(folder: Path, images: np.ndarray, labels: list[str] | None = None) -> Path:
     """``images`` as PNG under ``folder``; with ``labels``, one subfolder per label name."""
-    import shutil
-
     from PIL import Image
 
-    if folder.exists():  # this script's own earlier files
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in [*folder.glob("*.png"), *folder.glob("*/*.png")]:  # this script's own files
+        old.unlink()
+    for sub in folder.iterdir():  # label folders it emptied
+        if sub.is_dir() and not any(sub.iterdir()):
+            sub.rmdir()
     for i, im in enumerate(images):
         where = folder if labels is None else folder / labels[i]
         where.mkdir(exist_ok=True)

@@ -113,6 +113,7 @@ class CompressOptions:
 
     @property
     def effective_quant_weight(self) -> float:
+        """The quantisation weight the fits use: as given, else by metric."""
         if self.quant_weight is not None:
             return self.quant_weight
         return DATA_FREE_QUANT_WEIGHT if self.metric == "fro" else 1.0

@@ -177,12 +177,13 @@ def compress(adapter_dir: Path, bundle, key, max_drop: float, refit_steps: int,
             return data, info
     options = CompressOptions(max_drop=max_drop, calib_data=calib, eval_data=val,
                               metric="fisher", calib=128, max_rank=8, refit_steps=refit_steps)
-    t = time.perf_counter()
+
     def on_point(p) -> None:
         what = f"budget {p.budget} B ->" if p.method == "codec" else f"{p.method}:"
         print(f"  {name}: {what} {p.nbytes} B, agrees with the adapter on {p.agreement:.1f}% "
               "of validation")
 
+    t = time.perf_counter()
     result = compress_adapter(adapter_dir, bundle, key, options, adapter_id=name,
                               on_point=on_point)
     assert result.alloc is not None and result.curve is not None
