@@ -201,11 +201,8 @@ def sign_packet(prep: _Prepared, records: list[LayerRecord], key, adapter_id: st
     """``records`` signed as :func:`compress_adapter` signs its packets: ``prep``'s metadata
     and (``with_canary``, when the bundle names canary inputs) the digest of their served outputs.
     Returns the packet and its final metadata."""
-    bundle, final = prep.bundle, dict(prep.metadata)
-    inputs = (bundle.manifest.get("canary") or {}).get("inputs") if with_canary else None
-    if inputs:
-        final["canary"] = {"digest": served_digest(bundle, records, prep.metadata, inputs),
-                           "tolerance": canary.DEFAULT_TOLERANCE}
+    final = _with_canary(prep, with_canary, lambda inputs: served_digest(
+        prep.bundle, records, prep.metadata, inputs))
     return _encode(prep, records, key, adapter_id, version, final), final
 
 
@@ -215,14 +212,20 @@ def _encode(prep: _Prepared, records: list[LayerRecord], key, adapter_id: str, v
     return encode_packet(header, CodecHeader(seed=0), records, key)
 
 
-def _budgeted_metadata(prep: _Prepared, with_canary: bool) -> dict[str, Any]:
-    """The metadata a budget weighs: :func:`sign_packet`'s, its canary digest at its longest."""
+def _with_canary(prep: _Prepared, with_canary: bool,
+                 digest: Callable[[list[Any]], list[list[float]]]) -> dict[str, Any]:
+    """``prep``'s metadata and, when asked for and the bundle names canary inputs, a canary
+    entry whose digest is ``digest(inputs)``."""
     meta = dict(prep.metadata)
     inputs = (prep.bundle.manifest.get("canary") or {}).get("inputs") if with_canary else None
     if inputs:
-        meta["canary"] = {"digest": canary.placeholder(len(inputs)),
-                          "tolerance": canary.DEFAULT_TOLERANCE}
+        meta["canary"] = {"digest": digest(inputs), "tolerance": canary.DEFAULT_TOLERANCE}
     return meta
+
+
+def _budgeted_metadata(prep: _Prepared, with_canary: bool) -> dict[str, Any]:
+    """The metadata a budget weighs: :func:`sign_packet`'s, its canary digest at its longest."""
+    return _with_canary(prep, with_canary, lambda inputs: canary.placeholder(len(inputs)))
 
 
 def _torch_side(purpose: str):

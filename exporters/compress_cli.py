@@ -128,10 +128,12 @@ def _print(info: dict[str, Any], metric: str, refit_steps: int, device: str | No
                    + (f" (uncompressed adapter {sr['reference_accuracy']:.1f}%)"
                       if sr["reference_accuracy"] is not None else ""))
         click.echo(f"{'budget':>14} {'bytes':>8} {'agree %':>8} {'acc %':>7} {'drop':>6}")
+        from .target_search import chosen_row
+
+        chosen = chosen_row(sr)
         for p in sr["points"]:
             acc = "-" if p["accuracy"] is None else f"{p['accuracy']:.1f}"
-            mark = "  <- chosen" if (p["budget"], p["method"]) == (
-                sr["chosen"], sr["chosen_method"]) else ""
+            mark = "  <- chosen" if p is chosen else ""
             budget = p["budget"] if p["method"] == "codec" else p["method"]
             click.echo(f"{budget:>14} {p['bytes']:>8} {p['agreement']:>8.1f} {acc:>7} "
                        f"{p['drop']:>6.2f}{mark}")
@@ -286,13 +288,13 @@ def compress(adapter_dir: Path, bundle_dir: Path, budget: int | None, max_error:
     except CalibrationError as exc:  # a missing extra, data or model: tell the user plainly
         raise click.ClickException(str(exc)) from exc
     if plot_path is not None and result.curve is not None:
-        from .target_search import CurvePoint, plot
+        from .target_search import CurvePoint, chosen_row, plot
 
-        points = [CurvePoint(**{("nbytes" if k == "bytes" else k): v for k, v in p.items()})
-                  for p in result.curve["points"]]
-        chosen = next(c for c in points if (c.budget, c.method) == (
-            result.curve["chosen"], result.curve["chosen_method"]))
-        plot(points, max_drop or 0.0, chosen, str(plot_path))
+        def point(row: dict) -> CurvePoint:
+            return CurvePoint(**{("nbytes" if k == "bytes" else k): v for k, v in row.items()})
+
+        plot([point(p) for p in result.curve["points"]], max_drop or 0.0,
+             point(chosen_row(result.curve)), str(plot_path))
     out.write_bytes(result.data)
     if signing_key is None:
         pub = signing.save_public_key(key, out.with_name(out.name + ".pub"))

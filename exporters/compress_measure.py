@@ -112,8 +112,8 @@ def smallest_within(prep: Any, bundle: Bundle, options: Any, eval_set: Any,
         [(name, lambda a=a: candidate(a.records + extras)) for name, a in plain],
         meter.measure, reference, options.max_drop, pick.nbytes, on_point)
     if won is not None:
-        alloc, records, report, pick = plain[won][1], plain[won][1].records + extras, None, \
-            tried[-1]
+        alloc, report, pick = plain[won][1], None, tried[-1]
+        records = alloc.records + extras
     return alloc, records, report, {"chosen": pick.budget, "chosen_method": pick.method,
                                     "max_drop": options.max_drop,
                                     "reference_accuracy": reference.accuracy,

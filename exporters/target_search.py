@@ -177,6 +177,13 @@ def plain_within(candidates: Sequence[tuple[str, Callable[[], bytes]]],
     return None, curve
 
 
+def chosen_row(search: dict) -> dict:
+    """The row of a search's ``points`` that it chose (``chosen``: its budget,
+    ``chosen_method``: codec or plain)."""
+    return next(p for p in search["points"]
+                if (p["budget"], p["method"]) == (search["chosen"], search["chosen_method"]))
+
+
 def plot(curve: Sequence[CurvePoint], max_drop: float, chosen: CurvePoint, path: str) -> None:
     """Bytes against drop, the target line and the chosen packet (needs matplotlib)."""
     try:
