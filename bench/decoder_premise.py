@@ -72,7 +72,7 @@ def main() -> None:
         for budget in BUDGETS:
             try:
                 packet = compress_adapter(adapter_dir, bundle, key, CompressOptions(
-                    budget=budget, canary=False))
+                    budget=budget, canary="none"))
             except Exception as exc:  # noqa: BLE001 - a budget too small is reported
                 kinds[str(budget)] = {"error": str(exc)[:80]}  # type: ignore[dict-item]
                 continue

@@ -3,9 +3,12 @@
     python bench/runtime.py --bundle BUNDLE_DIR [--out runtime-bench.json] [--threads 1]
 
 One run measures, for every ORT mechanism (``initializer``, ``iobinding``, ``lora``,
-``lora-native``, ``recreate``): apply latency (verify + decode + stage + health check +
-commit, a new version each time) of a small (``--small-budget``, ~4 KB) and a large packet
-(factored cores, k <= 8, ~73 KB) of the same PEFT adapter; switch latency between two
+``lora-native``, ``recreate``): apply latency (verify + decode + stage + the checks the
+packet asks for + commit, a new version each time) of a small (``--small-budget``, ~4 KB)
+and a large packet (factored cores, k <= 8, ~73 KB) of the same PEFT adapter, both with an
+update digest as ``compress`` signs by default, and of the large one with an output canary
+(``--canary outputs``: a forward pass on the canary inputs) and with no vouch (a forward
+pass on the health input); switch latency between two
 cached adapters; inference latency of the graph it serves vs the baked graph; peak RSS
 during apply (a fresh subprocess per mechanism, RSS sampled every millisecond). Baselines
 in the same run: PEFT ``from_pretrained`` + ``merge_and_unload`` in torch on that adapter,
@@ -106,9 +109,11 @@ def make_peft_adapters(work: Path, n: int = 2) -> list[Path]:
 
 
 def make_packets(bundle_dir: Path, adapters: list[Path], key, versions: int,
-                 prefix: str = "task", **codec) -> list[list[bytes]]:
+                 prefix: str = "task", vouch: str = "update", **codec) -> list[list[bytes]]:
     """Per adapter, ``versions`` signed packets (versions 1..n) of one encoding (``codec``:
-    :class:`CodecConfig` fields); a new version per apply makes every apply a full one."""
+    :class:`CodecConfig` fields); a new version per apply makes every apply a full one.
+    ``vouch`` is what the metadata vouches for, as ``compress --canary`` writes it:
+    ``update`` (its default), ``outputs`` or ``none``."""
     from solar_edge.encode.solar import CodecConfig, encode
     from solar_edge.format.bundle import load_bundle
     from solar_edge.format.packet import PacketHeader
@@ -122,10 +127,32 @@ def make_packets(bundle_dir: Path, adapters: list[Path], key, versions: int,
         ups = match_to_bundle(read_adapter(path).updates, bundle.manifest["layers"])
         res = encode(ups, {lid: bundle.layer_basis(lid) for lid in ups},
                      CodecConfig(seed=i, **codec))
-        out.append([encode_packet(PacketHeader(bundle.fingerprint, f"{prefix}{i}", v,
-                                               {"task": str(i)}), res.header, res.records, key)
-                    for v in range(1, versions + 1)])
+
+        def signed(v: int, meta: dict, aid: str = f"{prefix}{i}", res=res) -> bytes:
+            return encode_packet(PacketHeader(bundle.fingerprint, aid, v, meta), res.header,
+                                 res.records, key)
+
+        meta = vouched({"task": str(i)}, bundle_dir, key, signed(1, {"task": str(i)}), vouch)
+        out.append([signed(v, meta) for v in range(1, versions + 1)])
     return out
+
+
+def vouched(meta: dict, bundle_dir: Path, key, packet: bytes, vouch: str) -> dict:
+    """``meta`` with the vouch ``compress`` would sign for ``packet`` (computed by a board
+    that serves it, as compress computes it)."""
+    from solar_edge.regen import canary, update_digest
+    from solar_edge.runtime.engine import EdgeRuntime
+
+    if vouch == "none":
+        return meta
+    rt = EdgeRuntime(str(bundle_dir), [key.public_key()])
+    info = rt.apply(packet)
+    if vouch == "update":
+        return {**meta, "update_digest": {"digest": rt.update_digest(info.adapter_id),
+                                          "tolerance": update_digest.DEFAULT_TOLERANCE}}
+    inputs = rt.bundle.bundle.manifest["canary"]["inputs"]
+    return {**meta, "canary": {"digest": canary.digest(rt.infer(inputs)),
+                               "tolerance": canary.DEFAULT_TOLERANCE}}
 
 
 def kept_coefficients(packet: bytes) -> int:
@@ -363,10 +390,15 @@ def main() -> None:
         pub = signing.save_public_key(key, work / "bench.pub")
         adapters = make_peft_adapters(work)
         n = args.repeat // 2 + 2
-        sizes = {"large": make_packets(bundle_dir, adapters, key, n,  # LoRA-like k, INT8
-                                       representation="factored_core", max_rank=8),
+        large = {"representation": "factored_core", "max_rank": 8}  # LoRA-like k, INT8
+        sizes = {"large": make_packets(bundle_dir, adapters, key, n, **large),
                  "small": make_packets(bundle_dir, adapters, key, n, prefix="small",
-                                       budget_bytes=args.small_budget)}
+                                       budget_bytes=args.small_budget),
+                 # the same large packet with the other vouches compress can sign
+                 "large-outputs": make_packets(bundle_dir, adapters, key, n, prefix="out",
+                                               vouch="outputs", **large),
+                 "large-none": make_packets(bundle_dir, adapters, key, n, prefix="none",
+                                            vouch="none", **large)}
         baked, run_baked = bench_baked(bundle_dir, args.repeat, args.threads)
         peft, run_peft, peft_apply = bench_peft(adapters, args.repeat, args.threads)
         results: dict = {"packets": {k: {"bytes": len(v[0][0]), "kept": kept_coefficients(v[0][0])}

@@ -34,11 +34,19 @@ def print_table(r: dict) -> None:
           f"{cell(peft['infer'])}")
     print(f"{'ORT session':12s} create {baked['create_ms']:.1f} ms (plain session, prepacking on);"
           f" infer {cell(baked['infer'])}")
+    vouches = [s for s in ("large", "large-outputs", "large-none") if s in pk]
+    if len(vouches) > 1:
+        print("apply of the large packet by what it vouches for (update digest, the default /"
+              " output canary / none), median (min) ms and /PEFT:")
+        for mech, row in mechs.items():
+            print(f"  {mech:12s} " + "   ".join(
+                f"{cell(row[s]['apply'])} {row[s]['apply']['median_ms'] / merge:6.3f}"
+                for s in vouches))
     print("apply steps, median ms (verify / decode / stage / probe / commit):")
     for mech, row in mechs.items():
-        for size in ("small", "large"):
+        for size in ("small", *vouches):
             st = row[size]["steps_median_ms"]
-            print(f"  {mech:12s} {size:5s} " + " / ".join(
+            print(f"  {mech:12s} {size:13s} " + " / ".join(
                 f"{st[k]:.2f}" for k in ("verify_ms", "decode_ms", "stage_ms", "probe_ms",
                                          "commit_ms")))
     print("apply against kept coefficients (mechanism "

@@ -49,7 +49,7 @@ from solar_edge.format.writer import encode_packet
 from solar_edge.methods.base import Adapter, LayerUpdate
 from solar_edge.methods.matching import MatchedExtras, match_extras, match_to_bundle
 from solar_edge.methods.peft_files import read_adapter
-from solar_edge.regen import canary
+from solar_edge.regen import canary, update_digest
 
 from .adapter_checks import (
     check_head_modules,
@@ -59,7 +59,7 @@ from .adapter_checks import (
     check_task_type,
 )
 from .budget_fill import fill_budget
-from .compress_measure import eval_set, served_digest, smallest_within
+from .compress_measure import eval_set, served_digest, served_update_digest, smallest_within
 from .head_specs import head_spec, num_labels
 
 METRICS = ("fro", "act", "fisher")
@@ -78,7 +78,9 @@ class CompressOptions:
     max_drop: float | None = None     # or: largest measured accuracy drop, in points
     eval_data: Path | None = None     # texts (+labels) the drop is measured on
     holdout: float = 0.25             # share of calibration texts held back for it
-    canary: bool = True               # carry the served outputs of the bundle's canary inputs
+    canary: str = "update"            # the vouch a packet carries: its decoded update's
+    #                                    digest, its served outputs on the bundle's canary
+    #                                    inputs ("outputs"), or nothing ("none"); CANARIES
     cover: bool = True                # data-free: leave no updated layer out when affordable
     quant_weight: float | None = None  # weight of quantisation against truncation error
     #                                    (None: DATA_FREE_QUANT_WEIGHT for metric fro, else 1)
@@ -196,13 +198,17 @@ def prepare_adapter(adapter: Adapter, bundle: Bundle) -> _Prepared:
     return _prepare(adapter, bundle)
 
 
+CANARIES = ("update", "outputs", "none")
+
+
 def sign_packet(prep: _Prepared, records: list[LayerRecord], key, adapter_id: str,
-                version: int = 1, *, with_canary: bool = True) -> tuple[bytes, dict[str, Any]]:
+                version: int = 1, *, canary: str = "update") -> tuple[bytes, dict[str, Any]]:
     """``records`` signed as :func:`compress_adapter` signs its packets: ``prep``'s metadata
-    and (``with_canary``, when the bundle names canary inputs) the digest of their served outputs.
-    Returns the packet and its final metadata."""
-    final = _with_canary(prep, with_canary, lambda inputs: served_digest(
-        prep.bundle, records, prep.metadata, inputs))
+    and the vouch ``canary`` names (:data:`CANARIES`; ``outputs`` needs the bundle to name
+    canary inputs). Returns the packet and its final metadata."""
+    final = _with_canary(prep, canary, lambda inputs: served_digest(
+        prep.bundle, records, prep.metadata, inputs),
+        lambda: served_update_digest(prep.bundle, records, prep.metadata))
     return _encode(prep, records, key, adapter_id, version, final), final
 
 
@@ -212,20 +218,37 @@ def _encode(prep: _Prepared, records: list[LayerRecord], key, adapter_id: str, v
     return encode_packet(header, CodecHeader(seed=0), records, key)
 
 
-def _with_canary(prep: _Prepared, with_canary: bool,
-                 digest: Callable[[list[Any]], list[list[float]]]) -> dict[str, Any]:
-    """``prep``'s metadata and, when asked for and the bundle names canary inputs, a canary
-    entry whose digest is ``digest(inputs)``."""
+def _with_canary(prep: _Prepared, kind: str,
+                 outputs_digest: Callable[[list[Any]], list[list[float]]],
+                 updates_digest: Callable[[], list[list[float]]]) -> dict[str, Any]:
+    """``prep``'s metadata and the vouch ``kind`` names: ``update_digest`` holding
+    ``updates_digest()``, or (when the bundle names canary inputs) ``canary`` holding
+    ``outputs_digest(inputs)``."""
+    if kind not in CANARIES:
+        raise ValueError(f"canary {kind!r}: one of {CANARIES}")
     meta = dict(prep.metadata)
-    inputs = (prep.bundle.manifest.get("canary") or {}).get("inputs") if with_canary else None
-    if inputs:
-        meta["canary"] = {"digest": digest(inputs), "tolerance": canary.DEFAULT_TOLERANCE}
+    if kind == "update":
+        meta["update_digest"] = {"digest": updates_digest(),
+                                 "tolerance": update_digest.DEFAULT_TOLERANCE}
+    inputs = (prep.bundle.manifest.get("canary") or {}).get("inputs")
+    if kind == "outputs" and inputs:
+        meta["canary"] = {"digest": outputs_digest(inputs), "tolerance": canary.DEFAULT_TOLERANCE}
     return meta
 
 
-def _budgeted_metadata(prep: _Prepared, with_canary: bool) -> dict[str, Any]:
-    """The metadata a budget weighs: :func:`sign_packet`'s, its canary digest at its longest."""
-    return _with_canary(prep, with_canary, lambda inputs: canary.placeholder(len(inputs)))
+def _budgeted_metadata(prep: _Prepared, kind: str) -> dict[str, Any]:
+    """The metadata a budget weighs: :func:`sign_packet`'s, its digest at its longest."""
+    return _with_canary(prep, kind, lambda inputs: canary.placeholder(len(inputs)),
+                        lambda: _update_placeholder(prep))
+
+
+def _update_placeholder(prep: _Prepared) -> list[list[float]]:
+    """An update digest at least as long in JSON as ``prep``'s real one: rows that stay
+    zero (no row scales or bias deltas; no head) as zeros."""
+    longest, zero = canary.placeholder(update_digest.ROWS), [0.0] * canary.DIGEST_DIMS
+    vectors = bool(prep.matched.biases or prep.matched.magnitudes)
+    head = "head" in prep.metadata or "head_seed" in prep.metadata
+    return [longest[0], longest[1] if vectors else zero, longest[2] if head else zero]
 
 
 def _torch_side(purpose: str):
@@ -314,8 +337,7 @@ def compress_adapter(adapter_dir: str | Path, bundle: Bundle, key, options: Comp
     budgeted = _budgeted_metadata(prep, options.canary)
 
     def sign(records: list[LayerRecord]) -> tuple[bytes, dict[str, Any]]:
-        return sign_packet(prep, records, key, adapter_id, version,
-                           with_canary=options.canary)
+        return sign_packet(prep, records, key, adapter_id, version, canary=options.canary)
 
     def budget_size(records: list[LayerRecord]) -> int:
         """Bytes of the packet ``sign`` would write, its canary digest at its longest."""

@@ -226,9 +226,13 @@ def _defaults(metric: str | None, refit: int | None, calib_data: Path | None, ex
                    "task head), else 0.")
 @click.option("--device", "device", default=None,
               help="Device profile for the download-time estimate (default: the bundle's).")
-@click.option("--no-canary", "no_canary", is_flag=True,
-              help="Do not carry the adapter's expected outputs on the bundle's canary inputs "
-                   "(the board then only checks that outputs are finite).")
+@click.option("--canary", "canary", type=click.Choice(["update", "outputs", "none"]),
+              default="update", show_default=True,
+              help="What the packet vouches for, signed, for the board to check before it "
+                   "serves: its decoded update (checked without a forward pass), its outputs "
+                   "on the bundle's canary inputs (one forward pass per apply), or nothing "
+                   "(the board runs one forward pass and checks outputs are finite).")
+@click.option("--no-canary", "no_canary", is_flag=True, help="Same as --canary none.")
 @options.signing_key(required=False, help_tail="Default: a new key whose public half is "
                                                "written beside the packet as PACKET.pub.")
 @click.option("--adapter-id", default=None, help="Packet adapter id (default: directory name).")
@@ -242,7 +246,7 @@ def compress(adapter_dir: Path, bundle_dir: Path, budget: int | None, max_error:
              max_drop: float | None, eval_data: Path | None, plot_path: Path | None,
              metric: str | None, calib_data: Path | None, calib: int, model_dir: Path | None,
              max_rank: int, exact: bool, exact_format: str, refit_steps: int | None,
-             no_canary: bool,
+             canary: str, no_canary: bool,
              device: str | None, signing_key: Path | None, adapter_id: str | None,
              adapter_version: int, out: Path, as_json: bool, quiet: bool) -> None:
     """Compress ADAPTER_DIR (a PEFT adapter saved by save_pretrained) into a signed packet."""
@@ -266,7 +270,7 @@ def compress(adapter_dir: Path, bundle_dir: Path, budget: int | None, max_error:
                            max_rank=max_rank, refit_steps=refit_steps, exact=exact,
                            exact_format=exact_format, calib_data=calib_data,
                            model_dir=model_dir, max_drop=max_drop, eval_data=eval_data,
-                           canary=not no_canary)
+                           canary="none" if no_canary else canary)
     bundle = load_bundle(bundle_dir)
     key = (signing.load_private_key(signing_key) if signing_key is not None
            else signing.generate_private_key())

@@ -4,7 +4,9 @@
   extras), the reference accuracy targets are measured against;
 * :func:`smallest_within`: the ``--max-drop`` search (:mod:`.target_search`) over budgets,
   then over the plain baselines smaller than its pick;
-* :func:`served_digest`: the canary digest a packet carries (:mod:`solar_edge.regen.canary`).
+* :func:`served_digest`: the output canary digest a packet carries
+  (:mod:`solar_edge.regen.canary`); :func:`served_update_digest`: its update digest
+  (:mod:`solar_edge.regen.update_digest`).
 
 ``prep`` is the pipeline's matched adapter (``exporters.compress._Prepared``).
 """
@@ -64,6 +66,20 @@ def served_digest(bundle: Bundle, records: list[LayerRecord], metadata: dict[str
     runtime.apply(encode_packet(PacketHeader(bundle.fingerprint, "canary", 1, metadata),
                                 CodecHeader(seed=0), records, key))
     return canary.digest(runtime.infer(inputs))
+
+
+def served_update_digest(bundle: Bundle, records: list[LayerRecord],
+                         metadata: dict[str, Any]) -> list[list[float]]:
+    """The update digest a board computes from ``records`` (what it checks a packet's
+    ``update_digest`` against), from the board's own decoder."""
+    from solar_edge.format import signing
+    from solar_edge.runtime.engine import EdgeRuntime
+
+    key = signing.generate_private_key()
+    runtime = EdgeRuntime(str(bundle.root), [key.public_key()])
+    info = runtime.stage(encode_packet(PacketHeader(bundle.fingerprint, "canary", 1, metadata),
+                                       CodecHeader(seed=0), records, key))
+    return runtime.update_digest(info.adapter_id)
 
 
 def eval_set(options: Any, cal: Any, prep: Any) -> Any:

@@ -5,8 +5,9 @@ trusted keys and every field checked (:func:`~solar_edge.format.reader.decode_pa
 base fingerprint -> anti-rollback version (:meth:`_check_version`, the one place it is
 checked) -> low-rank factors per layer (:func:`~solar_edge.decode.decode_records`, which
 checks every record against the bundle before it regenerates anything) -> the backend
-prepares the adapter in new buffers and runs the health input through it without serving
-it (finite outputs, else :class:`~solar_edge.errors.HealthCheckError`) -> cached. Nothing
+prepares the adapter in new buffers -> the checks its packet asks for, without serving it
+(:mod:`solar_edge.runtime.checks`: an update or output digest, a forward pass with finite
+outputs; else :class:`~solar_edge.errors.HealthCheckError`) -> cached. Nothing
 that serves changes until :meth:`activate`, which commits in one step; :meth:`apply` is
 both. Any failure leaves the previous adapter serving.
 
@@ -42,9 +43,9 @@ from solar_edge.format import signing
 from solar_edge.format.bundle import LayerBasis
 from solar_edge.format.packet import Packet, PacketLimits
 from solar_edge.format.reader import decode_packet
-from solar_edge.regen import canary
 from solar_edge.runtime.backends import open_backend
 from solar_edge.runtime.bundle_parts import open_bundle
+from solar_edge.runtime.checks import StagingChecks, check_finite
 from solar_edge.runtime.families import open_family
 from solar_edge.runtime.heads import Head, embedding, head_from_packet
 from solar_edge.runtime.patching import (
@@ -122,9 +123,11 @@ class EdgeRuntime:
         self._health_feeds = self.family.feeds(self.family.health_input)
         self.backend.check_link(self._health_feeds)
         first = self.backend.run(self._health_feeds)
-        self._check(first)
+        check_finite(first)
         hidden, _ = self.family.hidden(first, self._health_feeds)
         self.hidden = int(hidden.shape[-1])  # width of the hidden states (task heads)
+        self.checks = StagingChecks(self.bundle, self.backend, self.family, self.hidden,
+                                    self._health_feeds)
 
     # --- state -------------------------------------------------------------------------
     @property
@@ -134,6 +137,14 @@ class EdgeRuntime:
     @property
     def cached(self) -> list[AdapterInfo]:
         return [c.info for c in self._cache.values()]
+
+    def update_digest(self, adapter_id: str) -> list[list[float]]:
+        """The update digest of a cached adapter (what ``solar-edge compress`` signs into
+        a packet's ``update_digest``, :mod:`solar_edge.regen.update_digest`)."""
+        cached = self._cache.get(adapter_id)
+        if cached is None:
+            raise UnknownAdapterError(f"adapter {adapter_id!r} is not cached")
+        return self.checks.update_digest(cached.patches, cached.head)
 
     @property
     def installed_versions(self) -> dict[str, int]:
@@ -160,7 +171,7 @@ class EdgeRuntime:
                 with one_blas_thread():
                     staged = self.backend.prepare(cached.patches)
                 t3 = time.perf_counter()
-                self._probe(staged, cached)
+                self.checks.run(staged, cached.info.metadata, cached.patches, cached.head)
             except SolarEdgeError:
                 raise
             except Exception as exc:
@@ -322,32 +333,6 @@ class EdgeRuntime:
                                    decoded.magnitudes[lid])
             patches[lid] = LayerPatch(factors, bias, scale)
         return patches
-
-    def _probe(self, staged: Any, cached: _Cached) -> None:
-        """One forward pass of the staged adapter: on the bundle's canary inputs when the
-        packet carries a canary digest (:mod:`solar_edge.regen.canary`), checked against it,
-        else on the health input; either way every output must be finite."""
-        expected = cached.info.metadata.get("canary")
-        if expected is None:
-            self._check(self.backend.probe(staged, self._health_feeds))
-            return
-        inputs = (self.bundle.bundle.manifest.get("canary") or {}).get("inputs")
-        if not inputs:
-            raise HealthCheckError("the packet carries a canary but the bundle has no canary "
-                                   "inputs")
-        feeds = self.family.feeds(inputs)
-        raw = self.backend.probe(staged, feeds)
-        self._check(raw)
-        hidden, mask = self.family.hidden(raw, feeds)
-        outputs = cached.head.logits(hidden, mask) if cached.head else embedding(hidden, mask)
-        problem = canary.mismatch(outputs, expected["digest"], float(expected["tolerance"]))
-        if problem:
-            raise HealthCheckError(f"canary: {problem}; the adapter does not do what its "
-                                   "packet says it does")
-
-    def _check(self, outputs: Sequence[np.ndarray]) -> None:
-        if not outputs or any(not np.isfinite(o).all() for o in outputs):
-            raise HealthCheckError("health check: the model produced non-finite outputs")
 
     def _evict(self) -> None:
         while len(self._cache) > self.max_cached:

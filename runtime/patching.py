@@ -12,7 +12,7 @@ rank ``k``: proportional to what the packet keeps.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -119,6 +119,30 @@ def dora_scale(w0: np.ndarray, factors: Factors | None, base_norms: np.ndarray,
     return scale.astype(np.float32)
 
 
+MAX_GROWTH = 8.0  # an update larger than this next to its base layer gets a forward probe
+
+
+def within_growth(patch: LayerPatch, sigma1: float, base_bias: np.ndarray | None) -> bool:
+    """Whether ``patch`` is small next to its base layer: ``|L|_F |Rt|_F`` (a bound on
+    ``|dW|_2``) at most ``MAX_GROWTH`` times ``W0``'s largest singular value, row scales at
+    most ``MAX_GROWTH`` and bias deltas at most ``MAX_GROWTH * (1 + max |b0|)``.
+
+    Trained adapters are far inside this (a LoRA's ``|dW|_2`` is a fraction of ``W0``'s).
+    Finite factors whose product still overflows an activation to inf are far outside it:
+    for them the runtime runs the forward probe (:meth:`EdgeRuntime._probe`)."""
+    if patch.factors is not None:
+        bound = math.prod(float(np.linalg.norm(np.asarray(f, np.float64))) for f in patch.factors)
+        if not bound <= MAX_GROWTH * sigma1:
+            return False
+    if patch.scale is not None and not _largest_magnitude(patch.scale) <= MAX_GROWTH:
+        return False
+    if patch.bias is not None:
+        base = _largest_magnitude(np.asarray(base_bias)) if base_bias is not None else 0.0
+        if not _largest_magnitude(patch.bias) <= MAX_GROWTH * (1.0 + base):
+            return False
+    return True
+
+
 def patched_weight_t(w0: np.ndarray, patch: LayerPatch | None,
                      out: np.ndarray | None = None) -> np.ndarray:
     """``(diag(s) (W0 + L @ Rt.T)).T`` as a C-contiguous float32 ``in x out`` buffer.
@@ -164,6 +188,20 @@ def lora_feeds(init_name: str, patch: LayerPatch) -> dict[str, np.ndarray]:
     if patch.bias is not None:
         feeds[bias_name] = np.ascontiguousarray(patch.bias, np.float32)
     return feeds
+
+
+def slot_patches(slots: Iterable[WeightSlot], feeds: Mapping[str, np.ndarray]
+                 ) -> dict[int, LayerPatch]:
+    """The patches slot ``feeds`` (:func:`lora_feeds`) serve, read back from the feeds."""
+    patches = {}
+    for slot in slots:
+        a_name, b_name = lora_slot_names(slot.init_name)
+        scale_name, bias_name = lora_extra_slot_names(slot.init_name)
+        if a_name in feeds or scale_name in feeds or bias_name in feeds:
+            factors = (feeds[b_name].T, feeds[a_name]) if a_name in feeds else None
+            patches[slot.layer_id] = LayerPatch(factors, feeds.get(bias_name),
+                                                feeds.get(scale_name))
+    return patches
 
 
 def patches_nbytes(patches: Patches) -> int:

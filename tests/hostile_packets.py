@@ -102,7 +102,7 @@ TYPE_ZOO: list[object] = [
     ["a", 1], [[]], {}, {"a": 1}, {"type": "x"}, _deep(15), _deep(40), _deep(900),
     "a\u0000b", "\u001b[2J", "\u007f", "\u0085", "\ufeff", "\uffff", "\U0001f600", "\u202e",
 ]
-FIELDS = ["task", "labels", "head_seed", "head", "canary", "zz_unknown"]
+FIELDS = ["task", "labels", "head_seed", "head", "canary", "update_digest", "zz_unknown"]
 
 
 def canonical(obj: object) -> bytes:
@@ -127,7 +127,8 @@ BAD_STRING_BYTES = [
 
 def metadata_mutants(rng: random.Random, base: dict) -> Iterator[tuple[str, bytes]]:
     """(name, metadata bytes): every field x every type of the zoo, then hostile strings
-    (as values and as keys), and nested head/canary fields with wrong types."""
+    (as values and as keys), and nested head / canary / update digest fields with wrong
+    types."""
     for name in FIELDS:
         for i, value in enumerate(TYPE_ZOO):
             yield f"meta.{name}={i}", canonical({**base, name: value})
@@ -148,9 +149,10 @@ def metadata_mutants(rng: random.Random, base: dict) -> Iterator[tuple[str, byte
         yield "meta.head.tensor", canonical({**base, "head": {**head, "tensors": [
             {**t, rng.choice(["name", "shape"]): value}]}})
     canary = {"digest": [[0.5, 1.0]], "tolerance": 0.1}
-    for key in ("digest", "tolerance"):
-        for value in rng.sample(TYPE_ZOO, 10) + [[[1.0], [1.0, 2.0]], [[1e309]], [[10**400]]]:
-            yield f"meta.canary.{key}", canonical({**base, "canary": {**canary, key: value}})
+    for field in ("canary", "update_digest"):
+        for key in ("digest", "tolerance"):
+            for value in rng.sample(TYPE_ZOO, 10) + [[[1.0], [1.0, 2.0]], [[1e309]], [[10**400]]]:
+                yield f"meta.{field}.{key}", canonical({**base, field: {**canary, key: value}})
 
 
 # --- layer table ----------------------------------------------------------------------------

@@ -72,6 +72,9 @@ WRONG_TYPES = {
     "head": [1, "x", None, [], {}, {"type": 1}, {"type": "x", "tensors": "w"}],
     "canary": [1, "x", None, {"digest": [[1.0]], "tolerance": 0},
                {"digest": [[1.0], [1.0, 2.0]], "tolerance": 0.1}],
+    "update_digest": [1, "x", None, [], {"digest": [[1.0]]}, {"digest": [[1.0]], "tolerance": 2},
+                      {"digest": [[1.0], [1.0, 2.0]], "tolerance": 0.1},
+                      {"digest": [[1e301]], "tolerance": 0.1}],
 }
 
 

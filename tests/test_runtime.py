@@ -30,6 +30,7 @@ from solar_edge.format.packet import PacketHeader
 from solar_edge.format.records import ValueFormat
 from solar_edge.format.writer import encode_packet
 from solar_edge.methods.base import LayerUpdate
+from solar_edge.regen import update_digest
 from solar_edge.regen.heads import task_head
 
 torch = pytest.importorskip("torch")
@@ -276,13 +277,26 @@ def test_overflowing_update_is_rejected(bundle_dir, bundle, key, mechanism):
     assert np.array_equal(rt.infer(SENTENCES), before)
 
 
+def honest_vouch(bundle_dir, key, packet: bytes) -> dict:
+    """Metadata vouching for ``packet``'s update: the digest a board computes from it."""
+    rt = EdgeRuntime(bundle_dir, [key.public_key()])
+    info = rt.stage(packet)
+    return {"task": info.adapter_id, "update_digest": {
+        "digest": rt.update_digest(info.adapter_id),
+        "tolerance": update_digest.DEFAULT_TOLERANCE}}
+
+
+@pytest.mark.parametrize("vouch", [False, True])
 @pytest.mark.parametrize("mechanism", MECHANISMS)
 def test_non_finite_outputs_fail_the_health_check(bundle_dir, bundle, key, encoded, monkeypatch,
-                                                  mechanism):
-    """A fault that corrupts a staged weight (NaN) is caught by the output check."""
+                                                  mechanism, vouch):
+    """A fault that corrupts a staged weight (NaN) is caught by the output check, or, for a
+    packet with an update digest on the slot mechanism, by the digest of the staged feeds."""
     rt = EdgeRuntime(bundle_dir, [key.public_key()], mechanism=mechanism)
     rt.apply(make_packet(bundle, key, "a", 1, encoded["a"]))
     before = rt.infer(SENTENCES)
+    meta = honest_vouch(bundle_dir, key, make_packet(bundle, key, "b", 1, encoded["b"])) \
+        if vouch else None
     target = "lora_feeds" if mechanism.startswith("lora") else "patched_weight_t"
     real = getattr(backends_ort, target)
 
@@ -296,20 +310,23 @@ def test_non_finite_outputs_fail_the_health_check(bundle_dir, bundle, key, encod
         return out
 
     monkeypatch.setattr(backends_ort, target, corrupting)
-    with pytest.raises(HealthCheckError, match="non-finite"):
-        rt.apply(make_packet(bundle, key, "b", 1, encoded["b"]))
+    with pytest.raises(HealthCheckError, match="non-finite|not finite"):
+        rt.apply(make_packet(bundle, key, "b", 1, encoded["b"], metadata=meta))
     monkeypatch.setattr(backends_ort, target, real)
     assert rt.active.adapter_id == "a"
     assert np.array_equal(rt.infer(SENTENCES), before)
 
 
+@pytest.mark.parametrize("vouch", [False, True])
 @pytest.mark.parametrize("mechanism", MECHANISMS)
 def test_finite_factors_that_overflow_in_the_forward_pass_fail_the_probe(bundle_dir, bundle, key,
-                                                                         encoded, mechanism):
-    """Why every mechanism keeps the forward probe: a rank-1 update of 1e19 x 1e19 passes
-    every check on its factors (finite; the overflow bound 1e38 is below float32's max / 2,
-    and ``dW`` itself is finite), but the layer's output overflows on real hidden states.
-    Only running the model shows it; the packet is refused and the old adapter serves."""
+                                                                         encoded, mechanism,
+                                                                         vouch):
+    """Why the forward probe stays: a rank-1 update of 1e19 x 1e19 passes every check on
+    its factors (finite; the overflow bound 1e38 is below float32's max / 2, and ``dW``
+    itself is finite), but the layer's output overflows on real hidden states. An honest
+    update digest does not spare it the probe (it is far outside ``within_growth``); the
+    packet is refused and the old adapter serves."""
     out_f, in_f = bundle.layers[0].shape
     c = np.float32(1e19)
     huge = {0: LayerUpdate(bundle.layers[0].name, np.full((out_f, 1), c, np.float32),
@@ -318,11 +335,16 @@ def test_finite_factors_that_overflow_in_the_forward_pass_fail_the_probe(bundle_
     factors = decode_factors(result.records[0], None, result.header)
     left, right_t = patching.check_factors(0, (out_f, in_f), factors)  # no error: all finite
     assert np.isfinite(left @ right_t.T).all()
+    meta = None
+    if vouch:
+        digest = update_digest.digest([update_digest.LayerUpdate(0, (left, right_t), None, None)],
+                                      None)
+        meta = {"task": "bad", "update_digest": {"digest": digest, "tolerance": 1e-3}}
     rt = EdgeRuntime(bundle_dir, [key.public_key()], mechanism=mechanism)
     rt.apply(make_packet(bundle, key, "a", 1, encoded["a"]))
     before = rt.infer(SENTENCES)
     with pytest.raises(HealthCheckError, match="non-finite outputs"):
-        rt.apply(make_packet(bundle, key, "bad", 1, result))
+        rt.apply(make_packet(bundle, key, "bad", 1, result, metadata=meta))
     assert rt.active.adapter_id == "a"
     assert np.array_equal(rt.infer(SENTENCES), before)
 

@@ -159,7 +159,10 @@ def _compress_cli(adapter: Path, bundle: Path, out: Path, *extra: str):
                 "--quiet", "--out", str(out), *extra)
 
 
-def test_a_packet_that_does_not_do_what_it_says_never_serves(adapters, bundle_dir, tmp_path):
+@pytest.mark.parametrize("kind, key_name, error", [("update", "update_digest", "update digest"),
+                                                    ("outputs", "canary", "canary")])
+def test_a_packet_that_does_not_do_what_it_says_never_serves(adapters, bundle_dir, tmp_path,
+                                                             kind, key_name, error):
     from solar_edge.errors import HealthCheckError
     from solar_edge.format.reader import decode_packet
     from solar_edge.runtime.engine import EdgeRuntime
@@ -167,24 +170,44 @@ def test_a_packet_that_does_not_do_what_it_says_never_serves(adapters, bundle_di
     key_dir, out = tmp_path / "k", tmp_path / "p.slr"
     assert _cli("keygen", "--out", str(key_dir)).exit_code == 0
     result = _compress_cli(adapters["lora"], bundle_dir, out, "--signing-key",
-                           str(key_dir / "signing.key"))
+                           str(key_dir / "signing.key"), "--canary", kind)
     assert result.exit_code == 0, result.output
     key = signing.load_private_key(key_dir / "signing.key")
     packet = decode_packet(out.read_bytes(), [key.public_key()])
-    assert len(packet.header.metadata["canary"]["digest"]) == 3
+    meta = packet.header.metadata
+    assert len(meta[key_name]["digest"]) == 3
+    assert ({"canary", "update_digest"} & set(meta)) == {key_name}  # one vouch, not both
     rt = EdgeRuntime(str(bundle_dir), [key.public_key()])
-    rt.apply(out.read_bytes())  # the honest packet passes its own canary
+    rt.apply(out.read_bytes())  # the honest packet passes its own check
     serving = rt.infer(TEXTS)
     # the same signed claim over records that do less: the LoRA factors dropped
     lazy = [r for r in packet.records if r.kind == RecordKind.HEAD_TENSOR]
-    forged = encode_packet(PacketHeader(packet.header.fingerprint, "lora", 2,
-                                        packet.header.metadata), packet.codec, lazy, key)
-    with pytest.raises(HealthCheckError, match="canary"):
+    forged = encode_packet(PacketHeader(packet.header.fingerprint, "lora", 2, meta),
+                           packet.codec, lazy, key)
+    with pytest.raises(HealthCheckError, match=error):
         rt.apply(forged)
     assert rt.active.version == 1 and np.array_equal(rt.infer(TEXTS), serving)
-    no_canary = tmp_path / "n.slr"
-    assert _compress_cli(adapters["lora"], bundle_dir, no_canary, "--no-canary").exit_code == 0
-    assert "canary" not in decode_packet(no_canary.read_bytes()).header.metadata
+
+
+def test_without_a_vouch_the_packet_carries_neither_digest(adapters, bundle_dir, tmp_path):
+    from solar_edge.format.reader import decode_packet
+
+    out = tmp_path / "n.slr"
+    assert _compress_cli(adapters["lora"], bundle_dir, out, "--no-canary").exit_code == 0
+    meta = decode_packet(out.read_bytes()).header.metadata
+    assert "canary" not in meta and "update_digest" not in meta
+
+
+def _counting_probe(rt, monkeypatch) -> list[int]:
+    """Record the batch size of every forward pass staging runs."""
+    real, batches = rt.backend.probe, []
+
+    def counting(staged, feeds):
+        batches.append(len(next(iter(feeds.values()))))
+        return real(staged, feeds)
+
+    monkeypatch.setattr(rt.backend, "probe", counting)
+    return batches
 
 
 def test_a_canary_packet_costs_one_probe_whose_outputs_must_be_finite(adapters, bundle_dir,
@@ -198,21 +221,51 @@ def test_a_canary_packet_costs_one_probe_whose_outputs_must_be_finite(adapters, 
     key_dir, out = tmp_path / "k", tmp_path / "p.slr"
     assert _cli("keygen", "--out", str(key_dir)).exit_code == 0
     assert _compress_cli(adapters["lora"], bundle_dir, out, "--signing-key",
-                         str(key_dir / "signing.key")).exit_code == 0
+                         str(key_dir / "signing.key"), "--canary", "outputs").exit_code == 0
     key = signing.load_private_key(key_dir / "signing.key")
     rt = EdgeRuntime(str(bundle_dir), [key.public_key()])
-    real, batches = rt.backend.probe, []
-
-    def counting(staged, feeds):
-        batches.append(len(next(iter(feeds.values()))))
-        return real(staged, feeds)
-
-    monkeypatch.setattr(rt.backend, "probe", counting)
+    real = rt.backend.probe
+    batches = _counting_probe(rt, monkeypatch)
     rt.apply(out.read_bytes())
     assert batches == [3]  # the three canary inputs, once
     serving = rt.infer(TEXTS)
     packet = decode_packet(out.read_bytes(), [key.public_key()])
     again = encode_packet(PacketHeader(packet.header.fingerprint, "lora", 2,
+                                       packet.header.metadata), packet.codec, packet.records, key)
+    monkeypatch.setattr(rt.backend, "probe", lambda staged, feeds: [
+        np.full_like(o, np.nan) for o in real(staged, feeds)])
+    with pytest.raises(HealthCheckError, match="non-finite"):
+        rt.apply(again)
+    assert rt.active.version == 1 and np.array_equal(rt.infer(TEXTS), serving)
+
+
+@pytest.mark.parametrize("mechanism, passes", [("lora", []), ("lora-native", [1]),
+                                               ("initializer", [1])])
+def test_an_update_digest_packet_needs_a_forward_pass_only_on_merged_weights(
+        adapters, bundle_dir, tmp_path, monkeypatch, mechanism, passes):
+    """The default vouch is checked in weight space: the slot mechanisms, which serve the
+    factors as they are, run no forward pass; a mechanism that merges weights on the board
+    still runs the health input once, and its non-finite outputs fail."""
+    from solar_edge.errors import HealthCheckError
+    from solar_edge.format.reader import decode_packet
+    from solar_edge.runtime.engine import EdgeRuntime
+
+    key_dir, out = tmp_path / "k", tmp_path / "p.slr"
+    assert _cli("keygen", "--out", str(key_dir)).exit_code == 0
+    assert _compress_cli(adapters["dora-bias"], bundle_dir, out, "--signing-key",
+                         str(key_dir / "signing.key")).exit_code == 0
+    key = signing.load_private_key(key_dir / "signing.key")
+    rt = EdgeRuntime(str(bundle_dir), [key.public_key()], mechanism=mechanism)
+    real = rt.backend.probe
+    batches = _counting_probe(rt, monkeypatch)
+    rt.apply(out.read_bytes())
+    assert batches == passes
+    assert rt.checks.forward_passes == len(passes)
+    if not passes:
+        return
+    serving = rt.infer(TEXTS)
+    packet = decode_packet(out.read_bytes(), [key.public_key()])
+    again = encode_packet(PacketHeader(packet.header.fingerprint, "dora", 2,
                                        packet.header.metadata), packet.codec, packet.records, key)
     monkeypatch.setattr(rt.backend, "probe", lambda staged, feeds: [
         np.full_like(o, np.nan) for o in real(staged, feeds)])
@@ -227,7 +280,7 @@ def _compress(adapter_dir: Path, bundle):
     from solar_edge.exporters.compress import CompressOptions, compress_adapter
 
     return compress_adapter(adapter_dir, bundle, signing.generate_private_key(),
-                            CompressOptions(budget=300_000, canary=False))
+                            CompressOptions(budget=300_000, canary="none"))
 
 
 def test_a_task_type_the_board_cannot_serve_is_refused(adapters, minilm_bundle, tmp_path):

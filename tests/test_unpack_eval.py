@@ -144,9 +144,10 @@ def test_unpacked_dora_with_biases_mixed_ranks_and_a_dropped_layer(seqcls, minil
     dropped = next(r.layer_id for r in pkt.records if r.kind in factor_kinds)
     records = [r for r in pkt.records if not (r.layer_id == dropped and r.kind in factor_kinds)]
     key = signing.generate_private_key()
-    # the packet no longer does what its canary digest says, so it carries none
+    # the packet no longer is what its update digest says, so it carries none
+    assert "update_digest" in pkt.header.metadata
     header = replace(pkt.header, metadata={k: v for k, v in pkt.header.metadata.items()
-                                           if k != "canary"})
+                                           if k not in ("canary", "update_digest")})
     data = encode_packet(header, pkt.codec, records, key)
     (tmp_path / "q.slr").write_bytes(data)
     signing.save_public_key(key, tmp_path / "q.slr.pub")

@@ -39,6 +39,7 @@ from solar_edge.runtime.patching import (
     lora_feeds,
     patched_bias,
     patched_weight_t,
+    slot_patches,
 )
 
 MECHANISMS = ("initializer", "iobinding", "lora", "lora-native", "recreate")
@@ -137,6 +138,9 @@ class OrtMechanism:
 
     def commit(self, staged: Any) -> None:
         raise NotImplementedError
+
+    def staged_patches(self, staged: Any) -> Patches | None:
+        return None  # the merged mechanisms serve weights computed on the board
 
     def run(self, feeds: Feeds) -> list[np.ndarray]:
         return self.session.run(None, dict(feeds))
@@ -288,6 +292,10 @@ class LoraMechanism(OrtMechanism):
     def probe(self, staged: Any, feeds: Feeds) -> list[np.ndarray]:
         return staged[0].run(None, {**feeds, **staged[1]})
 
+    def staged_patches(self, staged: Any) -> Patches | None:
+        """The patches the staged slot feeds serve, read back from the feeds themselves."""
+        return slot_patches(self.slots.values(), staged[1])
+
     def commit(self, staged: Any) -> None:
         self.session, self.current = staged
 
@@ -324,6 +332,9 @@ class LoraNativeMechanism(LoraMechanism):
 
     def probe(self, staged: tuple, feeds: Feeds) -> list[np.ndarray]:
         return staged[2].run(None, dict(feeds), staged[0])
+
+    def staged_patches(self, staged: tuple) -> Patches | None:
+        return None  # served from an ORT adapter file written and loaded on the board
 
     def commit(self, staged: tuple) -> None:
         self.current_options, self.session = staged[:2], staged[2]

@@ -155,8 +155,10 @@ def _head(value: Any) -> str | None:
 MAX_CANARY = 16
 
 
-def _canary(value: Any) -> str | None:
-    """Expected output digest of the bundle's canary inputs (:mod:`solar_edge.regen.canary`)."""
+def _digest(value: Any) -> str | None:
+    """A vouch: the expected output digest of the bundle's canary inputs (``canary``,
+    :mod:`solar_edge.regen.canary`) or of the decoded update (``update_digest``,
+    :mod:`solar_edge.regen.update_digest`)."""
     if not isinstance(value, dict):
         return 'must be an object with "digest" and "tolerance"'
     tol, rows = value.get("tolerance"), value.get("digest")
@@ -179,7 +181,8 @@ KNOWN_FIELDS: dict[str, Callable[[Any], str | None]] = {
     "labels": _labels,
     "head_seed": _u64,
     "head": _head,
-    "canary": _canary,
+    "canary": _digest,
+    "update_digest": _digest,
 }
 
 

@@ -44,14 +44,24 @@ def digest(outputs: np.ndarray) -> list[list[float]]:
 def mismatch(outputs: np.ndarray, expected: Sequence[Sequence[float]],
              tolerance: float) -> str | None:
     """None when ``outputs`` digest to ``expected`` within tolerance, else what differs."""
-    got = np.asarray(digest(outputs), np.float64)
+    problem = compare(digest(outputs), expected, tolerance, FLOOR)
+    return None if problem is None else f"outputs {problem}"
+
+
+def compare(got: Sequence[Sequence[float]], expected: Sequence[Sequence[float]],
+            tolerance: float, floor: float) -> str | None:
+    """None when two digests agree: every row within ``tolerance`` times that row's largest
+    expected magnitude plus ``floor``; else what differs (a non-finite ``got`` differs)."""
+    have = np.asarray(got, np.float64)
     want = np.asarray(expected, np.float64)
-    if got.shape != want.shape:
-        return f"digest of shape {got.shape}, the packet expects {want.shape}"
-    scale = np.abs(want).max(axis=1, keepdims=True) + FLOOR
-    worst = float((np.abs(got - want) / scale).max())
+    if have.shape != want.shape:
+        return f"digest of shape {have.shape}, the packet expects {want.shape}"
+    if not np.isfinite(have).all():
+        return "digest is not finite"
+    scale = np.abs(want).max(axis=1, keepdims=True) + floor
+    worst = float((np.abs(have - want) / scale).max())
     if worst > tolerance:
-        return f"outputs differ from the packet's expectation by {worst:.3g} (> {tolerance:g})"
+        return f"differ from the packet's expectation by {worst:.3g} (> {tolerance:g})"
     return None
 
 
