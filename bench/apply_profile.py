@@ -4,9 +4,10 @@
 
 Each round times the pieces of ``EdgeRuntime.stage`` on their own (the Ed25519 check of
 the signed bytes, zstd, the whole packet reader, the basis products alone, the record
-decoder, the factor checks, the slot feeds, the health probe, and the probe on the first 1
-and 2 tokens of the health input), then one real apply of a new version, so every piece
-sees the caches an apply leaves. Medians and minimums in ms (the minimum is the cost with
+decoder, the factor checks, the slot feeds, the update digest check that replaces the
+forward pass, and, for comparison, that forward pass on the health input and on its first 1
+and 2 tokens), then one real apply of a new version, so every piece sees the caches an
+apply leaves. Medians and minimums in ms (the minimum is the cost with
 the least interference on a shared machine). Packets as in ``bench/runtime.py``.
 """
 
@@ -62,6 +63,8 @@ def pieces(rt, data: bytes, key) -> dict[str, float]:
             packet.records, packet.codec, rt.bundle.dims, rt._basis))
         patches = timed("check_factors", lambda: rt._patches(decoded))
         staged = timed("slot_feeds", lambda: rt.backend.prepare(patches))
+        timed("update_digest_check", lambda: rt.checks.run(
+            staged, packet.header.metadata, patches, None))
     health = rt._health_feeds
     timed("probe", lambda: rt.backend.probe(staged, health))
     for n in (1, 2):

@@ -155,6 +155,26 @@ def vouched(meta: dict, bundle_dir: Path, key, packet: bytes, vouch: str) -> dic
                                "tolerance": canary.DEFAULT_TOLERANCE}}
 
 
+def own_packets(path: Path, src_bundle: Path, bundle_dir: Path, key, versions: int,
+                prefix: str) -> list[list[bytes]]:
+    """A packet ``solar-edge compress`` made for ``src_bundle``, re-signed with ``key`` as
+    ``versions`` new versions for the bench's copy of that bundle (``prepare_bundle``: graph
+    variants added, weights and bases unchanged), its metadata and records as they are."""
+    from dataclasses import replace
+
+    from solar_edge.format.bundle import load_bundle
+    from solar_edge.format.reader import decode_packet
+    from solar_edge.format.writer import encode_packet
+
+    packet = decode_packet(path.read_bytes())
+    if packet.header.fingerprint != load_bundle(src_bundle).fingerprint:
+        raise SystemExit(f"{path}: made for another bundle than {src_bundle}")
+    fingerprint = load_bundle(bundle_dir).fingerprint
+    return [[encode_packet(replace(packet.header, fingerprint=fingerprint, adapter_id=prefix,
+                                   adapter_version=v), packet.codec, packet.records, key)
+             for v in range(1, versions + 1)]]
+
+
 def kept_coefficients(packet: bytes) -> int:
     """Values a packet carries over all its records (what the decoder multiplies)."""
     from solar_edge.format.reader import decode_packet
@@ -195,7 +215,7 @@ def bench_applies(bundle_dir: Path, mechs: list[str], sizes: dict[str, list[list
     for mech in mechs:
         t = time.perf_counter()
         rts[mech] = EdgeRuntime(str(bundle_dir), [key.public_key()], mechanism=mech,
-                                threads=threads, max_cached=8)
+                                threads=threads, max_cached=16)
         rows[mech] = {"load_ms": round((time.perf_counter() - t) * 1e3, 1)}
     ms: dict[tuple[str, str], list[float]] = {(m, s): [] for m in mechs for s in sizes}
     steps: dict[tuple[str, str], list[dict]] = {(m, s): [] for m in mechs for s in sizes}
@@ -367,6 +387,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--mechanisms", default=",".join(MECHS))
     ap.add_argument("--small-budget", type=int, default=4096, help="small packet, bytes")
+    ap.add_argument("--own", type=Path, action="append", default=[],
+                    help="a packet `solar-edge compress` made for --bundle (of a LoRA r=8 on "
+                         "query/value, the shape PEFT's load + merge is timed on), applied in "
+                         "the same rounds; repeatable")
     ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--packet", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--pub", default=None, help=argparse.SUPPRESS)
@@ -399,6 +423,9 @@ def main() -> None:
                                                vouch="outputs", **large),
                  "large-none": make_packets(bundle_dir, adapters, key, n, prefix="none",
                                             vouch="none", **large)}
+        for j, path in enumerate(args.own):
+            sizes[f"own:{path.name}"] = own_packets(path, args.bundle, bundle_dir, key,
+                                                    args.repeat + 1, f"own{j}")
         baked, run_baked = bench_baked(bundle_dir, args.repeat, args.threads)
         peft, run_peft, peft_apply = bench_peft(adapters, args.repeat, args.threads)
         results: dict = {"packets": {k: {"bytes": len(v[0][0]), "kept": kept_coefficients(v[0][0])}

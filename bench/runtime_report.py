@@ -42,11 +42,18 @@ def print_table(r: dict) -> None:
             print(f"  {mech:12s} " + "   ".join(
                 f"{cell(row[s]['apply'])} {row[s]['apply']['median_ms'] / merge:6.3f}"
                 for s in vouches))
+    own = [s for s in pk if s.startswith("own:")]
+    for size in own:
+        print(f"apply of {size[4:]} ({pk[size]['bytes']} B, {pk[size]['kept']} values, made by "
+              "compress), median (min) ms and /PEFT:")
+        for mech, row in mechs.items():
+            print(f"  {mech:12s} {cell(row[size]['apply'])} "
+                  f"{row[size]['apply']['median_ms'] / merge:6.3f}")
     print("apply steps, median ms (verify / decode / stage / probe / commit):")
     for mech, row in mechs.items():
-        for size in ("small", *vouches):
+        for size in ("small", *vouches, *own):
             st = row[size]["steps_median_ms"]
-            print(f"  {mech:12s} {size:13s} " + " / ".join(
+            print(f"  {mech:12s} {size[:24]:24s} " + " / ".join(
                 f"{st[k]:.2f}" for k in ("verify_ms", "decode_ms", "stage_ms", "probe_ms",
                                          "commit_ms")))
     print("apply against kept coefficients (mechanism "

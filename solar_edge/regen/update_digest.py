@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -57,11 +58,14 @@ def probe_vectors(layer_id: int, width: int, stream: int) -> np.ndarray:
     return signs.astype(np.float64)
 
 
+@lru_cache(maxsize=4)
 def head_probe(hidden: int) -> np.ndarray:
-    """The fixed ``(1, 2, hidden)`` hidden state the head's row is computed on."""
+    """The fixed ``(1, 2, hidden)`` hidden state the head's row is computed on (read-only)."""
     signs = perturbation_columns(DIGEST_SEED, HEAD_LAYER_ID, 0, 2 * hidden, np.arange(1),
                                  PerturbationKind.RADEMACHER)
-    return signs.reshape(1, 2, hidden).astype(np.float32)
+    probe = signs.reshape(1, 2, hidden).astype(np.float32)
+    probe.flags.writeable = False
+    return probe
 
 
 class ProbeCache:
@@ -95,7 +99,7 @@ def digest(updates: Iterable[LayerUpdate], head_logits: np.ndarray | None,
                 rows[1] += change @ vectors(up.layer_id, change.shape[0], 0)
     if head_logits is not None:
         logits = np.asarray(head_logits, np.float64).reshape(-1)
-        rows[2] = logits @ probe_vectors(HEAD_LAYER_ID, logits.shape[0], 1)
+        rows[2] = logits @ vectors(HEAD_LAYER_ID, logits.shape[0], 1)
     return [[float(f"{v:.{DIGEST_DIGITS}g}") for v in row] for row in rows]
 
 
