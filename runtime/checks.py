@@ -4,11 +4,11 @@
   forward pass on the bundle's canary inputs, their digest checked against the packet's.
 * ``update_digest`` (:mod:`solar_edge.regen.update_digest`): the digest of the update as
   staged checked against the packet's, with no forward pass. Where the backend serves the
-  patches as they are (the ``lora`` slot feeds, read back by ``staged_patches``), that is
-  the whole check unless an update is far larger than its base layer
-  (:func:`~solar_edge.runtime.patching.within_growth`); where it serves something it
-  computed from them (merged weights, ORT adapter files, a patched flatbuffer) the digest
-  is of the decoded patches and a forward pass on the health input follows.
+  patches as they are (the ``lora`` slot feeds, or for ``lora-native`` the adapter file it
+  loaded, read back by ``staged_patches``), that is the whole check unless an update is far
+  larger than its base layer (:func:`~solar_edge.runtime.patching.within_growth`); where
+  it serves something it computed from them (merged weights, a patched flatbuffer) the
+  digest is of the decoded patches and a forward pass on the health input follows.
 * neither: a forward pass on the health input.
 
 Every forward pass must give finite outputs. Failures are

@@ -131,7 +131,8 @@ def within_growth(patch: LayerPatch, sigma1: float, base_bias: np.ndarray | None
     Finite factors whose product still overflows an activation to inf are far outside it:
     for them the runtime runs the forward probe (:meth:`EdgeRuntime._probe`)."""
     if patch.factors is not None:
-        bound = math.prod(float(np.linalg.norm(np.asarray(f, np.float64))) for f in patch.factors)
+        with np.errstate(over="ignore"):  # a norm that overflows is far outside the bound
+            bound = math.prod(math.sqrt(float(np.vdot(f, f))) for f in patch.factors)
         if not bound <= MAX_GROWTH * sigma1:
             return False
     if patch.scale is not None and not _largest_magnitude(patch.scale) <= MAX_GROWTH:

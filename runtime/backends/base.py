@@ -5,11 +5,11 @@ layer) computes everything an adapter needs into new buffers (nothing the
 serving model sees changes); ``probe(staged, feeds)`` runs the staged adapter without
 serving it; ``commit(staged)`` makes it serve; ``run(feeds)`` infers with what serves.
 ``staged_patches(staged)`` reads back the patches a staged adapter will serve as they are
-(the ``lora`` slot feeds), or None where the backend serves something it computed from them
-(merged weights, ORT adapter files, a patched flatbuffer). ``check_link(feeds)`` raises
-:class:`~solar_edge.errors.ProfileError` when patching would not be seen (e.g. weights
-copied to an accelerator). Feeds are keyed by the graph's input names (``input_names``),
-whatever the backend calls them inside.
+(the ``lora`` slot feeds, the adapter file ``lora-native`` loaded), or None where the
+backend serves something it computed from them (merged weights, a patched flatbuffer).
+``check_link(feeds)`` raises :class:`~solar_edge.errors.ProfileError` when patching would
+not be seen (e.g. weights copied to an accelerator). Feeds are keyed by the graph's input
+names (``input_names``), whatever the backend calls them inside.
 """
 
 from __future__ import annotations

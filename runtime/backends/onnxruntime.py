@@ -314,9 +314,10 @@ class LoraNativeMechanism(LoraMechanism):
         self.current_options: tuple[ort.RunOptions, Any] = (ort.RunOptions(), None)
         return super()._create()
 
-    def prepare(self, patches: Patches) -> tuple[ort.RunOptions, Any, ort.InferenceSession]:
+    def prepare(self, patches: Patches) -> tuple[ort.RunOptions, Any, ort.InferenceSession,
+                                                 dict[str, np.ndarray]]:
         feeds = self._feeds(patches)
-        options, adapter = ort.RunOptions(), None
+        options, adapter, served = ort.RunOptions(), None, {}
         if feeds:
             fmt = ort.AdapterFormat()
             fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()})
@@ -325,16 +326,23 @@ class LoraNativeMechanism(LoraMechanism):
             fmt.export_adapter(path)
             adapter = ort.LoraAdapter()
             adapter.Load(path)
+            # what the loaded adapter serves, read back from the file it mapped; copied
+            # while the reader lives (its arrays are views into memory it frees)
+            back = ort.AdapterFormat.read_adapter(path)
+            served = {k: np.array(v.numpy(), copy=True)
+                      for k, v in back.get_parameters().items()}
+            del back
             options.add_active_adapter(adapter)
             os.unlink(path)  # memory-mapped already; POSIX keeps the pages
         # the adapter must outlive the options that name it
-        return options, adapter, self._session_for(patches)
+        return options, adapter, self._session_for(patches), served
 
     def probe(self, staged: tuple, feeds: Feeds) -> list[np.ndarray]:
         return staged[2].run(None, dict(feeds), staged[0])
 
     def staged_patches(self, staged: tuple) -> Patches | None:
-        return None  # served from an ORT adapter file written and loaded on the board
+        """The patches the staged adapter file serves, read back from that file."""
+        return slot_patches(self.slots.values(), staged[3])
 
     def commit(self, staged: tuple) -> None:
         self.current_options, self.session = staged[:2], staged[2]

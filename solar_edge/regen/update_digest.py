@@ -89,10 +89,9 @@ def digest(updates: Iterable[LayerUpdate], head_logits: np.ndarray | None,
     rows = np.zeros((ROWS, DIGEST_DIMS))
     for up in updates:
         if up.factors is not None:
-            left, right_t = (np.asarray(f, np.float64) for f in up.factors)
-            p = vectors(up.layer_id, left.shape[0], 0)
-            u = vectors(up.layer_id, right_t.shape[0], 1)
-            rows[0] += np.einsum("oj,oj->j", p, left @ (right_t.T @ u))
+            p = vectors(up.layer_id, up.factors[0].shape[0], 0)
+            u = vectors(up.layer_id, up.factors[1].shape[0], 1)
+            rows[0] += np.einsum("oj,oj->j", p, _update_times(up.factors, u))
         for change in (None if up.scale is None else up.scale - 1.0, up.bias):
             if change is not None:
                 change = np.asarray(change, np.float64)
@@ -101,6 +100,18 @@ def digest(updates: Iterable[LayerUpdate], head_logits: np.ndarray | None,
         logits = np.asarray(head_logits, np.float64).reshape(-1)
         rows[2] = logits @ vectors(HEAD_LAYER_ID, logits.shape[0], 1)
     return [[float(f"{v:.{DIGEST_DIGITS}g}") for v in row] for row in rows]
+
+
+def _update_times(factors: tuple[np.ndarray, np.ndarray], u: np.ndarray) -> np.ndarray:
+    """``dW u`` as ``L (Rt.T u)``: float32 products (±1 vectors are exact in float32; about
+    1e-6 relative error against a tolerance of 1e-3), again in float64 where float32
+    overflows (a huge update still gets a finite digest, and the growth check its probe)."""
+    left, right_t = (np.asarray(f, np.float32) for f in factors)
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = left @ (right_t.T @ u.astype(np.float32))
+    if np.isfinite(y).all() or not (np.isfinite(left).all() and np.isfinite(right_t).all()):
+        return y.astype(np.float64)
+    return np.asarray(left, np.float64) @ (np.asarray(right_t, np.float64).T @ u)
 
 
 def mismatch(got: list[list[float]], expected: list[list[float]],
