@@ -339,6 +339,15 @@ def bundle_packet(fingerprint: bytes, shapes: dict[int, tuple[int, int]], basis_
     return encode_packet(header, CodecHeader(seed=99), records, KEY, compress=False)
 
 
+def with_metadata(packet: bytes, extra: dict, version: int) -> bytes:
+    """``packet`` (uncompressed) re-signed as ``version`` with ``extra`` added to its
+    metadata."""
+    raw = parse(packet)
+    raw.metadata = canonical({**json.loads(raw.metadata), **extra})
+    raw.adapter_version = version
+    return raw.build(KEY)
+
+
 def bundle_sizes(shapes: dict[int, tuple[int, int]], basis_rank: int) -> list[int]:
     """A bundle's layer dimensions and basis rank, each also off by one."""
     dims = {d for shape in shapes.values() for d in shape} | {basis_rank}

@@ -27,6 +27,7 @@ from solar_edge.format.records import (
     ValueFormat,
 )
 from solar_edge.format.writer import encode_packet
+from solar_edge.regen import update_digest
 from solar_edge.runtime.engine import EdgeRuntime
 
 MODEL = GOLDEN_DIR / "board_model.npz"
@@ -58,12 +59,15 @@ def model_packet(bundle_dir: str | Path) -> bytes:
 
 
 def outputs(bundle_dir: str | Path) -> dict[str, np.ndarray]:
-    """The bundle's first output for :func:`feeds`, plain and with :func:`model_packet`."""
+    """The bundle's first output for :func:`feeds`, plain and with :func:`model_packet`, and
+    the packet's update digest as this platform decodes it (a packet made on x86-64 vouches
+    with the x86-64 digest, which a board must reproduce within its tolerance)."""
     key = signing.load_private_key(KEY)
     rt = EdgeRuntime(str(bundle_dir), [key.public_key()], mechanism="initializer")
     plain = rt.infer(feeds())
-    rt.apply(model_packet(bundle_dir))
-    return {"plain": plain, "patched": rt.infer(feeds())}
+    info = rt.apply(model_packet(bundle_dir))
+    return {"plain": plain, "patched": rt.infer(feeds()),
+            "update_digest": np.asarray(rt.update_digest(info.adapter_id), np.float64)}
 
 
 def fingerprint(bundle_dir: str | Path) -> str:
@@ -80,13 +84,19 @@ def compare(bundle_dir: str | Path) -> list[tuple[str, str, str]]:
     with np.load(MODEL) as ref:
         if str(ref["fingerprint"]) != fingerprint(bundle_dir):
             return [("model outputs", "stale", "bundle fingerprint is not the golden's")]
-        want = {k: ref[k] for k in ("plain", "patched")}
+        want = {k: ref[k] for k in ("plain", "patched", "update_digest")}
     got = outputs(bundle_dir)
     rows = []
     for name, w in want.items():
         g = got[name]
         if g.shape == w.shape and np.array_equal(g, w):
             rows.append((f"model {name}", "identical", ""))
+            continue
+        if name == "update_digest":  # the board's own check, at the tolerance compress signs
+            problem = update_digest.mismatch(g.tolist(), w.tolist(),
+                                             update_digest.DEFAULT_TOLERANCE)
+            rows.append(("update digest", "DIFFERS" if problem else "within tolerance",
+                         problem or f"max abs {float(np.abs(g - w).max()):.2g}"))
             continue
         rel = float(np.abs(g - w).max() / np.abs(w).max()) if g.shape == w.shape else np.inf
         rows.append((f"model {name}", "within tolerance" if rel <= OUTPUT_RTOL else "DIFFERS",
