@@ -210,12 +210,28 @@ def _counting_probe(rt, monkeypatch) -> list[int]:
     return batches
 
 
+def _next_version_refused_on_nan_outputs(rt, packet_path: Path, key, real_probe,
+                                         monkeypatch) -> None:
+    """The packet's next version, staged while every forward pass gives NaN, is refused as
+    non-finite and what served keeps serving."""
+    from solar_edge.errors import HealthCheckError
+    from solar_edge.format.reader import decode_packet
+
+    serving = rt.infer(TEXTS)
+    packet = decode_packet(packet_path.read_bytes(), [key.public_key()])
+    again = encode_packet(PacketHeader(packet.header.fingerprint, packet.header.adapter_id, 2,
+                                       packet.header.metadata), packet.codec, packet.records, key)
+    monkeypatch.setattr(rt.backend, "probe", lambda staged, feeds: [
+        np.full_like(o, np.nan) for o in real_probe(staged, feeds)])
+    with pytest.raises(HealthCheckError, match="non-finite"):
+        rt.apply(again)
+    assert rt.active.version == 1 and np.array_equal(rt.infer(TEXTS), serving)
+
+
 def test_a_canary_packet_costs_one_probe_whose_outputs_must_be_finite(adapters, bundle_dir,
                                                                       tmp_path, monkeypatch):
     """The canary's forward pass is also the health probe: one pass per apply, not two,
     and non-finite outputs on the canary inputs fail as such (not as a digest mismatch)."""
-    from solar_edge.errors import HealthCheckError
-    from solar_edge.format.reader import decode_packet
     from solar_edge.runtime.engine import EdgeRuntime
 
     key_dir, out = tmp_path / "k", tmp_path / "p.slr"
@@ -228,15 +244,7 @@ def test_a_canary_packet_costs_one_probe_whose_outputs_must_be_finite(adapters, 
     batches = _counting_probe(rt, monkeypatch)
     rt.apply(out.read_bytes())
     assert batches == [3]  # the three canary inputs, once
-    serving = rt.infer(TEXTS)
-    packet = decode_packet(out.read_bytes(), [key.public_key()])
-    again = encode_packet(PacketHeader(packet.header.fingerprint, "lora", 2,
-                                       packet.header.metadata), packet.codec, packet.records, key)
-    monkeypatch.setattr(rt.backend, "probe", lambda staged, feeds: [
-        np.full_like(o, np.nan) for o in real(staged, feeds)])
-    with pytest.raises(HealthCheckError, match="non-finite"):
-        rt.apply(again)
-    assert rt.active.version == 1 and np.array_equal(rt.infer(TEXTS), serving)
+    _next_version_refused_on_nan_outputs(rt, out, key, real, monkeypatch)
 
 
 @pytest.mark.parametrize("mechanism, passes", [("lora", []), ("lora-native", []),
@@ -246,8 +254,6 @@ def test_an_update_digest_packet_needs_a_forward_pass_only_on_merged_weights(
     """The default vouch is checked in weight space: the slot mechanisms, which serve the
     factors as they are, run no forward pass; a mechanism that merges weights on the board
     still runs the health input once, and its non-finite outputs fail."""
-    from solar_edge.errors import HealthCheckError
-    from solar_edge.format.reader import decode_packet
     from solar_edge.runtime.engine import EdgeRuntime
 
     key_dir, out = tmp_path / "k", tmp_path / "p.slr"
@@ -263,15 +269,7 @@ def test_an_update_digest_packet_needs_a_forward_pass_only_on_merged_weights(
     assert rt.checks.forward_passes == len(passes)
     if not passes:
         return
-    serving = rt.infer(TEXTS)
-    packet = decode_packet(out.read_bytes(), [key.public_key()])
-    again = encode_packet(PacketHeader(packet.header.fingerprint, "dora", 2,
-                                       packet.header.metadata), packet.codec, packet.records, key)
-    monkeypatch.setattr(rt.backend, "probe", lambda staged, feeds: [
-        np.full_like(o, np.nan) for o in real(staged, feeds)])
-    with pytest.raises(HealthCheckError, match="non-finite"):
-        rt.apply(again)
-    assert rt.active.version == 1 and np.array_equal(rt.infer(TEXTS), serving)
+    _next_version_refused_on_nan_outputs(rt, out, key, real, monkeypatch)
 
 
 # --- what the board cannot serve is refused at compress -------------------------------------
