@@ -202,12 +202,15 @@ def apply_once(rt, packets: list[list[bytes]], v: int) -> float:
 
 
 def bench_applies(bundle_dir: Path, mechs: list[str], sizes: dict[str, list[list[bytes]]],
-                  key, repeat: int, threads: int, peft_apply: Callable[[], float]
-                  ) -> tuple[dict, list[float], dict[str, Callable[[], object]]]:
+                  key, repeat: int, threads: int, peft_apply: Callable[..., float],
+                  own_adapters: dict[str, Path] | None = None
+                  ) -> tuple[dict, list[float], dict[str, list[float]],
+                             dict[str, Callable[[], object]]]:
     """Apply of each packet size on every mechanism and PEFT's load + merge, interleaved:
-    each round times one PEFT load + merge, then one apply per mechanism and size, so load
-    on a shared machine hits them alike and ratios compare the same rounds. Then switch
-    between the two large adapters, per mechanism."""
+    each round times one PEFT load + merge (and one of each ``own_adapters`` entry, the
+    adapter an ``--own`` packet was made from), then one apply per mechanism and size, so
+    load on a shared machine hits them alike and ratios compare the same rounds. Then
+    switch between the two large adapters, per mechanism."""
     from solar_edge.runtime.engine import EdgeRuntime
 
     rows: dict[str, dict] = {}
@@ -221,8 +224,14 @@ def bench_applies(bundle_dir: Path, mechs: list[str], sizes: dict[str, list[list
     steps: dict[tuple[str, str], list[dict]] = {(m, s): [] for m in mechs for s in sizes}
     cache: dict[tuple[str, str], int] = {}
     peft_ms = []
+    own_adapters = own_adapters or {}
+    own_peft_ms: dict[str, list[float]] = {size: [] for size in own_adapters}
+    for adapter in own_adapters.values():
+        peft_apply(adapter)  # first call for this adapter: not timed
     for v in range(repeat):
         peft_ms.append(peft_apply())
+        for size, adapter in own_adapters.items():
+            own_peft_ms[size].append(peft_apply(adapter))
         for mech, rt in rts.items():
             for size, packets in sizes.items():
                 ms[mech, size].append(apply_once(rt, packets, v))
@@ -246,7 +255,7 @@ def bench_applies(bundle_dir: Path, mechs: list[str], sizes: dict[str, list[list
         row["switch"] = summary(switch_ms)
         feeds = rt.family.feeds(SENTENCES)
         runners[mech] = (lambda rt=rt, feeds=feeds: rt.backend.run(feeds))
-    return rows, peft_ms, runners
+    return rows, peft_ms, own_peft_ms, runners
 
 
 SWEEP = [("sparse_core", {"budget_bytes": b}) for b in (1024, 4096, 16384, 65536)] + \
@@ -290,7 +299,7 @@ def bench_baked(bundle_dir: Path, repeat: int, threads: int) -> tuple[dict, Call
 
 
 def bench_peft(adapters: list[Path], repeat: int, threads: int
-               ) -> tuple[dict, Callable[[], object], Callable[[], float]]:
+               ) -> tuple[dict, Callable[[], object], Callable[..., float]]:
     import torch
     from peft import PeftModel
     from transformers import AutoModel, AutoTokenizer
@@ -302,11 +311,11 @@ def bench_peft(adapters: list[Path], repeat: int, threads: int
     tok = AutoTokenizer.from_pretrained(minilm_path())
     enc = tok(SENTENCES, padding=True, return_tensors="pt")
 
-    def load_merge() -> float:
+    def load_merge(adapter: Path = adapters[0]) -> float:
         """One PEFT load_adapter + merge_and_unload on a fresh copy of the base, in ms."""
         fresh = copy.deepcopy(base)
         t = time.perf_counter()
-        PeftModel.from_pretrained(fresh, str(adapters[0])).merge_and_unload()
+        PeftModel.from_pretrained(fresh, str(adapter)).merge_and_unload()
         return (time.perf_counter() - t) * 1e3
 
     load_merge()  # first call: imports and caches, not timed
@@ -387,10 +396,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--mechanisms", default=",".join(MECHS))
     ap.add_argument("--small-budget", type=int, default=4096, help="small packet, bytes")
-    ap.add_argument("--own", type=Path, action="append", default=[],
-                    help="a packet `solar-edge compress` made for --bundle (of a LoRA r=8 on "
-                         "query/value, the shape PEFT's load + merge is timed on), applied in "
-                         "the same rounds; repeatable")
+    ap.add_argument("--own", action="append", default=[], metavar="PACKET[=ADAPTER_DIR]",
+                    help="a packet `solar-edge compress` made for --bundle, applied in the same "
+                         "rounds; with =ADAPTER_DIR (the PEFT adapter it was made from) PEFT's "
+                         "load + merge of that adapter is timed in the same rounds too; "
+                         "repeatable")
     ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--packet", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--pub", default=None, help=argparse.SUPPRESS)
@@ -423,9 +433,14 @@ def main() -> None:
                                                vouch="outputs", **large),
                  "large-none": make_packets(bundle_dir, adapters, key, n, prefix="none",
                                             vouch="none", **large)}
-        for j, path in enumerate(args.own):
-            sizes[f"own:{path.name}"] = own_packets(path, args.bundle, bundle_dir, key,
-                                                    args.repeat + 1, f"own{j}")
+        own_adapters: dict[str, Path] = {}
+        for j, spec in enumerate(args.own):
+            path, _, adapter = spec.partition("=")
+            size = f"own:{Path(path).name}"
+            sizes[size] = own_packets(Path(path), args.bundle, bundle_dir, key,
+                                      args.repeat + 1, f"own{j}")
+            if adapter:
+                own_adapters[size] = Path(adapter)
         baked, run_baked = bench_baked(bundle_dir, args.repeat, args.threads)
         peft, run_peft, peft_apply = bench_peft(adapters, args.repeat, args.threads)
         results: dict = {"packets": {k: {"bytes": len(v[0][0]), "kept": kept_coefficients(v[0][0])}
@@ -433,9 +448,10 @@ def main() -> None:
                          "threads": args.threads, "repeat": args.repeat,
                          "sizes": model_sizes(bundle_dir), "baked": baked, "peft": peft,
                          "mechanisms": {}}
-        rows, peft_ms, mech_runners = bench_applies(bundle_dir, mechs, sizes, key,
-                                                    args.repeat, args.threads, peft_apply)
+        rows, peft_ms, own_peft_ms, mech_runners = bench_applies(
+            bundle_dir, mechs, sizes, key, args.repeat, args.threads, peft_apply, own_adapters)
         peft["load_adapter_merge"] = summary(peft_ms)
+        peft["own"] = {size: summary(ms) for size, ms in own_peft_ms.items()}
         runners = {"baked": run_baked, "peft": run_peft, **mech_runners}
         for mech in mechs:
             rows[mech]["rss"] = bench_rss(bundle_dir, mech, sizes["large"][0][0], pub, work)

@@ -44,11 +44,15 @@ def print_table(r: dict) -> None:
                 for s in vouches))
     own = [s for s in pk if s.startswith("own:")]
     for size in own:
+        own_peft = peft.get("own", {}).get(size)
+        against = own_peft["median_ms"] if own_peft else merge
         print(f"apply of {size[4:]} ({pk[size]['bytes']} B, {pk[size]['kept']} values, made by "
-              "compress), median (min) ms and /PEFT:")
+              "compress), median (min) ms and /PEFT, against PEFT's load + merge of "
+              + (f"the adapter it was made from, {cell(own_peft).strip()} ms:" if own_peft
+                 else "the bench's adapter:"))
         for mech, row in mechs.items():
             print(f"  {mech:12s} {cell(row[size]['apply'])} "
-                  f"{row[size]['apply']['median_ms'] / merge:6.3f}")
+                  f"{row[size]['apply']['median_ms'] / against:6.3f}")
     print("apply steps, median ms (verify / decode / stage / probe / commit):")
     for mech, row in mechs.items():
         for size in ("small", *vouches, *own):
