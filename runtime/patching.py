@@ -129,7 +129,7 @@ def within_growth(patch: LayerPatch, sigma1: float, base_bias: np.ndarray | None
 
     Trained adapters are far inside this (a LoRA's ``|dW|_2`` is a fraction of ``W0``'s).
     Finite factors whose product still overflows an activation to inf are far outside it:
-    for them the runtime runs the forward probe (:meth:`EdgeRuntime._probe`)."""
+    for them the runtime runs the forward probe (``runtime/checks.py:StagingChecks.run``)."""
     if patch.factors is not None:
         with np.errstate(over="ignore"):  # a norm that overflows is far outside the bound
             bound = math.prod(math.sqrt(float(np.vdot(f, f))) for f in patch.factors)

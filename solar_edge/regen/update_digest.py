@@ -117,4 +117,5 @@ def _update_times(factors: tuple[np.ndarray, np.ndarray], u: np.ndarray) -> np.n
 def mismatch(got: list[list[float]], expected: list[list[float]],
              tolerance: float) -> str | None:
     """None when the digests agree within ``tolerance``, else what differs."""
-    return compare(got, expected, tolerance, FLOOR)
+    problem = compare(got, expected, tolerance, FLOOR)
+    return None if problem is None else f"values {problem}"
