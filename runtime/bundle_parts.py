@@ -67,6 +67,7 @@ class BundleParts:
     base: _BaseWeights
     base_biases: _BaseBiases = field(init=False)
     _row_norms: dict[int, np.ndarray] = field(default_factory=dict, init=False)
+    _scales: dict[int, tuple[float, float]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.base_biases = _BaseBiases(self.bundle)
@@ -77,6 +78,19 @@ class BundleParts:
             w0 = np.asarray(self.base[layer_id], np.float64)
             self._row_norms[layer_id] = np.sqrt((w0 * w0).sum(axis=1)).astype(np.float32)
         return self._row_norms[layer_id]
+
+    def layer_scale(self, layer_id: int) -> tuple[float, float]:
+        """``(W0's largest singular value, max |b0|)``, read once per layer (the growth bound
+        of :func:`~solar_edge.runtime.patching.within_growth`); the singular value is 0 when
+        the bundle stores none, ``max |b0|`` 0 for a layer without a patchable bias."""
+        if layer_id not in self._scales:
+            try:
+                sigma1 = float(self.bundle.singular_values(layer_id)[0])
+            except BundleError:  # no singular values stored: no bound, so the forward probe
+                sigma1 = 0.0
+            b0 = self.base_biases[layer_id]
+            self._scales[layer_id] = (sigma1, float(np.abs(b0).max()) if b0 is not None else 0.0)
+        return self._scales[layer_id]
 
     @property
     def fingerprint(self) -> bytes:

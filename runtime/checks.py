@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from solar_edge.errors import HealthCheckError, SolarEdgeError
+from solar_edge.errors import HealthCheckError
 from solar_edge.regen import canary, update_digest
 from solar_edge.regen.update_digest import LayerUpdate, ProbeCache
 from solar_edge.runtime.heads import Head, embedding
@@ -35,9 +35,8 @@ def check_finite(outputs: Sequence[np.ndarray]) -> None:
 
 
 class StagingChecks:
-    """The checks of one runtime (its bundle, backend and model family), with what they
-    reuse across applies: the digest's probe vectors and each layer's largest singular
-    value."""
+    """The checks of one runtime (its bundle, backend and model family), with the digest's
+    probe vectors, reused across applies."""
 
     def __init__(self, bundle: Any, backend: Any, family: Any, hidden: int,
                  health_feeds: Mapping[str, np.ndarray]) -> None:
@@ -48,7 +47,6 @@ class StagingChecks:
         self.health_feeds = health_feeds
         self.forward_passes = 0         # probes run so far (what an apply cost, for tests)
         self._vectors = ProbeCache()
-        self._sigma1: dict[int, float] = {}
 
     def run(self, staged: Any, metadata: Mapping[str, Any], patches: Mapping[int, LayerPatch],
             head: Head | None) -> None:
@@ -59,12 +57,14 @@ class StagingChecks:
         vouch = metadata.get("update_digest")
         if vouch is not None:
             served = self.backend.staged_patches(staged)
-            problem = update_digest.mismatch(self.update_digest(served or patches, head),
+            checked = served if served is not None else patches
+            problem = update_digest.mismatch(self.update_digest(checked, head),
                                              vouch["digest"], float(vouch["tolerance"]))
             if problem:
                 raise HealthCheckError(f"update digest: {problem}; the packet was not decoded "
                                        "to what it says it carries")
-            if served is not None and self._within_growth(served):
+            if served is not None and all(within_growth(p, *self.bundle.layer_scale(lid))
+                                          for lid, p in served.items()):
                 return
         check_finite(self._forward(staged, self.health_feeds))
 
@@ -95,15 +95,3 @@ class StagingChecks:
         if problem:
             raise HealthCheckError(f"canary: {problem}; the adapter does not do what its "
                                    "packet says it does")
-
-    def _within_growth(self, patches: Mapping[int, LayerPatch]) -> bool:
-        for lid, patch in patches.items():
-            if lid not in self._sigma1:
-                try:
-                    self._sigma1[lid] = float(self.bundle.bundle.singular_values(lid)[0])
-                except SolarEdgeError:
-                    self._sigma1[lid] = 0.0  # none stored: no bound, so the forward probe
-            base_bias = self.bundle.bundle.base_bias(lid) if patch.bias is not None else None
-            if not within_growth(patch, self._sigma1[lid], base_bias):
-                return False
-        return True

@@ -122,10 +122,11 @@ def dora_scale(w0: np.ndarray, factors: Factors | None, base_norms: np.ndarray,
 MAX_GROWTH = 8.0  # an update larger than this next to its base layer gets a forward probe
 
 
-def within_growth(patch: LayerPatch, sigma1: float, base_bias: np.ndarray | None) -> bool:
+def within_growth(patch: LayerPatch, sigma1: float, bias_scale: float) -> bool:
     """Whether ``patch`` is small next to its base layer: ``|L|_F |Rt|_F`` (a bound on
     ``|dW|_2``) at most ``MAX_GROWTH`` times ``W0``'s largest singular value, row scales at
-    most ``MAX_GROWTH`` and bias deltas at most ``MAX_GROWTH * (1 + max |b0|)``.
+    most ``MAX_GROWTH`` and bias deltas at most ``MAX_GROWTH * (1 + max |b0|)``
+    (``bias_scale`` is ``max |b0|``, 0 without a base bias).
 
     Trained adapters are far inside this (a LoRA's ``|dW|_2`` is a fraction of ``W0``'s).
     Finite factors whose product still overflows an activation to inf are far outside it:
@@ -137,10 +138,9 @@ def within_growth(patch: LayerPatch, sigma1: float, base_bias: np.ndarray | None
             return False
     if patch.scale is not None and not _largest_magnitude(patch.scale) <= MAX_GROWTH:
         return False
-    if patch.bias is not None:
-        base = _largest_magnitude(np.asarray(base_bias)) if base_bias is not None else 0.0
-        if not _largest_magnitude(patch.bias) <= MAX_GROWTH * (1.0 + base):
-            return False
+    if patch.bias is not None and not _largest_magnitude(patch.bias) <= MAX_GROWTH * (
+            1.0 + bias_scale):
+        return False
     return True
 
 

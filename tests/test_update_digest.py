@@ -90,13 +90,13 @@ def test_a_digest_of_another_shape_is_a_mismatch_not_a_crash():
 def test_the_growth_bound():
     left, right_t = _factors(0)
     sigma1 = 1.0
-    assert within_growth(LayerPatch((left, right_t)), sigma1, None)
+    assert within_growth(LayerPatch((left, right_t)), sigma1, 0.0)
     big = (left * np.float32(1e4), right_t)
-    assert not within_growth(LayerPatch(big), sigma1, None)
-    assert not within_growth(LayerPatch((left, right_t)), 0.0, None)  # no singular values
-    assert not within_growth(LayerPatch(scale=np.full(48, MAX_GROWTH * 2, np.float32)), 1, None)
+    assert not within_growth(LayerPatch(big), sigma1, 0.0)
+    assert not within_growth(LayerPatch((left, right_t)), 0.0, 0.0)  # no singular values
+    assert not within_growth(LayerPatch(scale=np.full(48, MAX_GROWTH * 2, np.float32)), 1, 0.0)
     bias = np.full(48, 2 * MAX_GROWTH, np.float32)
-    assert not within_growth(LayerPatch(bias=bias), 1.0, None)  # 2x the bound of 1 + 0
-    assert within_growth(LayerPatch(bias=bias), 1.0, np.full(48, 2.0, np.float32))
+    assert not within_growth(LayerPatch(bias=bias), 1.0, 0.0)  # 2x the bound of 1 + 0
+    assert within_growth(LayerPatch(bias=bias), 1.0, 2.0)  # max |b0| = 2: bound 8 * 3
     huge = (np.full((48, 1), 1e19, np.float32), np.full((32, 1), 1e19, np.float32))
-    assert not within_growth(LayerPatch(huge), 1e3, None)  # its norm overflows float32
+    assert not within_growth(LayerPatch(huge), 1e3, 0.0)  # its norm overflows float32
