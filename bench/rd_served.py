@@ -52,9 +52,9 @@ from typing import Any
 import numpy as np
 import rd_served_report as report
 from rd_eval import wilson
-from rd_packets import file_hash, lora_int_records
+from rd_packets import file_hash
 
-from solar_edge.encode.solar import CodecConfig, encode
+from solar_edge.encode.baselines import plain_baselines
 from solar_edge.errors import BudgetError
 from solar_edge.exporters.compress import (
     CompressOptions,
@@ -66,17 +66,14 @@ from solar_edge.exporters.compress_cli import _defaults as cli_defaults
 from solar_edge.exporters.compress_measure import lossless_records
 from solar_edge.exporters.target_search import BoardMeter
 from solar_edge.format.bundle import Bundle, load_bundle
-from solar_edge.format.records import ValueFormat
 from solar_edge.methods.base import Adapter, Extras
 from solar_edge.methods.peft_files import read_adapter
 
 HEAD_FILE = "head.safetensors"  # a seqcls-head-only folder (train_peft.py)
-INT = {"int8": ValueFormat.INT8, "int4": ValueFormat.INT4, "int3": ValueFormat.INT3}
-LORA_INT = ("int8", "int4", "int3")   # the adapter's own factors
-RANKS, RANK_INT = (1, 2, 4), ("int4", "int8")  # re-truncation (and the adapter's rank)
 SPLIT_SEED = 0
 CURVE_FRACS = (1 / 6, 1 / 3, 2 / 3)
 NO_REFIT = "no refit"  # setting suffix of the calibrated search without the refit
+SEARCH_REVISION = 2  # --max-drop searches: 2 = the plain baselines measured beside the pick
 REFERENCES = ("reference", "head-only")  # what the other packets of an adapter are held to
 CHOSEN_ON_LOST = (*REFERENCES, "lora-int", "rank")  # need val_lost when cached
 
@@ -203,9 +200,11 @@ class ServedBench:
         self.ref_val: np.ndarray | None = None  # the reference's validation predictions
         self.save: Callable[[], object] = lambda: None
 
-    def point(self, family: str, setting: str, build: Callable[[], tuple[bytes, dict]]) -> dict:
-        """Build the packet (CPU seconds), serve it, score it; cached."""
-        key = f"{self.tag}|{family}|{setting}"
+    def point(self, family: str, setting: str, build: Callable[[], tuple[bytes, dict]],
+              revision: str = "") -> dict:
+        """Build the packet (CPU seconds), serve it, score it; cached (``revision``: part of
+        the key, for a method whose code changed under the same setting)."""
+        key = f"{self.tag}|{family}|{setting}{revision}"
         row = self.cache.get(key)
         is_ref = family in REFERENCES
         if row is not None and family in CHOSEN_ON_LOST and (
@@ -268,18 +267,14 @@ class ServedBench:
         return self.cache[key]
 
     def baselines(self) -> None:
+        """The plain baselines (:mod:`solar_edge.encode.baselines`), which ``compress
+        --max-drop`` also measures beside its own pick."""
         updates, extras = self.prep.updates, self.prep.extras.records
-        for fmt_name in LORA_INT:
-            self.point("lora-int", fmt_name, lambda fmt=INT[fmt_name]: (
-                self.sign(lora_int_records(updates, fmt) + extras), {}))
-        bases = {lid: self.bundle.layer_basis(lid) for lid in updates}
-        rank = max(u.B.shape[1] for u in updates.values())
-        for k in sorted({*RANKS, rank}):
-            for fmt_name in RANK_INT:
-                cfg = CodecConfig(representation="dense_factors", max_rank=k,
-                                  value_format=INT[fmt_name])
-                self.point("rank", f"r{k}-{fmt_name}", lambda cfg=cfg: (
-                    self.sign(encode(updates, bases, cfg).records + extras), {}))
+        for name, records in plain_baselines(updates, {lid: self.bundle.layer_basis(lid)
+                                                       for lid in updates}):
+            family, setting = (("lora-int", name[4:]) if name.startswith("own-")
+                               else ("rank", name))
+            self.point(family, setting, lambda r=records: (self.sign(r + extras), {}))
 
     def compress(self, family: str, setting: str, options: CompressOptions) -> dict:
         def build() -> tuple[bytes, dict]:
@@ -294,7 +289,9 @@ class ServedBench:
             if res.curve is not None:
                 extra["search"] = res.curve
             return res.data, extra
-        return self.point(family, setting, build)
+        revision = (f"|search={SEARCH_REVISION}|refit={options.refit_steps}"
+                    if options.max_drop is not None else "")
+        return self.point(family, setting, build, revision)
 
     def datafree(self) -> None:
         """At each baseline's bytes (the data-free check) and on a doubling ladder."""

@@ -59,7 +59,13 @@ from .adapter_checks import (
     check_task_type,
 )
 from .budget_fill import fill_budget
-from .compress_measure import eval_set, served_digest, served_update_digest, smallest_within
+from .compress_measure import (
+    eval_set,
+    plain_candidates,
+    served_digest,
+    served_update_digest,
+    smallest_within,
+)
 from .head_specs import head_spec, num_labels
 
 METRICS = ("fro", "act", "fisher")
@@ -395,8 +401,10 @@ def compress_adapter(adapter_dir: str | Path, bundle: Bundle, key, options: Comp
             alloc, records, report = records_at(options.budget)
             data, meta = sign(records)
     else:
+        plain = plain_candidates(prep, bundle, fits, grams, out_grams, overhead)
         alloc, records, report, curve = smallest_within(prep, bundle, options, held,
-                                                        records_at, fits, overhead, on_point)
+                                                        records_at, fits, overhead, on_point,
+                                                        plain)
         data, meta = sign(records)
     return Compressed(data, alloc, meta, names,
                       None if report is None else (report.loss_before, report.loss_after),

@@ -18,7 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from solar_edge.encode.allocate import Allocation, largest_bytes, uniform_allocations
+from solar_edge.encode.allocate import (
+    Allocation,
+    allocation_of,
+    largest_bytes,
+    scored_records,
+    uniform_allocations,
+)
+from solar_edge.encode.baselines import plain_baselines
 from solar_edge.encode.extras import extra_records
 from solar_edge.errors import CalibrationError
 from solar_edge.format.bundle import Bundle
@@ -94,10 +101,25 @@ def eval_set(options: Any, cal: Any, prep: Any) -> Any:
     return held
 
 
+def plain_candidates(prep: Any, bundle: Bundle, fits: dict, grams: dict, out_grams: Any,
+                     overhead: int) -> list[tuple[str, Allocation]]:
+    """What the search holds its pick against: every layer at one rank and width from the
+    codec's own fits (``r4-int4``), and the plain baselines as anyone would make them
+    (:mod:`solar_edge.encode.baselines`: ``baseline own-int3``, ``baseline r8-int4``)."""
+    bases = {lid: bundle.layer_basis(lid) for lid in prep.updates}
+    out = list(uniform_allocations(fits, overhead))
+    for name, records in plain_baselines(prep.updates, bases):
+        scored = scored_records(prep.updates, records, grams, out_grams)
+        out.append((f"baseline {name}", allocation_of(fits, scored, overhead)))
+    return out
+
+
 def smallest_within(prep: Any, bundle: Bundle, options: Any, eval_set: Any,
                      records_at: Callable[[int | None], tuple[Allocation, list, Any]],
-                     fits: dict, overhead: int, on_point: Callable[[Any], None] | None):
-    """The allocation of the smallest budget whose packet keeps the drop within target."""
+                     fits: dict, overhead: int, on_point: Callable[[Any], None] | None,
+                     plain: list[tuple[str, Allocation]] | None = None):
+    """The allocation of the smallest budget whose packet keeps the drop within target;
+    then the ``plain`` candidates smaller than it (default: the codec's uniform fits)."""
     from solar_edge.exporters.target_search import BoardMeter, plain_within, search
 
     meter = BoardMeter(str(bundle.root), eval_set.texts, eval_set.labels)
@@ -123,7 +145,7 @@ def smallest_within(prep: Any, bundle: Bundle, options: Any, eval_set: Any,
     alloc, records, report = built[chosen]
     pick = next(c for c in curve if c.budget == chosen)
     extras = prep.extras.records
-    plain = uniform_allocations(fits, overhead)
+    plain = uniform_allocations(fits, overhead) if plain is None else plain
     won, tried = plain_within(
         [(name, lambda a=a: candidate(a.records + extras)) for name, a in plain],
         meter.measure, reference, options.max_drop, pick.nbytes, on_point)

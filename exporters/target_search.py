@@ -13,11 +13,12 @@ reference's); without a head, ``100 * (1 - mean cosine)``.
 
 The search walks budgets up a doubling ladder from the smallest useful one until a packet
 passes, then bisects between the last failing and the first passing budget. The plain
-baselines smaller than its pick (every layer at one rank and 3, 4 or 8 bits, at most
-``MAX_PLAIN`` of them, the largest ones) are then measured too, smallest first, and the
-first that passes is the packet instead (:func:`plain_within`): the smallest packet within
-the target, whichever method makes it. Every point measured is returned as the curve, so a
-user sees the trade-off it walked.
+candidates smaller than its pick (every layer at one rank and 3, 4 or 8 bits from the codec's
+own fits, and the plain baselines as anyone would make them: the adapter's own factors at
+int8/int4/int3, rank re-truncation at int4/int8; at most ``MAX_PLAIN`` of them, the largest
+ones) are then measured too, smallest first, and the first that passes is the packet instead
+(:func:`plain_within`): the smallest packet within the target, whichever method makes it.
+Every point measured is returned as the curve, so a user sees the trade-off it walked.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from solar_edge.format import signing
 
 MAX_POINTS = 12
 BISECT_STEPS = 3
-MAX_PLAIN = 6
+MAX_PLAIN = 8
 
 
 @dataclass(frozen=True)

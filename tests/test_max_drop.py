@@ -139,3 +139,31 @@ def test_a_plain_baseline_smaller_than_the_codec_pick_wins_when_it_passes():
     finally:
         target_search.MAX_PLAIN = saved
     assert won == 4 and [p.nbytes for p in tried] == [60]  # only the two largest: 60, 90
+
+
+def test_the_search_holds_its_pick_against_the_plain_baselines_as_anyone_makes_them(
+        minilm_bundle, lora_adapter_dir):
+    """Beside the codec's own uniform fits, the baselines themselves are candidates: a
+    packet ``--max-drop`` returns is never larger than a plain baseline that also passes."""
+    from solar_edge.encode.allocate import AllocConfig, layer_options, uniform_allocations
+    from solar_edge.encode.baselines import plain_baselines
+    from solar_edge.exporters.compress import prepare_adapter
+    from solar_edge.exporters.compress_measure import plain_candidates
+    from solar_edge.format.bundle import load_bundle
+    from solar_edge.methods.peft_files import read_adapter
+
+    bundle = load_bundle(minilm_bundle)
+    prep = prepare_adapter(read_adapter(lora_adapter_dir), bundle)
+    bases = {lid: bundle.layer_basis(lid) for lid in prep.updates}
+    fits = layer_options(prep.updates, bases, {}, AllocConfig(max_rank=2))
+    named = dict(plain_candidates(prep, bundle, fits, {}, None, 300))
+    own = [n for n, _ in uniform_allocations(fits, 300)]
+    baselines = plain_baselines(prep.updates, bases)
+    assert list(named) == own + [f"baseline {n}" for n, _ in baselines]
+    for name, records in baselines:
+        alloc = named[f"baseline {name}"]
+        assert [(r.layer_id, r.rank) for r in alloc.records] == \
+            [(r.layer_id, r.rank) for r in records]
+        assert all((a.values.codes == b.values.codes).all()
+                   for a, b in zip(alloc.records, records, strict=True))
+        assert alloc.total_bytes == 300 + sum(f.nbytes for f in alloc.chosen.values())

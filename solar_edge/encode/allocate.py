@@ -23,12 +23,13 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from solar_edge.encode.actaware import LayerFit, Whitener, fit_layer
+from solar_edge.decode import decode_factors
+from solar_edge.encode.actaware import LayerFit, Whitener, fit_layer, weighted_sq_error
 from solar_edge.encode.greedy import allocate_greedy
 from solar_edge.errors import BudgetError, CodecError
 from solar_edge.format.bundle import LayerBasis
-from solar_edge.format.layout import DEFAULT_PACKET_OVERHEAD
-from solar_edge.format.records import LayerRecord, ValueFormat
+from solar_edge.format.layout import DEFAULT_PACKET_OVERHEAD, record_nbytes
+from solar_edge.format.records import CodecHeader, LayerRecord, ValueFormat
 from solar_edge.methods.base import LayerUpdate
 
 DEFAULT_FORMATS = (ValueFormat.INT2, ValueFormat.INT3, ValueFormat.INT4, ValueFormat.INT5,
@@ -147,6 +148,37 @@ def _layer_options(updates: Mapping[int, LayerUpdate], bases: Mapping[int, Layer
     return options
 
 
+def scored_records(updates: Mapping[int, LayerUpdate], records: Sequence[LayerRecord],
+                   grams: Mapping[int, np.ndarray | None],
+                   out_grams: Mapping[int, np.ndarray] | None = None) -> dict[int, LayerFit]:
+    """Plain-factor ``records`` made elsewhere (:mod:`solar_edge.encode.baselines`) as the
+    :class:`LayerFit` each is, its distortion in the metric :func:`layer_options` uses."""
+    out = {}
+    for rec in records:
+        upd = updates[rec.layer_id]
+        B, A = np.asarray(upd.B, np.float64), np.asarray(upd.A, np.float64)
+        w = Whitener.from_gram(grams.get(rec.layer_id), A.shape[1])
+        left = None
+        if out_grams and rec.layer_id in out_grams:
+            left = Whitener.from_gram(out_grams[rec.layer_id], B.shape[0], 1e-3).gram
+        lf, rf = decode_factors(rec, None, CodecHeader(seed=0))
+        err = weighted_sq_error(B, A, lf.astype(np.float64), rf.astype(np.float64), w.gram,
+                                left)
+        out[rec.layer_id] = LayerFit(rec.layer_id, rec.rank, rec.values.fmt.bits, rec.kind,
+                                     record_nbytes(rec), err, rec)
+    return out
+
+
+def allocation_of(options: Mapping[int, Sequence[LayerFit]], chosen: Mapping[int, LayerFit],
+                  overhead_bytes: int) -> Allocation:
+    """An :class:`Allocation` of points chosen outside the allocator (a layer without one
+    is left out)."""
+    picked = {lid: chosen.get(lid, opts[0]) for lid, opts in options.items()}
+    e0 = {lid: opts[0].distortion for lid, opts in options.items()}
+    records = [f.record for _, f in sorted(picked.items()) if f.record is not None]
+    return Allocation(picked, e0, overhead_bytes, records)
+
+
 def balanced(options: Mapping[int, Sequence[LayerFit]]) -> dict[int, list[LayerFit]]:
     """Each layer's distortions divided by its own ``e0`` (what leaving it out costs), so
     every layer counts alike: the data-free objective (a layer whose update is large is not
@@ -166,10 +198,8 @@ def mean_relative_error(chosen: Mapping[int, LayerFit], e0: Mapping[int, float])
 
 def _allocation(options: Mapping[int, Sequence[LayerFit]], chosen_idx: Mapping[int, int],
                 overhead_bytes: int) -> Allocation:
-    chosen = {lid: options[lid][i] for lid, i in chosen_idx.items()}
-    e0 = {lid: opts[0].distortion for lid, opts in options.items()}
-    records = [f.record for _, f in sorted(chosen.items()) if f.record is not None]
-    return Allocation(chosen, e0, overhead_bytes, records)
+    return allocation_of(options, {lid: options[lid][i] for lid, i in chosen_idx.items()},
+                         overhead_bytes)
 
 
 def uniform_baselines(options: Mapping[int, Sequence[LayerFit]], avail: int
