@@ -66,7 +66,7 @@ from .compress_measure import (
     served_update_digest,
     smallest_within,
 )
-from .head_specs import head_spec, num_labels
+from .head_specs import base_model_type, head_spec, num_labels
 
 METRICS = ("fro", "act", "fisher")
 PACKET_METADATA_KEYS = ("task", "labels", "head_seed")
@@ -179,7 +179,8 @@ def _prepare(adapter: Adapter, bundle: Bundle) -> _Prepared:
     extras = extra_records(matched.head, matched.biases, matched.magnitudes, bundle)
     if matched.head:
         check_head_modules(matched.head, None)
-        spec = head_spec(matched.head, lambda name: bundle.head_part(name) is not None)
+        spec = head_spec(matched.head, lambda name: bundle.head_part(name) is not None,
+                         *base_model_type(adapter, bundle))
         check_head_modules(matched.head, spec)
         check_pooler(spec, adapter, bundle)
         check_head_width(spec, matched.head, bundle.manifest.get("model", {}).get("hidden_size"))

@@ -72,7 +72,7 @@ def torch_outputs(adapter_dir: Path, adapter: Adapter, bundle: Bundle, base: Pat
 
     from .families.base import check_matches_bundle, mean_pooled, unit
     from .families.text_encoder import quiet_loading
-    from .head_specs import head_spec, num_labels
+    from .head_specs import base_model_type, head_spec, num_labels
     from .heads import head_for
 
     seq_cls = adapter.config.get("task_type") == "SEQ_CLS"
@@ -81,7 +81,8 @@ def torch_outputs(adapter_dir: Path, adapter: Adapter, bundle: Bundle, base: Pat
         if seq_cls:
             if not adapter.extras.head:
                 raise AdapterError(f"{adapter_dir}: a SEQ_CLS adapter without head tensors")
-            spec = head_spec(adapter.extras.head, lambda n: bundle.head_part(n) is not None)
+            spec = head_spec(adapter.extras.head, lambda n: bundle.head_part(n) is not None,
+                             *base_model_type(adapter, bundle))
             model = AutoModelForSequenceClassification.from_pretrained(
                 str(base), num_labels=num_labels(spec, adapter.extras.head))
             inner = getattr(model, model.base_model_prefix)

@@ -21,8 +21,25 @@ import numpy as np
 from solar_edge.errors import RuntimeApplyError
 from solar_edge.regen.heads import LOGIT_SCALE, task_head
 
+
+def erf(x: np.ndarray) -> np.ndarray:
+    """The error function in float64 from numpy alone (Abramowitz and Stegun 7.1.26,
+    absolute error below 1.5e-7), for the exact GELU of ELECTRA's head."""
+    z = np.abs(np.asarray(x, np.float64))
+    t = 1.0 / (1.0 + 0.3275911 * z)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (
+        -1.453152027 + t * 1.061405429))))
+    return np.sign(x) * (1.0 - poly * np.exp(-z * z))
+
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    """``x * Phi(x)`` (the erf form, as torch's default GELU)."""
+    return (0.5 * x * (1.0 + erf(np.asarray(x) / np.sqrt(2.0)))).astype(np.asarray(x).dtype)
+
+
 ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "tanh": np.tanh, "relu": lambda x: np.maximum(x, 0), "identity": lambda x: x}
+    "tanh": np.tanh, "relu": lambda x: np.maximum(x, 0), "gelu": gelu,
+    "identity": lambda x: x}
 
 
 def unit(features: np.ndarray) -> np.ndarray:

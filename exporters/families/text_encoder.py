@@ -95,7 +95,8 @@ def load_for_export(path: Path, name: str | None = None) -> LoadedModel:
     except (OSError, ValueError, KeyError) as exc:
         raise ExportError(f"cannot load a transformers model from {path}: {exc}") from exc
     enc = tokenizer(list(EXAMPLE_SENTENCES), padding=True, return_tensors="pt")
-    inputs = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+    inputs = forward_inputs(model, {k: v for k, v in enc.items()
+                                    if isinstance(v, torch.Tensor)})
     identity = {
         "name": name or path.name,
         "kind": "transformers",
@@ -106,6 +107,24 @@ def load_for_export(path: Path, name: str | None = None) -> LoadedModel:
     }
     return LoadedModel(model, inputs, identity, "last_hidden_state", tokenizer_files,
                        head_parts(model), list(CANARY_TEXTS))
+
+
+def forward_inputs(model: nn.Module, encoded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tokenizer's outputs that ``model.forward`` takes, in the tokenizer's order: a
+    tokenizer saved with another architecture (a BERT tokenizer beside DistilBERT) returns
+    ``token_type_ids``, which the traced graph would not have as an input."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        named = {n for n, p in params.items() if p.kind != inspect.Parameter.VAR_KEYWORD}
+    else:
+        named = set(params)
+    kept = {k: v for k, v in encoded.items() if k in named}
+    if "input_ids" not in kept:
+        raise ExportError(f"the tokenizer's outputs {sorted(encoded)} do not include the "
+                          "model's input_ids")
+    return kept
 
 
 def head_parts(model: nn.Module) -> dict[str, np.ndarray]:
