@@ -161,11 +161,25 @@ def link_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray],
     return result
 
 
+def _through_identity(graph: onnx.GraphProto, name: str) -> str:
+    """The tensor ``name`` is an ``Identity`` of (the exporter's way of sharing one
+    initializer between equal constants), followed to its source; else ``name``."""
+    producers = {out: n for n in graph.node for out in n.output}
+    seen = set()
+    while name in producers and producers[name].op_type == "Identity" and name not in seen:
+        seen.add(name)
+        name = producers[name].input[0]
+    return name
+
+
 def link_biases(model: onnx.ModelProto, weight_inits: dict[str, str],
                 biases: dict[str, np.ndarray]) -> dict[str, str]:
     """Rename each layer's bias initializer to ``<module>.bias`` where the graph adds it right
-    after the weight's ``MatMul`` (found by structure, checked by value). Layers whose bias
-    is not such an initializer are left out (their bias cannot be patched)."""
+    after the weight's ``MatMul`` (found by structure, checked by value). A bias initializer
+    the exporter shares between nodes (it merges equal constants, directly or through
+    ``Identity`` nodes: every all-zero bias of a freshly initialised model becomes one) is
+    copied for this layer's ``Add`` alone. Layers
+    whose bias is not such an initializer are left out (their bias cannot be patched)."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     result: dict[str, str] = {}
@@ -174,15 +188,20 @@ def link_biases(model: onnx.ModelProto, weight_inits: dict[str, str],
         uses = consumers(graph, matmul.output[0])
         if len(uses) != 1 or uses[0][0].op_type != "Add":
             continue
-        add = uses[0][0]
-        other = add.input[1 - uses[0][1]]
-        init = inits.get(other)
-        if init is None or tuple(init.dims) != b0.shape or len(consumers(graph, other)) != 1 or \
+        add, slot = uses[0][0], 1 - uses[0][1]
+        other = add.input[slot]
+        init = inits.get(_through_identity(graph, other))
+        if init is None or tuple(init.dims) != b0.shape or \
                 not np.array_equal(numpy_helper.to_array(init), b0.astype(np.float32)):
             continue
         new = bias_name(module)
-        init.name = new
-        _rename(graph, other, new)
+        if init.name == other and len(consumers(graph, other)) == 1:
+            init.name = new
+            _rename(graph, other, new)
+        else:
+            graph.initializer.append(numpy_helper.from_array(
+                numpy_helper.to_array(init).copy(), new))
+            add.input[slot] = new
         result[module] = new
     return result
 

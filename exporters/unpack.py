@@ -47,7 +47,7 @@ class Unpacked:
     """What :func:`unpack_packet` wrote."""
 
     out: Path
-    task_type: str
+    task_type: str | None                    # PEFT's; None for an image classifier
     ranks: dict[str, int]                    # module -> LoRA rank
     dora: bool
     biases: list[str]
@@ -78,19 +78,26 @@ def decode_for(packet: Packet, bundle: Bundle) -> Decoded:
     return decode_records(packet.records, packet.codec, dims_of, bundle.layer_basis)
 
 
-def transformer_prefix(model_type: str | None) -> str:
-    """Where a sequence classifier of ``model_type`` keeps its transformer (``"bert."``)."""
+def classifier_layout(model_type: str | None) -> tuple[str, str | None]:
+    """Where a classifier of ``model_type`` keeps its transformer (``"bert."``), and the PEFT
+    ``task_type`` its adapter has: ``SEQ_CLS`` for text; none for an image classifier (PEFT
+    has no image task type, and its ``SEQ_CLS`` model feeds ``input_ids``)."""
     import transformers
     from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES as NAMES,
+        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES as IMAGE,
+    )
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES as TEXT,
     )
 
-    cls = getattr(transformers, NAMES.get(model_type or "", ""), None)
-    prefix = getattr(cls, "base_model_prefix", None)
-    if not prefix:
-        raise AdapterError(f"cannot tell where a {model_type!r} sequence classifier keeps its "
-                           "transformer, so the adapter's keys cannot be named")
-    return f"{prefix}."
+    for names, task_type in ((TEXT, "SEQ_CLS"), (IMAGE, None)):
+        name = names.get(model_type or "", "")
+        cls = getattr(transformers, name if isinstance(name, str) else "", None)
+        prefix = getattr(cls, "base_model_prefix", None)
+        if prefix:
+            return f"{prefix}.", task_type
+    raise AdapterError(f"cannot tell where a {model_type!r} classifier keeps its "
+                       "transformer, so the adapter's keys cannot be named")
 
 
 def _row_norms(w: np.ndarray) -> np.ndarray:
@@ -166,7 +173,8 @@ def head_tensors(bundle: Bundle, decoded: Decoded, meta: dict[str, Any], prefix:
     return keyed, sorted(modules)
 
 
-def _config(bundle: Bundle, ranks: dict[str, int], *, task_type: str, dora: bool, bias: bool,
+def _config(bundle: Bundle, ranks: dict[str, int], *, task_type: str | None, dora: bool,
+            bias: bool,
             modules_to_save: list[str]) -> Any:
     from peft import LoraConfig
 
@@ -190,9 +198,11 @@ def unpack_packet(data: bytes, bundle: Bundle, out: Path,
     meta = dict(packet.header.metadata)
     labels = [str(x) for x in meta.get("labels") or []] or None
     has_head = "head" in meta
-    task_type = "SEQ_CLS" if has_head else "FEATURE_EXTRACTION"
-    prefix = transformer_prefix(bundle.manifest.get("model", {}).get("model_type")) \
-        if has_head else ""
+    causal = bundle.manifest.get("model", {}).get("family") == "causal-lm"
+    task_type: str | None = "CAUSAL_LM" if causal else "FEATURE_EXTRACTION"
+    prefix = ""
+    if has_head:
+        prefix, task_type = classifier_layout(bundle.manifest.get("model", {}).get("model_type"))
     tensors, ranks, with_bias = layer_tensors(bundle, decoded, prefix)
     head, modules = head_tensors(bundle, decoded, meta, prefix) if has_head else ({}, [])
     config = _config(bundle, ranks, task_type=task_type, dora=bool(decoded.magnitudes),
@@ -242,7 +252,8 @@ def unpack(packet_path: Path, bundle_dir: Path, out: Path, trusted_keys: tuple[P
         return
     ranks = sorted(set(result.ranks.values()))
     click.echo(f"signature: {signature}")
-    click.echo(f"wrote {out}: {result.task_type} {'DoRA' if result.dora else 'LoRA'} on "
+    kind = result.task_type or "image classifier"
+    click.echo(f"wrote {out}: {kind} {'DoRA' if result.dora else 'LoRA'} on "
                f"{len(result.ranks)} modules, rank {'/'.join(map(str, ranks))}"
                + (f", {len(result.biases)} trained biases" if result.biases else "")
                + (f", head {', '.join(result.head)}" if result.head else ""))

@@ -293,3 +293,21 @@ def test_calibrated_compress_refits_to_next_token_distributions(decoder: dict,
     assert after < 0.95 * before
     rt = _runtime(decoder)
     assert rt.apply(out.data).adapter_id == "cal" and len(rt.generate(PROMPTS[0], 4).ids) == 4
+
+
+def test_an_unpacked_decoder_packet_is_a_causal_lm_adapter_that_generates_the_same(
+        decoder: dict, tmp_path: Path) -> None:
+    from solar_edge.exporters.unpack import unpack_packet
+
+    aid = f"{decoder['kind']}-a"
+    result = unpack_packet(decoder["packets"][aid], decoder["bundle"], tmp_path / "u",
+                           [decoder["key"].public_key()])
+    assert result.task_type == "CAUSAL_LM" and result.head == []
+    config = json.loads((tmp_path / "u" / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM"
+    rt = _runtime(decoder)
+    rt.apply(decoder["packets"][aid])
+    for prompt in PROMPTS[:3]:
+        ids = rt.family.encode(prompt)
+        assert torch_greedy(decoder["model"], tmp_path / "u", ids, NEW_TOKENS) == \
+            rt.generate(prompt, NEW_TOKENS).ids

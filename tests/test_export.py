@@ -345,3 +345,40 @@ def test_quiet_loading_silences_libraries_transformers_imports_and_restores_them
         log.warning("after the block")
     assert "Failed to load" not in caplog.text and "Enum subclass" not in caplog.text
     assert "after the block" in caplog.text
+
+
+def test_biases_the_exporter_shares_are_copied_so_each_layer_can_be_patched():
+    """torch's exporter merges equal constants: every all-zero bias of a freshly initialised
+    model becomes one initializer, used directly or through Identity nodes. Each layer's Add
+    gets its own copy, and the graph computes what it did."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from solar_edge.exporters.onnx_export import link_biases
+    from solar_edge.format.graph import bias_name
+
+    rng = np.random.default_rng(0)
+    w = {m: rng.standard_normal((4, 3)).astype(np.float32) for m in ("l1", "l2", "l3")}
+    zero = np.zeros(3, np.float32)
+    nodes = [helper.make_node("Identity", ["b_shared"], ["b_alias"])]
+    for m, b in (("l1", "b_shared"), ("l2", "b_alias"), ("l3", "b_shared")):
+        nodes += [helper.make_node("MatMul", ["x", f"{m}.w"], [f"{m}.mm"]),
+                  helper.make_node("Add", [f"{m}.mm", b], [f"{m}.y"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info(f"{m}.y", TensorProto.FLOAT, [2, 3]) for m in w],
+        [numpy_helper.from_array(v, f"{m}.w") for m, v in w.items()]
+        + [numpy_helper.from_array(zero, "b_shared")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    linked = link_biases(model, {m: f"{m}.w" for m in w}, {m: zero for m in w})
+    assert linked == {m: bias_name(m) for m in w}
+    inits = {i.name for i in model.graph.initializer}
+    assert {bias_name(m) for m in w} <= inits
+    adds = {n.output[0]: n.input[1] for n in model.graph.node if n.op_type == "Add"}
+    assert adds == {f"{m}.y": bias_name(m) for m in w}  # one bias per layer, none shared
+    onnx.checker.check_model(model)
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    out = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
+    for got, m in zip(out, w, strict=True):
+        np.testing.assert_allclose(got, x @ w[m], rtol=1e-6)
+    wrong = link_biases(model, {"l1": "l1.w"}, {"l1": np.ones(3, np.float32)})
+    assert wrong == {}  # checked by value: a bias that is not the layer's is left alone

@@ -273,3 +273,22 @@ def test_max_drop_measured_on_labelled_image_folders(vit, tmp_path, monkeypatch,
     assert search["measured_on"] == f"{evald} (6 images in {len(set(os.listdir(evald)))} " \
                                     "label folders)"
     assert search["reference_accuracy"] == pytest.approx(100 * 4 / 6, abs=1e-6)
+
+
+def test_an_unpacked_vit_packet_loads_into_peft_and_computes_the_same(vit, tmp_path):
+    """An image classifier unpacks without a task_type (PEFT has none for images, and its
+    SEQ_CLS model feeds input_ids), its head under modules_to_save."""
+    from peft import PeftModel
+    from transformers import ViTForImageClassification
+
+    from solar_edge.exporters.unpack import unpack_packet
+
+    result = unpack_packet(vit["packet"], vit["bundle"], tmp_path / "u",
+                           [vit["key"].public_key()])
+    assert result.task_type is None and result.head == ["classifier.bias", "classifier.weight"]
+    config = json.loads((tmp_path / "u" / "adapter_config.json").read_text())
+    assert config["task_type"] is None and config["modules_to_save"] == ["classifier"]
+    model = PeftModel.from_pretrained(
+        ViTForImageClassification.from_pretrained(vit["root"] / "base"), str(tmp_path / "u"))
+    got = _torch_logits(model.eval(), vit["images"])
+    np.testing.assert_allclose(got, _torch_logits(vit["merged"], vit["images"]), atol=1e-4)
