@@ -30,8 +30,9 @@ Calibration texts: ``--calib-data FILE`` (``.txt``, one per line, or ``.jsonl`` 
 ``task.json``. The steps that run the model need the ``[export]`` extra and the bundle's base
 model (``--model DIR``; default: the embedded MiniLM when the bundle was exported from it).
 
-``--exact`` carries a VeRA, LoRA-XS or TinyLoRA adapter without fitting anything: only its
-trained numbers, coefficient-only (``--values float16`` halves the size).
+``--exact`` carries the adapter without fitting anything: a VeRA, LoRA-XS or TinyLoRA by
+its trained numbers alone, coefficient-only; any other (LoRA, DoRA, AdaLoRA) as its own
+factors (``--values float16`` halves the size).
 """
 
 from __future__ import annotations
@@ -217,7 +218,8 @@ def _defaults(metric: str | None, refit: int | None, calib_data: Path | None, ex
                    "it; default: the embedded MiniLM when the bundle is its export.")
 @click.option("--max-rank", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--exact", is_flag=True,
-              help="Carry a VeRA / LoRA-XS / TinyLoRA adapter exactly (no budget).")
+              help="Carry the adapter exactly, no budget: VeRA / LoRA-XS / TinyLoRA by "
+                   "their coefficients, any other as its own factors at --values.")
 @click.option("--values", "exact_format", type=click.Choice(["float32", "float16"]),
               default="float32", show_default=True, help="Value format with --exact.")
 @click.option("--refit", "refit_steps", type=click.IntRange(min=0), default=None,

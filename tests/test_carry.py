@@ -2,12 +2,13 @@
 
 Real PEFT adapters: a VeRA (random scales) and a TinyLoRA trained for two steps by the
 project's trainer. The written packet is decoded with the device's decoder and compared
-with the adapter's own ``dW``; a LoRA (no regenerable basis) and a TinyLoRA checked against
-a basis it was not built on are refused.
+with the adapter's own ``dW``; a LoRA (no regenerable basis) travels as its own float
+factors; a TinyLoRA checked against a basis it was not built on is refused.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -67,15 +68,21 @@ def test_exact_packets_reproduce_the_adapter(vera_adapter_dir: Path, tinylora_di
     assert small < 36 * (30 + 4 * 4) + 400  # 36 layers of 2x2 cores, nothing else
 
 
-def test_adapters_without_a_regenerable_basis_are_refused(lora_adapter_dir: Path,
-                                                          tinylora_dir: Path,
-                                                          minilm_bundle: Path,
-                                                          tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli, ["compress", str(lora_adapter_dir), "--bundle",
-                                      str(minilm_bundle), "--exact", "--out",
-                                      str(tmp_path / "x.slr")])
-    assert result.exit_code != 0 and "no regenerable basis" in str(result.exception or
-                                                                    result.output)
+def test_a_lora_travels_exactly_as_its_own_factors_and_a_wrong_base_is_refused(
+        lora_adapter_dir: Path, tinylora_dir: Path, minilm_bundle: Path,
+        tmp_path: Path) -> None:
+    for values, bound in (("float32", 1e-6), ("float16", 2e-3)):
+        out = tmp_path / f"x-{values}.slr"
+        result = CliRunner().invoke(cli, ["compress", str(lora_adapter_dir), "--bundle",
+                                          str(minilm_bundle), "--exact", "--values", values,
+                                          "--json", "--quiet", "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output)["exact_error"] < bound
+        packet = decode_packet(out.read_bytes(), None)
+        lora = read_adapter(lora_adapter_dir)
+        updates = match_to_bundle(lora.updates, load_bundle(minilm_bundle).layers)
+        assert {r.layer_id for r in packet.records} == set(updates)
+        assert {r.kind.name for r in packet.records} == {"DENSE_FACTORS"}
     bundle = load_bundle(minilm_bundle)
     adapter = read_adapter(tinylora_dir)
     updates = match_to_bundle(adapter.updates, bundle.layers)

@@ -57,10 +57,19 @@ def packets(required: bool = True) -> Decorator:
                           nargs=-1, required=required, type=_file())
 
 
+def _existing_folder(ctx: click.Context, param: click.Parameter, value: Path | None
+                     ) -> Path | None:
+    """A file to write must go into a folder that exists: said before any work is done,
+    not as a traceback after it."""
+    if value is not None and not value.parent.is_dir():
+        raise click.BadParameter(f"folder {str(value.parent)!r} does not exist", ctx, param)
+    return value
+
+
 def out_file(help_text: str, required: bool = True) -> Decorator:
     return click.option("--out", "out", required=required,
                         type=click.Path(dir_okay=False, path_type=Path),
-                        help=f"File to write: {help_text}")
+                        callback=_existing_folder, help=f"File to write: {help_text}")
 
 
 def out_dir(help_text: str, required: bool = True, default: str | None = None) -> Decorator:

@@ -3,10 +3,11 @@
 Some adapters already live in a basis the device can regenerate (LoRA-XS / TinyLoRA: the
 top-``r`` singular vectors of ``W0``; VeRA: projections drawn from a seed), so a packet can
 carry just their trained numbers. Which methods can, and how, is each method's ``carry``
-(:mod:`solar_edge.methods`). :func:`exact_records` checks that the carried records reproduce
-the adapter's ``dW`` (relative error below the format's tolerance) and raises
-:class:`AdapterError` for any other method, or when the adapter was not built on this
-bundle's base.
+(:mod:`solar_edge.methods`); any other adapter (LoRA, DoRA, AdaLoRA) travels as its own
+factors at float32 or float16, which is exact too but not coefficient-only.
+:func:`exact_records` checks that the carried records reproduce the adapter's ``dW``
+(relative error below the format's tolerance) and raises :class:`AdapterError` when they do
+not (an adapter not built on this bundle's base).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from solar_edge.decode import factors_by_layer
+from solar_edge.encode.baselines import own_factor_records
 from solar_edge.errors import AdapterError
 from solar_edge.format.bundle import LayerBasis
 from solar_edge.format.records import CodecHeader, LayerRecord, ValueFormat
@@ -45,10 +47,10 @@ def exact_records(adapter: Adapter, updates: Mapping[int, LayerUpdate],
     if fmt not in EXACT_TOLERANCE:
         raise AdapterError("exact carrying keeps float32 or float16 values")
     method = method_for(adapter.kind)
-    if method.carry is None:
-        raise AdapterError(f"a {adapter.kind} adapter has no regenerable basis to carry it "
-                           "exactly; compress it with a budget or an error bound instead")
-    records = method.carry(adapter, updates, bases, fmt)
+    if method.carry is None:  # no regenerable basis: its own factors, unquantised
+        records = own_factor_records(updates, fmt)
+    else:
+        records = method.carry(adapter, updates, bases, fmt)
     error = carried_error(records, updates, bases)
     bound = EXACT_TOLERANCE[fmt]
     if not error <= bound:
