@@ -50,7 +50,7 @@ def check_head_width(spec: dict[str, Any], tensors: dict[str, np.ndarray],
 
 
 SERVED_TASK_TYPES = ("SEQ_CLS", "FEATURE_EXTRACTION")  # or no task_type: embeddings
-HEAD_MODULES = ("classifier", "pooler")  # the modules_to_save a board's head applies
+HEAD_MODULES = ("classifier", "pooler", "pre_classifier")  # what a board head applies
 POOLER_MODEL_TYPES = ("bert", "ernie", "megatron-bert", "nezha")  # classifier reads the pooler
 
 

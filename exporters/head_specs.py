@@ -9,6 +9,8 @@ depends on the architecture. The layouts known here, by tensor names:
   ``out_proj(act(dense(h[CLS])))``, ``act`` by model type (:func:`dense_head_activation`:
   tanh for RoBERTa and its relatives, GELU for ELECTRA, the model's ``hidden_act`` for the
   few whose head uses it);
+* DistilBERT-style (``pre_classifier.*`` and ``classifier.*``, both saved by PEFT since
+  both names end in ``classifier``): ``classifier(relu(pre_classifier(h[CLS])))``;
 * a plain linear head without a pooler (``classifier.weight`` and no pooler anywhere):
   ``classifier(h[CLS])``.
 
@@ -79,7 +81,9 @@ def head_spec(tensors: Mapping[str, np.ndarray], has_base_part: Any,
     elif "classifier.weight" in names:
         spec.update(weight="classifier.weight",
                     bias="classifier.bias" if "classifier.bias" in names else None)
-        if "pooler.dense.weight" in names or has_base_part("pooler.dense.weight"):
+        if "pre_classifier.weight" in names:  # DistilBERT: classifier(relu(pre_classifier))
+            spec.update(pooler="pre_classifier", activation="relu")
+        elif "pooler.dense.weight" in names or has_base_part("pooler.dense.weight"):
             spec["pooler"] = "pooler.dense"
     else:
         raise AdapterError(f"a head of tensors {sorted(names)[:6]} is not a layout the board "

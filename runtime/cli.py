@@ -81,6 +81,12 @@ def run(packets: tuple[Path, ...], bundle_dir: str, legacy_packets: tuple[Path, 
         raise click.UsageError("packets need at least one --trusted-key")
     trusted = [signing.load_public_key(k) for k in trusted_keys]
     rt = EdgeRuntime(bundle_dir, trusted or _no_keys(), mechanism=mechanism)
+    takes_images = rt.family.name == "vit"
+    if takes_images and inputs:
+        raise click.UsageError("this bundle's model takes images: give --image FILE/FOLDER")
+    if images and not takes_images:
+        raise click.UsageError(f"this bundle's model ({rt.family.name}) takes texts, not "
+                               "images: give --text TEXT or --texts FILE")
     applied = []
     for path in packets:
         t = time.perf_counter()

@@ -61,12 +61,17 @@ def generate(packets: tuple[Path, ...], bundle_dir: str, flag_packets: tuple[Pat
         rt.activate(adapter)
         switch_ms = (time.perf_counter() - t) * 1e3
         for prompt in prompts:
-            if not as_json:
-                click.echo(f"[{adapter or 'base model'}] {prompt}", nl=False)
+            started = []  # the prompt is echoed with the first token: a refused request
+            #               leaves only its error line
 
-            def stream(_token: int, piece: str) -> None:
-                if not as_json:
-                    click.echo(piece, nl=False)
+            def stream(_token: int, piece: str, prompt: str = prompt,
+                       adapter: str | None = adapter, started: list = started) -> None:
+                if as_json:
+                    return
+                if not started:
+                    click.echo(f"[{adapter or 'base model'}] {prompt}", nl=False)
+                    started.append(True)
+                click.echo(piece, nl=False)
 
             out = rt.generate(prompt, max_new_tokens, temperature=temperature, top_k=top_k,
                               seed=seed, on_token=stream)

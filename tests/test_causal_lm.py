@@ -237,6 +237,7 @@ def test_generate_command_streams_and_switches_in_one_session(decoder: dict,
     assert text.output.startswith(f"[{list(decoder['adapters'])[-1]}] {PROMPTS[0]}")
     bad = CliRunner().invoke(cli, [*args, "--max-new-tokens", "500"])
     assert type(bad.exception).__name__ == "GenerationError"
+    assert PROMPTS[0] not in bad.output  # a refused request echoes nothing before its error
 
 
 def test_refused_adapters_and_profiles(decoder: dict, tmp_path: Path) -> None:

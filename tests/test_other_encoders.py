@@ -1,5 +1,6 @@
 """Classifiers on encoders other than BERT, as a user brings them: a tiny random ELECTRA
-(whose ``classifier.dense`` / ``out_proj`` head applies GELU) and RoBERTa (tanh), each
+(whose ``classifier.dense`` / ``out_proj`` head applies GELU), RoBERTa (tanh) and DistilBERT
+(``classifier(relu(pre_classifier))``, a BERT tokenizer saved beside it), each
 exported, given a PEFT SEQ_CLS LoRA with its head in ``modules_to_save``, served by the board
 and unpacked back to PEFT; the head math alone (``head_specs``, ``runtime.heads``); and
 what the exporter makes of a tokenizer saved from another architecture."""
@@ -22,18 +23,27 @@ TEXTS = ["open a file and read it", "sort the numbers", "the socket closed",
 LABELS = ["a", "b", "c"]
 
 
-def _tiny(kind: str):
-    from transformers import ElectraConfig, RobertaConfig
+TARGETS = {"electra": ["query", "value"], "roberta": ["query", "value"],
+           "distilbert": ["q_lin", "v_lin"]}
+ACTIVATION = {"electra": "gelu", "roberta": "tanh", "distilbert": "relu"}
 
+
+def _tiny(kind: str):
+    from transformers import DistilBertConfig, ElectraConfig, RobertaConfig
+
+    labels = dict(num_labels=3, id2label=dict(enumerate(LABELS)),
+                  label2id={n: i for i, n in enumerate(LABELS)})
+    if kind == "distilbert":  # its own field names; a BERT tokenizer beside it
+        return DistilBertConfig(vocab_size=30522, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                max_position_embeddings=130, **labels)
     common = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                  intermediate_size=64, max_position_embeddings=130, num_labels=3,
-                  id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})
+                  intermediate_size=64, max_position_embeddings=130, **labels)
     if kind == "electra":
         return ElectraConfig(embedding_size=32, **common)
     return RobertaConfig(pad_token_id=0, **common)
 
 
-@pytest.fixture(scope="module", params=["electra", "roberta"])
+@pytest.fixture(scope="module", params=list(TARGETS))
 def encoder(request, tmp_path_factory, minilm_model_dir):
     """A tiny random encoder classifier of the param's kind (the MiniLM tokenizer beside it),
     its bundle, a PEFT LoRA with a trained-looking head, and that adapter's lossless packet."""
@@ -57,8 +67,7 @@ def encoder(request, tmp_path_factory, minilm_model_dir):
     bundle = export_bundle(str(base), "x86-64", root / "bundle").bundle
     model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(base),
                            LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
-                                      target_modules=["query", "value"],
-                                      init_lora_weights=False))
+                                      target_modules=TARGETS[kind], init_lora_weights=False))
     with torch.no_grad():  # a head moved well off its initialisation
         for name, p in model.named_parameters():
             if "modules_to_save" in name:
@@ -87,8 +96,7 @@ def _torch_logits(base: Path, adapter: Path) -> np.ndarray:
 def test_the_board_serves_the_heads_own_activation(encoder):
     from solar_edge.runtime.engine import EdgeRuntime
 
-    want_act = {"electra": "gelu", "roberta": "tanh"}[encoder["kind"]]
-    assert encoder["spec"]["activation"] == want_act
+    assert encoder["spec"]["activation"] == ACTIVATION[encoder["kind"]]
     rt = EdgeRuntime(str(encoder["root"] / "bundle"), [encoder["key"].public_key()])
     rt.apply(encoder["packet"])
     got = rt.infer(TEXTS)

@@ -169,6 +169,18 @@ def test_bad_images_give_one_clear_line_each(vit, tmp_path, monkeypatch, capsys)
                             f"{message}.*", lines[0]), lines[0]
 
 
+def test_texts_for_an_image_model_and_images_for_a_text_model_are_usage_errors(
+        vit, minilm_bundle, tmp_path, monkeypatch, capsys):
+    code, out, err = run_main(monkeypatch, capsys, "run", "--bundle",
+                              str(vit["root"] / "bundle"), "--text", "hello")
+    assert code == 2 and out == "" and "takes images: give --image" in err
+    image = tmp_path / "x.npy"
+    np.save(image, vit["images"][0])
+    code, out, err = run_main(monkeypatch, capsys, "run", "--bundle", str(minilm_bundle),
+                              "--image", str(image))
+    assert code == 2 and out == "" and "takes texts, not images" in err
+
+
 def test_image_inputs_refused_in_the_runtime_api_too(vit):
     from solar_edge.runtime.engine import EdgeRuntime
 

@@ -65,14 +65,32 @@ def checked_update(module: str, B: np.ndarray, A: np.ndarray) -> LayerUpdate:
     return LayerUpdate(module, np.ascontiguousarray(B), np.ascontiguousarray(A))
 
 
+def _module_of(key: str) -> str:
+    """``base_model.model.model.embed_tokens.lora_embedding_A`` -> ``model.embed_tokens``."""
+    return key.split(".lora_embedding_")[0].removeprefix("base_model.model.")
+
+
 def reject_unknown(tensors: Tensors, known: Iterable[str]) -> None:
     known = tuple(known)
     extra = sorted(k for k in tensors if not any(k.endswith(s) for s in known))
-    if extra:
-        raise AdapterError(
-            f"tensors solar-edge cannot carry (embeddings? modules outside modules_to_save?): "
-            f"{extra[:8]}"
-        )
+    if not extra:
+        return
+    embedding = [k for k in extra if ".lora_embedding_" in k]
+    whole = sorted({k.split(".base_layer.")[0].removeprefix("base_model.model.")
+                    for k in extra if ".base_layer." in k})
+    if embedding:
+        raise AdapterError(f"a LoRA on an embedding ({_module_of(embedding[0])}"
+                           "): only linear layers are adapted on the board; train without "
+                           "embeddings in target_modules")
+    if whole:
+        raise AdapterError(f"the adapter saves the whole base weight of {', '.join(whole[:4])} "
+                           "(PEFT does for a LoRA on a layer tied to the embeddings, such as "
+                           "lm_head): the board adapts the bundle's linear layers only; train "
+                           "without it in target_modules")
+    raise AdapterError(
+        f"tensors solar-edge cannot carry (embeddings? modules outside modules_to_save?): "
+        f"{extra[:8]}"
+    )
 
 
 MAGNITUDE_SUFFIXES = (".lora_magnitude_vector", ".lora_magnitude_vector.weight")
@@ -80,8 +98,13 @@ SAVED_COPY = ".modules_to_save.default"  # how some PEFT versions name a saved m
 
 
 def _matches_module(name: str, modules: Iterable[str]) -> bool:
-    return any(name == m or name.endswith("." + m) or name.startswith(m + ".")
-               or f".{m}." in f".{name}." for m in modules)
+    """Whether tensor ``name`` belongs to one of ``modules`` as PEFT matches them: a module
+    whose dotted path *ends with* the entry as a string, so ``classifier`` also covers
+    DistilBERT's ``pre_classifier``, which PEFT wraps and saves with it."""
+    parts = name.split(".")
+    paths = [".".join(parts[:i]) for i in range(1, len(parts))]
+    return any(name == m or name.endswith("." + m) or any(p.endswith(m) for p in paths)
+               for m in modules)
 
 
 def split_extras(config: Mapping[str, Any], tensors: Tensors) -> tuple[dict[str, np.ndarray],
