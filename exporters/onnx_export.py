@@ -15,6 +15,7 @@ beside it hold only the graph (kilobytes).
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -92,6 +93,9 @@ def torch_export(loaded: LoadedModel, path: Path, exporter: str = "torchscript")
     wrapper = loaded.wrapper()
     args = tuple(loaded.example_inputs.values())
     axes = loaded.dynamic_axes()
+    quiet_torch = logging.getLogger("torch.onnx")  # e.g. "torchvision is not installed"
+    level = quiet_torch.level
+    quiet_torch.setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
@@ -111,7 +115,24 @@ def torch_export(loaded: LoadedModel, path: Path, exporter: str = "torchscript")
                     opset_version=OPSET, dynamo=False,
                 )
         except Exception as exc:  # exporters raise many unrelated types
-            raise ExportError(f"torch.onnx.export ({exporter}) failed: {exc}") from exc
+            raise ExportError(f"torch.onnx.export ({exporter}) failed: "
+                              f"{exception_summary(exc)}") from exc
+        finally:
+            quiet_torch.setLevel(level)
+
+
+def exception_summary(exc: BaseException, limit: int = 300) -> str:
+    """One line of an exporter's multi-page message: its "Exception summary" line where it
+    has one (torch.export's), else its first non-empty line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    pick = lines[0]
+    for i, line in enumerate(lines[:-1]):
+        if line.lstrip("# ").lower() == "exception summary":
+            pick = lines[i + 1]
+            break
+    return pick if len(pick) <= limit else pick[: limit - 3] + "..."
 
 
 def consumers(graph: onnx.GraphProto, name: str) -> list[tuple[onnx.NodeProto, int]]:

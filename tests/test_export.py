@@ -382,3 +382,14 @@ def test_biases_the_exporter_shares_are_copied_so_each_layer_can_be_patched():
         np.testing.assert_allclose(got, x @ w[m], rtol=1e-6)
     wrong = link_biases(model, {"l1": "l1.w"}, {"l1": np.ones(3, np.float32)})
     assert wrong == {}  # checked by value: a bias that is not the layer's is left alone
+
+
+def test_an_exporters_long_message_becomes_one_line():
+    from solar_edge.exporters.onnx_export import exception_summary
+
+    long = RuntimeError("Failed to export the model.\n- Modify the model code\n\n"
+                        "## Exception summary\n\n<class 'UserError'>: shapes mismatch\n\nmore")
+    assert exception_summary(long) == "<class 'UserError'>: shapes mismatch"
+    assert exception_summary(ValueError("\n  first line\nsecond")) == "first line"
+    assert exception_summary(ValueError("")) == "ValueError"
+    assert len(exception_summary(ValueError("x" * 1000))) == 300
