@@ -25,17 +25,41 @@ def has_task_head(adapter: Adapter) -> bool:
                                          and "head_seed" in adapter.task_meta)
 
 
-def check_magnitudes(magnitudes: dict[int, np.ndarray], bundle: Bundle) -> None:
-    """DoRA starts from ``m = |W0|_row`` and training moves it a little: magnitudes far from
-    this bundle's row norms mean the adapter was trained on another base model."""
+def _row_norms(w: np.ndarray) -> np.ndarray:
+    return np.sqrt((w * w).sum(axis=1))
+
+
+def check_magnitudes(magnitudes: dict[int, np.ndarray], bundle: Bundle,
+                     updates: dict[int, Any] | None = None) -> None:
+    """PEFT starts DoRA from ``m = |W0 + dW|_row`` (``dW = 0`` for a LoRA initialised the
+    usual way) and training moves it a little: magnitudes far from both this bundle's row
+    norms and those of ``W0 + dW`` mean the adapter was trained on another base model."""
     for lid, m in magnitudes.items():
         w0 = np.asarray(bundle.base_weight(lid), np.float64)
-        norms = np.sqrt((w0 * w0).sum(axis=1))
-        deviation = float(np.median(np.abs(m - norms) / np.maximum(norms, 1e-12)))
+        candidates = [_row_norms(w0)]
+        upd = (updates or {}).get(lid)
+        if upd is not None:
+            candidates.append(_row_norms(w0 + np.asarray(upd.B, np.float64)
+                                         @ np.asarray(upd.A, np.float64)))
+        deviation = min(float(np.median(np.abs(m - norms) / np.maximum(norms, 1e-12)))
+                        for norms in candidates)
         if deviation > DORA_BASE_TOLERANCE:
             raise AdapterError(f"{bundle.layer(lid).name}: the adapter's DoRA magnitudes are "
                                f"{100 * deviation:.0f}% away from this bundle's weight norms: it "
                                "was trained on another base model")
+
+
+def check_problem_type(adapter: Adapter, outputs: int) -> None:
+    """The board serves single-label classifiers (softmax over the logits, argmax label), and
+    ``--max-drop``, the fisher metric and the refit measure that: a regression or multi-label
+    head would be served and measured as something it is not."""
+    problem = (adapter.model_config or {}).get("problem_type")
+    if problem == "regression" or outputs == 1:
+        raise AdapterError("a regression head (one output, or problem_type 'regression'): the "
+                           "board serves single-label classifiers only")
+    if problem == "multi_label_classification":
+        raise AdapterError("a multi-label head (problem_type 'multi_label_classification'): "
+                           "the board serves single-label classifiers only")
 
 
 def check_head_width(spec: dict[str, Any], tensors: dict[str, np.ndarray],

@@ -56,6 +56,7 @@ from .adapter_checks import (
     check_head_width,
     check_magnitudes,
     check_pooler,
+    check_problem_type,
     check_task_type,
 )
 from .budget_fill import fill_budget
@@ -175,7 +176,7 @@ def _prepare(adapter: Adapter, bundle: Bundle) -> _Prepared:
                            "bundle cannot patch (export the bundle again with this version)")
     meta = packet_metadata(adapter.task_meta)
     notes: list[str] = []
-    check_magnitudes(matched.magnitudes, bundle)
+    check_magnitudes(matched.magnitudes, bundle, updates)
     extras = extra_records(matched.head, matched.biases, matched.magnitudes, bundle)
     if matched.head:
         check_head_modules(matched.head, None)
@@ -186,6 +187,7 @@ def _prepare(adapter: Adapter, bundle: Bundle) -> _Prepared:
         check_head_width(spec, matched.head, bundle.manifest.get("model", {}).get("hidden_size"))
         labels = adapter.labels
         count = num_labels(spec, matched.head)
+        check_problem_type(adapter, count)
         if labels is None or len(labels) != count:
             if labels is not None:
                 notes.append(f"{len(labels)} label names for a head of {count} outputs: "
@@ -393,6 +395,7 @@ def compress_adapter(adapter_dir: str | Path, bundle: Bundle, key, options: Comp
     if held is None:
         budget = options.budget
         if budget is not None:
+            allocation_at(budget)  # a budget too small is refused as the user gave it
             budget = fill_budget(lambda b: budget_size(allocation_at(b).records), budget,
                                  largest_bytes(fits, overhead))
         alloc, records, report = records_at(budget)

@@ -76,6 +76,8 @@ def run(packets: tuple[Path, ...], bundle_dir: str, legacy_packets: tuple[Path, 
         raise click.UsageError("give texts or images, not both")
     names, images = read_images(image_paths) if image_paths else ([], [])
     if not inputs and not images:
+        if texts_file:
+            raise click.UsageError(f"--texts {texts_file}: no texts in it (one per line)")
         raise click.UsageError("give --text TEXT, --texts FILE or --image FILE/FOLDER")
     if packets and not trusted_keys:
         raise click.UsageError("packets need at least one --trusted-key")

@@ -231,3 +231,45 @@ def test_a_task_model_prefix_other_than_bert_still_finds_its_layer():
     assert sorted(match_to_bundle(upd, layers)) == [1]
     with pytest.raises(AdapterError, match="no bundle layer"):
         match_to_bundle({"roberta.pooler.dense": upd[name]}, layers)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("r", "8"), ("r", None), ("r", 0), ("r", True), ("lora_alpha", "16"),
+    ("lora_alpha", float("inf")), ("rank_pattern", {"query": "x"}), ("rank_pattern", [1]),
+    ("alpha_pattern", [1]), ("alpha_pattern", {"query": None}), ("use_dora", "yes")])
+def test_lora_config_fields_of_the_wrong_type_are_one_adapter_error(field, value):
+    from solar_edge.errors import AdapterError
+    from solar_edge.methods.lora import check_config
+
+    good = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "rank_pattern": {"query": 4},
+            "alpha_pattern": {"value": 32.0}, "use_dora": False}
+    check_config(good)
+    with pytest.raises(AdapterError, match=f"adapter_config.json: {field}"):
+        check_config({**good, field: value})
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"bias": "weird"}, "bias must be"), ({"modules_to_save": "classifier"}, "modules_to_save"),
+    ({"modules_to_save": [1]}, "modules_to_save")])
+def test_extras_settings_of_the_wrong_type_are_one_adapter_error(config, message):
+    from solar_edge.errors import AdapterError
+    from solar_edge.methods.tensors import pattern_value, split_extras
+
+    with pytest.raises(AdapterError, match=message):
+        split_extras(config, {})
+    with pytest.raises(AdapterError, match="not a regular expression"):
+        pattern_value({"query(": 4}, "encoder.layer.0.query", 8)
+
+
+def test_a_folder_of_saved_adapters_names_them(tmp_path):
+    from solar_edge.errors import AdapterError
+    from solar_edge.methods.peft_files import read_adapter
+
+    for name in ("task-a", "task-b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text("{}")
+    with pytest.raises(AdapterError, match="subfolders: task-a, task-b"):
+        read_adapter(tmp_path)
+    (tmp_path / "task-a" / "adapter_model.bin").write_bytes(b"x")
+    with pytest.raises(AdapterError, match="safe_serialization=True"):
+        read_adapter(tmp_path / "task-a")

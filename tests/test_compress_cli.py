@@ -102,9 +102,10 @@ def test_budget_too_small_is_a_typed_error(minilm_bundle: Path, lora_adapter_dir
                                            tmp_path: Path) -> None:
     from solar_edge.errors import BudgetError
 
-    with pytest.raises(BudgetError):
-        _run([str(lora_adapter_dir), "--bundle", str(minilm_bundle), "--budget", "200",
-              "--out", str(tmp_path / "d.slr")])
+    for budget in ("200", "500"):  # the user's budget is what the error names
+        with pytest.raises(BudgetError, match=rf"budget {budget} B .*give at least \d+ B"):
+            _run([str(lora_adapter_dir), "--bundle", str(minilm_bundle), "--budget", budget,
+                  "--out", str(tmp_path / "d.slr")])
 
 
 def test_without_key_writes_the_public_half(minilm_bundle: Path, lora_adapter_dir: Path,

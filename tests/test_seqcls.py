@@ -140,6 +140,10 @@ def test_id2label_comes_from_the_saved_model_config(adapters, tmp_path):
     config["id2label"] = {"1": "b", "0": "a", "2": "c"}
     (adir / "config.json").write_text(json.dumps(config))
     assert read_adapter(adir).labels == ["a", "b", "c"]
+    for id2label, want in ((["x", "y", "z"], ["x", "y", "z"]),          # a list: by position
+                           ({"0": "x", "2": "y", "5": "z"}, None)):    # gaps: no names
+        (adir / "config.json").write_text(json.dumps({**config, "id2label": id2label}))
+        assert read_adapter(adir).labels == want
     (adir / "config.json").unlink()
     assert read_adapter(adir).labels is None
 
@@ -396,3 +400,45 @@ def test_a_dora_adapter_trained_on_another_base_is_one_clear_line(adapters, mini
     assert not out.exists()
     assert _compress_cli(adapters["dora-bias"], minilm_bundle, tmp_path / "ok.slr"
                          ).exit_code == 0  # the same adapter, unscaled, compresses
+
+
+def test_dora_magnitudes_of_the_base_plus_a_large_update_are_this_base(minilm_bundle):
+    """PEFT starts m at |W0 + dW|_row: with a LoRA initialised off zero (or trained far),
+    that is far from |W0|_row and still this bundle's base; random norms are not."""
+    from solar_edge.errors import AdapterError
+    from solar_edge.exporters.adapter_checks import check_magnitudes
+    from solar_edge.format.bundle import load_bundle
+    from solar_edge.methods.base import LayerUpdate
+
+    bundle = load_bundle(minilm_bundle)
+    lid = 3
+    w0 = np.asarray(bundle.base_weight(lid), np.float64)
+    rng = np.random.default_rng(0)
+    B = rng.standard_normal((w0.shape[0], 4)) * 0.5
+    A = rng.standard_normal((4, w0.shape[1])) * 0.5
+    m = np.sqrt(((w0 + B @ A) ** 2).sum(axis=1))
+    base = np.sqrt((w0 ** 2).sum(axis=1))
+    assert np.median(np.abs(m - base) / base) > 0.5  # the old check's tolerance: refused
+    check_magnitudes({lid: m}, bundle, {lid: LayerUpdate("q", B, A)})
+    with pytest.raises(AdapterError, match="another base model"):
+        check_magnitudes({lid: m}, bundle)
+    with pytest.raises(AdapterError, match="another base model"):
+        check_magnitudes({lid: 3 * m}, bundle, {lid: LayerUpdate("q", B, A)})
+
+
+@pytest.mark.parametrize("problem", ["regression", "multi_label_classification"])
+def test_regression_and_multi_label_heads_are_refused(adapters, minilm_bundle, tmp_path,
+                                                      problem):
+    """The board serves softmax classifiers and --max-drop measures argmax agreement: a
+    regression or multi-label head would be served and measured as what it is not."""
+    from solar_edge.exporters.compress import prepare_adapter
+    from solar_edge.methods.peft_files import read_adapter
+
+    adir = tmp_path / problem
+    shutil.copytree(adapters["lora"], adir)
+    config = json.loads((adir / "config.json").read_text())
+    (adir / "config.json").write_text(json.dumps({**config, "problem_type": problem}))
+    bundle = load_bundle(minilm_bundle)
+    with pytest.raises(AdapterError, match="single-label classifiers only"):
+        prepare_adapter(read_adapter(adir), bundle)
+    prepare_adapter(read_adapter(adapters["lora"]), bundle)  # single-label: served

@@ -247,8 +247,9 @@ def allocation_for_budget(options: Mapping[int, Sequence[LayerFit]], budget_byte
     avail = budget_bytes - overhead_bytes
     smallest = min((f.nbytes for opts in options.values() for f in opts if f.kind), default=None)
     if smallest is None or avail < smallest:
+        least = "" if smallest is None else f": give at least {overhead_bytes + smallest} B"
         raise BudgetError(f"budget {budget_bytes} B cannot hold the {overhead_bytes} B overhead "
-                          f"plus one smallest record ({smallest} B)")
+                          f"plus one smallest record ({smallest} B){least}")
     pools = balanced(options) if balance else options
     index = {id(f): i for opts in pools.values() for i, f in enumerate(opts)}
     chosen_idx = {lid: index[id(f)] for lid, f in allocate(pools, avail, cover).items()}

@@ -74,11 +74,16 @@ class Adapter:
         if self.task_meta.get("labels"):
             return [str(x) for x in self.task_meta["labels"]]
         id2label = self.model_config.get("id2label")
+        if isinstance(id2label, list) and id2label:
+            return [str(x) for x in id2label]
         if isinstance(id2label, dict) and id2label:
             try:
-                return [str(id2label[k]) for k in sorted(id2label, key=int)]
+                index = {int(k): v for k, v in id2label.items()}
             except (TypeError, ValueError):
                 return None
+            if sorted(index) != list(range(len(index))):
+                return None  # ids with gaps: no name can be trusted for an output
+            return [str(index[i]) for i in range(len(index))]
         return None
 
     def dense(self, name: str) -> np.ndarray:

@@ -29,8 +29,37 @@ from solar_edge.methods.tensors import (
 SUFFIXES = ("lora_A.weight", "lora_B.weight")
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_config(config: Mapping[str, Any]) -> None:
+    """The fields ``read`` computes with have PEFT's types: one line for anything else
+    (a hand-edited or hostile ``adapter_config.json``)."""
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if "r" in config and not (isinstance(r, int) and not isinstance(r, bool) and r >= 1):
+        raise AdapterError(f"adapter_config.json: r must be a positive integer, got {r!r}")
+    if "lora_alpha" in config and not _is_number(alpha):
+        raise AdapterError(f"adapter_config.json: lora_alpha must be a number, got {alpha!r}")
+    for field, ok, what in (("rank_pattern", lambda v: isinstance(v, int) and
+                             not isinstance(v, bool) and v >= 1, "positive integers"),
+                            ("alpha_pattern", _is_number, "numbers")):
+        patterns = config.get(field)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, Mapping) or not all(
+                isinstance(k, str) and ok(v) for k, v in patterns.items()):
+            raise AdapterError(f"adapter_config.json: {field} must map module patterns to "
+                               f"{what}, got {str(patterns)[:80]}")
+    for flag in ("use_dora", "use_rslora"):
+        if config.get(flag) not in (None, True, False):
+            raise AdapterError(f"adapter_config.json: {flag} must be true or false, got "
+                               f"{config.get(flag)!r}")
+
+
 def read(config: Mapping[str, Any], tensors: Tensors,
          task_meta: Mapping[str, Any]) -> tuple[dict[str, LayerUpdate], None, Extras]:
+    check_config(config)
     if config.get("lora_bias"):
         raise AdapterError("lora_bias=True (a bias on lora_B) is not supported; PEFT's "
                            'bias="lora_only" or "all" is')

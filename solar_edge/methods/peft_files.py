@@ -72,10 +72,14 @@ def read_adapter(path: str | Path) -> Adapter:
         raise AdapterError(f"{root}: not a directory")
     config_path, weights_path = root / CONFIG_FILE, root / WEIGHTS_FILE
     if not config_path.is_file():
-        raise AdapterError(f"{root}: missing {CONFIG_FILE}")
+        inside = sorted(d.name for d in root.iterdir() if (d / CONFIG_FILE).is_file())
+        hint = (f" (adapters saved in its subfolders: {', '.join(inside[:6])}; give one of "
+                "them)") if inside else ""
+        raise AdapterError(f"{root}: missing {CONFIG_FILE}{hint}")
     if not weights_path.is_file():
         pickled = (root / "adapter_model.bin").exists()
-        hint = " (pickled adapter_model.bin is not read)" if pickled else ""
+        hint = (" (a pickled adapter_model.bin is not read: save with "
+                "save_pretrained(..., safe_serialization=True))") if pickled else ""
         raise AdapterError(f"{root}: missing {WEIGHTS_FILE}{hint}")
     config = _load_json(config_path)
     meta = _load_json(root / TASK_FILE) if (root / TASK_FILE).is_file() else {}

@@ -32,7 +32,12 @@ def normalise_name(key: str) -> str:
 def pattern_value(patterns: Mapping[str, Any] | None, name: str, default: Any) -> Any:
     """PEFT's per-module override: first pattern matching the end of the module name."""
     for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", name):
+        try:
+            hit = re.match(rf"(.*\.)?({pattern})$", name)
+        except re.error as exc:
+            raise AdapterError(f"adapter_config.json: pattern {pattern!r} is not a regular "
+                               f"expression ({exc})") from exc
+        if hit:
             return value
     return default
 
@@ -115,8 +120,16 @@ def split_extras(config: Mapping[str, Any], tensors: Tensors) -> tuple[dict[str,
     biases are saved when ``bias`` is ``"lora_only"`` or ``"all"`` (``<module>.base_layer.
     bias`` or ``<module>.bias``); DoRA's magnitudes are ``<module>.lora_magnitude_vector``.
     Names are base-model relative. Values stay float32 numpy arrays."""
-    to_save = [str(m) for m in (config.get("modules_to_save") or [])]
-    biases_on = config.get("bias", "none") != "none"
+    saved = config.get("modules_to_save") or []
+    if not isinstance(saved, list | tuple) or not all(isinstance(m, str) for m in saved):
+        raise AdapterError(f"adapter_config.json: modules_to_save must be a list of module "
+                           f"names, got {str(saved)[:80]}")
+    to_save = list(saved)
+    bias = config.get("bias", "none")
+    if bias not in (None, "none", "all", "lora_only"):
+        raise AdapterError(f"adapter_config.json: bias must be 'none', 'all' or 'lora_only', "
+                           f"got {bias!r}")
+    biases_on = bias not in (None, "none")
     own: dict[str, np.ndarray] = {}
     head: dict[str, np.ndarray] = {}
     biases: dict[str, np.ndarray] = {}
