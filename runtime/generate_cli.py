@@ -61,8 +61,8 @@ def generate(packets: tuple[Path, ...], bundle_dir: str, flag_packets: tuple[Pat
         rt.activate(adapter)
         switch_ms = (time.perf_counter() - t) * 1e3
         for prompt in prompts:
-            started = []  # the prompt is echoed with the first token: a refused request
-            #               leaves only its error line
+            started: list[bool] = []  # the prompt is echoed with its first token: a refused
+            #                           request leaves only its error line
 
             def stream(_token: int, piece: str, prompt: str = prompt,
                        adapter: str | None = adapter, started: list = started) -> None:

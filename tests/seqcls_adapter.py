@@ -48,3 +48,17 @@ def save_adapter(pm: Any, model: Any, out: Path) -> Path:
 
 def make_seqcls_adapter(out: Path, model_dir: Path, **config) -> Path:
     return save_adapter(*seqcls_peft_model(model_dir, **config), out)
+
+
+def save_with_moved_head(pm: Any, out: Path, scale: float = 0.5) -> Path:
+    """Move the ``modules_to_save`` head of PEFT model ``pm`` well off its initialisation
+    (a "trained" head) and save the adapter with its model's config.json beside it."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * scale)
+    pm.save_pretrained(out)
+    pm.base_model.model.config.save_pretrained(out)
+    return out

@@ -15,6 +15,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from seqcls_adapter import save_with_moved_head  # noqa: E402
+
 from solar_edge.errors import AdapterError  # noqa: E402
 from solar_edge.format import signing  # noqa: E402
 
@@ -68,12 +70,7 @@ def encoder(request, tmp_path_factory, minilm_model_dir):
     model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(base),
                            LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
                                       target_modules=TARGETS[kind], init_lora_weights=False))
-    with torch.no_grad():  # a head moved well off its initialisation
-        for name, p in model.named_parameters():
-            if "modules_to_save" in name:
-                p.add_(torch.randn_like(p) * 0.5)
-    model.save_pretrained(root / "adapter")
-    model.base_model.model.config.save_pretrained(root / "adapter")
+    save_with_moved_head(model, root / "adapter")
     key = signing.generate_private_key()
     prep = prepare_adapter(read_adapter(root / "adapter"), bundle)
     packet, _ = sign_packet(prep, lossless_records(prep), key, kind)

@@ -11,6 +11,7 @@ import os
 import numpy as np
 import pytest
 from cli_main import run_main
+from seqcls_adapter import save_with_moved_head
 
 torch = pytest.importorskip("torch", reason="the export extra builds the ViT bundle")
 transformers = pytest.importorskip("transformers")
@@ -48,12 +49,7 @@ def vit(tmp_path_factory):
     model = get_peft_model(ViTForImageClassification.from_pretrained(root / "base"),
                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                       modules_to_save=["classifier"], init_lora_weights=False))
-    with torch.no_grad():  # a "trained" head: move it off its initialisation
-        for name, p in model.named_parameters():
-            if "modules_to_save" in name:
-                p.add_(torch.randn_like(p) * 0.5)
-    model.save_pretrained(root / "adapter")
-    model.base_model.model.config.save_pretrained(root / "adapter")
+    save_with_moved_head(model, root / "adapter")
     key = signing.generate_private_key()
     signing.save_private_key(key, root / "key")
     signing.save_public_key(key.public_key(), root / "key.pub")
