@@ -128,15 +128,17 @@ def _print(info: dict[str, Any], metric: str, refit_steps: int, device: str | No
         click.echo(f"--max-drop {sr['max_drop']:g}: measured on {sr['measured_on']}"
                    + (f" (uncompressed adapter {sr['reference_accuracy']:.1f}%)"
                       if sr["reference_accuracy"] is not None else ""))
-        click.echo(f"{'budget':>14} {'bytes':>8} {'agree %':>8} {'acc %':>7} {'drop':>6}")
+        click.echo(f"{'budget or candidate':>24} {'bytes':>8} {'agree %':>8} {'cosine':>8} "
+                   f"{'acc %':>7} {'drop':>6}")
         from .target_search import chosen_row
 
         chosen = chosen_row(sr)
         for p in sr["points"]:
             acc = "-" if p["accuracy"] is None else f"{p['accuracy']:.1f}"
+            agree = "-" if p["agreement"] is None else f"{p['agreement']:.1f}"
             mark = "  <- chosen" if p is chosen else ""
             budget = p["budget"] if p["method"] == "codec" else p["method"]
-            click.echo(f"{budget:>14} {p['bytes']:>8} {p['agreement']:>8.1f} {acc:>7} "
+            click.echo(f"{budget:>24} {p['bytes']:>8} {agree:>8} {p['cosine']:>8.4f} {acc:>7} "
                        f"{p['drop']:>6.2f}{mark}")
     extra = ""
     if "uncompressed_bytes" in info:
@@ -284,8 +286,9 @@ def compress(adapter_dir: Path, bundle_dir: Path, budget: int | None, max_error:
     def on_point(p: Any) -> None:
         accuracy = "" if p.accuracy is None else f", accuracy {p.accuracy:.1f}%"
         what = f"budget {p.budget} B" if p.method == "codec" else p.method
-        note(f"{what}: packet {p.nbytes} B, agreement {p.agreement:.1f}%"
-             f"{accuracy}, drop {p.drop:.2f} pt")
+        agreement = (f"cosine {p.cosine:.4f}" if p.agreement is None
+                     else f"agreement {p.agreement:.1f}%")
+        note(f"{what}: packet {p.nbytes} B, {agreement}{accuracy}, drop {p.drop:.2f} pt")
 
     try:
         result = compress_adapter(adapter_dir, bundle, key, opts, adapter_id=adapter_id,

@@ -48,11 +48,14 @@ class Measured:
 class CurvePoint:
     budget: int
     nbytes: int
-    agreement: float             # % of texts predicted as the reference does
+    agreement: float | None      # % of texts predicted as the reference does (None:
+    #                              embeddings, which have no prediction to agree on)
     cosine: float                # mean cosine to the reference's outputs
     accuracy: float | None
     drop: float                  # points (see the module docstring)
-    method: str = "codec"        # or "plain r<k>-int<b>": a uniform baseline (no budget)
+    method: str = "codec"        # or "plain r<k>-int<b>" (every layer at one rank and width
+    #                              from the codec's fits), "plain baseline own-int3" /
+    #                              "plain baseline r<k>-int<b>" (the baselines as they are)
 
     def row(self) -> dict:
         return {"budget": self.budget, "bytes": self.nbytes, "agreement": self.agreement,
@@ -101,7 +104,8 @@ def compare(point: Measured, reference: Measured, budget: int, nbytes: int,
     elif (reference.predictions >= 0).any():
         drop = 100.0 - agree
     else:  # embeddings: the drop is the lost cosine, in points
-        drop = 100.0 * (1.0 - cos)
+        return CurvePoint(budget, nbytes, None, cos, point.accuracy, 100.0 * (1.0 - cos),
+                          method)
     return CurvePoint(budget, nbytes, agree, cos, point.accuracy, drop, method)
 
 

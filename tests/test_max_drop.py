@@ -167,3 +167,18 @@ def test_the_search_holds_its_pick_against_the_plain_baselines_as_anyone_makes_t
         assert all((a.values.codes == b.values.codes).all()
                    for a, b in zip(alloc.records, records, strict=True))
         assert alloc.total_bytes == 300 + sum(f.nbytes for f in alloc.chosen.values())
+
+
+def test_embeddings_have_no_agreement_only_a_cosine_drop():
+    import numpy as np
+
+    from solar_edge.exporters.target_search import Measured, compare
+
+    ref = np.eye(3)
+    tilted = np.array([[1.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    none = -np.ones(3, int)  # what a meter predicts for embeddings
+    point = compare(Measured(none, tilted, None, None), Measured(none, ref, None, None), 10, 9)
+    assert point.agreement is None  # predictions of -1 would all "agree"
+    want_cos = (np.sqrt(0.5) + 2) / 3
+    assert point.cosine == pytest.approx(want_cos)
+    assert point.drop == pytest.approx(100 * (1 - want_cos))
