@@ -58,11 +58,14 @@ def test_served_bench_measures_every_packet_it_signs(small_bundle, minilm_model_
                                                      monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     import rd
-    import rd_served
 
-    monkeypatch.setattr(rd_served, "LORA_INT", ("int4",))
-    monkeypatch.setattr(rd_served, "RANKS", (1,))
-    monkeypatch.setattr(rd_served, "RANK_INT", ("int4",))
+    from solar_edge.encode import baselines as baseline_set
+    from solar_edge.format.records import ValueFormat
+
+    int4 = {"int4": ValueFormat.INT4}  # fewer baselines (the bench's and compress's)
+    monkeypatch.setattr(baseline_set, "OWN_FORMATS", int4)
+    monkeypatch.setattr(baseline_set, "RETRUNCATION_RANKS", (1,))
+    monkeypatch.setattr(baseline_set, "RETRUNCATION_FORMATS", int4)
     adapters = _adapters(tmp_path / "adapters", minilm_model_dir)
     out, packets = tmp_path / "out" / "rd.json", tmp_path / "packets"
     assert rd.main(["--bundle", str(small_bundle), "--adapters", str(adapters), "--out",
@@ -131,7 +134,7 @@ def test_served_bench_measures_every_packet_it_signs(small_bundle, minilm_model_
 
     # A second run from the cache with one baseline more: the new row is measured against
     # the cached reference's validation predictions.
-    monkeypatch.setattr(rd_served, "RANK_INT", ("int4", "int8"))
+    monkeypatch.setattr(baseline_set, "RETRUNCATION_FORMATS", {**int4, "int8": ValueFormat.INT8})
     assert rd.main(["--bundle", str(small_bundle), "--adapters", str(adapters), "--out",
                     str(out), "--val", "16", "--max-eval", "16", "--calib-texts", "16",
                     "--refit-steps", "2", "--max-drop", "100"]) == 0

@@ -35,12 +35,15 @@ def _task(n_train: int, n_test: int) -> ImageTask:
 
 def test_every_image_packet_is_signed_served_and_scored(vit, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.syspath_prepend(str(BENCH))
-    import rd_served
     import vit_rd
 
-    monkeypatch.setattr(rd_served, "LORA_INT", ("int4",))
-    monkeypatch.setattr(rd_served, "RANKS", (1,))
-    monkeypatch.setattr(rd_served, "RANK_INT", ("int4",))
+    from solar_edge.encode import baselines as baseline_set
+    from solar_edge.format.records import ValueFormat
+
+    int4 = {"int4": ValueFormat.INT4}  # fewer baselines (the bench's and compress's)
+    monkeypatch.setattr(baseline_set, "OWN_FORMATS", int4)
+    monkeypatch.setattr(baseline_set, "RETRUNCATION_RANKS", (1,))
+    monkeypatch.setattr(baseline_set, "RETRUNCATION_FORMATS", int4)
     monkeypatch.setattr(vit_rd, "FRACS", (0.5, 1.0))
     out, packets = tmp_path / "out" / "rd.json", tmp_path / "packets"
     args = vit_rd.parse(["--out", str(out), "--calib-images", "12", "--refit-steps", "2",
