@@ -199,8 +199,8 @@ def link_biases(model: onnx.ModelProto, weight_inits: dict[str, str],
     after the weight's ``MatMul`` (found by structure, checked by value). A bias initializer
     the exporter shares between nodes (it merges equal constants, directly or through
     ``Identity`` nodes: every all-zero bias of a freshly initialised model becomes one) is
-    copied for this layer's ``Add`` alone. Layers
-    whose bias is not such an initializer are left out (their bias cannot be patched)."""
+    copied for this layer's ``Add`` alone. Layers whose bias is not such an initializer are
+    left out (their bias cannot be patched)."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     result: dict[str, str] = {}
