@@ -25,8 +25,10 @@ def has_task_head(adapter: Adapter) -> bool:
                                          and "head_seed" in adapter.task_meta)
 
 
-def _row_norms(w: np.ndarray) -> np.ndarray:
-    return np.sqrt((w * w).sum(axis=1))
+def row_norms(w: np.ndarray) -> np.ndarray:
+    """Each row's Euclidean norm, in float64 (DoRA's magnitudes are row norms)."""
+    w64 = np.asarray(w, np.float64)
+    return np.sqrt((w64 * w64).sum(axis=1))
 
 
 def check_magnitudes(magnitudes: dict[int, np.ndarray], bundle: Bundle,
@@ -34,18 +36,19 @@ def check_magnitudes(magnitudes: dict[int, np.ndarray], bundle: Bundle,
     """PEFT starts DoRA from ``m = |W0 + dW|_row`` (``dW = 0`` for a LoRA initialised the
     usual way) and training moves it a little: magnitudes far from both this bundle's row
     norms and those of ``W0 + dW`` mean the adapter was trained on another base model."""
+    def deviation(m: np.ndarray, norms: np.ndarray) -> float:
+        return float(np.median(np.abs(m - norms) / np.maximum(norms, 1e-12)))
+
     for lid, m in magnitudes.items():
         w0 = np.asarray(bundle.base_weight(lid), np.float64)
-        candidates = [_row_norms(w0)]
+        off = deviation(m, row_norms(w0))
         upd = (updates or {}).get(lid)
-        if upd is not None:
-            candidates.append(_row_norms(w0 + np.asarray(upd.B, np.float64)
+        if off > DORA_BASE_TOLERANCE and upd is not None:  # W0 + dW only where W0 is far
+            off = deviation(m, row_norms(w0 + np.asarray(upd.B, np.float64)
                                          @ np.asarray(upd.A, np.float64)))
-        deviation = min(float(np.median(np.abs(m - norms) / np.maximum(norms, 1e-12)))
-                        for norms in candidates)
-        if deviation > DORA_BASE_TOLERANCE:
+        if off > DORA_BASE_TOLERANCE:
             raise AdapterError(f"{bundle.layer(lid).name}: the adapter's DoRA magnitudes are "
-                               f"{100 * deviation:.0f}% away from this bundle's weight norms: it "
+                               f"{100 * off:.0f}% away from this bundle's weight norms: it "
                                "was trained on another base model")
 
 

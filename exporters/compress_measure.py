@@ -108,8 +108,9 @@ def plain_candidates(prep: Any, bundle: Bundle, fits: dict, grams: dict, out_gra
     (:mod:`solar_edge.encode.baselines`: ``baseline own-int3``, ``baseline r8-int4``)."""
     bases = {lid: bundle.layer_basis(lid) for lid in prep.updates}
     out = list(uniform_allocations(fits, overhead))
+    metric: dict = {}  # each layer's Grams, formed once for every baseline
     for name, records in plain_baselines(prep.updates, bases):
-        scored = scored_records(prep.updates, records, grams, out_grams)
+        scored = scored_records(prep.updates, records, grams, out_grams, metric)
         out.append((f"baseline {name}", allocation_of(fits, scored, overhead)))
     return out
 

@@ -182,10 +182,10 @@ def link_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray],
     return result
 
 
-def _through_identity(graph: onnx.GraphProto, name: str) -> str:
+def _through_identity(producers: dict[str, onnx.NodeProto], name: str) -> str:
     """The tensor ``name`` is an ``Identity`` of (the exporter's way of sharing one
-    initializer between equal constants), followed to its source; else ``name``."""
-    producers = {out: n for n in graph.node for out in n.output}
+    initializer between equal constants), followed to its source; else ``name``.
+    ``producers``: each tensor's producing node."""
     seen = set()
     while name in producers and producers[name].op_type == "Identity" and name not in seen:
         seen.add(name)
@@ -203,6 +203,7 @@ def link_biases(model: onnx.ModelProto, weight_inits: dict[str, str],
     left out (their bias cannot be patched)."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
+    producers = {out: n for n in graph.node for out in n.output}  # copies add no nodes
     result: dict[str, str] = {}
     for module, b0 in biases.items():
         matmul = consumers(graph, weight_inits[module])[0][0]
@@ -211,7 +212,7 @@ def link_biases(model: onnx.ModelProto, weight_inits: dict[str, str],
             continue
         add, slot = uses[0][0], 1 - uses[0][1]
         other = add.input[slot]
-        init = inits.get(_through_identity(graph, other))
+        init = inits.get(_through_identity(producers, other))
         if init is None or tuple(init.dims) != b0.shape or \
                 not np.array_equal(numpy_helper.to_array(init), b0.astype(np.float32)):
             continue

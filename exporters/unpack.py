@@ -38,6 +38,8 @@ from solar_edge.format.bundle import Bundle, load_bundle
 from solar_edge.format.packet import Packet
 from solar_edge.format.reader import decode_packet
 
+from .adapter_checks import row_norms
+
 PEFT_PREFIX = "base_model.model."
 TASK_KEYS = ("task", "labels", "head_seed")
 
@@ -100,11 +102,6 @@ def classifier_layout(model_type: str | None) -> tuple[str, str | None]:
                        "transformer, so the adapter's keys cannot be named")
 
 
-def _row_norms(w: np.ndarray) -> np.ndarray:
-    w64 = np.asarray(w, np.float64)
-    return np.sqrt((w64 * w64).sum(axis=1))
-
-
 def layer_tensors(bundle: Bundle, decoded: Decoded, prefix: str
                   ) -> tuple[dict[str, np.ndarray], dict[str, int], list[str]]:
     """LoRA/DoRA/bias tensors by PEFT key, each module's rank, modules with a bias."""
@@ -129,11 +126,11 @@ def layer_tensors(bundle: Bundle, decoded: Decoded, prefix: str
         ranks[layer.name] = int(left.shape[1])
         w0 = np.asarray(bundle.base_weight(lid), np.float32)
         if lid in decoded.magnitudes:
-            m = _row_norms(w0) + decoded.magnitudes[lid].astype(np.float64)
+            m = row_norms(w0) + decoded.magnitudes[lid].astype(np.float64)
             tensors[f"{key}.lora_magnitude_vector"] = m.astype(np.float32)
         elif dora:
             dw = left.astype(np.float64) @ right_t.T.astype(np.float64)
-            tensors[f"{key}.lora_magnitude_vector"] = _row_norms(w0 + dw).astype(np.float32)
+            tensors[f"{key}.lora_magnitude_vector"] = row_norms(w0 + dw).astype(np.float32)
         b0 = bundle.base_bias(lid)
         if lid in decoded.biases and b0 is None:
             raise CodecError(f"layer {lid} ({layer.name}): the packet changes a bias this "

@@ -150,20 +150,27 @@ def _layer_options(updates: Mapping[int, LayerUpdate], bases: Mapping[int, Layer
 
 def scored_records(updates: Mapping[int, LayerUpdate], records: Sequence[LayerRecord],
                    grams: Mapping[int, np.ndarray | None],
-                   out_grams: Mapping[int, np.ndarray] | None = None) -> dict[int, LayerFit]:
+                   out_grams: Mapping[int, np.ndarray] | None = None,
+                   metric: dict[int, tuple[np.ndarray, np.ndarray | None]] | None = None,
+                   ) -> dict[int, LayerFit]:
     """Plain-factor ``records`` made elsewhere (:mod:`solar_edge.encode.baselines`) as the
-    :class:`LayerFit` each is, its distortion in the metric :func:`layer_options` uses."""
+    :class:`LayerFit` each is, its distortion in the metric :func:`layer_options` uses.
+    ``metric``: a dict kept between calls, so each layer's (regularised) Grams are formed
+    once for many record sets."""
+    metric = {} if metric is None else metric
     out = {}
     for rec in records:
-        upd = updates[rec.layer_id]
+        lid = rec.layer_id
+        upd = updates[lid]
         B, A = np.asarray(upd.B, np.float64), np.asarray(upd.A, np.float64)
-        w = Whitener.from_gram(grams.get(rec.layer_id), A.shape[1])
-        left = None
-        if out_grams and rec.layer_id in out_grams:
-            left = Whitener.from_gram(out_grams[rec.layer_id], B.shape[0], 1e-3).gram
+        if lid not in metric:
+            left = None
+            if out_grams and lid in out_grams:
+                left = Whitener.from_gram(out_grams[lid], B.shape[0], 1e-3).gram
+            metric[lid] = (Whitener.from_gram(grams.get(lid), A.shape[1]).gram, left)
+        gram, left = metric[lid]
         lf, rf = decode_factors(rec, None, CodecHeader(seed=0))
-        err = weighted_sq_error(B, A, lf.astype(np.float64), rf.astype(np.float64), w.gram,
-                                left)
+        err = weighted_sq_error(B, A, lf.astype(np.float64), rf.astype(np.float64), gram, left)
         out[rec.layer_id] = LayerFit(rec.layer_id, rec.rank, rec.values.fmt.bits, rec.kind,
                                      record_nbytes(rec), err, rec)
     return out
