@@ -32,7 +32,7 @@ from solar_edge.methods.base import Adapter
 from solar_edge.methods.peft_files import read_adapter
 
 from .calib_data import read_calibration_file
-from .unpack import read_packet
+from .unpack import decode_for, read_packet
 
 MAX_LEN = 128  # the runtime's truncation (runtime/families/text_encoder.py)
 BATCH = 32
@@ -109,6 +109,32 @@ def torch_outputs(adapter_dir: Path, adapter: Adapter, bundle: Bundle, base: Pat
     return torch.cat(rows).float().numpy(), kind
 
 
+def mismatch_warnings(packet: Any, adapter: Adapter, bundle: Bundle) -> list[str]:
+    """Signs that PACKET was not made from ADAPTER: it changes layers the adapter leaves
+    alone (a smaller packet may drop layers, never add them), or names other labels."""
+    from solar_edge.methods.matching import match_extras, match_to_bundle
+
+    decoded = decode_for(packet, bundle)
+    extras = match_extras(adapter.extras, bundle.layers)
+    changed = {"factors": {lid for lid, (left, _) in decoded.factors.items() if left.shape[1]},
+               "biases": set(decoded.biases), "magnitudes": set(decoded.magnitudes)}
+    trained = {"factors": set(match_to_bundle(adapter.updates, bundle.layers)),
+               "biases": set(extras.biases), "magnitudes": set(extras.magnitudes)}
+    warnings_ = []
+    for what, ids in changed.items():
+        stray = sorted(ids - trained[what])
+        if stray:
+            names = ", ".join(bundle.layers[i].name for i in stray[:2])
+            more = f" and {len(stray) - 2} more" if len(stray) > 2 else ""
+            warnings_.append(f"the packet changes {what} of {len(stray)} layer(s) the adapter "
+                             f"does not ({names}{more}): was it made from another adapter?")
+    packet_labels = packet.header.metadata.get("labels")
+    if packet_labels and adapter.labels and list(packet_labels) != list(adapter.labels):
+        warnings_.append(f"the packet's labels {list(packet_labels)[:4]} differ from the "
+                         f"adapter's {list(adapter.labels)[:4]}")
+    return warnings_
+
+
 def compare(board: np.ndarray, ref: np.ndarray, kind: str, labels: list[int] | None
             ) -> dict[str, Any]:
     """Agreement, accuracies, cosines and the largest logit difference."""
@@ -176,9 +202,12 @@ def eval_packet(adapter_dir: Path, packet_path: Path, bundle_dir: Path, data_pat
     ref, kind = torch_outputs(adapter_dir, adapter, bundle, base, texts)
     result = compare(board, ref, kind, labels)
     result["signature"] = "verified" if keys else "not checked (no --trusted-key)"
+    result["warnings"] = mismatch_warnings(packet, adapter, bundle)
     if as_json:
         options.emit_json(result)
         return
+    for line in result["warnings"]:
+        click.echo(f"warning: {line}", err=True)
     click.echo(f"signature: {result['signature']}")
     click.echo(f"texts: {result['n']} ({'labelled' if labels is not None else 'unlabelled'}), "
                f"outputs: {kind}")

@@ -138,6 +138,20 @@ def test_unpacked_dora_with_biases_mixed_ranks_and_a_dropped_layer(seqcls, minil
     want = _board(minilm_bundle, packet.read_bytes(), _pub(packet))
     np.testing.assert_allclose(_torch_out(model, minilm_model_dir, True), want, atol=1e-3)
 
+    # eval warns when the packet changes what the adapter does not train: not its adapter
+    from solar_edge.exporters.eval_cmd import mismatch_warnings
+    from solar_edge.exporters.unpack import read_packet
+    from solar_edge.format.bundle import load_bundle
+    from solar_edge.methods.peft_files import read_adapter
+
+    bundle = load_bundle(minilm_bundle)
+    read = read_packet(packet.read_bytes(), bundle, None)
+    assert mismatch_warnings(read, read_adapter(seqcls["dora"]), bundle) == []
+    found = mismatch_warnings(read, read_adapter(seqcls["lora"]), bundle)
+    assert [w.split(" of ")[0] for w in found] == ["the packet changes biases",
+                                                   "the packet changes magnitudes"], found
+    assert "12 layer(s)" in found[0]
+
     # drop one layer's factors: its bias and magnitude stay, on rank-1 zero factors
     pkt = decode_packet(packet.read_bytes())
     factor_kinds = (RecordKind.DENSE_FACTORS, RecordKind.FACTORED_CORE)
@@ -202,6 +216,7 @@ def test_eval_reports_agreement_and_accuracy(seqcls, lora_adapter_dir, minilm_bu
     assert report["n"] == 12 and report["outputs"] == "logits"
     assert report["agreement"] >= 90 and set(report["accuracy"]) == {"board", "torch"}
     assert report["mean_cosine"] > 0.9 and report["signature"] == "verified"
+    assert report["warnings"] == []
 
     # the seeded head's adapter against its own unpacked packet: the same model, unverified
     seeded = _compress(lora_adapter_dir, minilm_bundle, tmp_path / "s.slr")
