@@ -182,6 +182,7 @@ def _config(bundle: Bundle, ranks: dict[str, int], *, task_type: str | None, dor
         target_modules=sorted(ranks), lora_dropout=0.0, use_dora=dora,
         bias="lora_only" if bias else "none", modules_to_save=modules_to_save or None,
         task_type=task_type, inference_mode=True,
+        fan_in_fan_out=bool(bundle.manifest.get("model", {}).get("fan_in_fan_out")),
         base_model_name_or_path=bundle.manifest.get("model", {}).get("name"))
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -306,9 +307,12 @@ def test_an_unpacked_decoder_packet_is_a_causal_lm_adapter_that_generates_the_sa
     assert result.task_type == "CAUSAL_LM" and result.head == []
     config = json.loads((tmp_path / "u" / "adapter_config.json").read_text())
     assert config["task_type"] == "CAUSAL_LM"
+    assert config["fan_in_fan_out"] == (decoder["kind"] == "gpt2")  # Conv1D, or PEFT warns
     rt = _runtime(decoder)
     rt.apply(decoder["packets"][aid])
-    for prompt in PROMPTS[:3]:
-        ids = rt.family.encode(prompt)
-        assert torch_greedy(decoder["model"], tmp_path / "u", ids, NEW_TOKENS) == \
-            rt.generate(prompt, NEW_TOKENS).ids
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # e.g. fan_in_fan_out set for the user
+        for prompt in PROMPTS[:3]:
+            ids = rt.family.encode(prompt)
+            assert torch_greedy(decoder["model"], tmp_path / "u", ids, NEW_TOKENS) == \
+                rt.generate(prompt, NEW_TOKENS).ids

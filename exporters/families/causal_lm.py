@@ -21,6 +21,7 @@ from torch import nn
 
 from solar_edge.errors import ExportError
 
+from ..targets import is_conv1d
 from .base import LoadedModel
 from .text_encoder import TOKENIZER_FILES, TextEncoderModel, load_pretrained, quiet_loading
 
@@ -145,6 +146,8 @@ def load_for_export(path: Path, name: str | None = None) -> LoadedModel:
         "eos_token_id": eos if isinstance(eos, int) else None,
         "cache": {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim},
         "task_types": list(TASK_TYPES),
+        # GPT-2's Conv1D stores weights in x out: PEFT adapters of it set fan_in_fan_out
+        "fan_in_fan_out": any(is_conv1d(m) for m in model.modules()),
     }
     loaded = DecoderLoadedModel(model, example_inputs(config), identity, "logits",
                                 tokenizer_files, supports_tflite=False)
