@@ -169,7 +169,7 @@ class _Prepared:
 def _prepare(adapter: Adapter, bundle: Bundle) -> _Prepared:
     check_task_type(adapter, bundle.manifest.get("model", {}).get("task_types"))
     updates = match_to_bundle(adapter.updates, bundle.layers)
-    matched = match_extras(adapter.extras, bundle.layers)
+    matched = match_extras(adapter.extras, bundle.layers).with_bias_deltas(bundle.base_bias)
     unpatchable = sorted(lid for lid in matched.biases if bundle.base_bias(lid) is None)
     if unpatchable:
         raise AdapterError(f"the adapter trains biases of layers {unpatchable[:6]} that this "

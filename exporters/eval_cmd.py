@@ -119,7 +119,8 @@ def mismatch_warnings(packet: Any, adapter: Adapter, bundle: Bundle) -> list[str
     changed = {"factors": {lid for lid, (left, _) in decoded.factors.items() if left.shape[1]},
                "biases": set(decoded.biases), "magnitudes": set(decoded.magnitudes)}
     trained = {"factors": set(match_to_bundle(adapter.updates, bundle.layers)),
-               "biases": set(extras.biases), "magnitudes": set(extras.magnitudes)}
+               "biases": set(extras.biases) | set(extras.bias_deltas),
+               "magnitudes": set(extras.magnitudes)}
     warnings_ = []
     for what, ids in changed.items():
         stray = sorted(ids - trained[what])

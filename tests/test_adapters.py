@@ -137,11 +137,25 @@ def test_trained_fixture_adapter(lora_adapter_dir, minilm_base):
 
 # --- pure parsing and errors ----------------------------------------------------------
 
-def _lora_tensors(prefix: str = "base_model.model.bert.", r: int = 2) -> dict[str, np.ndarray]:
+def _lora_tensors(prefix: str = "base_model.model.bert.", r: int = 2,
+                  bias: int = 0) -> dict[str, np.ndarray]:
+    """A LoRA on one 5 x 6 module; ``bias`` values give ``lora_B`` a bias (lora_bias=True)."""
     rng = np.random.default_rng(0)
     name = prefix + "encoder.layer.0.attention.self.query"
-    return {f"{name}.lora_A.weight": rng.standard_normal((r, 6)).astype(np.float32),
-            f"{name}.lora_B.weight": rng.standard_normal((5, r)).astype(np.float32)}
+    out = {f"{name}.lora_A.weight": rng.standard_normal((r, 6)).astype(np.float32),
+           f"{name}.lora_B.weight": rng.standard_normal((5, r)).astype(np.float32)}
+    if bias:
+        out[f"{name}.lora_B.bias"] = rng.standard_normal(bias).astype(np.float32)
+    return out
+
+
+def test_lora_bias_is_a_bias_delta_scaled_like_the_factors():
+    tensors = _lora_tensors(bias=5)
+    adapter = adapter_from_tensors("LORA", {"r": 2, "lora_alpha": 6, "lora_bias": True}, tensors)
+    (name, delta), = adapter.extras.bias_deltas.items()
+    assert name == "encoder.layer.0.attention.self.query" and not adapter.extras.biases
+    bias = tensors["base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.bias"]
+    np.testing.assert_allclose(delta, bias * 3.0, rtol=1e-6)
 
 
 def test_names_are_normalised_and_scaling_folded():
@@ -166,6 +180,9 @@ def test_names_are_normalised_and_scaling_folded():
      "cannot carry"),
     ("LORA", {"r": 2, "lora_alpha": 2}, {}, "no layer updates"),
     ("VERA", {"r": 2}, _lora_tensors(), "vera_A"),
+    ("LORA", {"r": 2, "lora_alpha": 2}, _lora_tensors(bias=5), "without lora_bias=True"),
+    ("LORA", {"r": 2, "lora_alpha": 2, "lora_bias": True}, _lora_tensors(bias=4),
+     "lora_B bias of shape"),
 ])
 def test_bad_adapters_raise_adapter_error(peft_type, config, tensors, message):
     with pytest.raises(AdapterError, match=message):
@@ -236,7 +253,8 @@ def test_a_task_model_prefix_other_than_bert_still_finds_its_layer():
 @pytest.mark.parametrize("field,value", [
     ("r", "8"), ("r", None), ("r", 0), ("r", True), ("lora_alpha", "16"),
     ("lora_alpha", float("inf")), ("rank_pattern", {"query": "x"}), ("rank_pattern", [1]),
-    ("alpha_pattern", [1]), ("alpha_pattern", {"query": None}), ("use_dora", "yes")])
+    ("alpha_pattern", [1]), ("alpha_pattern", {"query": None}), ("use_dora", "yes"),
+    ("lora_bias", 1)])
 def test_lora_config_fields_of_the_wrong_type_are_one_adapter_error(field, value):
     from solar_edge.errors import AdapterError
     from solar_edge.methods.lora import check_config

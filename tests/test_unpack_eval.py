@@ -126,6 +126,32 @@ def test_unpacked_seqcls_lora_serves_the_runtime_logits(seqcls, minilm_bundle, m
     np.testing.assert_allclose(_torch_out(model, minilm_model_dir, True), want, atol=1e-3)
 
 
+def test_lora_bias_adapter_serves_peft_logits_and_unpacks(minilm_bundle, minilm_model_dir,
+                                                          tmp_path):
+    """PEFT's ``lora_bias=True`` (a bias on lora_B, scaled like the factors) over
+    ``bias="lora_only"``: the board adds both to the layer's bias, as PEFT's merge does."""
+    from seqcls_adapter import save_adapter, seqcls_peft_model
+
+    pm, model = seqcls_peft_model(minilm_model_dir, lora_bias=True, bias="lora_only",
+                                  noise=0.2)
+    adapter = save_adapter(pm, model, tmp_path / "a")
+    pm.eval()
+    want = _torch_out(pm, minilm_model_dir, True)
+    packet = tmp_path / "p.slr"
+    _ok(["compress", str(adapter), "--bundle", str(minilm_bundle), "--exact", "--out",
+         str(packet), "--quiet", "--json"])
+    served = _board(minilm_bundle, packet.read_bytes(), _pub(packet))
+    np.testing.assert_allclose(served, want, atol=1e-2)  # biases carried within 1 % (extras)
+    with torch.no_grad():  # without the lora_B biases the logits move: the test can tell
+        for name, p in pm.named_parameters():
+            if name.endswith("lora_B.default.bias"):
+                p.zero_()
+    assert np.abs(_torch_out(pm, minilm_model_dir, True) - want).max() > 0.1
+    _unpack(packet, minilm_bundle, tmp_path / "u")
+    unpacked = _load(tmp_path / "u", minilm_model_dir, seq_cls=True)
+    np.testing.assert_allclose(_torch_out(unpacked, minilm_model_dir, True), served, atol=1e-4)
+
+
 def test_unpacked_dora_with_biases_mixed_ranks_and_a_dropped_layer(seqcls, minilm_bundle,
                                                                    minilm_model_dir, tmp_path):
     packet = _compress(seqcls["dora"], minilm_bundle, tmp_path / "p.slr")

@@ -40,14 +40,17 @@ class Extras:
     ``head``: tensors of ``modules_to_save`` modules (a task head such as
     ``classifier.weight``), in the adapter's order; ``biases``: trained biases of adapted
     modules (PEFT ``bias="lora_only"|"all"``), whole values; ``magnitudes``: DoRA's
-    magnitude vector per module (``use_dora=True``)."""
+    magnitude vector per module (``use_dora=True``); ``bias_deltas``: what PEFT's
+    ``lora_bias=True`` adds to a module's bias (``scaling * lora_B.bias``), on top of its
+    trained or base bias."""
 
     head: dict[str, np.ndarray] = field(default_factory=dict)
     biases: dict[str, np.ndarray] = field(default_factory=dict)
     magnitudes: dict[str, np.ndarray] = field(default_factory=dict)
+    bias_deltas: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.head or self.biases or self.magnitudes)
+        return bool(self.head or self.biases or self.magnitudes or self.bias_deltas)
 
 
 @dataclass(frozen=True)

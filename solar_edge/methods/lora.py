@@ -2,6 +2,8 @@
 
 Per-module ``rank_pattern`` / ``alpha_pattern`` are honoured. DoRA (``use_dora=True``) adds
 a magnitude vector ``m`` per module: the merged weight is ``diag(m / |W0 + dW|_row) (W0 + dW)``.
+``lora_bias=True`` gives ``lora_B`` a bias ``b``: the module's bias grows by ``s * b``
+(:attr:`~solar_edge.methods.base.Extras.bias_deltas`).
 Heads (``modules_to_save``), trained biases and magnitudes are read by
 :func:`~solar_edge.methods.tensors.split_extras`. LoRA has no frozen basis the device can
 regenerate, so it is compressed (never carried exactly).
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -27,6 +30,7 @@ from solar_edge.methods.tensors import (
 )
 
 SUFFIXES = ("lora_A.weight", "lora_B.weight")
+LORA_BIAS = "lora_B.bias"  # PEFT's lora_bias=True
 
 
 def _is_number(v: Any) -> bool:
@@ -51,8 +55,8 @@ def check_config(config: Mapping[str, Any]) -> None:
                 isinstance(k, str) and ok(v) for k, v in patterns.items()):
             raise AdapterError(f"adapter_config.json: {field} must map module patterns to "
                                f"{what}, got {str(patterns)[:80]}")
-    for flag in ("use_dora", "use_rslora"):
-        if config.get(flag) not in (None, True, False):
+    for flag in ("use_dora", "use_rslora", "lora_bias"):
+        if not (config.get(flag) is None or isinstance(config.get(flag), bool)):  # not 0/1
             raise AdapterError(f"adapter_config.json: {flag} must be true or false, got "
                                f"{config.get(flag)!r}")
 
@@ -60,14 +64,19 @@ def check_config(config: Mapping[str, Any]) -> None:
 def read(config: Mapping[str, Any], tensors: Tensors,
          task_meta: Mapping[str, Any]) -> tuple[dict[str, LayerUpdate], None, Extras]:
     check_config(config)
-    if config.get("lora_bias"):
-        raise AdapterError("lora_bias=True (a bias on lora_B) is not supported; PEFT's "
-                           'bias="lora_only" or "all" is')
     tensors, extras = split_extras(config, tensors)
     if config.get("use_dora") and not extras.magnitudes:
         raise AdapterError("a DoRA adapter (use_dora=True) without lora_magnitude_vector tensors")
-    reject_unknown(tensors, SUFFIXES)
+    lora_biases = {module: np.asarray(parts[LORA_BIAS], np.float32).reshape(-1)
+                   for module, parts in group(tensors, (LORA_BIAS,)).items()}
+    if lora_biases and not config.get("lora_bias"):
+        raise AdapterError(f"lora_B biases without lora_bias=True in adapter_config.json: "
+                           f"{sorted(lora_biases)[:3]}")
+    if config.get("lora_bias") and config.get("use_dora"):
+        raise AdapterError("lora_bias=True with use_dora=True (PEFT refuses it too)")
+    reject_unknown(tensors, SUFFIXES + ((LORA_BIAS,) if config.get("lora_bias") else ()))
     updates = {}
+    bias_deltas = {}
     for module, parts in sorted(group(tensors, SUFFIXES).items()):
         A, B = require(parts, module, SUFFIXES)
         r = A.shape[0]
@@ -77,10 +86,18 @@ def read(config: Mapping[str, Any], tensors: Tensors,
         alpha = float(pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         updates[module] = checked_update(module, B * np.float32(scaling), A)
+        if module in lora_biases:
+            if lora_biases[module].shape != (B.shape[0],):
+                raise AdapterError(f"{module}: lora_B bias of shape "
+                                   f"{lora_biases[module].shape} for {B.shape[0]} outputs")
+            bias_deltas[module] = lora_biases[module] * np.float32(scaling)
     stray = sorted(set(extras.magnitudes) - set(updates))
     if stray:
         raise AdapterError(f"DoRA magnitudes for modules without LoRA factors: {stray[:5]}")
-    return updates, None, extras
+    stray = sorted(set(lora_biases) - set(updates))
+    if stray:
+        raise AdapterError(f"lora_B biases for modules without LoRA factors: {stray[:5]}")
+    return updates, None, replace(extras, bias_deltas=bias_deltas)
 
 
 METHOD = Method("lora", read)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -89,6 +89,22 @@ class MatchedExtras:
     head: dict[str, np.ndarray]
     biases: dict[int, np.ndarray]
     magnitudes: dict[int, np.ndarray]
+    bias_deltas: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def with_bias_deltas(self, base_bias: Callable[[int], np.ndarray | None]
+                         ) -> MatchedExtras:
+        """``bias_deltas`` folded into ``biases`` (whole values: the trained bias, else
+        ``base_bias(lid)``, plus the delta); layers without a base bias are refused."""
+        if not self.bias_deltas:
+            return self
+        biases = dict(self.biases)
+        for lid, delta in sorted(self.bias_deltas.items()):
+            start = biases.get(lid, base_bias(lid))
+            if start is None:
+                raise AdapterError(f"layer {lid}: lora_bias=True on a layer this bundle has no "
+                                   "bias for")
+            biases[lid] = (np.asarray(start, np.float32) + delta).astype(np.float32)
+        return MatchedExtras(self.head, biases, self.magnitudes)
 
 
 def match_extras(extras: Extras, manifest_layers: Sequence[Any]) -> MatchedExtras:
@@ -115,4 +131,5 @@ def match_extras(extras: Extras, manifest_layers: Sequence[Any]) -> MatchedExtra
         return out
 
     return MatchedExtras(dict(extras.head), by_layer(extras.biases, "biases"),
-                         by_layer(extras.magnitudes, "DoRA magnitudes"))
+                         by_layer(extras.magnitudes, "DoRA magnitudes"),
+                         by_layer(extras.bias_deltas, "lora_B biases"))
