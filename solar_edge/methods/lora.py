@@ -23,6 +23,7 @@ from solar_edge.methods.base import Extras, LayerUpdate, Method, Tensors
 from solar_edge.methods.tensors import (
     checked_update,
     group,
+    model_paths,
     pattern_value,
     reject_unknown,
     require,
@@ -61,9 +62,30 @@ def check_config(config: Mapping[str, Any]) -> None:
                                f"{config.get(flag)!r}")
 
 
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")  # and pissa_niter_K
+
+
+def check_served_as_plain_lora(config: Mapping[str, Any]) -> None:
+    """Refuse LoRA variants whose saved factors do not mean ``W0 + dW`` on the pristine base:
+    the board would serve them without a word, wrong."""
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().split("_niter")[0] in BASE_CHANGING_INITS:
+        raise AdapterError(f"init_lora_weights={init!r}: the adapter's base is the model minus "
+                           "its initial factors, not the bundle's weights; save it converted to "
+                           "plain LoRA (save_pretrained(..., path_initial_model_for_weight_"
+                           "conversion=DIR_OF_THE_INITIAL_ADAPTER))")
+    if config.get("layer_replication"):
+        raise AdapterError("layer_replication (layers repeated in the model) is not supported: "
+                           "the board serves the base model's own layers")
+    if config.get("alora_invocation_tokens"):
+        raise AdapterError("aLoRA (alora_invocation_tokens: active only after those tokens) is "
+                           "not supported: the board would apply it to every token")
+
+
 def read(config: Mapping[str, Any], tensors: Tensors,
          task_meta: Mapping[str, Any]) -> tuple[dict[str, LayerUpdate], None, Extras]:
     check_config(config)
+    check_served_as_plain_lora(config)
     tensors, extras = split_extras(config, tensors)
     if config.get("use_dora") and not extras.magnitudes:
         raise AdapterError("a DoRA adapter (use_dora=True) without lora_magnitude_vector tensors")
@@ -77,13 +99,15 @@ def read(config: Mapping[str, Any], tensors: Tensors,
     reject_unknown(tensors, SUFFIXES + ((LORA_BIAS,) if config.get("lora_bias") else ()))
     updates = {}
     bias_deltas = {}
+    paths = model_paths(tensors, SUFFIXES)
     for module, parts in sorted(group(tensors, SUFFIXES).items()):
         A, B = require(parts, module, SUFFIXES)
         r = A.shape[0]
-        expected_r = int(pattern_value(config.get("rank_pattern"), module, config["r"]))
+        expected_r = int(pattern_value(config.get("rank_pattern"), paths[module], config["r"]))
         if r != expected_r:
             raise AdapterError(f"{module}: rank {r} in tensors, {expected_r} in config")
-        alpha = float(pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
+        alpha = float(pattern_value(config.get("alpha_pattern"), paths[module],
+                                    config["lora_alpha"]))
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         updates[module] = checked_update(module, B * np.float32(scaling), A)
         if module in lora_biases:

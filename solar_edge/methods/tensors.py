@@ -42,6 +42,20 @@ def pattern_value(patterns: Mapping[str, Any] | None, name: str, default: Any) -
     return default
 
 
+def model_paths(tensors: Tensors, suffixes: Iterable[str]) -> dict[str, str]:
+    """Normalised module name -> its path in the model PEFT wrapped (``bert.encoder...`` for
+    a classifier): what PEFT matches ``rank_pattern`` / ``alpha_pattern`` keys against."""
+    suffixes = tuple(suffixes)
+    paths = {}
+    for key in tensors:
+        for suffix in suffixes:
+            if key.endswith("." + suffix):
+                path = key[: -len(suffix) - 1]
+                paths[normalise_name(path)] = path.removeprefix(PEFT_PREFIX)
+                break
+    return paths
+
+
 def group(tensors: Tensors, suffixes: Iterable[str]) -> dict[str, dict[str, np.ndarray]]:
     """``{module: {suffix: tensor}}`` for keys ``<module>.<suffix>``; other keys are skipped."""
     suffixes = tuple(suffixes)
@@ -117,8 +131,9 @@ def split_extras(config: Mapping[str, Any], tensors: Tensors) -> tuple[dict[str,
     """PEFT's state dict -> (the method's own tensors, :class:`Extras`).
 
     Head tensors are those of the config's ``modules_to_save`` (``classifier.weight``...);
-    biases are saved when ``bias`` is ``"lora_only"`` or ``"all"`` (``<module>.base_layer.
-    bias`` or ``<module>.bias``); DoRA's magnitudes are ``<module>.lora_magnitude_vector``.
+    biases are saved when ``bias`` is ``"lora_only"`` (VeRA: ``"vera_only"``) or ``"all"``
+    (``<module>.base_layer.bias`` or ``<module>.bias``); DoRA's magnitudes are
+    ``<module>.lora_magnitude_vector``.
     Names are base-model relative. Values stay float32 numpy arrays."""
     saved = config.get("modules_to_save") or []
     if not isinstance(saved, list | tuple) or not all(isinstance(m, str) for m in saved):
@@ -126,9 +141,9 @@ def split_extras(config: Mapping[str, Any], tensors: Tensors) -> tuple[dict[str,
                            f"names, got {str(saved)[:80]}")
     to_save = list(saved)
     bias = config.get("bias", "none")
-    if bias not in (None, "none", "all", "lora_only"):
-        raise AdapterError(f"adapter_config.json: bias must be 'none', 'all' or 'lora_only', "
-                           f"got {bias!r}")
+    if bias not in (None, "none", "all", "lora_only", "vera_only"):  # vera_only: VeRA's own
+        raise AdapterError(f"adapter_config.json: bias must be 'none', 'all' or 'lora_only' "
+                           f"('vera_only' for VeRA), got {bias!r}")
     biases_on = bias not in (None, "none")
     own: dict[str, np.ndarray] = {}
     head: dict[str, np.ndarray] = {}
