@@ -18,6 +18,7 @@ from typing import Any
 from solar_edge.errors import AdapterError
 from solar_edge.methods import method_for
 from solar_edge.methods.base import Adapter
+from solar_edge.methods.bfloat16_file import read_bfloat16_file
 from solar_edge.methods.matching import fit_shapes
 
 CONFIG_FILE = "adapter_config.json"
@@ -25,6 +26,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 TASK_FILE = "task.json"
 MODEL_CONFIG_FILE = "config.json"  # the classifier's config, if saved beside the adapter
 MAX_CONFIG_BYTES = 1 << 20
+FULL_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
 def _load_json(path: Path) -> dict[str, Any]:
@@ -47,6 +49,8 @@ def _load_tensors(path: Path) -> dict[str, Any]:
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own and numpy errors (e.g. bfloat16)
+        if "bfloat16" in str(exc):  # numpy has no bfloat16: widened to float32 exactly
+            return read_bfloat16_file(path)
         raise AdapterError(f"{path}: cannot read safetensors ({exc})") from exc
 
 
@@ -75,6 +79,10 @@ def read_adapter(path: str | Path) -> Adapter:
         inside = sorted(d.name for d in root.iterdir() if (d / CONFIG_FILE).is_file())
         hint = (f" (adapters saved in its subfolders: {', '.join(inside[:6])}; give one of "
                 "them)") if inside else ""
+        if not inside and (root / "config.json").is_file() and any(
+                (root / f).exists() for f in FULL_MODEL_FILES):
+            hint = (" (this looks like a whole model, e.g. after merge_and_unload: give the "
+                    "directory that save_pretrained wrote from the PeftModel)")
         raise AdapterError(f"{root}: missing {CONFIG_FILE}{hint}")
     if not weights_path.is_file():
         pickled = (root / "adapter_model.bin").exists()
