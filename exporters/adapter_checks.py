@@ -81,11 +81,25 @@ HEAD_MODULES = ("classifier", "pooler", "pre_classifier")  # what a board head a
 POOLER_MODEL_TYPES = ("bert", "ernie", "megatron-bert", "nezha")  # classifier reads the pooler
 
 
+UNSERVED_HEADS = ("ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice")
+
+
 def check_task_type(adapter: Adapter, served: Any = None) -> None:
     """The board serves a sequence-classification head or embeddings (or, for a bundle whose
     manifest lists ``model.task_types``, those): any other PEFT task (TOKEN_CLS, CAUSAL_LM,
-    QUESTION_ANS, ...) would be served as something it is not."""
+    QUESTION_ANS, ...) would be served as something it is not, and so would a head that
+    ``config.json`` names as another model's (an adapter saved without ``task_type``) or a
+    ``SEQ_CLS`` adapter saved without its classifier."""
     task_type = adapter.config.get("task_type")
+    architectures = adapter.model_config.get("architectures")
+    for name in architectures if isinstance(architectures, list) else []:
+        if isinstance(name, str) and name.endswith(UNSERVED_HEADS):
+            raise AdapterError(f"config.json names the model {name}: the board serves "
+                               "sequence classifiers and embeddings, not that head")
+    if str(task_type).upper() == "SEQ_CLS" and not has_task_head(adapter):
+        raise AdapterError("a SEQ_CLS adapter without its classifier (no modules_to_save "
+                           "tensors): the board would serve embeddings; save the adapter "
+                           "with its trained head")
     if served:
         if str(task_type).upper() not in served:
             raise AdapterError(f"task_type {task_type!r} is not served by this bundle's model: "

@@ -21,7 +21,7 @@ calibration data or a base model that is not the bundle's is a typed error.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from solar_edge.encode.allocate import (
     largest_bytes,
     layer_options,
 )
+from solar_edge.encode.extras import CANDIDATES as EXTRA_FORMATS
 from solar_edge.encode.extras import ExtraRecords, extra_records
 from solar_edge.errors import AdapterError, CalibrationError, CodecError
 from solar_edge.format.bundle import Bundle
@@ -166,7 +167,8 @@ class _Prepared:
     notes: list[str]
 
 
-def _prepare(adapter: Adapter, bundle: Bundle) -> _Prepared:
+def _prepare(adapter: Adapter, bundle: Bundle,
+             extras_formats: Sequence[ValueFormat] = EXTRA_FORMATS) -> _Prepared:
     check_task_type(adapter, bundle.manifest.get("model", {}).get("task_types"))
     updates = match_to_bundle(adapter.updates, bundle.layers)
     matched = match_extras(adapter.extras, bundle.layers).with_bias_deltas(bundle.base_bias)
@@ -177,7 +179,8 @@ def _prepare(adapter: Adapter, bundle: Bundle) -> _Prepared:
     meta = packet_metadata(adapter.task_meta)
     notes: list[str] = []
     check_magnitudes(matched.magnitudes, bundle, updates)
-    extras = extra_records(matched.head, matched.biases, matched.magnitudes, bundle)
+    extras = extra_records(matched.head, matched.biases, matched.magnitudes, bundle,
+                           formats=extras_formats)
     if matched.head:
         check_head_modules(matched.head, None)
         spec = head_spec(matched.head, lambda name: bundle.head_part(name) is not None,
@@ -337,7 +340,10 @@ def compress_adapter(adapter_dir: str | Path, bundle: Bundle, key, options: Comp
                      ) -> Compressed:
     """Compress ``adapter_dir`` into a packet for ``bundle`` signed with ``key``."""
     adapter_dir = Path(adapter_dir)
-    prep = _prepare(read_adapter(adapter_dir), bundle)
+    exact_fmt = ValueFormat.FLOAT32 if options.exact_format == "float32" else ValueFormat.FLOAT16
+    # an exact packet carries its head, biases and magnitudes at its own format too
+    prep = _prepare(read_adapter(adapter_dir), bundle,
+                    (exact_fmt,) if options.exact else EXTRA_FORMATS)
     adapter, updates, meta = prep.adapter, prep.updates, prep.metadata
     bases = {lid: bundle.layer_basis(lid) for lid in updates}
     adapter_id = adapter_id or adapter_dir.name
@@ -355,8 +361,7 @@ def compress_adapter(adapter_dir: str | Path, bundle: Bundle, key, options: Comp
     if options.exact:
         from solar_edge.encode.carry import exact_records
 
-        fmt = ValueFormat.FLOAT32 if options.exact_format == "float32" else ValueFormat.FLOAT16
-        records, error = exact_records(adapter, updates, bases, fmt)
+        records, error = exact_records(adapter, updates, bases, exact_fmt)
         data, meta = sign(records + extras)
         return Compressed(data, None, meta, names, exact_error=error,
                           extras_bytes=prep.extras.nbytes, notes=prep.notes)

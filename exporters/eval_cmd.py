@@ -6,7 +6,8 @@ unverified and re-signed with a throwaway key for the run (same records, so the 
 outputs). The torch side is the
 uncompressed PEFT adapter on the bundle's base model (checked weight by weight):
 
-* ``task_type`` ``SEQ_CLS``: ``AutoModelForSequenceClassification`` + PEFT, its logits;
+* a trained head (``modules_to_save``; ``task_type`` ``SEQ_CLS`` or none):
+  ``AutoModelForSequenceClassification`` + PEFT, its logits;
 * the project's seeded head (``task.json`` with ``labels`` and ``head_seed``): ``AutoModel`` +
   PEFT + that head (:func:`solar_edge.exporters.heads.head_for`);
 * otherwise: the unit mean-pooled embeddings.
@@ -75,12 +76,12 @@ def torch_outputs(adapter_dir: Path, adapter: Adapter, bundle: Bundle, base: Pat
     from .head_specs import base_model_type, head_spec, num_labels
     from .heads import head_for
 
-    seq_cls = adapter.config.get("task_type") == "SEQ_CLS"
+    seq_cls = bool(adapter.extras.head)  # a classifier, with or without task_type SEQ_CLS
+    if adapter.config.get("task_type") == "SEQ_CLS" and not seq_cls:
+        raise AdapterError(f"{adapter_dir}: a SEQ_CLS adapter without head tensors")
     with quiet_loading():
         tokenizer = AutoTokenizer.from_pretrained(str(base))
         if seq_cls:
-            if not adapter.extras.head:
-                raise AdapterError(f"{adapter_dir}: a SEQ_CLS adapter without head tensors")
             spec = head_spec(adapter.extras.head, lambda n: bundle.head_part(n) is not None,
                              *base_model_type(adapter, bundle))
             model = AutoModelForSequenceClassification.from_pretrained(

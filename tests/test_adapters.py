@@ -158,6 +158,19 @@ def test_lora_bias_is_a_bias_delta_scaled_like_the_factors():
     np.testing.assert_allclose(delta, bias * 3.0, rtol=1e-6)
 
 
+@pytest.mark.parametrize("key", ["bert.encoder.layer.0.attention.self.query",
+                                 r"^bert\.encoder\.layer\.0\..*", "layer.0.attention.self.query",
+                                 "query"])
+def test_patterns_match_the_module_path_peft_matched(key):
+    """PEFT matches ``rank_pattern`` / ``alpha_pattern`` keys against the module's path in
+    the model it wrapped (``bert.encoder...`` for a classifier), full or by its end."""
+    tensors = _lora_tensors()
+    config = {"r": 4, "lora_alpha": 2, "rank_pattern": {key: 2}, "alpha_pattern": {key: 8}}
+    (update,) = adapter_from_tensors("LORA", config, tensors).updates.values()
+    B = tensors["base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight"]
+    np.testing.assert_allclose(update.B, B * 4.0, rtol=1e-6)  # alpha 8 / r 2, not 2 / 4
+
+
 def test_names_are_normalised_and_scaling_folded():
     tensors = _lora_tensors()
     updates = adapter_from_tensors("LORA", {"r": 2, "lora_alpha": 6}, tensors).updates
@@ -181,6 +194,16 @@ def test_names_are_normalised_and_scaling_folded():
     ("LORA", {"r": 2, "lora_alpha": 2}, {}, "no layer updates"),
     ("VERA", {"r": 2}, _lora_tensors(), "vera_A"),
     ("LORA", {"r": 2, "lora_alpha": 2}, _lora_tensors(bias=5), "without lora_bias=True"),
+    ("LORA", {"r": 2, "lora_alpha": 2, "init_lora_weights": "pissa"}, _lora_tensors(),
+     "path_initial_model_for_weight_conversion"),
+    ("LORA", {"r": 2, "lora_alpha": 2, "init_lora_weights": "pissa_niter_4"}, _lora_tensors(),
+     "init_lora_weights='pissa_niter_4'"),
+    ("LORA", {"r": 2, "lora_alpha": 2, "init_lora_weights": "olora"}, _lora_tensors(),
+     "not the bundle's weights"),
+    ("LORA", {"r": 2, "lora_alpha": 2, "layer_replication": [[0, 3], [0, 3]]},
+     _lora_tensors(), "layer_replication"),
+    ("LORA", {"r": 2, "lora_alpha": 2, "alora_invocation_tokens": [5, 6]}, _lora_tensors(),
+     "aLoRA"),
     ("LORA", {"r": 2, "lora_alpha": 2, "lora_bias": True}, _lora_tensors(bias=4),
      "lora_B bias of shape"),
 ])
@@ -291,3 +314,58 @@ def test_a_folder_of_saved_adapters_names_them(tmp_path):
     (tmp_path / "task-a" / "adapter_model.bin").write_bytes(b"x")
     with pytest.raises(AdapterError, match="safe_serialization=True"):
         read_adapter(tmp_path / "task-a")
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "config.json").write_text("{}")
+    (merged / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(AdapterError, match="looks like a whole model"):
+        read_adapter(merged)
+
+
+def _save_bf16_adapter(path: Path) -> dict[str, np.ndarray]:
+    """A LoRA saved in bfloat16 as PEFT saves a bfloat16 model's adapter; returns what the
+    tensors are, widened to float32 by torch."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(3)
+    name = "base_model.model.encoder.layer.0.attention.self.query"
+    tensors = {f"{name}.lora_A.weight": torch.randn(2, 6, generator=gen).bfloat16(),
+               f"{name}.lora_B.weight": torch.randn(5, 2, generator=gen).bfloat16()}
+    path.mkdir()
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
+    return {k: v.float().numpy() for k, v in tensors.items()}
+
+
+def test_a_bfloat16_adapter_is_read_exactly(tmp_path):
+    from solar_edge.methods.peft_files import read_adapter
+
+    want = _save_bf16_adapter(tmp_path / "a")
+    (update,) = read_adapter(tmp_path / "a").updates.values()
+    name = "base_model.model.encoder.layer.0.attention.self.query"
+    np.testing.assert_array_equal(update.A, want[f"{name}.lora_A.weight"])
+    np.testing.assert_array_equal(update.B, want[f"{name}.lora_B.weight"])
+    assert update.A.dtype == np.float32
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda raw: raw[:5], "too short"),
+    (lambda raw: (10 ** 9).to_bytes(8, "little") + raw[8:], "header of"),
+    (lambda raw: raw[:8] + b"\xff" + raw[9:], "not JSON"),
+    (lambda raw: raw[:-4], "data offsets"),
+    (lambda raw: raw.replace(b'"BF16"', b'"Q4X1"', 1), "dtype"),
+    (lambda raw: raw.replace(b'"shape":[2,6]', b'"shape":[3,6]', 1), "bytes for shape"),
+])
+def test_a_hostile_bfloat16_file_is_one_adapter_error(tmp_path, mutate, message):
+    from solar_edge.errors import AdapterError
+    from solar_edge.methods.bfloat16_file import read_bfloat16_file
+
+    _save_bf16_adapter(tmp_path / "a")
+    path = tmp_path / "a" / "adapter_model.safetensors"
+    raw = path.read_bytes()
+    assert b'"shape":[2,6]' in raw
+    path.write_bytes(mutate(raw))
+    with pytest.raises(AdapterError, match=message):
+        read_bfloat16_file(path)

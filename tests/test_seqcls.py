@@ -20,6 +20,7 @@ import pytest
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
+from safetensors.numpy import load_file, save_file  # noqa: E402
 from seqcls_adapter import LABELS, make_seqcls_adapter  # noqa: E402
 
 from solar_edge.encode.extras import extra_records  # noqa: E402
@@ -294,6 +295,27 @@ def test_a_task_type_the_board_cannot_serve_is_refused(adapters, minilm_bundle, 
     with pytest.raises(AdapterError, match="TOKEN_CLS.*SEQ_CLS.*FEATURE_EXTRACTION") as info:
         _compress(adir, load_bundle(minilm_bundle))
     assert "\n" not in str(info.value)
+
+    # saved without task_type, its config.json still says what its head is
+    config.pop("task_type")
+    (adir / "adapter_config.json").write_text(json.dumps(config))
+    model_config = json.loads((adir / "config.json").read_text())
+    model_config["architectures"] = ["BertForTokenClassification"]
+    (adir / "config.json").write_text(json.dumps(model_config))
+    with pytest.raises(AdapterError, match="BertForTokenClassification"):
+        _compress(adir, load_bundle(minilm_bundle))
+
+    # a SEQ_CLS adapter whose classifier was not saved would serve embeddings
+    headless = tmp_path / "headless"
+    shutil.copytree(adapters["lora"], headless)
+    tensors = load_file(str(headless / "adapter_model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if "classifier" not in k},
+              str(headless / "adapter_model.safetensors"))
+    config = json.loads((headless / "adapter_config.json").read_text())
+    (headless / "adapter_config.json").write_text(json.dumps({**config,
+                                                              "modules_to_save": None}))
+    with pytest.raises(AdapterError, match="SEQ_CLS adapter without its classifier"):
+        _compress(headless, load_bundle(minilm_bundle))
 
 
 def test_modules_to_save_the_board_never_applies_are_refused(minilm_model_dir, minilm_bundle,

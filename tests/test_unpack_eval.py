@@ -10,6 +10,7 @@ runtime with its adapter in torch; bad inputs end as one ``error: Type: message`
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import warnings
 from dataclasses import replace
@@ -129,7 +130,8 @@ def test_unpacked_seqcls_lora_serves_the_runtime_logits(seqcls, minilm_bundle, m
 def test_lora_bias_adapter_serves_peft_logits_and_unpacks(minilm_bundle, minilm_model_dir,
                                                           tmp_path):
     """PEFT's ``lora_bias=True`` (a bias on lora_B, scaled like the factors) over
-    ``bias="lora_only"``: the board adds both to the layer's bias, as PEFT's merge does."""
+    ``bias="lora_only"``: the board adds both to the layer's bias, as PEFT's merge does. An
+    exact packet carries head and biases as float32 too."""
     from seqcls_adapter import save_adapter, seqcls_peft_model
 
     pm, model = seqcls_peft_model(minilm_model_dir, lora_bias=True, bias="lora_only",
@@ -141,7 +143,10 @@ def test_lora_bias_adapter_serves_peft_logits_and_unpacks(minilm_bundle, minilm_
     _ok(["compress", str(adapter), "--bundle", str(minilm_bundle), "--exact", "--out",
          str(packet), "--quiet", "--json"])
     served = _board(minilm_bundle, packet.read_bytes(), _pub(packet))
-    np.testing.assert_allclose(served, want, atol=1e-2)  # biases carried within 1 % (extras)
+    np.testing.assert_allclose(served, want, atol=1e-4)
+    extras = [r for r in decode_packet(packet.read_bytes()).records
+              if r.kind in (RecordKind.HEAD_TENSOR, RecordKind.BIAS_DELTA)]
+    assert len(extras) == 2 + 12 and all(r.values.fmt.name == "FLOAT32" for r in extras)
     with torch.no_grad():  # without the lora_B biases the logits move: the test can tell
         for name, p in pm.named_parameters():
             if name.endswith("lora_B.default.bias"):
@@ -243,6 +248,15 @@ def test_eval_reports_agreement_and_accuracy(seqcls, lora_adapter_dir, minilm_bu
     assert report["agreement"] >= 90 and set(report["accuracy"]) == {"board", "torch"}
     assert report["mean_cosine"] > 0.9 and report["signature"] == "verified"
     assert report["warnings"] == []
+
+    # the same adapter saved without task_type: still a classifier, in eval as in compress
+    shutil.copytree(seqcls["lora"], tmp_path / "no-task")
+    config = json.loads((tmp_path / "no-task/adapter_config.json").read_text())
+    (tmp_path / "no-task/adapter_config.json").write_text(json.dumps(
+        {k: v for k, v in config.items() if k != "task_type"}))
+    again = json.loads(_ok(["eval", str(tmp_path / "no-task"), str(packet), "--bundle",
+                            str(minilm_bundle), "--data", str(data), "--json"]))
+    assert again["outputs"] == "logits" and again["agreement"] == report["agreement"]
 
     # the seeded head's adapter against its own unpacked packet: the same model, unverified
     seeded = _compress(lora_adapter_dir, minilm_bundle, tmp_path / "s.slr")
