@@ -411,9 +411,9 @@ def compress_adapter(adapter_dir: str | Path, bundle: Bundle, key, options: Comp
             data, meta = sign(records)
     else:
         plain = plain_candidates(prep, bundle, fits, grams, out_grams, overhead)
-        alloc, records, report, curve = smallest_within(prep, bundle, options, held,
-                                                        records_at, fits, overhead, on_point,
-                                                        plain)
+        alloc, records, report, curve = smallest_within(
+            prep, bundle, options, held, records_at, fits, overhead, on_point, plain,
+            final_size=lambda records: len(sign(records)[0]))
         data, meta = sign(records)
     return Compressed(data, alloc, meta, names,
                       None if report is None else (report.loss_before, report.loss_after),

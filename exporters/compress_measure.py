@@ -118,9 +118,12 @@ def plain_candidates(prep: Any, bundle: Bundle, fits: dict, grams: dict, out_gra
 def smallest_within(prep: Any, bundle: Bundle, options: Any, eval_set: Any,
                      records_at: Callable[[int | None], tuple[Allocation, list, Any]],
                      fits: dict, overhead: int, on_point: Callable[[Any], None] | None,
-                     plain: list[tuple[str, Allocation]] | None = None):
+                     plain: list[tuple[str, Allocation]] | None = None,
+                     final_size: Callable[[list[LayerRecord]], int] | None = None):
     """The allocation of the smallest budget whose packet keeps the drop within target;
-    then the ``plain`` candidates smaller than it (default: the codec's uniform fits)."""
+    then the ``plain`` candidates smaller than it (default: the codec's uniform fits).
+    ``final_size(records)``: the bytes of the packet finally signed from ``records`` (its
+    digests, id and version): every size reported is the final packet's, not the probe's."""
     from solar_edge.exporters.target_search import BoardMeter, plain_within, search
 
     meter = BoardMeter(str(bundle.root), eval_set.texts, eval_set.labels)
@@ -130,7 +133,10 @@ def smallest_within(prep: Any, bundle: Bundle, options: Any, eval_set: Any,
                             prep.metadata)
         return encode_packet(head, CodecHeader(seed=0), records, meter.key)
 
-    reference = meter.measure(candidate(lossless_records(prep)))
+    lossless = lossless_records(prep)
+    reference = meter.measure(candidate(lossless))
+    extras = prep.extras.records
+    offset = 0 if final_size is None else final_size(lossless) - len(candidate(lossless))
     built: dict[int, tuple] = {}
 
     def build(budget: int) -> bytes:
@@ -142,14 +148,13 @@ def smallest_within(prep: Any, bundle: Bundle, options: Any, eval_set: Any,
     lo = max(overhead + smallest, min(largest, 2 * overhead))
     assert options.max_drop is not None
     chosen, curve = search(build, meter.measure, reference, options.max_drop, lo, largest,
-                           on_point)
+                           on_point, offset)
     alloc, records, report = built[chosen]
     pick = next(c for c in curve if c.budget == chosen)
-    extras = prep.extras.records
     plain = uniform_allocations(fits, overhead) if plain is None else plain
     won, tried = plain_within(
         [(name, lambda a=a: candidate(a.records + extras)) for name, a in plain],
-        meter.measure, reference, options.max_drop, pick.nbytes, on_point)
+        meter.measure, reference, options.max_drop, pick.nbytes, on_point, offset)
     if won is not None:
         alloc, report, pick = plain[won][1], None, tried[-1]
         records = alloc.records + extras

@@ -111,10 +111,11 @@ def compare(point: Measured, reference: Measured, budget: int, nbytes: int,
 
 def search(build: Callable[[int], bytes], measure: Callable[[bytes], Measured],
            reference: Measured, max_drop: float, lo: int, hi: int,
-           on_point: Callable[[CurvePoint], None] | None = None,
+           on_point: Callable[[CurvePoint], None] | None = None, size_offset: int = 0,
            ) -> tuple[int, list[CurvePoint]]:
     """``build(budget) -> packet`` (signed with the meter's key); returns the smallest passing
-    budget and every point measured. Raises BudgetError when even ``hi`` misses the target."""
+    budget and every point measured. Raises BudgetError when even ``hi`` misses the target.
+    ``size_offset``: what the final packet adds to a measured one (its signed digests)."""
     if not max_drop >= 0:
         raise CodecError(f"max_drop must be >= 0, got {max_drop}")
     curve: list[CurvePoint] = []
@@ -126,7 +127,7 @@ def search(build: Callable[[int], bytes], measure: Callable[[bytes], Measured],
                 data = build(budget)
             except BudgetError:
                 return None
-            cache[budget] = compare(measure(data), reference, budget, len(data))
+            cache[budget] = compare(measure(data), reference, budget, len(data) + size_offset)
             curve.append(cache[budget])
             if on_point is not None:
                 on_point(cache[budget])
@@ -162,18 +163,19 @@ def search(build: Callable[[int], bytes], measure: Callable[[bytes], Measured],
 def plain_within(candidates: Sequence[tuple[str, Callable[[], bytes]]],
                  measure: Callable[[bytes], Measured], reference: Measured, max_drop: float,
                  below: int, on_point: Callable[[CurvePoint], None] | None = None,
-                 ) -> tuple[int | None, list[CurvePoint]]:
+                 size_offset: int = 0) -> tuple[int | None, list[CurvePoint]]:
     """``(name, build)`` plain candidates: measures those whose packet is smaller than
     ``below`` bytes (the ``MAX_PLAIN`` largest of them), smallest first, up to the first
     within ``max_drop``. Returns its index in ``candidates`` (None: none passed)
     and the points measured."""
-    sizes = [len(build()) for _, build in candidates]
+    sizes = [len(build()) + size_offset for _, build in candidates]
     order = sorted((i for i, n in enumerate(sizes) if n < below), key=sizes.__getitem__)
     curve = []
     for i in order[-MAX_PLAIN:]:
         name, build = candidates[i]
         data = build()  # built again: a runtime takes versions in the order it is given them
-        point = compare(measure(data), reference, len(data), len(data), f"plain {name}")
+        point = compare(measure(data), reference, len(data), len(data) + size_offset,
+                        f"plain {name}")
         curve.append(point)
         if on_point is not None:
             on_point(point)
