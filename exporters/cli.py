@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import click
@@ -22,6 +23,11 @@ def _targets(value: str | None) -> str | list[str] | None:
     if value is None:
         return None
     if value.startswith("re:"):
+        try:
+            re.compile(value[3:])
+        except re.error as exc:
+            raise click.BadParameter(f"not a regular expression ({exc})",
+                                     param_hint="--target-modules") from exc
         return value[3:]
     names = [v.strip() for v in value.split(",") if v.strip()]
     if not names:

@@ -26,9 +26,10 @@ adapter without a task head (no class outputs to match), ``--metric act`` and no
 Without it, ``--metric fro`` and no refit.
 
 Calibration texts: ``--calib-data FILE`` (``.txt``, one per line, or ``.jsonl`` with
-``"text"`` and optional ``"label"``), else the built-in task named by the adapter's
-``task.json``. The steps that run the model need the ``[export]`` extra and the bundle's base
-model (``--model DIR``; default: the embedded MiniLM when the bundle was exported from it).
+``"text"`` and optional ``"label"``); without it ``--metric act/fisher`` and ``--refit``
+take the built-in task named by the adapter's ``task.json`` (the project's own adapters).
+The steps that run the model need the ``[export]`` extra and the bundle's base model
+(``--model DIR``; default: the embedded MiniLM when the bundle was exported from it).
 
 ``--exact`` carries the adapter without fitting anything: a VeRA, LoRA-XS or TinyLoRA by
 its trained numbers alone, coefficient-only; any other (LoRA, DoRA, AdaLoRA) as its own
@@ -210,8 +211,9 @@ def _defaults(metric: str | None, refit: int | None, calib_data: Path | None, ex
 @click.option("--calib-data", type=click.Path(exists=True, path_type=Path),
               default=None, help="Calibration texts: .txt (one per line) or .jsonl "
                                  "(\"text\", optional \"label\"), or a folder of images "
-                                 "for an image model. Default: the built-in task "
-                                 "named in the adapter's task.json.")
+                                 "for an image model. Without it compress runs "
+                                 "data-free; --metric act/fisher or --refit without it use "
+                                 "the built-in task named in the adapter's task.json.")
 @click.option("--calib", type=click.IntRange(min=1), default=64, show_default=True,
               help="Calibration texts used for --metric act/fisher.")
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False,

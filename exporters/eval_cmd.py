@@ -187,7 +187,7 @@ def eval_packet(adapter_dir: Path, packet_path: Path, bundle_dir: Path, data_pat
     data = packet_path.read_bytes()
     keys = [signing.load_public_key(k) for k in trusted_keys]
     packet = read_packet(data, bundle, keys)
-    names = packet.header.metadata.get("labels") or adapter.labels
+    names = adapter.labels or packet.header.metadata.get("labels")  # data labels the adapter's
     calib = read_calibration_file(data_path, names)
     kept = [(" ".join(t.split()), i) for i, t in enumerate(calib.texts) if t.strip()]
     if not kept:

@@ -18,7 +18,8 @@ def tiny_gpt2() -> tuple[nn.Module, dict[str, torch.Tensor]]:
 
     torch.manual_seed(1234)
     config = GPT2Config(vocab_size=257, n_positions=64, n_embd=48, n_layer=2, n_head=4,
-                        n_inner=96, attn_implementation="eager")  # type: ignore[call-arg]
+                        n_inner=96, bos_token_id=256, eos_token_id=256,  # within the vocabulary
+                        attn_implementation="eager")  # type: ignore[call-arg]
     model = GPT2Model(config).eval()
     g = torch.Generator().manual_seed(5)
     input_ids = torch.randint(0, config.vocab_size, (2, 11), generator=g)

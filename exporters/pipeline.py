@@ -47,7 +47,7 @@ class ExportResult:
 
 def _prepare_out(out_dir: Path, overwrite: bool) -> Path:
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ExportError(f"{out_dir} exists and is not empty (use overwrite/--force)")
+        raise ExportError(f"{out_dir} exists and is not empty (--force replaces it)")
     work = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     if work.exists():
         shutil.rmtree(work)

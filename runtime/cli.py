@@ -68,7 +68,7 @@ def run(packets: tuple[Path, ...], bundle_dir: str, legacy_packets: tuple[Path, 
     """Answer texts (or images) with the bundle's model, patched by the signed PACKETs (the
     last serves)."""
     from solar_edge.runtime.engine import EdgeRuntime
-    from solar_edge.runtime.families import vit
+    from solar_edge.runtime.families import causal_lm, vit
     from solar_edge.runtime.images import read_images
 
     packets = packets + legacy_packets
@@ -84,6 +84,9 @@ def run(packets: tuple[Path, ...], bundle_dir: str, legacy_packets: tuple[Path, 
         raise click.UsageError("packets need at least one --trusted-key")
     trusted = [signing.load_public_key(k) for k in trusted_keys]
     rt = EdgeRuntime(bundle_dir, trusted or _no_keys(), mechanism=mechanism)
+    if rt.family.name == causal_lm.NAME:
+        raise click.UsageError("this bundle's model is a decoder LM: continue prompts with "
+                               "solar-edge generate --bundle B --prompt TEXT")
     takes_images = rt.family.name == vit.NAME
     if takes_images and inputs:
         raise click.UsageError("this bundle's model takes images: give --image FILE/FOLDER")

@@ -238,6 +238,9 @@ def test_generate_command_streams_and_switches_in_one_session(decoder: dict,
     assert text.output.startswith(f"[{list(decoder['adapters'])[-1]}] {PROMPTS[0]}")
     bad = CliRunner().invoke(cli, [*args, "--max-new-tokens", "500"])
     assert type(bad.exception).__name__ == "GenerationError"
+    wrong = CliRunner().invoke(cli, ["run", "--bundle", str(decoder["bundle"].root), "--text",
+                                     PROMPTS[0]])  # run answers encoders: it points to generate
+    assert wrong.exit_code == 2 and "solar-edge generate" in wrong.output
     assert PROMPTS[0] not in bad.output  # a refused request echoes nothing before its error
 
 

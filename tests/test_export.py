@@ -200,7 +200,7 @@ def test_cli_exports_quietly_with_targets(tmp_path):
     assert b.fingerprint.hex() in result.stdout
     assert {layer.name.rsplit(".", 1)[1] for layer in b.layers} == {"q_proj", "v_proj"}
     again = CliRunner().invoke(cli, args)  # refuses to overwrite without --force
-    assert isinstance(again.exception, ExportError)
+    assert isinstance(again.exception, ExportError) and "--force" in str(again.exception)
     loud = CliRunner().invoke(cli, [*args[:-3], "--force"])
     assert loud.exit_code == 0 and "SVD" in loud.stderr and "ONNX export" in loud.stderr
 
@@ -210,6 +210,13 @@ def test_cli_exporter_choices_match_the_exporter():
     from solar_edge.exporters.onnx_export import EXPORTERS
 
     assert export_cli.EXPORTERS == EXPORTERS
+
+
+def test_cli_target_modules_that_are_no_regex_are_a_usage_error(tmp_path):
+    result = CliRunner().invoke(cli, ["export", "--device", "x86-64", "--target-modules",
+                                      "re:[", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "not a regular expression" in result.output
+    assert not (tmp_path / "b").exists()
 
 
 def test_cli_unknown_profile_lists_known_ones(tmp_path):
