@@ -137,9 +137,10 @@ def _print(info: dict[str, Any], metric: str, refit_steps: int, device: str | No
         for p in sr["points"]:
             acc = "-" if p["accuracy"] is None else f"{p['accuracy']:.1f}"
             agree = "-" if p["agreement"] is None else f"{p['agreement']:.1f}"
+            cosine = "-" if p["cosine"] is None else f"{p['cosine']:.4f}"
             mark = "  <- chosen" if p is chosen else ""
             budget = p["budget"] if p["method"] == "codec" else p["method"]
-            click.echo(f"{budget:>24} {p['bytes']:>8} {agree:>8} {p['cosine']:>8.4f} {acc:>7} "
+            click.echo(f"{budget:>24} {p['bytes']:>8} {agree:>8} {cosine:>8} {acc:>7} "
                        f"{p['drop']:>6.2f}{mark}")
     extra = ""
     if "uncompressed_bytes" in info:

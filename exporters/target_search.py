@@ -9,7 +9,11 @@ packet gets right where the reference did not do not pay for the ones it lost, s
 passes on what it keeps, not on a lucky balance of errors (the net accuracy change alone
 swings by several points between two samples of a few hundred texts). Without labels it is
 ``100 - agreement`` (agreement: the share of texts where the packet's prediction equals the
-reference's); without a head, ``100 * (1 - mean cosine)``.
+reference's); without a head, ``100 * (1 - mean cosine)``. A decoder (``causal-lm``
+bundle) is measured per position: its prediction is the next token, and the drop is
+``100 - agreement`` over every position of every text (a packet that predicts other tokens
+generates other text, right or wrong); the accuracy reported is next-token accuracy against
+the texts' own tokens, and the cosine of a decoder's outputs is not measured (None).
 
 The search walks budgets up a doubling ladder from the smallest useful one until a packet
 passes, then bisects between the last failing and the first passing budget. The plain
@@ -28,18 +32,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from solar_edge.errors import BudgetError, CodecError
+from solar_edge.errors import BudgetError, CalibrationError, CodecError, GenerationError
 from solar_edge.format import signing
 
 MAX_POINTS = 12
 BISECT_STEPS = 3
 MAX_PLAIN = 8
+DECODER_FAMILY = "causal-lm"  # solar_edge.runtime.families.causal_lm.NAME
+DECODER_MAX_TOKENS = 256       # per text, when the bundle does not state its positions
 
 
 @dataclass(frozen=True)
 class Measured:
-    predictions: np.ndarray      # argmax labels (classification) or -1 (embeddings)
-    outputs: np.ndarray          # logits or unit embeddings
+    predictions: np.ndarray      # argmax labels (classification) or -1 (embeddings); for a
+    #                              decoder the next token at every position of every text
+    outputs: np.ndarray | None   # logits or unit embeddings (None: a decoder's)
     accuracy: float | None       # with labels
     correct: np.ndarray | None = None  # per text, with labels
 
@@ -50,7 +57,7 @@ class CurvePoint:
     nbytes: int
     agreement: float | None      # % of texts predicted as the reference does (None:
     #                              embeddings, which have no prediction to agree on)
-    cosine: float                # mean cosine to the reference's outputs
+    cosine: float | None         # mean cosine to the reference's outputs (None: decoder)
     accuracy: float | None
     drop: float                  # points (see the module docstring)
     method: str = "codec"        # or "plain r<k>-int<b>" (every layer at one rank and width
@@ -78,6 +85,8 @@ class BoardMeter:
 
     def measure(self, packet: bytes) -> Measured:
         self.runtime.apply(packet)
+        if self.runtime.family.name == DECODER_FAMILY:
+            return self._next_tokens()
         outputs = np.concatenate([self.runtime.infer(self.texts[i:i + 64])
                                   for i in range(0, len(self.texts), 64)])
         has_head = self.runtime.active is not None and self.runtime.active.labels is not None
@@ -88,6 +97,28 @@ class BoardMeter:
             accuracy = float(correct.mean() * 100)
         return Measured(predictions, outputs, accuracy, correct)
 
+    def _next_tokens(self) -> Measured:
+        """Every text's next-token predictions, and their accuracy against its own next
+        tokens (the first ``max_positions`` tokens of each; a one-token text has none)."""
+        family = self.runtime.family
+        limit = family.max_positions or DECODER_MAX_TOKENS
+        predicted, correct = [], []
+        for text in self.texts:
+            try:
+                ids = np.asarray(family.encode(text)[:limit], np.int64)
+            except GenerationError:  # encodes to no tokens
+                continue
+            if ids.size < 2:
+                continue
+            logits = self.runtime.run_graph(family.step_feeds(ids[None], 0, None))[0][0, :-1]
+            predicted.append(logits.argmax(-1))
+            correct.append(predicted[-1] == ids[1:])
+        if not predicted:
+            raise CalibrationError("the evaluation texts have no next token to predict "
+                                   "(each encodes to fewer than 2 tokens)")
+        hits = np.concatenate(correct)  # reported; the drop is on agreement (module doc)
+        return Measured(np.concatenate(predicted), None, float(hits.mean() * 100))
+
     def next_version(self) -> int:
         self.count += 1
         return self.count
@@ -96,14 +127,17 @@ class BoardMeter:
 def compare(point: Measured, reference: Measured, budget: int, nbytes: int,
             method: str = "codec") -> CurvePoint:
     agree = float((point.predictions == reference.predictions).mean() * 100)
-    a, b = point.outputs.astype(np.float64), reference.outputs.astype(np.float64)
-    cos = float(np.mean((a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1)
-                                                    * np.linalg.norm(b, axis=-1), 1e-12)))
+    cos = None
+    if point.outputs is not None and reference.outputs is not None:
+        a, b = point.outputs.astype(np.float64), reference.outputs.astype(np.float64)
+        cos = float(np.mean((a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1)
+                                                        * np.linalg.norm(b, axis=-1), 1e-12)))
     if point.correct is not None and reference.correct is not None:
         drop = float((reference.correct & ~point.correct).mean() * 100)
     elif (reference.predictions >= 0).any():
         drop = 100.0 - agree
     else:  # embeddings: the drop is the lost cosine, in points
+        assert cos is not None  # embeddings always have outputs
         return CurvePoint(budget, nbytes, None, cos, point.accuracy, 100.0 * (1.0 - cos),
                           method)
     return CurvePoint(budget, nbytes, agree, cos, point.accuracy, drop, method)

@@ -319,3 +319,28 @@ def test_an_unpacked_decoder_packet_is_a_causal_lm_adapter_that_generates_the_sa
             ids = rt.family.encode(prompt)
             assert torch_greedy(decoder["model"], tmp_path / "u", ids, NEW_TOKENS) == \
                 rt.generate(prompt, NEW_TOKENS).ids
+
+
+def test_max_drop_measures_a_decoder_by_its_next_tokens(decoder: dict) -> None:
+    """Not by the cosine of its pooled logits, which stays near 1 for any packet: every
+    position's next token, against the reference's (the drop) and the text's (accuracy)."""
+    from solar_edge.exporters.target_search import BoardMeter, compare
+    from solar_edge.format.reader import decode_packet
+    from solar_edge.format.writer import encode_packet
+
+    texts = [p * 3 for p in PROMPTS]
+    meter = BoardMeter(str(decoder["bundle"].root), texts, None)
+
+    def measured(aid: str):
+        pkt = decode_packet(decoder["packets"][aid])
+        return meter.measure(encode_packet(pkt.header, pkt.codec, pkt.records, meter.key))
+
+    a, b = measured(f"{decoder['kind']}-a"), measured(f"{decoder['kind']}-b")
+    family = meter.runtime.family
+    assert a.predictions.shape == (sum(len(family.encode(t)) - 1 for t in texts),)
+    assert a.outputs is None and a.accuracy is not None
+    same = compare(a, a, 0, 0)
+    assert same.drop == 0 and same.agreement == 100 and same.cosine is None
+    other = compare(b, a, 0, 0)  # two adapters predict other next tokens somewhere
+    assert other.agreement is not None and other.drop == pytest.approx(100 - other.agreement)
+    assert other.drop > 0
