@@ -82,6 +82,7 @@ POOLER_MODEL_TYPES = ("bert", "ernie", "megatron-bert", "nezha")  # classifier r
 
 
 UNSERVED_HEADS = ("ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice")
+CLASSIFIERS = ("ForSequenceClassification", "ForImageClassification")
 
 
 def check_task_type(adapter: Adapter, served: Any = None) -> None:
@@ -89,22 +90,28 @@ def check_task_type(adapter: Adapter, served: Any = None) -> None:
     manifest lists ``model.task_types``, those): any other PEFT task (TOKEN_CLS, CAUSAL_LM,
     QUESTION_ANS, ...) would be served as something it is not, and so would a head that
     ``config.json`` names as another model's (an adapter saved without ``task_type``) or a
-    ``SEQ_CLS`` adapter saved without its classifier."""
+    classifier (``SEQ_CLS``, or a ``config.json`` naming one) saved without its head: the
+    bundle has no head of its own, so the board would serve embeddings."""
     task_type = adapter.config.get("task_type")
+    if served:
+        if task_type is not None and str(task_type).upper() not in served:  # None: plain LoRA
+            raise AdapterError(f"task_type {task_type!r} is not served by this bundle's model: "
+                               f"it serves {', '.join(served)}")
+        return
     architectures = adapter.model_config.get("architectures")
     for name in architectures if isinstance(architectures, list) else []:
         if isinstance(name, str) and name.endswith(UNSERVED_HEADS):
             raise AdapterError(f"config.json names the model {name}: the board serves "
                                "sequence classifiers and embeddings, not that head")
-    if str(task_type).upper() == "SEQ_CLS" and not has_task_head(adapter):
-        raise AdapterError("a SEQ_CLS adapter without its classifier (no modules_to_save "
-                           "tensors): the board would serve embeddings; save the adapter "
-                           "with its trained head")
-    if served:
-        if str(task_type).upper() not in served:
-            raise AdapterError(f"task_type {task_type!r} is not served by this bundle's model: "
-                               f"it serves {', '.join(served)}")
-        return
+    classifier = next((n for n in (architectures if isinstance(architectures, list) else [])
+                       if isinstance(n, str) and n.endswith(CLASSIFIERS)), None)
+    if str(task_type).upper() == "SEQ_CLS":
+        classifier = "SEQ_CLS"
+    if classifier and not has_task_head(adapter):
+        raise AdapterError(f"a {classifier} adapter without its classifier (no modules_to_save "
+                           "tensors): the bundle keeps no head of its own, so the board would "
+                           "serve embeddings; save the adapter with modules_to_save="
+                           "['classifier'] (the head PEFT trained or the base model's)")
     if task_type is not None and str(task_type).upper() not in SERVED_TASK_TYPES:
         raise AdapterError(f"task_type {task_type!r} is not served by the board: supported are "
                            "SEQ_CLS (sequence classification) and FEATURE_EXTRACTION (or no "

@@ -171,7 +171,8 @@ def _prepare(adapter: Adapter, bundle: Bundle,
              extras_formats: Sequence[ValueFormat] = EXTRA_FORMATS) -> _Prepared:
     check_task_type(adapter, bundle.manifest.get("model", {}).get("task_types"))
     updates = match_to_bundle(adapter.updates, bundle.layers)
-    matched = match_extras(adapter.extras, bundle.layers).with_bias_deltas(bundle.base_bias)
+    matched = match_extras(adapter.extras, bundle.layers).with_bias_deltas(
+        bundle.base_bias, lambda lid: bundle.layers[lid].name)
     unpatchable = sorted(lid for lid in matched.biases if bundle.base_bias(lid) is None)
     if unpatchable:
         raise AdapterError(f"the adapter trains biases of layers {unpatchable[:6]} that this "
@@ -181,6 +182,10 @@ def _prepare(adapter: Adapter, bundle: Bundle,
     check_magnitudes(matched.magnitudes, bundle, updates)
     extras = extra_records(matched.head, matched.biases, matched.magnitudes, bundle,
                            formats=extras_formats)
+    if matched.head and bundle.manifest.get("model", {}).get("family") == "causal-lm":
+        raise AdapterError(f"modules_to_save {sorted({n.rsplit('.', 1)[0] for n in matched.head})}"
+                           ": a decoder bundle serves the base model's lm_head and embeddings; "
+                           "train without modules_to_save")
     if matched.head:
         check_head_modules(matched.head, None)
         spec = head_spec(matched.head, lambda name: bundle.head_part(name) is not None,

@@ -161,9 +161,9 @@ WITHOUT_DATA = ("no calibration data: data-free allocation (each layer's weight 
                 "the adapter against 63% data-free (docs/rate-distortion.md).")
 
 
-WITHOUT_HEAD = ("the adapter has no task head (no class outputs, only embeddings): with "
-                "--calib-data the defaults are --metric act and no refit (fisher and the refit "
-                "match class outputs)")
+WITHOUT_HEAD = "the adapter has no classifier head (an embedding or decoder adapter): "
+WITHOUT_HEAD_METRIC = "--metric defaults to act (fisher weighs class outputs)"
+WITHOUT_HEAD_REFIT = "--refit defaults to 0"
 
 
 def _defaults(metric: str | None, refit: int | None, calib_data: Path | None, exact: bool,
@@ -178,7 +178,9 @@ def _defaults(metric: str | None, refit: int | None, calib_data: Path | None, ex
     if calib_data is None:
         return metric or "fro", refit or 0, [] if metric else [WITHOUT_DATA]
     if not has_head:
-        advice = [WITHOUT_HEAD] if metric is None or refit is None else []
+        defaulted = [text for given, text in ((metric, WITHOUT_HEAD_METRIC),
+                                              (refit, WITHOUT_HEAD_REFIT)) if given is None]
+        advice = [WITHOUT_HEAD + ", ".join(defaulted)] if defaulted else []
         return metric or "act", refit or 0, advice
     if refit is None:
         refit = 0 if max_error is not None or max_drop is not None else DEFAULT_REFIT

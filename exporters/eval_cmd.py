@@ -55,6 +55,10 @@ def base_model_dir(bundle: Bundle, model_dir: Path | None) -> Path:
 
     model = bundle.manifest.get("model", {})
     if model.get("family", NAME) != NAME:
+        if model.get("family") == "causal-lm":
+            raise CalibrationError("eval compares classifier or embedding outputs; a decoder's "
+                                   "packets are measured by compress --max-drop (next-token "
+                                   "agreement) and bench/decoder_rd.py (perplexity)")
         raise CalibrationError(f"eval runs texts; a {model.get('family')!r} bundle takes arrays")
     if model_dir is not None:
         return model_dir

@@ -204,6 +204,11 @@ def test_names_are_normalised_and_scaling_folded():
      _lora_tensors(), "layer_replication"),
     ("LORA", {"r": 2, "lora_alpha": 2, "alora_invocation_tokens": [5, 6]}, _lora_tensors(),
      "aLoRA"),
+    ("LORA", {"r": 2, "lora_alpha": 2},
+     {"base_model.model.embeddings.patch_embeddings.projection.lora_A.weight":
+      np.ones((2, 1, 4, 4), np.float32),
+      "base_model.model.embeddings.patch_embeddings.projection.lora_B.weight":
+      np.ones((8, 2, 1, 1), np.float32)}, "a LoRA on a convolution"),
     ("LORA", {"r": 2, "lora_alpha": 2, "lora_bias": True}, _lora_tensors(bias=4),
      "lora_B bias of shape"),
 ])
@@ -369,3 +374,19 @@ def test_a_hostile_bfloat16_file_is_one_adapter_error(tmp_path, mutate, message)
     path.write_bytes(mutate(raw))
     with pytest.raises(AdapterError, match=message):
         read_bfloat16_file(path)
+
+
+@pytest.mark.parametrize("architecture", ["ViTForImageClassification",
+                                          "BertForSequenceClassification"])
+def test_a_classifier_adapter_without_its_head_is_refused(architecture):
+    """Its model config names a classifier, but no head travels: the board would serve
+    embeddings where PEFT serves the base model's classifier."""
+    from dataclasses import replace
+
+    from solar_edge.errors import AdapterError
+    from solar_edge.exporters.adapter_checks import check_task_type
+
+    adapter = adapter_from_tensors("LORA", {"r": 2, "lora_alpha": 2}, _lora_tensors())
+    check_task_type(adapter)  # an embedding adapter
+    with pytest.raises(AdapterError, match=f"a {architecture} adapter without its classifier"):
+        check_task_type(replace(adapter, model_config={"architectures": [architecture]}))

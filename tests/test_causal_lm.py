@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -270,6 +271,32 @@ def test_text_encoder_rules_still_refuse_causal_lm_adapters(decoder: dict) -> No
     with pytest.raises(AdapterError, match="not served by the board"):
         check_task_type(adapter)  # a bundle without model.task_types (text encoders)
     check_task_type(adapter, decoder["bundle"].manifest["model"]["task_types"])
+
+
+def test_a_decoder_lora_without_task_type_is_served_and_saved_modules_are_refused(
+        decoder: dict, tmp_path: Path) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    from solar_edge.exporters.compress import prepare_adapter
+    from solar_edge.methods.peft_files import read_adapter
+
+    source = next(iter(decoder["adapters"].values()))
+    plain = tmp_path / "no-task"
+    shutil.copytree(source, plain)
+    config = json.loads((plain / "adapter_config.json").read_text())
+    (plain / "adapter_config.json").write_text(json.dumps({**config, "task_type": None}))
+    prep = prepare_adapter(read_adapter(plain), decoder["bundle"])  # plain LoRA tensors
+    assert len(prep.updates) == len(read_adapter(source).updates)
+
+    saved = tmp_path / "lm-head"
+    shutil.copytree(source, saved)
+    tensors = load_file(str(saved / "adapter_model.safetensors"))
+    tensors["base_model.model.lm_head.weight"] = np.zeros((4, 4), np.float32)
+    save_file(tensors, str(saved / "adapter_model.safetensors"))
+    (saved / "adapter_config.json").write_text(json.dumps({**config,
+                                                           "modules_to_save": ["lm_head"]}))
+    with pytest.raises(AdapterError, match="decoder bundle serves the base model's lm_head"):
+        prepare_adapter(read_adapter(saved), decoder["bundle"])
 
 
 def test_a_bundle_whose_model_does_not_generate_says_so(tiny_bundle_master: Path) -> None:

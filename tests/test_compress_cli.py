@@ -194,7 +194,8 @@ def test_calib_data_defaults_for_an_adapter_without_a_head(minilm_bundle: Path, 
     assert result.exit_code == 0, result.output
     assert "metric act:" in result.output and not re.search(r"refit \(\d+ steps",
                                                              result.output)
-    assert "no task head" in result.output and "--metric act and no refit" in result.output
+    assert "no classifier head" in result.output and "--metric defaults to act" in result.output
+    assert "--refit defaults to 0" in result.output
     assert len(out.read_bytes()) <= 6000
 
 
@@ -209,3 +210,7 @@ def test_calibration_defaults_refit_a_budget_but_not_an_accuracy_target() -> Non
     assert _defaults(None, None, calib, False, 0.1) == ("fisher", 0, [])
     assert _defaults(None, 30, calib, False, None, max_drop=0.5) == ("fisher", 30, [])
     assert _defaults(None, None, None, False, None, max_drop=0.5)[:2] == ("fro", 0)
+    # without a head the note names only what was defaulted, not a --refit that was given
+    (note,) = _defaults(None, 40, calib, False, None, has_head=False)[2]
+    assert "--metric defaults to act" in note and "refit" not in note
+    assert _defaults("act", 40, calib, False, None, has_head=False) == ("act", 40, [])

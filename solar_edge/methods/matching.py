@@ -91,8 +91,8 @@ class MatchedExtras:
     magnitudes: dict[int, np.ndarray]
     bias_deltas: dict[int, np.ndarray] = field(default_factory=dict)
 
-    def with_bias_deltas(self, base_bias: Callable[[int], np.ndarray | None]
-                         ) -> MatchedExtras:
+    def with_bias_deltas(self, base_bias: Callable[[int], np.ndarray | None],
+                         name_of: Callable[[int], str] = str) -> MatchedExtras:
         """``bias_deltas`` folded into ``biases`` (whole values: the trained bias, else
         ``base_bias(lid)``, plus the delta); layers without a base bias are refused."""
         if not self.bias_deltas:
@@ -101,8 +101,8 @@ class MatchedExtras:
         for lid, delta in sorted(self.bias_deltas.items()):
             start = biases.get(lid, base_bias(lid))
             if start is None:
-                raise AdapterError(f"layer {lid}: lora_bias=True on a layer this bundle has no "
-                                   "bias for")
+                raise AdapterError(f"{name_of(lid)}: lora_bias=True on a layer without a "
+                                   "bias (PEFT cannot merge it either)")
             biases[lid] = (np.asarray(start, np.float32) + delta).astype(np.float32)
         return MatchedExtras(self.head, biases, self.magnitudes)
 

@@ -77,6 +77,9 @@ def require(parts: Tensors, module: str, names: Sequence[str]) -> list[np.ndarra
 
 
 def checked_update(module: str, B: np.ndarray, A: np.ndarray) -> LayerUpdate:
+    if B.ndim > 2 or A.ndim > 2:
+        raise AdapterError(f"{module}: a LoRA on a convolution ({A.ndim}-D factors) is not "
+                           "supported: only linear layers are adapted")
     if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
         raise AdapterError(f"{module}: shape mismatch, B {B.shape} @ A {A.shape}")
     if not (np.isfinite(B).all() and np.isfinite(A).all()):
