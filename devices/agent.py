@@ -44,6 +44,7 @@ from solar_edge.devices.fetcher import (
     translate_tuf_error,
 )
 from solar_edge.devices.packetinfo import ListedTarget, listed_target
+from solar_edge.devices.recovery import clean_partials, heal_state
 from solar_edge.devices.report import Outcome, Reporter, exit_code, status_doc
 from solar_edge.devices.rollout import eligible
 from solar_edge.devices.state import AgentState, Installed, StateStore
@@ -113,6 +114,7 @@ class Agent:
         self.last_outcomes: list[Outcome] = []
         self.last_error: SolarEdgeError | None = None
         self.base = config.server_url.rstrip("/")
+        self._fetcher: TufFetcher | None = None
 
     @property
     def exit_code(self) -> int:
@@ -122,10 +124,11 @@ class Agent:
     # --- start-up ----------------------------------------------------------------------
 
     def start(self) -> AgentState:
-        """Load the committed state and bring the runtime to exactly it."""
+        """Load the committed state, heal damaged stored packets, bring the runtime to it."""
         with self.store.locked():
-            self.state = self.store.load()
+            self.state = heal_state(self.store, self.store.load())
             self._restore(self.state)
+            clean_partials(self.store)
         self.hook("restored")
         return self.state
 
@@ -141,7 +144,8 @@ class Agent:
         meta = self.store.metadata
 
         def make(bootstrap: bytes | None) -> Updater:
-            fetcher = TufFetcher(self.transport, self.config.metadata_deadline_s)
+            fetcher = self._fetcher = TufFetcher(self.transport,
+                                                 self.config.metadata_deadline_s)
             return Updater(str(meta), f"{self.base}/metadata/", str(self.store.partial),
                            f"{self.base}/targets/", fetcher=fetcher, bootstrap=bootstrap)
 
@@ -172,7 +176,11 @@ class Agent:
         try:
             updater.refresh()
         except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as exc:
-            raise translate_tuf_error(exc) from exc
+            err = translate_tuf_error(exc)
+            url = self._fetcher.last_url if self._fetcher is not None else None
+            if isinstance(exc, tuf_exc.RepositoryError) and url and url not in str(err):
+                err = type(err)(f"{err} (in {url})")
+            raise err from exc
         # refresh() persists targets.json only after verifying it: safe to list from.
         signed = Metadata[Targets].from_file(str(self.store.metadata / "targets.json")).signed
         by_id: dict[str, list[ListedTarget]] = {}
@@ -204,56 +212,87 @@ class Agent:
         if (state.adapters, state.active) != self._applied:
             log.warning("state.json changed outside the agent (an operator command); "
                         "the runtime now follows it")
+            state = heal_state(self.store, state)
             self._restore(state)
         self.state = state
         updater, by_id, outcomes = self.refresh()
         for adapter_id in sorted(by_id):
-            chosen = self._select(adapter_id, by_id[adapter_id])
-            outcomes.append(chosen if isinstance(chosen, Outcome)
-                            else self._consider(updater, chosen))
+            candidates, decided = self._select(adapter_id, by_id[adapter_id])
+            for target in candidates:   # newest first; stop at the first that installs
+                outcomes.append(self._consider(updater, target))
+                if outcomes[-1].action == "installed":
+                    break
+            outcomes += decided
         for outcome in outcomes:
             log.info("%s", outcome)
         return outcomes
 
-    def _select(self, adapter_id: str, listed: list[ListedTarget]) -> ListedTarget | Outcome:
-        """The target to install, or the outcome that says why none is."""
+    def _select(self, adapter_id: str,
+                listed: list[ListedTarget]) -> tuple[list[ListedTarget], list[Outcome]]:
+        """The versions to try, newest first, and the outcomes decided without a download:
+        a newer version that waits for its rollout is reported ``deferred`` alongside."""
         installed = self.state.adapters.get(adapter_id)
         have = installed.version if installed is not None else 0
         newest = max(t.version for t in listed)
         if newest < have:
             err = RollbackError(f"repository offers v{newest}, device has v{have}",
                                 field="header.adapter_version")
-            return Outcome(adapter_id, newest, "rejected", err)
+            return [], [Outcome(adapter_id, newest, "rejected", err)]
         pin = self.state.pinned.get(adapter_id)
-        allowed = [t for t in listed if pin is None or t.version <= pin]
-        ready = [t for t in allowed
-                 if eligible(self.device_id, adapter_id, t.version, t.rollout)]
-        best = max(ready, key=lambda t: t.version, default=None)
-        if best is not None and best.version > have:
-            return best
-        waiting = [t.version for t in allowed if t.version > have]
-        if waiting:
-            return Outcome(adapter_id, max(waiting), "deferred")
+        allowed = [t for t in listed if t.version > have and (pin is None or t.version <= pin)]
+        ready = sorted((t for t in allowed
+                        if eligible(self.device_id, adapter_id, t.version, t.rollout)),
+                       key=lambda t: t.version, reverse=True)
+        top = max((t.version for t in allowed), default=0)
+        if ready and top > ready[0].version:
+            return ready, [Outcome(adapter_id, top, "deferred")]
+        if ready:
+            return ready, []
+        if allowed:
+            return [], [Outcome(adapter_id, top, "deferred")]
         if newest > have:
-            return Outcome(adapter_id, newest, "pinned")
-        return Outcome(adapter_id, have, "current")
+            return [], [Outcome(adapter_id, newest, "pinned")]
+        return [], [Outcome(adapter_id, have, "current")]
+
+    def _trust_tag(self) -> str:
+        """Names the trusted packet keys a rejection was judged under (applier's trust_tag)."""
+        return str(getattr(self.applier, "trust_tag", ""))
+
+    def _rejected_before(self, sha: str) -> str | None:
+        """The cached reason for this packet, if it was rejected under the same trusted keys."""
+        entry = self.state.rejected.get(sha)
+        prefix = f"[keys {self._trust_tag()}] "
+        return entry[len(prefix):] if entry is not None and entry.startswith(prefix) else None
 
     def _consider(self, updater: Updater, listed: ListedTarget) -> Outcome:
+        """Download, verify and install one target. Only what the packet's own bytes decide
+        (signature, decoding, base, health, rollback) is cached against its hash; what the
+        metadata claims (length, limits) and transfer failures are retried next cycle."""
         adapter_id, version, sha = listed.adapter_id, listed.version, listed.sha256
-        if sha in self.state.rejected:
+        reason = self._rejected_before(sha)
+        if reason is not None:
             return Outcome(adapter_id, version, "rejected",
-                           PacketError(f"rejected before: {self.state.rejected[sha]}"))
+                           PacketError(f"rejected before: {reason}"))
         start = time.monotonic()
-        downloaded = start
+        part = self.store.partial / f"{sha}.part"
         try:
             data = self._download(updater, listed)
-            downloaded = time.monotonic()
+        except (DownloadError, PacketError, RepositoryError) as exc:
+            if part.exists() and part.stat().st_size == 0:
+                part.unlink()
+            action = "failed" if isinstance(exc, DownloadError) else "rejected"
+            return Outcome(adapter_id, version, action, exc, time.monotonic() - start)
+        downloaded = time.monotonic()
+        try:
             self._install(adapter_id, version, data)
-        except (PacketError, RuntimeApplyError, RepositoryError) as exc:
-            if isinstance(exc, (PacketError, RuntimeApplyError)):
-                self.state.rejected[sha] = f"{type(exc).__name__}: {exc}"
-                self.store.save(self.state)
+        except (PacketError, RuntimeApplyError) as exc:
+            self.state.rejected[sha] = f"[keys {self._trust_tag()}] {type(exc).__name__}: {exc}"
+            self.store.save(self.state)
             return Outcome(adapter_id, version, "rejected", exc, time.monotonic() - start)
+        except RepositoryError as exc:
+            return Outcome(adapter_id, version, "rejected", exc, time.monotonic() - start)
+        finally:
+            part.unlink(missing_ok=True)   # verified bytes: installed, or rejected for good
         end = time.monotonic()
         return Outcome(adapter_id, version, "installed", None, end - start, listed.length,
                        downloaded - start, end - downloaded)
@@ -310,7 +349,6 @@ class Agent:
         self._applied = (dict(self.state.adapters), self.state.active)
         self.hook("committed")
         self.store.prune_packets(self.state)
-        (self.store.partial / f"{sha}.part").unlink(missing_ok=True)
 
     # --- loop with backoff -------------------------------------------------------------
 

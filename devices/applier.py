@@ -40,6 +40,13 @@ class RuntimeApplier:
         self.make_runtime = make_runtime
         self.runtime = make_runtime()
 
+    @property
+    def trust_tag(self) -> str:
+        """Short digest of the trusted packet key ids: a cached rejection is only reused
+        under the same keys (adding a trusted key re-checks it)."""
+        ids = "\n".join(sorted(k.hex() for k in self.runtime.keys))
+        return hashlib.sha256(ids.encode()).hexdigest()[:16]
+
     def stage(self, data: bytes) -> PacketFacts:
         info = self.runtime.stage(data)
         return PacketFacts(info.adapter_id, info.version, self.runtime.bundle.fingerprint.hex(),

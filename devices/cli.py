@@ -8,6 +8,7 @@ directly: :func:`~solar_edge.devices.repo.publish`, :class:`RepoServer`,
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import tempfile
 from datetime import timedelta
@@ -22,17 +23,39 @@ from solar_edge.devices.repo import Expiry, root_path
 from solar_edge.devices.repo import publish as publish_packets
 from solar_edge.devices.report import outcome_row
 from solar_edge.devices.server import RepoServer
+from solar_edge.errors import SolarEdgeError
 from solar_edge.format import signing
 from solar_edge.profiles.links import get_link, load_links
+
+MAX_EXPIRES_DAYS = 3650.0      # targets lifetime; root lives 12x this
+MAX_TIMESTAMP_HOURS = 24 * 3650.0
+MAX_INTERVAL_S = 7 * 86400.0
+SERVED = ("metadata", "targets")
+
+
+def _bounded(most: float, unit: str, zero_ok: bool = False) -> Any:
+    """A click callback: a finite number in (0, most] ([0, most] with ``zero_ok``), or None."""
+    def check(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+        if value is None:
+            return None
+        low_ok = value >= 0 if zero_ok else value > 0
+        if not math.isfinite(value) or not low_ok or value > most:
+            floor = "0 <=" if zero_ok else "0 <"
+            raise click.BadParameter(f"must be a finite number of {unit} with {floor} x <= "
+                                     f"{most:g}, got {value!r}")
+        return value
+    return check
 
 
 @click.command("publish")
 @options.packets()
 @options.signing_key(help_tail="It signs all four TUF roles (one key: demo setups).")
 @options.out_dir("the TUF repository (created if missing).")
-@click.option("--expires-days", default=30.0, show_default=True,
+@click.option("--expires-days", default=30.0, show_default=True, type=float,
+              callback=_bounded(MAX_EXPIRES_DAYS, "days"),
               help="Lifetime of targets metadata (root: 12x, snapshot: 1/4, timestamp: 1/30).")
 @click.option("--timestamp-hours", type=float, default=None,
+              callback=_bounded(MAX_TIMESTAMP_HOURS, "hours"),
               help="Lifetime of timestamp metadata (overrides the default 1/30 of targets).")
 @click.option("--replace", is_flag=True, help="List only these packets (drop earlier targets).")
 @click.option("--rollout", default=1.0, show_default=True, type=float,
@@ -72,7 +95,15 @@ def serve(repo: str, host: str, port: int, link: str | None, links_file: str | N
 
     Prints the URL on stdout once listening."""
     profile = get_link(link, links_file) if link else None
-    server = RepoServer(repo, host, port, link=profile)
+    keys = sorted(p.name for p in Path(repo).glob("*.key"))
+    if keys:
+        raise click.UsageError(f"{repo} holds a private key ({', '.join(keys)}): keep keys "
+                               f"out of the served folder")
+    try:
+        server = RepoServer(repo, host, port, link=profile, only=SERVED)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: "
+                                   f"{exc.strerror or exc}") from exc
     options.progress_echo(quiet)(f"serving {repo} at {server.url}"
                                  + (f" as {link}" if link else ""))
     click.echo(server.url)
@@ -116,7 +147,9 @@ def _report_url(ctx: click.Context, param: click.Parameter, value: str | None) -
               help="Agent state folder [default: BUNDLE.agent].")
 @click.option("--once", is_flag=True, help="One update cycle, then exit.")
 @click.option("--cycles", default=1440, show_default=True, type=click.IntRange(1, 10**6))
-@click.option("--interval", default=60.0, show_default=True, help="Seconds between cycles.")
+@click.option("--interval", default=60.0, show_default=True, type=float,
+              callback=_bounded(MAX_INTERVAL_S, "seconds", zero_ok=True),
+              help="Seconds between cycles.")
 @click.option("--attempts", default=6, show_default=True, type=click.IntRange(1, 100),
               help="Tries per cycle while the server is unreachable (exponential backoff).")
 @click.option("--device-id", default=None,
@@ -139,13 +172,23 @@ def agent(server_url: str, bundle: str, device: str | None, trusted_keys: tuple[
                                  state_dir or f"{bundle.rstrip('/')}.agent", keys,
                                  Path(root).read_bytes() if root else None,
                                  RetryPolicy(attempts=attempts), device_id, report_url)
-    state = runner.start()
-    installed = {k: v.version for k, v in state.adapters.items()}
-    outcomes = runner.run(cycles=1 if once else cycles, interval_s=interval, keep_going=not once)
+    try:
+        state = runner.start()
+        installed = {k: v.version for k, v in state.adapters.items()}
+        outcomes = runner.run(cycles=1 if once else cycles, interval_s=interval,
+                              keep_going=not once)
+    except SolarEdgeError as exc:
+        if not as_json:
+            raise
+        options.emit_json({"device_id": runner.device_id, "exit_code": 2, "outcomes": [],
+                           "error": f"{type(exc).__name__}: {exc}"})
+        sys.exit(2)
     if as_json:
         options.emit_json({"restored": {"active": state.active, "installed": installed},
                            "device_id": runner.device_id, "exit_code": runner.exit_code,
-                           "outcomes": [outcome_row(o) for o in outcomes]})
+                           "outcomes": [outcome_row(o) for o in outcomes],
+                           "error": None if runner.last_error is None
+                           else f"{type(runner.last_error).__name__}: {runner.last_error}"})
     else:
         click.echo(f"restored: active={state.active} installed={installed}")
         for outcome in outcomes:

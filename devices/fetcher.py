@@ -181,6 +181,15 @@ class TufFetcher(FetcherInterface):
     def __init__(self, transport: Transport, deadline_s: float = 60.0) -> None:
         self.transport = transport
         self.deadline_s = deadline_s
+        self.last_url: str | None = None   # named in errors about what it returned
+
+    def download_bytes(self, url: str, max_length: int) -> bytes:
+        """As python-tuf's, but remembers ``url`` and names it in a length error."""
+        self.last_url = url
+        try:
+            return super().download_bytes(url, max_length)
+        except tuf_exc.DownloadLengthMismatchError as exc:
+            raise tuf_exc.DownloadLengthMismatchError(f"GET {url}: {exc}") from exc
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         deadline = time.monotonic() + self.deadline_s

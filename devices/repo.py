@@ -15,7 +15,9 @@ by USB or MQTT and still be checked on the device.
 Keys: the four roles (root, targets, snapshot, timestamp) may share one Ed25519 key (the
 demo does); production splits them and keeps root offline (docs/security.md).
 Publishing again adds targets (or replaces them all with ``replace=True``) and re-signs
-targets, snapshot and timestamp with higher versions; root stays version 1.
+targets, snapshot and timestamp with higher versions. Root is renewed (version N+1, signed
+by the root key, which devices accept through TUF's root rotation) when it would expire
+within the targets lifetime; a signer that is not the root key is refused instead.
 
 Refused, before anything is written (:class:`PublishRefusedError`): a published id+version
 with other bytes (devices that installed it would never see the change; the same bytes
@@ -127,7 +129,26 @@ class Repository:
             if keyid not in trusted:
                 raise PublishRefusedError(
                     f"the repository's root does not trust this signing key for {role} "
-                    f"(key {keyid[:16]}..., root trusts {', '.join(k[:16] for k in trusted)}...)")
+                    f"(TUF key id {keyid[:16]}..., not the packet key id solar-edge keygen "
+                    f"prints; root trusts TUF key ids "
+                    f"{', '.join(k[:16] for k in trusted)}...)")
+
+    def renew_root(self, expiry: Expiry) -> bool:
+        """Sign root version N+1 if root N expires within ``expiry.targets``; True if done.
+
+        PublishRefusedError if it must be renewed but this signer is not the root key."""
+        latest = self._latest("root")
+        if latest is None or latest.signed.expires > self._now() + expiry.targets:
+            return False
+        root = latest.signed
+        if self.signer.public_key.keyid not in root.roles["root"].keyids:
+            raise PublishRefusedError(
+                f"root v{root.version} expires {root.expires:%Y-%m-%d %H:%M} UTC and this "
+                f"signing key is not the root key: re-sign root with the root key first")
+        root.version += 1
+        root.expires = self._now() + expiry.root
+        self._write(latest, f"{root.version}.root.json")
+        return True
 
     def publish(self, packets: Iterable[bytes], expiry: Expiry = Expiry(),
                 facts_reader: FactsReader = read_facts, replace: bool = False,
@@ -153,6 +174,7 @@ class Repository:
             staged[name] = (data, facts, digest)
         if self._latest("root") is None:
             self.init(expiry)
+        self.renew_root(expiry)
         targets = previous.signed if previous is not None else Targets()
         if replace:
             targets.targets.clear()

@@ -1,6 +1,8 @@
 """A real HTTP server for a repository folder: Range requests and a per-connection throttle.
 
-Serves files under one root (GET and HEAD only, no listings, no path escapes). With a
+Serves files under one root (GET and HEAD only, no listings, no path escapes, never a
+dotfile or a ``*.key`` file; ``only`` limits it to some top-level folders, which
+``solar-edge serve`` sets to a repository's ``metadata/`` and ``targets/``). With a
 :class:`~solar_edge.profiles.links.LinkProfile` of kind ``tcp`` every connection pays one
 round trip at accept (the TCP handshake), every response one more (request up, first byte
 down), and the response bytes are paced at :func:`~solar_edge.profiles.links.goodput_bps`.
@@ -112,11 +114,13 @@ class RepoServer:
     def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 0,
                  link: LinkProfile | None = None, max_connections: int = 1024,
                  timeout_s: float = 30.0, header_timeout_s: float = 10.0,
-                 workers: int = 32, min_send_bps: float = 1000.0) -> None:
+                 workers: int = 32, min_send_bps: float = 1000.0,
+                 only: tuple[str, ...] | None = None) -> None:
         if link is not None and link.kind != "tcp":
             raise ProfileError(f"link {link.name!r} ({link.kind}) carries no HTTP/TCP; its times "
                                "are computed by the link model (solar-edge linkbench)")
         self.root = Path(root).resolve()
+        self.only = only
         self.link = link
         self.faults = Faults()
         self.timeout_s = timeout_s
@@ -245,6 +249,12 @@ def clean_path(raw: str) -> tuple[str | None, str]:
     return rel, ""
 
 
+def servable(part: str) -> bool:
+    """False for path segments never served: empty, dot-names (dotfiles too), ``*.key``."""
+    return bool(part) and not part.startswith(".") and not part.endswith(".key") \
+        and len(part) <= 255
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     """Answers one request whose header block the intake loop has already read."""
 
@@ -278,11 +288,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             super().log_message(format, *args)
 
     def _resolve(self, rel: str) -> Path | None:
-        if not rel or any(part in ("", ".", "..") or len(part) > 255 for part in rel.split("/")):
+        if not rel or any(not servable(part) for part in rel.split("/")):
             return None
         try:
             target = (self.server.root / rel).resolve()
             if self.server.root not in target.parents or not target.is_file():
+                return None
+            inside = target.relative_to(self.server.root).parts
+            only = self.server.only
+            if not all(map(servable, inside)) or (only is not None and inside[0] not in only):
                 return None
         except (OSError, ValueError):
             return None

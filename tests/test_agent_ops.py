@@ -56,7 +56,7 @@ def test_staged_rollout_defers_devices_outside_the_fraction_until_it_is_raised(r
         rig.tmp.mkdir()
         devices[device_id] = rig.agent(device_id=device_id)
     first = {d: [(o.version, o.action) for o in a.run()] for d, a in devices.items()}
-    assert first == {inside: [(2, "installed")], outside: [(1, "installed")]}
+    assert first == {inside: [(2, "installed")], outside: [(1, "installed"), (2, "deferred")]}
     assert [(o.version, o.action) for o in devices[outside].run()] == [(2, "deferred")]
     assert devices[outside].exit_code == 0
     status = json.loads(devices[outside].store.status_path.read_text())
