@@ -98,13 +98,13 @@ def check_task_type(adapter: Adapter, served: Any = None) -> None:
             raise AdapterError(f"task_type {task_type!r} is not served by this bundle's model: "
                                f"it serves {', '.join(served)}")
         return
-    architectures = adapter.model_config.get("architectures")
-    for name in architectures if isinstance(architectures, list) else []:
-        if isinstance(name, str) and name.endswith(UNSERVED_HEADS):
+    saved = adapter.model_config.get("architectures")
+    architectures = [n for n in saved if isinstance(n, str)] if isinstance(saved, list) else []
+    for name in architectures:
+        if name.endswith(UNSERVED_HEADS):
             raise AdapterError(f"config.json names the model {name}: the board serves "
                                "sequence classifiers and embeddings, not that head")
-    classifier = next((n for n in (architectures if isinstance(architectures, list) else [])
-                       if isinstance(n, str) and n.endswith(CLASSIFIERS)), None)
+    classifier = next((n for n in architectures if n.endswith(CLASSIFIERS)), None)
     if str(task_type).upper() == "SEQ_CLS":
         classifier = "SEQ_CLS"
     if classifier and not has_task_head(adapter):

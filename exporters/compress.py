@@ -51,6 +51,7 @@ from solar_edge.methods.base import Adapter, LayerUpdate
 from solar_edge.methods.matching import MatchedExtras, match_extras, match_to_bundle
 from solar_edge.methods.peft_files import read_adapter
 from solar_edge.regen import canary, update_digest
+from solar_edge.runtime.families.causal_lm import NAME as DECODER_FAMILY
 
 from .adapter_checks import (
     check_head_modules,
@@ -182,7 +183,7 @@ def _prepare(adapter: Adapter, bundle: Bundle,
     check_magnitudes(matched.magnitudes, bundle, updates)
     extras = extra_records(matched.head, matched.biases, matched.magnitudes, bundle,
                            formats=extras_formats)
-    if matched.head and bundle.manifest.get("model", {}).get("family") == "causal-lm":
+    if matched.head and bundle.manifest.get("model", {}).get("family") == DECODER_FAMILY:
         raise AdapterError(f"modules_to_save {sorted({n.rsplit('.', 1)[0] for n in matched.head})}"
                            ": a decoder bundle serves the base model's lm_head and embeddings; "
                            "train without modules_to_save")

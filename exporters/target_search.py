@@ -34,11 +34,11 @@ import numpy as np
 
 from solar_edge.errors import BudgetError, CalibrationError, CodecError, GenerationError
 from solar_edge.format import signing
+from solar_edge.runtime.families.causal_lm import NAME as DECODER_FAMILY
 
 MAX_POINTS = 12
 BISECT_STEPS = 3
 MAX_PLAIN = 8
-DECODER_FAMILY = "causal-lm"  # solar_edge.runtime.families.causal_lm.NAME
 DECODER_MAX_TOKENS = 256       # per text, when the bundle does not state its positions
 
 

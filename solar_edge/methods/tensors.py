@@ -42,18 +42,20 @@ def pattern_value(patterns: Mapping[str, Any] | None, name: str, default: Any) -
     return default
 
 
+def _module_key(key: str, suffixes: tuple[str, ...]) -> tuple[str, str] | None:
+    """``(<module path as saved>, suffix)`` for a key ``<module>.<suffix>``, else None."""
+    for suffix in suffixes:
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], suffix
+    return None
+
+
 def model_paths(tensors: Tensors, suffixes: Iterable[str]) -> dict[str, str]:
     """Normalised module name -> its path in the model PEFT wrapped (``bert.encoder...`` for
     a classifier): what PEFT matches ``rank_pattern`` / ``alpha_pattern`` keys against."""
-    suffixes = tuple(suffixes)
-    paths = {}
-    for key in tensors:
-        for suffix in suffixes:
-            if key.endswith("." + suffix):
-                path = key[: -len(suffix) - 1]
-                paths[normalise_name(path)] = path.removeprefix(PEFT_PREFIX)
-                break
-    return paths
+    found = (_module_key(key, tuple(suffixes)) for key in tensors)
+    return {normalise_name(path): path.removeprefix(PEFT_PREFIX)
+            for path, _ in filter(None, found)}
 
 
 def group(tensors: Tensors, suffixes: Iterable[str]) -> dict[str, dict[str, np.ndarray]]:
@@ -61,11 +63,9 @@ def group(tensors: Tensors, suffixes: Iterable[str]) -> dict[str, dict[str, np.n
     suffixes = tuple(suffixes)
     modules: dict[str, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
-        for suffix in suffixes:
-            if key.endswith("." + suffix):
-                module = normalise_name(key[: -len(suffix) - 1])
-                modules.setdefault(module, {})[suffix] = value
-                break
+        found = _module_key(key, suffixes)
+        if found is not None:
+            modules.setdefault(normalise_name(found[0]), {})[found[1]] = value
     return modules
 
 
