@@ -235,7 +235,8 @@ def linkbench(packets: tuple[Path, ...], bundle: str | None, full_model: str | N
         raise click.UsageError("give the full model as --bundle DIR (or --full-model FILE)")
     packet = (packets + legacy_packets)[0]
     links = load_links(links_file)
-    chosen = [links[n] for n in link_names.split(",")] if link_names else list(links.values())
+    chosen = ([get_link(n.strip(), links_file) for n in link_names.split(",")] if link_names
+              else list(links.values()))
     if bundle is not None:
         folder, parts = Path(bundle), info.bundle_model_parts(Path(bundle))
     elif full_model is not None and full_model.endswith(".onnx"):

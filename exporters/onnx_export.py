@@ -86,6 +86,12 @@ def set_fully_connected(model: nn.Module, on: bool) -> None:
             m.fully_connected = on
 
 
+def model_type_prefix(loaded: LoadedModel) -> str:
+    """``"model_type 'x': "`` for messages about a transformers model, else ``""``."""
+    model_type = loaded.identity.get("model_type")
+    return f"model_type {model_type!r}: " if model_type else ""
+
+
 def torch_export(loaded: LoadedModel, path: Path, exporter: str = "torchscript") -> None:
     """Trace ``loaded`` to ONNX at ``path`` (weights inline) with dynamic batch/seq axes."""
     if exporter not in EXPORTERS:
@@ -115,7 +121,7 @@ def torch_export(loaded: LoadedModel, path: Path, exporter: str = "torchscript")
                     opset_version=OPSET, dynamo=False,
                 )
         except Exception as exc:  # exporters raise many unrelated types
-            raise ExportError(f"torch.onnx.export ({exporter}) failed: "
+            raise ExportError(f"{model_type_prefix(loaded)}torch.onnx.export ({exporter}) failed: "
                               f"{exception_summary(exc)}") from exc
         finally:
             quiet_torch.setLevel(level)

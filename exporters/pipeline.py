@@ -59,8 +59,18 @@ def _onnx_vs_torch(loaded: LoadedModel, onnx_path: Path) -> float:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    graph_inputs = {i.name for i in session.get_inputs()}
+    unused = [n for n in loaded.example_inputs if n not in graph_inputs]
+    if unused:  # the tracer drops inputs the model ignores (Bloom's ALiBi: position_ids)
+        raise ExportError(f"{onnx_export.model_type_prefix(loaded)}the exported graph has no input "
+                          f"{', '.join(unused)}, which the board feeds: this architecture "
+                          "is not supported")
     feeds = {k: v.numpy() for k, v in loaded.example_inputs.items()}
-    got = session.run(None, feeds)[0]
+    try:
+        got = session.run(None, feeds)[0]
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise ExportError(f"{onnx_export.model_type_prefix(loaded)}the exported graph does not "
+                          f"run in ONNX Runtime: {onnx_export.exception_summary(exc)}") from exc
     with torch.no_grad():
         want = first_tensor(loaded.wrapper()(*loaded.example_inputs.values())).numpy()
     if got.shape != want.shape:

@@ -18,6 +18,16 @@ CORPUS = [
 TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                      "down_proj"],
            "gpt2": ["c_attn", "c_proj", "c_fc"]}
+# other architectures, tiny: Qwen2 (LLaMA-like, biased q/k/v) is served; Mamba keeps no KV
+# cache and Bloom's ALiBi takes no position ids, so both are refused at export
+OTHER_CONFIGS = {
+    "qwen2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
+                  initializer_range=0.2),
+    "mamba": dict(hidden_size=32, num_hidden_layers=2, state_size=4),
+    "bloom": dict(hidden_size=32, n_layer=2, n_head=4),
+}
+TARGETS["qwen2"] = TARGETS["llama"]
 PROMPTS = ["def add(a, b):", "The board receives", "for item in"]
 
 
@@ -38,7 +48,8 @@ def write_tokenizer(out: Path) -> None:
 
 
 def make_model(kind: str, out: Path, seed: int = 0) -> Path:
-    """A saved tiny decoder of ``kind`` (``llama`` or ``gpt2``) with its tokenizer."""
+    """A saved tiny decoder of ``kind`` (``llama``, ``gpt2`` or one of ``OTHER_CONFIGS``)
+    with its tokenizer."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -48,6 +59,12 @@ def make_model(kind: str, out: Path, seed: int = 0) -> Path:
                              max_position_embeddings=96, initializer_range=0.2,
                              pad_token_id=0, bos_token_id=1, eos_token_id=2)
         model: torch.nn.Module = LlamaForCausalLM(config)
+    elif kind in OTHER_CONFIGS:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.for_model(kind, vocab_size=VOCAB, pad_token_id=0, bos_token_id=1,
+                                      eos_token_id=2, **OTHER_CONFIGS[kind])
+        model = AutoModelForCausalLM.from_config(config)
     else:
         config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=96,
                             initializer_range=0.2, bos_token_id=1, eos_token_id=2,

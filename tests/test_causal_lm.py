@@ -299,6 +299,38 @@ def test_a_decoder_lora_without_task_type_is_served_and_saved_modules_are_refuse
         prepare_adapter(read_adapter(saved), decoder["bundle"])
 
 
+def test_a_qwen2_decoder_generates_what_merged_peft_generates(tmp_path: Path) -> None:
+    """Another LLaMA-like architecture (biased q/k/v) through the same family code."""
+    from solar_edge.exporters.pipeline import export_bundle
+    from solar_edge.runtime.engine import EdgeRuntime
+
+    model_dir = make_model("qwen2", tmp_path / "model")
+    adapter = make_adapter("qwen2", model_dir, tmp_path / "a", seed=1)
+    bundle = export_bundle(str(model_dir), "x86-64", tmp_path / "bundle").bundle
+    key = signing.generate_private_key()
+    rt = EdgeRuntime(str(bundle.root), [key.public_key()])
+    rt.stage(lossless_packet(adapter, bundle, key, "qwen2-a"))
+    for adapter_id, path in (("qwen2-a", adapter), (None, None)):
+        rt.activate(adapter_id)
+        ids = rt.family.encode(PROMPTS[0])
+        assert rt.generate(PROMPTS[0], NEW_TOKENS).ids == torch_greedy(
+            model_dir, path, ids, NEW_TOKENS), adapter_id
+
+
+@pytest.mark.parametrize(("kind", "why"), [
+    ("mamba", "not supported: the decoder family serves attention with a key/value cache"),
+    ("bloom", "has no input position_ids, which the board feeds"),
+])
+def test_unsupported_decoder_architectures_are_one_line_export_errors(
+        tmp_path: Path, kind: str, why: str) -> None:
+    from solar_edge.exporters.pipeline import export_bundle
+
+    model_dir = make_model(kind, tmp_path / "model")
+    with pytest.raises(ExportError, match=f"model_type '{kind}'.*{why}"):
+        export_bundle(str(model_dir), "x86-64", tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists() or not any((tmp_path / "bundle").iterdir())
+
+
 def test_a_bundle_whose_model_does_not_generate_says_so(tiny_bundle_master: Path) -> None:
     from solar_edge.runtime.engine import EdgeRuntime
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from importlib import resources
 
+import pytest
 from click.testing import CliRunner
 
 from solar_edge.cli import cli
@@ -121,3 +122,12 @@ def test_inspect_corrupt_packet_exits_2_naming_the_field(tmp_path):
     bad.write_bytes((GOLDEN / "golden.slr").read_bytes()[:200])
     proc = _entry_point("inspect", str(bad))
     assert proc.returncode == 2 and "TruncatedPacketError: body:" in proc.stderr
+
+
+@pytest.mark.parametrize("args", [("compress",), ("inspect", "--nosuch"),
+                                  ("run", "missing.slr", "--bundle", "nowhere")])
+def test_usage_errors_are_one_line_naming_the_help(args):
+    proc = _entry_point(*args)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert f" {args[0]} --help')" in proc.stderr

@@ -13,7 +13,7 @@ from safetensors.numpy import save_file
 from solar_edge.devices.artifact_info import model_parts, safetensors_dtypes
 from solar_edge.devices.cli import linkbench
 from solar_edge.devices.linkbench import prefix_for, run_linkbench
-from solar_edge.errors import AdapterError, BundleError
+from solar_edge.errors import AdapterError, BundleError, ProfileError
 from solar_edge.format import signing
 from solar_edge.format.packet import PacketHeader
 from solar_edge.format.records import (
@@ -131,3 +131,13 @@ def test_cli_needs_the_bundle_or_a_model_file(tmp_path):
     save_file({"a": np.zeros(4, np.float16)}, lora)
     result = CliRunner().invoke(linkbench, [str(packet), "--lora", str(lora)])
     assert result.exit_code == 2 and "--bundle DIR" in result.output
+
+
+def test_an_unknown_link_name_is_a_profile_error_naming_the_known_ones(tmp_path):
+    packet = _packet(tmp_path / "p.slr")
+    lora = tmp_path / "l.safetensors"
+    save_file({"a": np.zeros(4, np.float16)}, lora)
+    result = CliRunner().invoke(linkbench, [str(packet), "--full-model", str(lora),
+                                            "--lora", str(lora), "--links", "ltem,nosuch"])
+    assert isinstance(result.exception, ProfileError), result.output
+    assert "unknown link 'nosuch'; known:" in str(result.exception)

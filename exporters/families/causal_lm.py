@@ -44,6 +44,12 @@ def is_causal_lm(path: Path) -> bool:
 
 def cache_shape(config: Any) -> tuple[int, int, int]:
     """``(layers, kv_heads, head_dim)`` of a transformers decoder config."""
+    missing = [k for k in ("num_hidden_layers", "num_attention_heads", "hidden_size")
+               if not isinstance(getattr(config, k, None), int)]
+    if missing:  # state-space models (Mamba, RWKV) keep no key/value cache
+        raise ExportError(f"model_type {getattr(config, 'model_type', None)!r} is not "
+                          f"supported: the decoder family serves attention with a key/value "
+                          f"cache, and this config has no {', '.join(missing)}")
     layers = int(config.num_hidden_layers)
     heads = int(config.num_attention_heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
