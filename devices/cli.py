@@ -19,7 +19,7 @@ import click
 
 from solar_edge.cli import options
 from solar_edge.devices.agent import Agent, AgentConfig, RetryPolicy
-from solar_edge.devices.repo import Expiry, root_path
+from solar_edge.devices.repo import Expiry, Repository, root_path, signer_from_key
 from solar_edge.devices.repo import publish as publish_packets
 from solar_edge.devices.report import outcome_row
 from solar_edge.devices.server import RepoServer
@@ -80,6 +80,33 @@ def publish(packets: tuple[Path, ...], signing_key: Path, out: Path, expires_day
     for name in names:
         click.echo(name)
     click.echo(f"trusted root for devices: {root_path(out)}")
+
+
+@click.command("rotate-key")
+@click.argument("repo", type=click.Path(exists=True, file_okay=False))
+@options.signing_key(help_tail="The repository's current root key.")
+@click.option("--new-key", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Ed25519 private key file that signs every TUF role from now on.")
+@click.option("--expires-days", default=30.0, show_default=True, type=float,
+              callback=_bounded(MAX_EXPIRES_DAYS, "days"),
+              help="Lifetime of targets metadata (root: 12x, snapshot: 1/4, timestamp: 1/30).")
+@options.as_json()
+def rotate_key(repo: str, signing_key: Path, new_key: Path, expires_days: float,
+               as_json: bool) -> None:
+    """Replace the key of every TUF role of REPO with --new-key (a lost or retiring key).
+
+    The new root is signed by both keys, so devices provisioned with any earlier root follow
+    it; later publishes need --signing-key NEW. Packets keep their own signatures: packets
+    signed with a new key need that key among the devices' --trusted-key."""
+    life = timedelta(days=expires_days)
+    expiry = Expiry(root=life * 12, targets=life, snapshot=life / 4, timestamp=life / 30)
+    repository = Repository(repo, signer_from_key(signing.load_private_key(signing_key)))
+    version = repository.rotate_key(signer_from_key(signing.load_private_key(new_key)), expiry)
+    if as_json:
+        options.emit_json({"root_version": version, "root": f"{version}.root.json"})
+    else:
+        click.echo(f"root v{version} trusts the new key for every role; devices follow it on "
+                   "their next check")
 
 
 @click.command("serve")

@@ -19,6 +19,9 @@ targets, snapshot and timestamp with higher versions. Root is renewed (version N
 by the root key, which devices accept through TUF's root rotation) when it would expire
 within the targets lifetime; a signer that is not the root key is refused instead.
 
+``rotate_key`` replaces the key of every role (a lost or retiring key): root N+1 is signed
+by the old root key and the new one, and devices follow it by TUF's root rotation.
+
 Refused, before anything is written (:class:`PublishRefusedError`): a published id+version
 with other bytes (devices that installed it would never see the change; the same bytes
 again are fine and may change the rollout fraction), and a repository whose root does not
@@ -149,6 +152,38 @@ class Repository:
         root.expires = self._now() + expiry.root
         self._write(latest, f"{root.version}.root.json")
         return True
+
+    def rotate_key(self, new_signer: Signer, expiry: Expiry = Expiry()) -> int:
+        """Root N+1 trusting only ``new_signer`` for every role, signed by the current root
+        key (which devices trust) and by the new key (TUF checks both); targets, snapshot
+        and timestamp re-signed with the new key. Returns the new root version.
+
+        PublishRefusedError if there is no repository, the signer is not the root key, or
+        the new key is the current one. Packets keep their own signatures: the devices'
+        trusted packet keys are not changed by this."""
+        latest = self._latest("root")
+        if latest is None:
+            raise PublishRefusedError(f"{self.meta_dir} holds no root: nothing to rotate")
+        root = latest.signed
+        old_id, new_key = self.signer.public_key.keyid, new_signer.public_key
+        if old_id not in root.roles["root"].keyids:
+            raise PublishRefusedError(f"root v{root.version} does not trust this signing key "
+                                      f"as its root key (TUF key id {old_id[:16]}...)")
+        if new_key.keyid in root.roles["root"].keyids:
+            raise PublishRefusedError("the new key is already the root key")
+        for role in ROLES:
+            root.add_key(new_key, role)
+            for keyid in [k for k in root.roles[role].keyids if k != new_key.keyid]:
+                root.revoke_key(keyid, role)
+        root.version += 1
+        root.expires = self._now() + expiry.root
+        latest.signatures.clear()
+        latest.sign(self.signer, append=True)
+        latest.sign(new_signer, append=True)
+        atomic_write(self.meta_dir / f"{root.version}.root.json", latest.to_bytes(self.serializer))
+        self.signer = new_signer
+        self.write_targets(self.targets(), expiry)
+        return root.version
 
     def publish(self, packets: Iterable[bytes], expiry: Expiry = Expiry(),
                 facts_reader: FactsReader = read_facts, replace: bool = False,

@@ -44,9 +44,10 @@ class Rig:
         self.server = RepoServer(self.repo_dir, port=port, link=self.link).start()
         return self.server
 
-    def agent(self, applier=None, transport=None, url=None, sleep=None, **cfg) -> Agent:
+    def agent(self, applier=None, transport=None, url=None, sleep=None, state_dir=None,
+              **cfg) -> Agent:
         applier = applier or InMemoryApplier(self.key.public_key())
-        config = AgentConfig(url or self.server.url, self.tmp / "device",
+        config = AgentConfig(url or self.server.url, state_dir or self.tmp / "device",
                              trusted_root=root_path(self.repo_dir).read_bytes(),
                              download=cfg.pop("download", DownloadPolicy(backoff_s=0.01)),
                              retry=cfg.pop("retry", RetryPolicy(base_s=0.01)), **cfg)

@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "run": "solar_edge.runtime.cli:run",
     "generate": "solar_edge.runtime.generate_cli:generate",
     "publish": "solar_edge.devices.cli:publish",
+    "rotate-key": "solar_edge.devices.cli:rotate_key",
     "serve": "solar_edge.devices.cli:serve",
     "agent": "solar_edge.devices.cli:agent",
     "device": "solar_edge.devices.device_cli:device",
