@@ -46,7 +46,7 @@ from solar_edge.devices.fetcher import (
 from solar_edge.devices.packetinfo import ListedTarget, listed_target
 from solar_edge.devices.recovery import clean_partials, heal_state
 from solar_edge.devices.report import Outcome, Reporter, exit_code, status_doc
-from solar_edge.devices.rollout import eligible
+from solar_edge.devices.selection import select_versions
 from solar_edge.devices.state import AgentState, Installed, StateStore
 from solar_edge.errors import (
     DownloadError,
@@ -54,7 +54,6 @@ from solar_edge.errors import (
     LimitExceededError,
     PacketError,
     RepositoryError,
-    RollbackError,
     RuntimeApplyError,
     SolarEdgeError,
     StateError,
@@ -229,30 +228,9 @@ class Agent:
 
     def _select(self, adapter_id: str,
                 listed: list[ListedTarget]) -> tuple[list[ListedTarget], list[Outcome]]:
-        """The versions to try, newest first, and the outcomes decided without a download:
-        a newer version that waits for its rollout is reported ``deferred`` alongside."""
         installed = self.state.adapters.get(adapter_id)
-        have = installed.version if installed is not None else 0
-        newest = max(t.version for t in listed)
-        if newest < have:
-            err = RollbackError(f"repository offers v{newest}, device has v{have}",
-                                field="header.adapter_version")
-            return [], [Outcome(adapter_id, newest, "rejected", err)]
-        pin = self.state.pinned.get(adapter_id)
-        allowed = [t for t in listed if t.version > have and (pin is None or t.version <= pin)]
-        ready = sorted((t for t in allowed
-                        if eligible(self.device_id, adapter_id, t.version, t.rollout)),
-                       key=lambda t: t.version, reverse=True)
-        top = max((t.version for t in allowed), default=0)
-        if ready and top > ready[0].version:
-            return ready, [Outcome(adapter_id, top, "deferred")]
-        if ready:
-            return ready, []
-        if allowed:
-            return [], [Outcome(adapter_id, top, "deferred")]
-        if newest > have:
-            return [], [Outcome(adapter_id, newest, "pinned")]
-        return [], [Outcome(adapter_id, have, "current")]
+        return select_versions(adapter_id, listed, installed.version if installed else 0,
+                               self.state.pinned.get(adapter_id), self.device_id)
 
     def _trust_tag(self) -> str:
         """Names the trusted packet keys a rejection was judged under (applier's trust_tag)."""
