@@ -75,6 +75,7 @@ def torch_outputs(adapter_dir: Path, adapter: Adapter, bundle: Bundle, base: Pat
     from peft import PeftModel
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
+    from .adapter_checks import check_problem_type
     from .families.base import check_matches_bundle, mean_pooled, unit
     from .families.text_encoder import quiet_loading
     from .head_specs import base_model_type, head_spec, num_labels
@@ -88,6 +89,7 @@ def torch_outputs(adapter_dir: Path, adapter: Adapter, bundle: Bundle, base: Pat
         if seq_cls:
             spec = head_spec(adapter.extras.head, lambda n: bundle.head_part(n) is not None,
                              *base_model_type(adapter, bundle))
+            check_problem_type(adapter, num_labels(spec, adapter.extras.head))
             model = AutoModelForSequenceClassification.from_pretrained(
                 str(base), num_labels=num_labels(spec, adapter.extras.head))
             inner = getattr(model, model.base_model_prefix)

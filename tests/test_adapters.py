@@ -274,8 +274,11 @@ def test_a_task_model_prefix_other_than_bert_still_finds_its_layer():
     layers = [{"name": "encoder.layer.0.attention.self.key", "shape": [4, 3]},
               {"name": "encoder.layer.0.attention.self.query", "shape": [4, 3]}]
     assert sorted(match_to_bundle(upd, layers)) == [1]
-    with pytest.raises(AdapterError, match="no bundle layer"):
+    with pytest.raises(AdapterError, match=r"no bundle layer.*belongs to the task head.*"
+                                           r"exclude_modules=\['roberta\.pooler\.dense'\]"):
         match_to_bundle({"roberta.pooler.dense": upd[name]}, layers)
+    with pytest.raises(AdapterError, match="exported with"):
+        match_to_bundle({"roberta.encoder.layer.0.output.dense": upd[name]}, layers)
 
 
 @pytest.mark.parametrize("field,value", [

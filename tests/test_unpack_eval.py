@@ -302,3 +302,11 @@ def test_bad_inputs_end_as_one_clear_line(seqcls, minilm_bundle, tiny_bundle, tm
                                         str(minilm_bundle), "--data", str(data),
                                         "--trusted-key", str(other)])
     assert line.startswith("error: SignatureError:")
+    # a multi-label adapter: eval refuses it as compress does (the board serves a softmax)
+    shutil.copytree(seqcls["lora"], tmp_path / "multi")
+    config = tmp_path / "multi/config.json"
+    config.write_text(json.dumps({**(json.loads(config.read_text()) if config.exists() else {}),
+                                  "problem_type": "multi_label_classification"}))
+    line = _fails(monkeypatch, capsys, ["eval", str(tmp_path / "multi"), str(packet),
+                                        "--bundle", str(minilm_bundle), "--data", str(data)])
+    assert line.startswith("error: AdapterError:") and "multi-label" in line

@@ -56,6 +56,18 @@ def _lookup(name: str, ids: Mapping[str, int]) -> int | None:
     return ids.get(rest) if rest else None
 
 
+HEAD_LAYERS = ("pooler", "classifier", "score", "lm_head")
+
+
+def _unmatched_hint(unmatched: Sequence[str]) -> str:
+    heads = [n for n in unmatched if any(part in HEAD_LAYERS for part in n.split("."))]
+    if heads:  # PEFT's target_modules="all-linear" adapts BERT's pooler.dense
+        return (f"; {', '.join(heads)} belongs to the task head, which bundles do not adapt "
+                f"(target_modules='all-linear' includes it): train with exclude_modules="
+                f"{sorted(heads)!r} or a target_modules list without it")
+    return "; the bundle adapts only the layers it was exported with (export --target-modules)"
+
+
 def match_to_bundle(updates: Mapping[str, LayerUpdate],
                     manifest_layers: Sequence[Any]) -> dict[int, LayerUpdate]:
     """Map updates to bundle layer ids (positions in ``manifest["layers"]``).
@@ -68,7 +80,8 @@ def match_to_bundle(updates: Mapping[str, LayerUpdate],
     found = {name: _lookup(name, ids) for name in updates}
     unmatched = sorted(name for name, lid in found.items() if lid is None)
     if unmatched:
-        raise AdapterError(f"{len(unmatched)} adapter modules have no bundle layer: {unmatched}")
+        raise AdapterError(f"{len(unmatched)} adapter modules have no bundle layer: "
+                           f"{unmatched}{_unmatched_hint(unmatched)}")
     result: dict[int, LayerUpdate] = {}
     for name, update in updates.items():
         layer_id = found[name]
