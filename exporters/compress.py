@@ -421,6 +421,9 @@ def compress_adapter(adapter_dir: str | Path, bundle: Bundle, key, options: Comp
             prep, bundle, options, held, records_at, fits, overhead, on_point, plain,
             final_size=lambda records: len(sign(records)[0]))
         data, meta = sign(records)
+        from .target_search import chosen_row
+
+        chosen_row(curve)["bytes"] = len(data)  # the probe's size + an offset was +-2 B
     return Compressed(data, alloc, meta, names,
                       None if report is None else (report.loss_before, report.loss_after),
                       len(cal.data) if report is not None and cal is not None else 0,

@@ -53,8 +53,8 @@ def test_the_smallest_packet_within_the_target_is_chosen(minilm_bundle, lora_ada
     assert all(p["drop"] > 2 for p in search["points"] if p["bytes"] < chosen["bytes"])
     assert {p["method"] for p in search["points"]} > {"codec"}  # the baselines were measured
     assert info["bytes"] == len(out.read_bytes())
-    # the curve reports the packet as written (digests, id, version), not the probe
-    assert abs(chosen["bytes"] - info["bytes"]) <= 16, (chosen["bytes"], info["bytes"])
+    # the curve reports the chosen packet as written (digests, id, version), not the probe
+    assert chosen["bytes"] == info["bytes"]
     if chosen["method"] == "codec":
         assert info["bytes"] <= chosen["budget"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
