@@ -40,6 +40,7 @@ from solar_edge.devices.fetcher import (
     HttpTransport,
     Transport,
     TufFetcher,
+    check_http_url,
     download_resumable,
     translate_tuf_error,
 )
@@ -114,6 +115,8 @@ class Agent:
         self.last_error: SolarEdgeError | None = None
         self.base = config.server_url.rstrip("/")
         self._fetcher: TufFetcher | None = None
+        if isinstance(self.transport, HttpTransport):   # a setting no retry can mend
+            check_http_url(self.base)
 
     @property
     def exit_code(self) -> int:

@@ -47,6 +47,14 @@ def _bounded(most: float, unit: str, zero_ok: bool = False) -> Any:
     return check
 
 
+def _refuse_key_folder(folder: Path, what: str) -> None:
+    """A repository folder is meant to be served: it must hold no private key."""
+    keys = sorted(p.name for p in folder.glob("*.key")) if folder.is_dir() else []
+    if keys:
+        raise click.UsageError(f"{folder} holds a private key ({', '.join(keys)}): keep keys "
+                               f"out of the {what} folder")
+
+
 @click.command("publish")
 @options.packets()
 @options.signing_key(help_tail="It signs all four TUF roles (one key: demo setups).")
@@ -68,6 +76,7 @@ def publish(packets: tuple[Path, ...], signing_key: Path, out: Path, expires_day
 
     Refuses (exit 2) to publish other bytes under a published id+version, or into a
     repository whose root does not trust the signing key."""
+    _refuse_key_folder(Path(out), "published")
     life = timedelta(days=expires_days)
     expiry = Expiry(root=life * 12, targets=life, snapshot=life / 4,
                     timestamp=timedelta(hours=timestamp_hours) if timestamp_hours is not None
@@ -122,10 +131,7 @@ def serve(repo: str, host: str, port: int, link: str | None, links_file: str | N
 
     Prints the URL on stdout once listening."""
     profile = get_link(link, links_file) if link else None
-    keys = sorted(p.name for p in Path(repo).glob("*.key"))
-    if keys:
-        raise click.UsageError(f"{repo} holds a private key ({', '.join(keys)}): keep keys "
-                               f"out of the served folder")
+    _refuse_key_folder(Path(repo), "served")
     try:
         server = RepoServer(repo, host, port, link=profile, only=SERVED)
     except OSError as exc:

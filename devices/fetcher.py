@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from tuf.api import exceptions as tuf_exc
 from tuf.ngclient import FetcherInterface
@@ -62,6 +62,14 @@ class Transport(Protocol):
         ...
 
 
+def check_http_url(url: str) -> SplitResult:
+    """The URL's parts; DownloadError unless it is ``http://HOST...`` (no TLS client yet)."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise DownloadError(f"only http:// URLs are supported here, got {url!r:.200}")
+    return parts
+
+
 class HttpTransport:
     """HTTP/1.1 client on ``http.client``; one connection and one deadline per get.
 
@@ -79,9 +87,7 @@ class HttpTransport:
         self.max_fetch_s = max_fetch_s
 
     def get(self, url: str, start: int = 0, deadline_s: float | None = None) -> Body:
-        parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise DownloadError(f"only http:// URLs are supported here, got {url!r}")
+        parts = check_http_url(url)
         try:
             port = parts.port
         except ValueError as exc:

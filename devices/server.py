@@ -357,8 +357,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         first, last = span if span else (0, size - 1)
         length = last - first + 1 if size else 0
+        kind = "application/json" if target.suffix == ".json" else "application/octet-stream"
         head = [f"HTTP/1.1 {206 if span else 200} {'Partial Content' if span else 'OK'}",
-                f"Content-Length: {length}", "Content-Type: application/octet-stream",
+                f"Content-Length: {length}", f"Content-Type: {kind}",
                 "Accept-Ranges: bytes", "Cache-Control: no-store"]
         if span:
             head.append(f"Content-Range: bytes {first}-{last}/{size}")

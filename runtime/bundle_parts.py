@@ -133,7 +133,8 @@ class BundleParts:
         if rel is None:
             raise BundleError(
                 f"the bundle has no {variant!r} graph variant (manifest onnx.variants); "
-                "export it with solar_edge.exporters.graph_variants or pick another mechanism"
+                "export it again with solar-edge export --graph-variants inputs,lora, or pick "
+                "another mechanism"
             )
         if rel not in self.bundle.manifest["files"]:
             raise BundleError("graph variant not listed with a hash", path=rel)

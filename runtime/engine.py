@@ -82,7 +82,8 @@ class _Cached:
 class EdgeRuntime:
     """Serve a bundle's model, patched with signed adapter packets.
 
-    ``trusted_keys``: Ed25519 public keys (iterable or ``{key id: key}``).
+    ``trusted_keys``: Ed25519 public keys or public key files (a list, one key, or
+    ``{key id: key}``).
     ``profile``: a device-profile name, ``DeviceProfile`` or mapping; default: the bundle's.
     ``mechanism``: a patching mechanism (:func:`solar_edge.runtime.backends.mechanisms`);
     default per profile. ``min_versions``: versions the caller already installed (e.g. the
@@ -245,7 +246,12 @@ class EdgeRuntime:
         A mapping of arrays is fed to the graph as is and returns its first output."""
         with self._lock:
             if isinstance(inputs, Mapping):
-                return self.backend.run(dict(inputs))[0]
+                try:
+                    return self.backend.run(dict(inputs))[0]
+                except Exception as exc:  # onnxruntime's own error types: names, shapes
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                    raise RuntimeApplyError(f"the graph refused these inputs "
+                                            f"({type(exc).__name__}: {first:.300})") from exc
             feeds = self.family.feeds(inputs)
             outputs = self.backend.run(feeds)
             head = self._active.head if self._active else None

@@ -195,3 +195,12 @@ def test_a_damaged_state_file_is_reported_in_status_and_raised_typed(rig):
     status = agent.store.read_status()
     assert status["error"].startswith("StateError") and status["outcomes"] == []
     assert status["exit_code"] == 2 and agent.exit_code == 2
+
+
+def test_an_https_server_url_is_refused_at_once_not_retried(rig):
+    from solar_edge.errors import DownloadError
+
+    rig.publish(rig.packet("a", 1))
+    with pytest.raises(DownloadError, match="only http:// URLs"):
+        rig.agent(url="https://127.0.0.1:8765")
+    assert rig.sleeps == []

@@ -245,3 +245,15 @@ def test_integer_values_dequantize_to_code_times_scale(bits, count, group):
                      for i, c in enumerate(codes)], np.float32).reshape(count)
     assert got.dtype == np.float32 and got.shape == (count,)
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_a_generic_bundle_refuses_text_and_wrong_arrays_with_typed_errors(tiny_bundle):
+    from solar_edge.errors import RuntimeApplyError
+    from solar_edge.runtime.engine import EdgeRuntime
+
+    rt = EdgeRuntime(str(tiny_bundle), [signing.generate_private_key().public_key()])
+    with pytest.raises(RuntimeApplyError, match=r"not text.*EdgeRuntime\.infer"):
+        rt.infer(["hello"])
+    name = rt.backend.session.get_inputs()[0].name
+    with pytest.raises(RuntimeApplyError, match="the graph refused these inputs"):
+        rt.infer({name: np.zeros((2, 3, 4, 5), np.float32)})

@@ -131,3 +131,16 @@ def test_usage_errors_are_one_line_naming_the_help(args):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1, proc.stderr
     assert f" {args[0]} --help')" in proc.stderr
+
+
+def test_with_json_a_failure_is_also_one_json_object_on_stdout(tmp_path):
+    bad = tmp_path / "bad.slr"
+    bad.write_bytes((GOLDEN / "golden.slr").read_bytes()[:200])
+    proc = _entry_point("inspect", str(bad), "--json")
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1
+    report = json.loads(proc.stdout)
+    assert report["error_type"] == "TruncatedPacketError" and report["exit_code"] == 2
+    assert report["error"].startswith("TruncatedPacketError: body:")
+    usage = _entry_point("inspect", "--nosuch", "--json")
+    assert json.loads(usage.stdout)["error_type"] == "UsageError" and usage.returncode == 2
+    assert _entry_point("inspect", str(bad)).stdout == ""   # without --json: stderr only

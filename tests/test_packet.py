@@ -288,8 +288,21 @@ def test_missing_and_bad_private_key_files(tmp_path):
 
 def test_keyring_rejects_mislabelled_keys():
     a, b = signing.generate_private_key(), signing.generate_private_key()
-    with pytest.raises(ValueError):
+    with pytest.raises(KeyFileError, match="does not match"):
         signing.keyring({signing.key_id(a): b.public_key()})
+
+
+def test_keyring_takes_key_files_or_one_key_and_refuses_other_types(tmp_path):
+    key = signing.generate_private_key()
+    path = signing.save_public_key(key, tmp_path / "k.pub")
+    want = {signing.key_id(key): signing.public_key_bytes(key)}
+    for given in ([path], [str(path)], key.public_key(), [key.public_key()]):
+        ring = signing.keyring(given)
+        assert {k: signing.public_key_bytes(v) for k, v in ring.items()} == want, given
+    for bad, why in ((str(path), "got str"), (path.read_text().strip(), "got str"),
+                     ([path.read_bytes()], "got bytes"), (7, "got int"), ([key], "got Ed25519")):
+        with pytest.raises(KeyFileError, match=why):
+            signing.keyring(bad)
 
 
 # --- heads, biases and DoRA magnitudes -----------------------------------------------------

@@ -51,6 +51,18 @@ def test_serve_refuses_a_folder_that_holds_a_private_key(tmp_path, monkeypatch, 
     assert code == 2 and "holds a private key (signing.key)" in err and "Traceback" not in err
 
 
+def test_publish_refuses_to_write_a_repository_into_a_key_folder(tmp_path, monkeypatch, capsys):
+    from solar_edge.format import signing
+
+    key = signing.save_private_key(signing.generate_private_key(), tmp_path / "signing.key")
+    packet = tmp_path / "p.slr"
+    packet.write_bytes(b"not read: the folder is checked first")
+    code, _, err = run_main(monkeypatch, capsys, "publish", str(packet), "--signing-key",
+                            str(key), "--out", str(tmp_path))
+    assert code == 2 and "holds a private key (signing.key)" in err and "published" in err
+    assert not (tmp_path / "metadata").exists()
+
+
 @pytest.mark.parametrize("host", ["256.1.1.1", None])
 def test_serve_reports_an_unusable_address_in_one_line(tmp_path, monkeypatch, capsys, host):
     _never_serve(monkeypatch)
@@ -62,7 +74,7 @@ def test_serve_reports_an_unusable_address_in_one_line(tmp_path, monkeypatch, ca
         code, _, err = run_main(monkeypatch, capsys, "serve", str(tmp_path), *where)
     finally:
         busy.close()
-    assert code == 1 and err.startswith("Error: cannot listen on") and len(err.splitlines()) == 1
+    assert code == 1 and err.startswith("error: cannot listen on") and len(err.splitlines()) == 1
 
 
 def _agent_args(tmp_path, *extra: str) -> list[str]:

@@ -19,6 +19,7 @@ def served(tmp_path):
     data = os.urandom(200_000)
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "blob.bin").write_bytes(data)
+    (tmp_path / "sub" / "1.root.json").write_text("{}")
     (tmp_path.parent / "secret.txt").write_text("outside the root")
     with RepoServer(tmp_path) as server:
         yield server, data
@@ -58,6 +59,9 @@ def test_whole_file_and_ranges(served):
     resp, body = _raw(server, "/sub/blob.bin")
     assert resp.status == 200 and body == data
     assert resp.getheader("Accept-Ranges") == "bytes"
+    assert resp.getheader("Content-Type") == "application/octet-stream"
+    resp, body = _raw(server, "/sub/1.root.json")
+    assert body == b"{}" and resp.getheader("Content-Type") == "application/json"
     resp, body = _raw(server, "/sub/blob.bin", {"Range": "bytes=1000-1999"})
     assert resp.status == 206 and body == data[1000:2000]
     assert resp.getheader("Content-Range") == f"bytes 1000-1999/{len(data)}"

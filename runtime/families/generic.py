@@ -37,7 +37,9 @@ class GenericFamily:
 
     def feeds(self, inputs: Any) -> dict[str, np.ndarray]:
         if not isinstance(inputs, Mapping):
-            raise RuntimeApplyError("this bundle's model takes arrays: pass {input name: array}")
+            raise RuntimeApplyError("this bundle's model (exported from module:function) takes "
+                                    "arrays, not text: feed it from Python, "
+                                    "EdgeRuntime.infer({input name: array})")
         return {str(k): np.asarray(v) for k, v in inputs.items()}
 
     def hidden(self, outputs: Sequence[np.ndarray], feeds: Mapping[str, np.ndarray]

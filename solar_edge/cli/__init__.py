@@ -7,6 +7,7 @@ export stage (torch) and a missing optional extra only disables its own commands
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 
 import click
@@ -66,8 +67,17 @@ def cli() -> None:
     """Ship fine-tuned adapters to edge boards as signed coefficient-only packets."""
 
 
+def _fail(message: str, kind: str, code: int) -> None:
+    """One line on stderr; with ``--json`` also one JSON object on stdout. Exits ``code``."""
+    click.echo(f"error: {message}", err=True)
+    if "--json" in sys.argv[2:]:
+        click.echo(json.dumps({"error": message, "error_type": kind, "exit_code": code}))
+    sys.exit(code)
+
+
 def main() -> None:
-    """Console entry point: typed solar-edge errors become one clear line and exit code 2."""
+    """Console entry point: typed solar-edge errors become one clear line and exit code 2
+    (and, with ``--json``, one JSON object ``{"error", "error_type", "exit_code"}``)."""
     try:
         cli(standalone_mode=False)
     except click.exceptions.Abort:
@@ -75,13 +85,10 @@ def main() -> None:
         sys.exit(1)
     except click.UsageError as exc:
         where = exc.ctx.command_path if exc.ctx is not None else "solar-edge"
-        click.echo(f"error: {exc.format_message()} (see '{where} --help')", err=True)
-        sys.exit(exc.exit_code)
+        _fail(f"{exc.format_message()} (see '{where} --help')", "UsageError", exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+        _fail(exc.format_message(), type(exc).__name__, exc.exit_code)
     except SolarEdgeError as exc:
-        click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
-        sys.exit(2)
+        _fail(f"{type(exc).__name__}: {exc}", type(exc).__name__, 2)
 
 

@@ -26,7 +26,8 @@ KEY_ID_BYTES = 8
 SIGNATURE_BYTES = 64
 PUBLIC_KEY_BYTES = 32
 
-TrustedKeys = Mapping[bytes, Ed25519PublicKey] | Iterable[Ed25519PublicKey]
+TrustedKeys = (Mapping[bytes, Ed25519PublicKey] | Iterable[Ed25519PublicKey | str | Path]
+               | Ed25519PublicKey)
 
 
 def generate_private_key() -> Ed25519PrivateKey:
@@ -46,14 +47,28 @@ def key_id(key: Ed25519PublicKey | Ed25519PrivateKey) -> bytes:
 
 
 def keyring(keys: TrustedKeys) -> dict[bytes, Ed25519PublicKey]:
-    """Normalise trusted keys (a mapping by key id, or an iterable of keys) to ``{id: key}``."""
+    """Normalise trusted keys to ``{id: key}``: a mapping by key id, one public key, or an
+    iterable of public keys and public key files (paths). KeyFileError for anything else."""
     if isinstance(keys, Mapping):
         ring = dict(keys)
         for kid, key in ring.items():
-            if key_id(key) != kid:
-                raise ValueError(f"key id {kid.hex()} does not match its public key")
+            if not isinstance(key, Ed25519PublicKey) or key_id(key) != kid:
+                raise KeyFileError(f"key id {kid!r:.40} does not match its public key")
         return ring
-    return {key_id(k): k for k in keys}
+    if isinstance(keys, Ed25519PublicKey):
+        keys = [keys]
+    elif isinstance(keys, str | Path | bytes) or not isinstance(keys, Iterable):
+        raise KeyFileError(f"trusted keys must be a list of Ed25519 public keys or key files, "
+                           f"got {type(keys).__name__} (e.g. [signing.load_public_key(path)])")
+    ring = {}
+    for key in keys:
+        if isinstance(key, str | Path):
+            key = load_public_key(key)
+        if not isinstance(key, Ed25519PublicKey):
+            raise KeyFileError(f"a trusted key must be an Ed25519 public key or a key file, "
+                               f"got {type(key).__name__}")
+        ring[key_id(key)] = key
+    return ring
 
 
 def sign(private_key: Ed25519PrivateKey, message: bytes) -> bytes:
