@@ -11,7 +11,6 @@ import logging
 import math
 import sys
 import tempfile
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -77,10 +76,7 @@ def publish(packets: tuple[Path, ...], signing_key: Path, out: Path, expires_day
     Refuses (exit 2) to publish other bytes under a published id+version, or into a
     repository whose root does not trust the signing key."""
     _refuse_key_folder(Path(out), "published")
-    life = timedelta(days=expires_days)
-    expiry = Expiry(root=life * 12, targets=life, snapshot=life / 4,
-                    timestamp=timedelta(hours=timestamp_hours) if timestamp_hours is not None
-                    else life / 30)
+    expiry = Expiry.from_targets_days(expires_days, timestamp_hours)
     names = publish_packets(list(packets), signing.load_private_key(signing_key), out, expiry,
                             replace, rollout=rollout)
     if as_json:
@@ -107,8 +103,7 @@ def rotate_key(repo: str, signing_key: Path, new_key: Path, expires_days: float,
     The new root is signed by both keys, so devices provisioned with any earlier root follow
     it; later publishes need --signing-key NEW. Packets keep their own signatures: packets
     signed with a new key need that key among the devices' --trusted-key."""
-    life = timedelta(days=expires_days)
-    expiry = Expiry(root=life * 12, targets=life, snapshot=life / 4, timestamp=life / 30)
+    expiry = Expiry.from_targets_days(expires_days)
     repository = Repository(repo, signer_from_key(signing.load_private_key(signing_key)))
     version = repository.rotate_key(signer_from_key(signing.load_private_key(new_key)), expiry)
     if as_json:

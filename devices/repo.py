@@ -71,6 +71,15 @@ class Expiry:
     def uniform(cls, lifetime: timedelta) -> Expiry:
         return cls(lifetime, lifetime, lifetime, lifetime)
 
+    @classmethod
+    def from_targets_days(cls, days: float, timestamp_hours: float | None = None) -> Expiry:
+        """The command line's rule: targets ``days``, root 12x, snapshot 1/4, timestamp 1/30
+        (or ``timestamp_hours``)."""
+        life = timedelta(days=days)
+        return cls(root=life * 12, targets=life, snapshot=life / 4,
+                   timestamp=timedelta(hours=timestamp_hours) if timestamp_hours is not None
+                   else life / 30)
+
 
 def target_name(facts: PacketFacts) -> str:
     if not is_valid_id(facts.adapter_id):

@@ -15,9 +15,7 @@ import torch
 from torch import nn
 
 from solar_edge.errors import ExportError
-
-# Name components of modules that are heads, not the encoder: left out by default.
-HEAD_PARTS = frozenset({"pooler", "lm_head", "classifier", "score"})
+from solar_edge.methods.matching import HEAD_PARTS
 
 
 def is_conv1d(module: nn.Module) -> bool:

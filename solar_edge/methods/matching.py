@@ -56,11 +56,13 @@ def _lookup(name: str, ids: Mapping[str, int]) -> int | None:
     return ids.get(rest) if rest else None
 
 
-HEAD_LAYERS = ("pooler", "classifier", "score", "lm_head")
+# Name components of modules that are task heads, not the adaptable body: the export leaves
+# them out by default (exporters/targets.py), so no bundle has a layer for them.
+HEAD_PARTS = frozenset({"pooler", "lm_head", "classifier", "score"})
 
 
 def _unmatched_hint(unmatched: Sequence[str]) -> str:
-    heads = [n for n in unmatched if any(part in HEAD_LAYERS for part in n.split("."))]
+    heads = [n for n in unmatched if HEAD_PARTS & set(n.split("."))]
     if heads:  # PEFT's target_modules="all-linear" adapts BERT's pooler.dense
         return (f"; {', '.join(heads)} belongs to the task head, which bundles do not adapt "
                 f"(target_modules='all-linear' includes it): train with exclude_modules="
